@@ -1,0 +1,95 @@
+// Package store is the key-value store behind rackwire's shared state:
+// identities, the ipcache, nodes and cluster-wide policies, laid out as in
+// DESIGN.md "Consul key layout". It defines the small interface that both
+// backends implement — the embedded local store (store/local, the default,
+// one host, no Consul) and Consul (store/consul) — and the key layout.
+//
+// Semantics both backends keep:
+//   - Every key has a ModifyIndex that grows on every write of that key; a
+//     prefix has an index that grows on every write under it (List/Watch).
+//   - CAS with index 0 creates a key only if it does not exist; otherwise it
+//     writes only if the key's ModifyIndex still equals index.
+//   - Owned keys belong to this host: on Consul they are bound to the host's
+//     session and vanish when the host is gone for longer than the session
+//     TTL; on the local store they are ordinary keys.
+//   - Watch is a blocking list: it returns once the prefix index differs from
+//     the one given (or the wait elapsed), with the whole prefix.
+//
+// Who may import it: everything in daemon/ that reads or writes shared state.
+// It imports nothing of rackwire's and no BPF or netlink package.
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Sentinel errors; backends wrap them.
+var (
+	// ErrNotFound: the key does not exist.
+	ErrNotFound = errors.New("key not found")
+	// ErrUnavailable: the store cannot be reached now; callers keep their
+	// last known state and retry with backoff.
+	ErrUnavailable = errors.New("store unavailable")
+	// ErrClosed: the store was closed.
+	ErrClosed = errors.New("store closed")
+	// ErrTooLarge: the value exceeds MaxValueSize.
+	ErrTooLarge = errors.New("value too large")
+)
+
+// MaxValueSize bounds one value (Consul's default KV limit is 512 KiB).
+const MaxValueSize = 512 * 1024
+
+// KV is one key with its value.
+type KV struct {
+	Key         string `json:"key"`
+	Value       []byte `json:"value"`
+	ModifyIndex uint64 `json:"modify_index"`
+	// Owner is the session (Consul) that holds the key, "" if none.
+	Owner string `json:"owner,omitempty"`
+}
+
+// PutOptions tune a write.
+type PutOptions struct {
+	// Owned binds the key to this host (Consul session); see package doc.
+	Owned bool
+}
+
+// Store is what the agent needs from a key-value store. Keys are relative
+// to the configured prefix; backends add it.
+type Store interface {
+	Get(ctx context.Context, key string) (KV, error)
+	// List returns every key under prefix, sorted, and the prefix index.
+	List(ctx context.Context, prefix string) ([]KV, uint64, error)
+	Put(ctx context.Context, key string, value []byte, opts PutOptions) error
+	// CAS reports whether the write happened; see package doc.
+	CAS(ctx context.Context, key string, value []byte, index uint64, opts PutOptions) (bool, error)
+	Delete(ctx context.Context, key string) error
+	// DeleteCAS deletes key only if its ModifyIndex still equals index.
+	DeleteCAS(ctx context.Context, key string, index uint64) (bool, error)
+	// Watch blocks until the index of prefix differs from index, wait
+	// elapses or ctx ends, then returns the whole prefix and its index.
+	// index 0 returns at once.
+	Watch(ctx context.Context, prefix string, index uint64, wait time.Duration) ([]KV, uint64, error)
+	// Health reports the backend's current state for `rackwire status`.
+	Health() Health
+	Close() error
+}
+
+// Health is the store's state as the operator sees it.
+type Health struct {
+	Backend string    `json:"backend"`
+	State   string    `json:"state"` // "ok", "degraded", "connecting"
+	Since   time.Time `json:"since"`
+	Error   string    `json:"error,omitempty"`
+	// Detail holds backend specifics (Consul leader, session, path, ...).
+	Detail map[string]string `json:"detail,omitempty"`
+}
+
+// Health states.
+const (
+	StateOK         = "ok"
+	StateDegraded   = "degraded"
+	StateConnecting = "connecting"
+)

@@ -1,0 +1,79 @@
+// Package testenv lets tests that need real infrastructure (root, bpffs,
+// network namespaces, clang, bpftool, BIRD, Consul, systemd, Salt) say so.
+//
+// Outside CI a missing prerequisite skips the test with the command that
+// installs it. Under CI=true it fails loudly instead: in CI a skipped test
+// would pass for one that never ran.
+package testenv
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+)
+
+// InstallHint is the one command that installs every test prerequisite.
+const InstallHint = "make deps (as root)"
+
+// CI reports whether the tests run in CI.
+func CI() bool { return os.Getenv("CI") == "true" }
+
+func missing(t testing.TB, what string) {
+	t.Helper()
+	if CI() {
+		t.Fatalf("prerequisite missing under CI=true: %s; install with: %s", what, InstallHint)
+	}
+	t.Skipf("prerequisite missing: %s; install with: %s", what, InstallHint)
+}
+
+// RequireRoot needs uid 0 (namespaces, BPF, netlink).
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		missing(t, "root (run the tests as root)")
+	}
+}
+
+// RequireBPFFS needs a mounted bpffs at /sys/fs/bpf.
+func RequireBPFFS(t testing.TB) {
+	t.Helper()
+	RequireRoot(t)
+	var st struct{}
+	_ = st
+	if _, err := os.Stat("/sys/fs/bpf"); err != nil {
+		missing(t, "bpffs at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)")
+	}
+}
+
+// RequireCommand needs an executable on PATH and returns its path.
+func RequireCommand(t testing.TB, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		missing(t, name+" on PATH")
+	}
+	return p
+}
+
+// CacheDir is where make deps puts built tools (Consul, Salt).
+func CacheDir() string {
+	if d := os.Getenv("RACKWIRE_CACHE"); d != "" {
+		return d
+	}
+	return "/var/cache/rackwire-test"
+}
+
+// RequireCached needs a tool that make deps builds into the cache (e.g.
+// "consul", "salt-call") and returns its path.
+func RequireCached(t testing.TB, name string) string {
+	t.Helper()
+	p := filepath.Join(CacheDir(), name)
+	if _, err := os.Stat(p); err != nil {
+		if lp, lerr := exec.LookPath(name); lerr == nil {
+			return lp
+		}
+		missing(t, name+" in "+CacheDir())
+	}
+	return p
+}
