@@ -39,8 +39,6 @@ func RequireRoot(t testing.TB) {
 func RequireBPFFS(t testing.TB) {
 	t.Helper()
 	RequireRoot(t)
-	var st struct{}
-	_ = st
 	if _, err := os.Stat("/sys/fs/bpf"); err != nil {
 		missing(t, "bpffs at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)")
 	}
