@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -174,8 +175,19 @@ func decodeProblem(file string, err error) Problem {
 		}
 		return Problem{File: file, Line: pe.Position.Line, Key: pe.LastKey, Msg: msg}
 	}
-	return Problem{File: file, Msg: err.Error()}
+	// Type errors come as "toml: line N (last key "k"): msg".
+	if m := reTypeErr.FindStringSubmatch(err.Error()); m != nil {
+		line, _ := strconv.Atoi(m[1])
+		msg := m[3]
+		if strings.Contains(msg, "incompatible types") {
+			msg += "; see rackwire.toml.example for the type of each key"
+		}
+		return Problem{File: file, Line: line, Key: m[2], Msg: msg}
+	}
+	return Problem{File: file, Msg: strings.TrimPrefix(err.Error(), "toml: ")}
 }
+
+var reTypeErr = regexp.MustCompile(`^toml: line (\d+) \(last key "([^"]*)"\): (.*)$`)
 
 // known lists every key path the config accepts, for "did you mean".
 func known() []string {

@@ -1,0 +1,73 @@
+# rackwire — build, test and package.
+#
+#   make quickstart   run the agent on the embedded store with two demo workloads (root)
+#   make check        install the test dependencies and pass every test (root; what CI runs)
+#
+# Other targets: build, deps, generate, generate-check, lint, test, test-unit,
+# fuzz, bench, package, clean.
+
+SHELL   := /bin/bash
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null | sed 's/^v//' || echo dev)
+LDFLAGS := -X github.com/rackwire/rackwire/internal/version.Version=$(VERSION)
+GO      ?= go
+BIN     := bin
+CACHE   ?= /var/cache/rackwire-test
+export RACKWIRE_CACHE := $(CACHE)
+# Fuzz time per target inside `make test` (bounded).
+FUZZTIME ?= 20s
+
+.PHONY: all build deps generate generate-check lint test test-unit fuzz bench package quickstart quickstart-stop check clean
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+
+# Everything the tests need, from scratch (apt packages, Salt, the Consul build).
+deps:
+	bash scripts/deps.sh
+
+# Regenerate the BPF objects and their Go bindings (needs clang).
+generate:
+	bash bpf/generate.sh
+
+# CI: the committed BPF output must be what the sources produce.
+generate-check: generate
+	@if ! git diff --quiet --exit-code -- bpf/; then \
+		echo "generated BPF output differs from the committed one; run 'make generate' and commit:"; \
+		git --no-pager diff --stat -- bpf/; exit 1; fi
+
+lint:
+	@out="$$(gofmt -l $$(git ls-files '*.go'))"; if [ -n "$$out" ]; then echo "gofmt -l:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+# Every Go test, the real-infrastructure ones included (they need root and
+# the tools `make deps` installs; under CI=true a missing one fails).
+test-unit:
+	$(GO) test -count=1 -p 1 -timeout 40m ./...
+
+fuzz:
+	$(GO) test -run='^$$' -fuzz=FuzzParse -fuzztime=$(FUZZTIME) ./daemon/config
+	$(GO) test -run='^$$' -fuzz=FuzzLoad -fuzztime=$(FUZZTIME) ./daemon/policy
+
+test: lint test-unit fuzz
+	bash tests/run-suites.sh
+
+bench:
+	bash tests/bench/run.sh
+
+package:
+	bash packaging/build.sh $(VERSION)
+
+quickstart: build
+	bash scripts/quickstart.sh start
+
+quickstart-stop:
+	bash scripts/quickstart.sh stop
+
+# What CI runs on a fresh clone, as root: install, verify generated code, test.
+check: deps generate-check build test
+
+clean:
+	rm -rf $(BIN) dist

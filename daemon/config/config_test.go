@@ -1,0 +1,187 @@
+package config
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func writeFile(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "rackwire.toml")
+	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestExampleValidates(t *testing.T) {
+	cfg, err := Load("../../packaging/rackwire.toml.example")
+	if err != nil {
+		t.Fatalf("Load(example) = %v, want no error", err)
+	}
+	if got, want := len(cfg.BGP.Peers), 2; got != want {
+		t.Errorf("peers = %d, want %d", got, want)
+	}
+	if cfg.BGP.Peers[1].BFDMultiplier != 3 {
+		t.Errorf("peer defaults not filled: %+v", cfg.BGP.Peers[1])
+	}
+}
+
+func TestMinimalGetsDefaults(t *testing.T) {
+	cfg, err := Load(writeFile(t, "version = 1\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Default()
+	want.File = cfg.File
+	if diff := cmp.Diff(want, cfg); diff != "" {
+		t.Errorf("defaults differ (-want +got):\n%s", diff)
+	}
+	if cfg.Store.SessionTTL.Duration != 24*time.Hour {
+		t.Errorf("session_ttl = %v", cfg.Store.SessionTTL)
+	}
+}
+
+func TestOverridesReplaceSlices(t *testing.T) {
+	cfg, err := Load(writeFile(t, "version = 1\n[ipam]\ncidrs = [\"10.9.0.0/24\", \"fd00:9::/112\"]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{"10.9.0.0/24", "fd00:9::/112"}, cfg.IPAM.CIDRs); diff != "" {
+		t.Errorf("cidrs (-want +got):\n%s", diff)
+	}
+}
+
+func TestProblems(t *testing.T) {
+	tests := []struct {
+		name string
+		body string
+		want []string // substrings, each must appear
+	}{
+		{"unknown key", "version = 1\n[store]\nadress = \"x\"\n", []string{":3: store.adress: unknown key", `did you mean "store.address"`}},
+		{"unknown section", "version = 1\n[stor]\nbackend = \"local\"\n", []string{":3:", "stor.backend: unknown key"}},
+		{"wrong type", "version = 1\n[node]\ncluster_id = \"one\"\n", []string{":3:", "cluster_id"}},
+		{"bad version", "version = 2\n", []string{":1: version: version 2 is not supported"}},
+		{"bad cidr", "version = 1\n[ipam]\ncidrs = [\"10.0.0.0/33\"]\n", []string{":3: ipam.cidrs[0]", "not a CIDR"}},
+		{"host bits", "version = 1\n[ipam]\ncidrs = [\"10.0.0.1/24\"]\n", []string{`did you mean "10.0.0.0/24"`}},
+		{"overlap", "version = 1\n[ipam]\ncidrs = [\"10.0.0.0/16\", \"10.0.1.0/24\"]\n", []string{"overlaps"}},
+		{"cluster id", "version = 1\n[node]\ncluster_id = 0\n", []string{":3: node.cluster_id", "1..255"}},
+		{"bad address", "version = 1\n[node]\naddresses = [\"x\"]\n", []string{"node.addresses[0]", "not an IP"}},
+		{"backend", "version = 1\n[store]\nbackend = \"etcd\"\n", []string{"store.backend", `"local"`}},
+		{"consul address", "version = 1\n[store]\nbackend = \"consul\"\naddress = \"nohost\"\n", []string{":4: store.address"}},
+		{"ttl", "version = 1\n[store]\nsession_ttl = \"48h\"\n", []string{"store.session_ttl", "24h"}},
+		{"duration", "version = 1\n[store]\nsession_ttl = \"soon\"\n", []string{":3:", "not a duration"}},
+		{"attach", "version = 1\n[datapath]\nattach = \"xdp\"\n", []string{"datapath.attach"}},
+		{"relative path", "version = 1\n[agent]\nstate_dir = \"var/lib\"\n", []string{"agent.state_dir", "absolute"}},
+		{"asn zero", "version = 1\n[bgp]\nlocal_asn = 0\n", []string{":3: bgp.local_asn", "not an ASN"}},
+		{"asn big", "version = 1\n[bgp]\nlocal_asn = 4294967296\n", []string{"bgp.local_asn", "not an ASN"}},
+		{"peer address", "version = 1\n[[bgp.peers]]\nname = \"a\"\naddress = \"tor\"\nasn = 65001\n", []string{":4: bgp.peers[0].address", "not an IP"}},
+		{"second peer asn", "version = 1\n[[bgp.peers]]\naddress = \"10.0.0.1\"\nasn = 1\n[[bgp.peers]]\naddress = \"10.0.0.2\"\nasn = 0\n", []string{":7: bgp.peers[1].asn"}},
+		{"dup peer", "version = 1\n[[bgp.peers]]\nname=\"a\"\naddress = \"10.0.0.1\"\nasn = 1\n[[bgp.peers]]\nname=\"a\"\naddress = \"10.0.0.2\"\nasn = 1\n", []string{"must be unique"}},
+		{"password file", "version = 1\n[[bgp.peers]]\naddress = \"10.0.0.1\"\nasn = 1\npassword_file = \"/nonexistent/pw\"\n", []string{":5: bgp.peers[0].password_file", "cannot read"}},
+		{"vip outside range", "version = 1\n[bgp]\nvips = [\"10.97.0.1/32\"]\nvip_ranges = [\"10.96.0.0/16\"]\n", []string{"bgp.vips[0]", "outside every"}},
+		{"vip address", "version = 1\n[bgp]\nvips = [\"10.96.0.1\"]\n", []string{`did you mean "10.96.0.1/32"`}},
+		{"router id", "version = 1\n[bgp]\nrouter_id = \"::1\"\n", []string{"bgp.router_id"}},
+		{"health of unknown vip", "version = 1\n[[bgp.vip_health]]\nvip = \"10.1.1.1/32\"\ntarget = \"127.0.0.1:80\"\n", []string{"bgp.vip_health[0].vip"}},
+		{"community", "version = 1\n[bgp]\ncommunities = [\"65000:70000\"]\n", []string{"bgp.communities[0]"}},
+		{"backoff", "version = 1\n[restart]\nbackoff_min = \"1m\"\nbackoff_max = \"10s\"\n", []string{"restart.backoff_max"}},
+		{"metrics", "version = 1\n[metrics]\nlisten = \"9962\"\n", []string{"metrics.listen"}},
+		{"log level", "version = 1\n[log]\nlevel = \"loud\"\n", []string{"log.level"}},
+		{"duplicate table", "version = 1\n[store]\nbackend = \"local\"\n[store]\nprefix = \"x/\"\n", []string{":4:"}},
+		{"duplicate key", "version = 1\nversion = 1\n", []string{":2:"}},
+		{"garbage", "\x01\x02 not toml ][", []string{"rackwire.toml"}},
+		{"empty", "", []string{":1:", "empty"}},
+		{"whitespace", "  \n\n", []string{"empty"}},
+		{"two problems", "version = 1\n[node]\ncluster_id = 0\n[log]\nlevel = \"x\"\n", []string{":3: node.cluster_id", ":5: log.level"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := writeFile(t, tt.body)
+			_, err := Load(p)
+			if err == nil {
+				t.Fatalf("Load(%q) = nil error, want one", tt.body)
+			}
+			msg := err.Error()
+			if !strings.HasPrefix(msg, p) {
+				t.Errorf("error %q does not start with the file name", msg)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(msg, w) {
+					t.Errorf("Load(%q) error = %q, want it to contain %q", tt.body, msg, w)
+				}
+			}
+		})
+	}
+}
+
+func TestUnreadable(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := Load(dir); err == nil || !strings.Contains(err.Error(), "is a directory") {
+		t.Errorf("Load(dir) = %v, want 'is a directory'", err)
+	}
+	if _, err := Load(filepath.Join(dir, "missing.toml")); err == nil || !strings.Contains(err.Error(), "does not exist") {
+		t.Errorf("Load(missing) = %v", err)
+	}
+	big := filepath.Join(dir, "big.toml")
+	if err := os.WriteFile(big, []byte("version = 1\n"+strings.Repeat("# padding padding padding\n", 10<<20/26)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load(big)
+	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "larger than") {
+		t.Errorf("Load(10MB) = %v, want too large", err)
+	}
+	if os.Geteuid() != 0 {
+		noread := filepath.Join(dir, "noread.toml")
+		_ = os.WriteFile(noread, []byte("version = 1\n"), 0o000)
+		if _, err := Load(noread); err == nil || !strings.Contains(err.Error(), "permission denied") {
+			t.Errorf("Load(noread) = %v", err)
+		}
+	}
+}
+
+func TestResolveFillsNodeName(t *testing.T) {
+	cfg := Default()
+	if err := cfg.Resolve(); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Node.Name == "" {
+		t.Error("Resolve left node.name empty")
+	}
+}
+
+func TestResolveRouterIDNeedsIPv4(t *testing.T) {
+	cfg := Default()
+	cfg.Node.Name = "h"
+	cfg.Node.Addresses = []string{"2001:db8::1"}
+	cfg.BGP.Enabled = true
+	err := cfg.Resolve()
+	if err == nil || !strings.Contains(err.Error(), "router_id") {
+		t.Errorf("Resolve() = %v, want router_id error", err)
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	ex, _ := os.ReadFile("../../packaging/rackwire.toml.example")
+	f.Add(ex)
+	f.Add([]byte("version = 1\n[store]\nadress = \"x\"\n"))
+	f.Add([]byte("[[bgp.peers]]\n[[bgp.peers]]\nasn = -1\n"))
+	f.Add([]byte("version = 1\n[bgp]\nvips = [\"1.2.3.4/32\"]\n[[bgp.vip_health]]\nvip=\"1.2.3.4/32\"\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		cfg, err := Parse("fuzz.toml", data)
+		if err != nil {
+			if !strings.HasPrefix(err.Error(), "fuzz.toml") {
+				t.Fatalf("error without file name: %v", err)
+			}
+			return
+		}
+		if cfg.Version != 1 {
+			t.Fatalf("accepted version %d", cfg.Version)
+		}
+	})
+}

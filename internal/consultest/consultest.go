@@ -1,0 +1,268 @@
+// Package consultest starts real Consul agents for tests: a one-node dev
+// server, or a cluster of servers on loopback, each with its own ports and
+// data directory, stopped by pid in t.Cleanup (also when the test fails).
+//
+// Who may import it: _test.go files only. The Consul binary comes from the
+// test cache (internal/testenv.RequireCached "consul"); without it the
+// test skips, or fails under CI=true. Ports are taken from 18500-18999
+// (the range set aside for these tests) after checking they are free.
+package consultest
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/rackwire/rackwire/internal/testenv"
+)
+
+// Port range reserved for these tests.
+const (
+	portMin = 18500
+	portMax = 18999
+	// portsPerAgent: http, serf lan, serf wan, server rpc.
+	portsPerAgent = 4
+)
+
+// Agent is one running Consul agent.
+type Agent struct {
+	Name     string
+	HTTPAddr string // 127.0.0.1:port
+	SerfLAN  int
+	Server   int
+	dir      string
+	args     []string
+	bin      string
+	t        testing.TB
+
+	mu  sync.Mutex // guards cmd
+	cmd *exec.Cmd
+}
+
+var portMu sync.Mutex // serializes port picking within one test binary
+
+func portFree(p int) bool {
+	l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+	if err != nil {
+		return false
+	}
+	l.Close()
+	u, err := net.ListenPacket("udp", "127.0.0.1:"+strconv.Itoa(p))
+	if err != nil {
+		return false
+	}
+	u.Close()
+	return true
+}
+
+var taken = map[int]bool{}
+
+// pickPorts returns portsPerAgent consecutive free ports in the range.
+func pickPorts(t testing.TB) []int {
+	t.Helper()
+	portMu.Lock()
+	defer portMu.Unlock()
+	slots := (portMax - portMin + 1) / portsPerAgent
+	start := rand.IntN(slots)
+	for i := 0; i < slots; i++ {
+		base := portMin + ((start+i)%slots)*portsPerAgent
+		ok := true
+		for p := base; p < base+portsPerAgent; p++ {
+			if taken[p] || !portFree(p) {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			ps := make([]int, portsPerAgent)
+			for j := range ps {
+				ps[j] = base + j
+				taken[base+j] = true
+			}
+			return ps
+		}
+	}
+	t.Fatalf("no free ports for a consul agent in %d-%d", portMin, portMax)
+	return nil
+}
+
+func newAgent(t testing.TB, name string) *Agent {
+	bin := testenv.RequireCached(t, "consul")
+	ps := pickPorts(t)
+	return &Agent{
+		Name: name, HTTPAddr: "127.0.0.1:" + strconv.Itoa(ps[0]),
+		SerfLAN: ps[1], Server: ps[3], dir: t.TempDir(), bin: bin, t: t,
+		args: []string{
+			"agent", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+			"-node", name, "-data-dir", "", // filled in start
+			"-http-port", strconv.Itoa(ps[0]), "-serf-lan-port", strconv.Itoa(ps[1]),
+			"-serf-wan-port", strconv.Itoa(ps[2]), "-server-port", strconv.Itoa(ps[3]),
+			"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
+			"-log-level", "warn", "-disable-host-node-id",
+		},
+	}
+}
+
+// Start starts one dev-mode server and waits for it to lead.
+func Start(t testing.TB) *Agent {
+	t.Helper()
+	a := newAgent(t, fmt.Sprintf("rwd-dev-%d", rand.IntN(1_000_000)))
+	a.args = append(a.args, "-dev")
+	a.start()
+	t.Cleanup(a.Kill)
+	WaitLeader(t, a.Client(t), 60*time.Second)
+	return a
+}
+
+// StartCluster starts n servers that join each other on loopback and
+// waits until they have a leader.
+func StartCluster(t testing.TB, n int) []*Agent {
+	t.Helper()
+	as := make([]*Agent, n)
+	for i := range as {
+		as[i] = newAgent(t, fmt.Sprintf("rwd-srv%d-%d", i, rand.IntN(1_000_000)))
+	}
+	for i, a := range as {
+		a.args = append(a.args, "-server", "-bootstrap-expect", strconv.Itoa(n),
+			"-hcl", `performance { raft_multiplier = 1 }`,
+			"-hcl", `leave_on_terminate = false`)
+		for j, o := range as {
+			if i != j {
+				a.args = append(a.args, "-retry-join", "127.0.0.1:"+strconv.Itoa(o.SerfLAN))
+			}
+		}
+	}
+	for _, a := range as {
+		a.start()
+		t.Cleanup(a.Kill)
+	}
+	for _, a := range as {
+		WaitLeader(t, a.Client(t), 90*time.Second)
+	}
+	return as
+}
+
+func (a *Agent) start() {
+	a.t.Helper()
+	args := append([]string(nil), a.args...)
+	for i := range args {
+		if args[i] == "-data-dir" {
+			args[i+1] = filepath.Join(a.dir, "data")
+		}
+	}
+	cmd := exec.Command(a.bin, args...)
+	logf, err := os.OpenFile(filepath.Join(a.dir, "consul.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		a.t.Fatalf("open consul log: %v", err)
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		a.t.Fatalf("start consul %s: %v", a.Name, err)
+	}
+	logf.Close()
+	a.mu.Lock()
+	a.cmd = cmd
+	a.mu.Unlock()
+}
+
+// Client returns an API client for this agent.
+func (a *Agent) Client(t testing.TB) *api.Client {
+	cfg := api.DefaultNonPooledConfig()
+	cfg.Address = a.HTTPAddr
+	c, err := api.NewClient(cfg)
+	if err != nil {
+		t.Fatalf("consul client: %v", err)
+	}
+	return c
+}
+
+// Kill stops the agent with SIGKILL (by pid) and reaps it. Safe to call
+// twice.
+func (a *Agent) Kill() {
+	a.mu.Lock()
+	cmd := a.cmd
+	a.cmd = nil
+	a.mu.Unlock()
+	if cmd == nil || cmd.Process == nil {
+		return
+	}
+	_ = cmd.Process.Signal(syscall.SIGKILL)
+	_ = cmd.Wait()
+}
+
+// Restart starts a killed agent again on the same ports and data dir.
+func (a *Agent) Restart() {
+	a.mu.Lock()
+	running := a.cmd != nil
+	a.mu.Unlock()
+	if !running {
+		a.start()
+	}
+}
+
+// Log returns the agent's log (for failure messages).
+func (a *Agent) Log() string {
+	b, _ := os.ReadFile(filepath.Join(a.dir, "consul.log"))
+	return string(b)
+}
+
+// WaitLeader waits until the agent reports a raft leader.
+func WaitLeader(t testing.TB, c *api.Client, timeout time.Duration) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var last error
+	for ctx.Err() == nil {
+		q := (&api.QueryOptions{}).WithContext(ctx)
+		l, err := c.Status().LeaderWithQueryOptions(q)
+		if err == nil && l != "" {
+			// A leader also needs to accept writes (autopilot, ACL init).
+			if _, err := c.KV().Put(&api.KVPair{Key: "rwd-probe", Value: []byte("1")}, (&api.WriteOptions{}).WithContext(ctx)); err == nil {
+				return l
+			} else {
+				last = err
+			}
+		} else if err != nil {
+			last = err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("consul has no leader after %s: %v", timeout, last)
+	return ""
+}
+
+// Leader returns the agent among as that is the current leader, or nil.
+func Leader(t testing.TB, as []*Agent) *Agent {
+	t.Helper()
+	for _, a := range as {
+		a.mu.Lock()
+		up := a.cmd != nil
+		a.mu.Unlock()
+		if !up {
+			continue
+		}
+		l, err := a.Client(t).Status().Leader()
+		if err != nil || l == "" {
+			continue
+		}
+		for _, b := range as {
+			if l == "127.0.0.1:"+strconv.Itoa(b.Server) {
+				return b
+			}
+		}
+	}
+	return nil
+}
