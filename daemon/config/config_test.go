@@ -4,6 +4,8 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"reflect"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -184,4 +186,51 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("accepted version %d", cfg.Version)
 		}
 	})
+}
+
+// TestExampleIsComplete keeps the annotated example the full reference.
+func TestExampleIsComplete(t *testing.T) {
+	data, err := os.ReadFile("../../packaging/rackwire.toml.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx := indexLines(data)
+	for _, k := range known() {
+		if idx.find(k) == 0 || (idx[k] == 0 && idx[unindex(k)] == 0) {
+			t.Errorf("key %s is not in packaging/rackwire.toml.example", k)
+		}
+	}
+}
+
+// TestKnownMatchesStruct keeps the "did you mean" list equal to the keys the
+// decoder accepts.
+func TestKnownMatchesStruct(t *testing.T) {
+	var walk func(prefix string, typ reflect.Type) []string
+	walk = func(prefix string, typ reflect.Type) []string {
+		var out []string
+		for i := 0; i < typ.NumField(); i++ {
+			f := typ.Field(i)
+			name := f.Tag.Get("toml")
+			if name == "" || name == "-" {
+				continue
+			}
+			ft := f.Type
+			if ft.Kind() == reflect.Slice && ft.Elem().Kind() == reflect.Struct {
+				ft = ft.Elem()
+			}
+			if ft.Kind() == reflect.Struct && ft != reflect.TypeOf(Duration{}) {
+				out = append(out, walk(prefix+name+".", ft)...)
+				continue
+			}
+			out = append(out, prefix+name)
+		}
+		return out
+	}
+	got := walk("", reflect.TypeOf(Config{}))
+	sort.Strings(got)
+	want := known()
+	sort.Strings(want)
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("known() differs from the Config struct (-known +struct):\n%s", diff)
+	}
 }

@@ -1,0 +1,104 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/rackwire/rackwire/daemon/api"
+)
+
+// fakeAgent serves canned replies on a unix socket, for CLI formatting
+// tests; the real agent is driven in cmd/rackwired and tests/.
+func fakeAgent(t *testing.T, mux *http.ServeMux) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "a.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: mux}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return sock
+}
+
+func runCLI(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var so, se bytes.Buffer
+	code := run(context.Background(), args, &so, &se)
+	return code, so.String(), se.String()
+}
+
+func TestAgentDown(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	code, _, stderr := runCLI(t, "--socket", sock, "status")
+	if code != 1 {
+		t.Errorf("exit = %d, want 1", code)
+	}
+	for _, want := range []string{"rackwired is not running", "systemctl start rackwired", sock} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("stderr = %q, want it to contain %q", stderr, want)
+		}
+	}
+}
+
+func TestStatusTableAndJSON(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		api.WriteJSON(w, 200, api.Status{
+			Agent: api.AgentStatus{Version: "1.2.3", Node: "h1", Cluster: "default", ClusterID: 1, Uptime: "5s"},
+			Store: api.Component{State: "ok", Detail: map[string]string{"backend": "local"}},
+		})
+	})
+	sock := fakeAgent(t, mux)
+	code, out, se := runCLI(t, "status", "--socket", sock)
+	if code != 0 {
+		t.Fatalf("exit = %d, stderr %s", code, se)
+	}
+	for _, want := range []string{"rackwired 1.2.3", "h1 (cluster default, id 1)", "Store:", "ok [backend=local]"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status output lacks %q:\n%s", want, out)
+		}
+	}
+	code, out, _ = runCLI(t, "--socket", sock, "status", "--json")
+	var st api.Status
+	if code != 0 || json.Unmarshal([]byte(out), &st) != nil || st.Agent.Version != "1.2.3" {
+		t.Errorf("status --json = %d %q", code, out)
+	}
+}
+
+func TestUsageErrors(t *testing.T) {
+	tests := []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"nosuch"}, 2, `unknown command "nosuch"`},
+		{[]string{"status", "extra"}, 2, "takes no arguments"},
+		{[]string{"--bogus"}, 2, "unknown global flag"},
+	}
+	for _, tt := range tests {
+		code, _, se := runCLI(t, tt.args...)
+		if code != tt.code || !strings.Contains(se, tt.want) {
+			t.Errorf("rackwire %v = %d %q, want %d containing %q", tt.args, code, se, tt.code, tt.want)
+		}
+	}
+}
+
+func TestAgentErrorPassesHint(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		api.WriteJSON(w, 409, api.ErrorBody{Error: "busy", Hint: "try later"})
+	})
+	sock := fakeAgent(t, mux)
+	code, _, se := runCLI(t, "--socket", sock, "status")
+	if code != 1 || !strings.Contains(se, "busy; try later") {
+		t.Errorf("got %d %q", code, se)
+	}
+}
