@@ -1,0 +1,21 @@
+package birdconf
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// TestLeaf keeps birdconf a leaf: plain struct in, text out. It must not
+// depend on any other rackwire package (daemon/bgp adapts the config).
+func TestLeaf(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", ".").CombinedOutput()
+	if err != nil {
+		t.Skipf("go list unavailable: %v: %s", err, out)
+	}
+	for _, dep := range strings.Fields(string(out)) {
+		if strings.HasPrefix(dep, "github.com/") && dep != "github.com/rackwire/rackwire/birdconf" {
+			t.Errorf("birdconf depends on %s; it must import only the standard library", dep)
+		}
+	}
+}
