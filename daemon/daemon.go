@@ -63,6 +63,7 @@ type Daemon struct {
 	reloadError string
 
 	store   store.Store
+	agent   *agent
 	metrics *metrics.Registry
 	mux     *http.ServeMux
 
@@ -89,8 +90,19 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger, opts Options)
 	}
 	d.store = st
 
+	d.notifyStatus("loading datapath into %s", cfg.Datapath.PinDir)
+	ag, err := newAgent(ctx, cfg, st, log)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	d.agent = ag
+	d.reloaders = append(d.reloaders, ag.reload)
+	d.statusers = append(d.statusers, ag.status)
+
 	d.mux = http.NewServeMux()
 	d.routes()
+	d.agentRoutes()
 	return d, nil
 }
 
@@ -135,6 +147,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 	wg.Add(1)
 	go func() { defer wg.Done(); d.watchdog(ctx) }()
+	if err := d.agent.start(ctx, &wg, d.notifyStatus); err != nil {
+		return err
+	}
 	wg.Add(1)
 	go func() { defer wg.Done(); d.watchStoreHealth(ctx) }()
 
@@ -168,6 +183,9 @@ func (d *Daemon) stopping(why string) {
 // Close releases the components' resources. It never removes the datapath.
 func (d *Daemon) Close() error {
 	var errs []error
+	if d.agent != nil {
+		d.agent.close()
+	}
 	if d.store != nil {
 		errs = append(errs, d.store.Close())
 	}

@@ -1,11 +1,16 @@
 package daemon
 
 import (
+	"context"
+	"fmt"
 	"net/http"
 	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/rackwire/rackwire/daemon/api"
+	"github.com/rackwire/rackwire/daemon/endpoint"
 	"github.com/rackwire/rackwire/internal/version"
 )
 
@@ -58,4 +63,74 @@ func (d *Daemon) status(r *http.Request) api.Status {
 		st.BGP = api.Component{State: api.StateDisabled, Message: "[bgp] enabled = false"}
 	}
 	return st
+}
+
+// agentStatus fills the components the agent owns.
+func (a *agent) status(ctx context.Context, st *api.Status) {
+	f := a.dp.Features()
+	st.Datapath = api.Component{State: api.StateOK, Detail: map[string]string{
+		"attach": f.AttachMode, "pin_dir": a.dp.PinDir(), "audit": strconv.FormatBool(a.cfg.Datapath.PolicyAuditMode),
+	}}
+	if len(f.Fallbacks) > 0 {
+		st.Datapath.State = api.StateDegraded
+		st.Datapath.Message = strings.Join(f.Fallbacks, "; ")
+	}
+	st.Kernel = []api.KernelFeature{
+		{Name: "tcx", Available: f.TCX, Fallback: fallback(f.TCX, "legacy clsact tc filters")},
+		{Name: "ringbuf", Available: f.RingBuf, Fallback: fallback(f.RingBuf, "no monitor events")},
+		{Name: "redirect_peer", Available: f.RedirectPeer, Fallback: fallback(f.RedirectPeer, "local delivery through the host stack")},
+		{Name: "lpm_trie", Available: f.LPM, Fallback: fallback(f.LPM, "no CIDR prefixes in the ipcache")},
+		{Name: "btf", Available: f.BTF, Fallback: fallback(f.BTF, "no CO-RE; objects built for this kernel only")},
+		{Name: "hash_of_maps", Available: f.HashOfMaps, Fallback: fallback(f.HashOfMaps, "required: the datapath cannot run")},
+	}
+
+	eps := a.eps.List()
+	counts := map[string]int{}
+	for _, ep := range eps {
+		counts[string(ep.State)]++
+	}
+	st.Endpoints = api.Component{State: api.StateOK, Message: fmt.Sprintf("%d endpoints", len(eps)), Detail: map[string]string{}}
+	for k, v := range counts {
+		st.Endpoints.Detail[k] = strconv.Itoa(v)
+	}
+	if counts[string(endpoint.StateLost)] > 0 {
+		st.Endpoints.State = api.StateDegraded
+		st.Endpoints.Message += fmt.Sprintf(" (%d lost: their veth vanished; delete them with `rackwire endpoint delete`)", counts[string(endpoint.StateLost)])
+	}
+
+	st.Identities = api.Component{State: api.StateOK, Message: fmt.Sprintf("%d cluster identities known, %d used here", len(a.ids.List()), a.ids.InUse())}
+	if ls := a.ids.LastSync(); !ls.IsZero() {
+		st.Identities.Detail = map[string]string{"last_sync": ls.UTC().Format(time.RFC3339), "lag": time.Since(ls).Truncate(time.Millisecond).String()}
+	} else {
+		st.Identities.State = api.StateConnecting
+		st.Identities.Message += "; waiting for the first list of identities from the store"
+	}
+
+	a.syncMu.Lock()
+	perr := len(a.policyErr)
+	serr, last := a.syncErr, a.lastSync
+	a.syncMu.Unlock()
+	st.Policy = api.Component{State: api.StateOK, Message: fmt.Sprintf("%d policies in force", len(a.pol.Policies())),
+		Detail: map[string]string{"last_sync": last.UTC().Format(time.RFC3339)}}
+	if perr > 0 {
+		st.Policy.State = api.StateDegraded
+		st.Policy.Message += fmt.Sprintf("; %d sources refused (see the log)", perr)
+	}
+	if serr != "" {
+		st.Policy.State = api.StateDegraded
+		st.Policy.Message += "; last sync: " + serr
+	}
+
+	if a.bgp != nil {
+		bs := a.bgp.Status(ctx)
+		state, msg, detail := bs.Summary()
+		st.BGP = api.Component{State: state, Message: msg, Detail: detail}
+	}
+}
+
+func fallback(ok bool, f string) string {
+	if ok {
+		return ""
+	}
+	return f
 }

@@ -2,12 +2,16 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 
 	"github.com/rackwire/rackwire/daemon/config"
+	"github.com/rackwire/rackwire/daemon/datapath"
+	"github.com/rackwire/rackwire/daemon/endpoint"
 	"github.com/rackwire/rackwire/daemon/restart"
 	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/daemon/store/consul"
 	"github.com/rackwire/rackwire/daemon/store/local"
 )
 
@@ -17,6 +21,12 @@ func openStore(ctx context.Context, cfg config.Config, log *slog.Logger) (store.
 		s, err := local.Open(cfg.StorePath(), log.With("subsys", "store"))
 		if err != nil {
 			return nil, fmt.Errorf("open local store: %w", err)
+		}
+		return s, nil
+	case "consul":
+		s, err := consul.New(consul.FromConfig(cfg.Store, cfg.Node.Name), log.With("subsys", "store"))
+		if err != nil {
+			return nil, fmt.Errorf("open consul store: %w", err)
 		}
 		return s, nil
 	default:
@@ -34,6 +44,16 @@ func markReady(stateDir string, log *slog.Logger) {
 // links, attached programs, pinned maps. It is the only code path that cuts
 // traffic, and runs only on an explicit `rackwired cleanup`.
 func Cleanup(ctx context.Context, cfg config.Config, log *slog.Logger) error {
-	log.Info("cleanup: nothing to remove in this build")
+	var errs []error
+	if err := endpoint.RemoveAll(endpoint.OptionsFromConfig(&cfg), log); err != nil {
+		errs = append(errs, fmt.Errorf("remove endpoints: %w", err))
+	}
+	if err := datapath.Cleanup(cfg.Datapath.PinDir); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	log.Info("cleanup done: endpoints, programs and pinned maps removed", "pin_dir", cfg.Datapath.PinDir)
 	return nil
 }

@@ -67,10 +67,6 @@ TOML
 	[ -S "$QS/rackwire.sock" ] || { echo "rackwired did not start; its log:" >&2; cat "$QS/rackwired.log" >&2; exit 1; }
 	rw status
 
-	if ! "$BIN/rackwire" endpoint --help >/dev/null 2>&1; then
-		say "this build has no endpoints yet; the agent runs on $RACKWIRE_SOCKET"
-		return
-	fi
 	say "creating three workloads in network namespaces"
 	for n in "${NS[@]}"; do ip netns add "$n"; done
 	rw endpoint add --name web --netns /run/netns/rwqs-web --labels app=web,env=demo
@@ -80,11 +76,22 @@ TOML
 	web_ip=$("$BIN/rackwire" endpoint get web --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["ipv4"])')
 
 	say "applying docs/examples/quickstart.yaml: web accepts TCP/80 from app=client only"
-	cp docs/examples/quickstart.yaml "$QS/policies.d/"
 	rw policy import docs/examples/quickstart.yaml
-	ip netns exec rwqs-web python3 -m http.server 80 --bind "$web_ip" >/dev/null 2>&1 &
+	# A minimal HTTP server (http.server would resolve its own name first,
+	# which hangs on a machine without DNS).
+	ip netns exec rwqs-web python3 - "$web_ip" >/dev/null 2>&1 <<'PY' &
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 80)); s.listen(16)
+while True:
+    c, _ = s.accept()
+    try:
+        c.recv(4096); c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 20\r\n\r\nhello from web (ok)\n")
+    finally:
+        c.close()
+PY
 	echo $! >"$QS/web.pid"
-	sleep 1
+	for _ in $(seq 50); do ip netns exec rwqs-web ss -ltn | grep -q ":80 " && break; sleep 0.1; done
 
 	say "client -> web:80 (allowed)"
 	if ip netns exec rwqs-client python3 - "$web_ip" <<'PY'

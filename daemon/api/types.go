@@ -1,6 +1,11 @@
 package api
 
-import "time"
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
 
 // Status is what `rackwire status --json` prints.
 type Status struct {
@@ -54,4 +59,178 @@ type KernelFeature struct {
 	Name      string `json:"name"`
 	Available bool   `json:"available"`
 	Fallback  string `json:"fallback,omitempty"`
+}
+
+// Endpoint is one workload on this host.
+type Endpoint struct {
+	ID             uint16    `json:"id"`
+	Name           string    `json:"name"`
+	Netns          string    `json:"netns"`
+	State          string    `json:"state"`
+	Labels         string    `json:"labels"`
+	IdentityLabels string    `json:"identity_labels"`
+	Identity       uint32    `json:"identity"`
+	IPv4           string    `json:"ipv4,omitempty"`
+	IPv6           string    `json:"ipv6,omitempty"`
+	HostIfName     string    `json:"host_ifname"`
+	HostIfIndex    int       `json:"host_ifindex"`
+	MAC            string    `json:"mac"`
+	Audit          bool      `json:"audit"`
+	Created        time.Time `json:"created"`
+}
+
+// EndpointAdd is the body of POST /v1/endpoints.
+type EndpointAdd struct {
+	Name   string `json:"name"`
+	Netns  string `json:"netns"`
+	Labels string `json:"labels"`
+	IP     string `json:"ip,omitempty"`
+	IPv6   string `json:"ipv6,omitempty"`
+}
+
+// PolicyEntry is one entry of an endpoint's BPF policy map, decoded.
+type PolicyEntry struct {
+	Identity       uint32 `json:"identity"`
+	IdentityLabels string `json:"identity_labels,omitempty"`
+	Direction      string `json:"direction"` // ingress, egress
+	Proto          string `json:"proto"`     // any, tcp, udp, sctp, icmp, icmpv6, or a number
+	Port           uint16 `json:"port"`
+	EndPort        uint16 `json:"end_port,omitempty"`
+	Verdict        string `json:"verdict"` // allow, deny
+	Emergency      bool   `json:"emergency,omitempty"`
+	Packets        uint64 `json:"packets"`
+	Bytes          uint64 `json:"bytes"`
+}
+
+// IPCacheEntry maps an address or prefix to its identity.
+type IPCacheEntry struct {
+	Prefix   string `json:"prefix"`
+	Identity uint32 `json:"identity"`
+	Labels   string `json:"labels,omitempty"`
+	HostIP   string `json:"host_ip,omitempty"`
+}
+
+// Identity is a numeric identity and its labels.
+type Identity struct {
+	ID     uint32 `json:"id"`
+	Labels string `json:"labels"`
+	// Scope is "reserved", "cluster" or "local" (CIDR identities).
+	Scope string `json:"scope"`
+	// Users is how many local endpoints use it (cluster identities).
+	Users int `json:"users,omitempty"`
+}
+
+// Node is one host of the cluster as the store knows it.
+type Node struct {
+	Name    string   `json:"name"`
+	Cluster string   `json:"cluster"`
+	IPs     []string `json:"ips"`
+	CIDRs   []string `json:"cidrs"`
+	BGPASN  int64    `json:"bgp_asn,omitempty"`
+	Version string   `json:"version"`
+}
+
+// PolicySummary is one loaded policy.
+type PolicySummary struct {
+	Name   string `json:"name"`
+	Source string `json:"source"` // "file:PATH" or "store"
+	Rules  int    `json:"rules"`
+}
+
+// TraceSubject is one end of a policy trace: exactly one field set.
+type TraceSubject struct {
+	Labels   string `json:"labels,omitempty"`
+	IP       string `json:"ip,omitempty"`
+	Endpoint string `json:"endpoint,omitempty"`
+}
+
+// TraceRequest is the body of POST /v1/policy/trace.
+type TraceRequest struct {
+	Src   TraceSubject `json:"src"`
+	Dst   TraceSubject `json:"dst"`
+	DPort string       `json:"dport"` // "80/tcp"
+}
+
+// Event is one datapath event as `rackwire monitor --json` prints it.
+type Event struct {
+	Time         time.Time `json:"time"`
+	Type         string    `json:"type"` // drop, trace, audit
+	Endpoint     uint16    `json:"endpoint"`
+	EndpointName string    `json:"endpoint_name,omitempty"`
+	Direction    string    `json:"direction"`
+	Src          string    `json:"src"`
+	Dst          string    `json:"dst"`
+	Proto        string    `json:"proto"`
+	SrcIdentity  uint32    `json:"src_identity"`
+	SrcLabels    string    `json:"src_labels,omitempty"`
+	DstIdentity  uint32    `json:"dst_identity"`
+	DstLabels    string    `json:"dst_labels,omitempty"`
+	Verdict      string    `json:"verdict"`
+	Reason       string    `json:"reason,omitempty"`
+	Len          uint32    `json:"len"`
+}
+
+// RawEntry is an operator's raw policy map entry (`rackwire bpf policy add`).
+type RawEntry struct {
+	Identity  uint32 `json:"identity"`
+	Direction string `json:"direction"` // ingress, egress
+	Proto     string `json:"proto"`     // any, tcp, udp, sctp, icmp, icmpv6 or a number
+	Port      uint16 `json:"port"`
+	EndPort   uint16 `json:"end_port,omitempty"`
+	Deny      bool   `json:"deny"`
+}
+
+// RawKey is a validated RawEntry.
+type RawKey struct {
+	Identity  uint32
+	Direction uint8
+	Proto     uint8
+	Port      uint16
+	EndPort   uint16
+	Deny      bool
+}
+
+// Entry validates r.
+func (r RawEntry) Entry() (RawKey, error) {
+	k := RawKey{Identity: r.Identity, Port: r.Port, EndPort: r.EndPort, Deny: r.Deny}
+	switch r.Direction {
+	case "ingress", "":
+		k.Direction = 0
+	case "egress":
+		k.Direction = 1
+	default:
+		return k, fmt.Errorf("direction %q: write ingress or egress", r.Direction)
+	}
+	p, err := ParseProto(r.Proto)
+	if err != nil {
+		return k, err
+	}
+	k.Proto = p
+	if r.EndPort != 0 && r.EndPort < r.Port {
+		return k, fmt.Errorf("end port %d is below port %d", r.EndPort, r.Port)
+	}
+	return k, nil
+}
+
+// ParseProto maps a protocol name or number to its IP protocol number.
+func ParseProto(s string) (uint8, error) {
+	switch strings.ToLower(s) {
+	case "", "any":
+		return 0, nil
+	case "icmp":
+		return 1, nil
+	case "tcp":
+		return 6, nil
+	case "udp":
+		return 17, nil
+	case "icmpv6":
+		return 58, nil
+	case "sctp":
+		return 132, nil
+	}
+	v, err := strconv.ParseUint(s, 10, 8)
+	if err != nil {
+		return 0, fmt.Errorf("protocol %q: write any, tcp, udp, sctp, icmp, icmpv6 or a number", s)
+	}
+	return uint8(v), nil
 }

@@ -1,0 +1,263 @@
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net/url"
+	"strconv"
+	"strings"
+
+	"github.com/rackwire/rackwire/daemon/api"
+)
+
+func init() {
+	var raw struct {
+		identity  uint
+		direction string
+		proto     string
+		port      string
+		deny      bool
+	}
+	rawFlags := func(fs *flag.FlagSet) {
+		fs.UintVar(&raw.identity, "identity", 0, "remote identity (0 = any)")
+		fs.StringVar(&raw.direction, "direction", "ingress", "ingress or egress")
+		fs.StringVar(&raw.proto, "proto", "any", "any, tcp, udp, sctp, icmp, icmpv6 or a number")
+		fs.StringVar(&raw.port, "port", "0", "destination port or range LO-HI (0 = any; the ICMP type for ICMP)")
+		fs.BoolVar(&raw.deny, "deny", false, "a deny entry (beats any allow)")
+	}
+	rawEntry := func() (api.RawEntry, error) {
+		r := api.RawEntry{Identity: uint32(raw.identity), Direction: raw.direction, Proto: raw.proto, Deny: raw.deny}
+		lo, hi, isRange := strings.Cut(raw.port, "-")
+		p, err := strconv.ParseUint(lo, 10, 16)
+		if err != nil {
+			return r, usagef("--port %q: write a port or LO-HI", raw.port)
+		}
+		r.Port = uint16(p)
+		if isRange {
+			q, err := strconv.ParseUint(hi, 10, 16)
+			if err != nil {
+				return r, usagef("--port %q: write a port or LO-HI", raw.port)
+			}
+			r.EndPort = uint16(q)
+		}
+		return r, nil
+	}
+	var revert bool
+	epArg := func(fs *flag.FlagSet) (string, error) {
+		if fs.NArg() != 1 {
+			return "", usagef("give one endpoint name or id")
+		}
+		return url.PathEscape(fs.Arg(0)), nil
+	}
+	register(&command{name: "bpf", summary: "the datapath's maps: policy, ipcache, ct, metrics", subs: []*command{
+		{name: "policy", summary: "an endpoint's policy map", subs: []*command{
+			{
+				name: "get", summary: "the entries, decoded, with counters", usage: "ENDPOINT",
+				run: func(e *env, fs *flag.FlagSet) error {
+					ep, err := epArg(fs)
+					if err != nil {
+						return err
+					}
+					var es []api.PolicyEntry
+					if err := e.get("/v1/bpf/policy/"+ep, &es); err != nil {
+						return err
+					}
+					if e.json {
+						return printJSON(e.stdout, es)
+					}
+					rows := [][]string{{"DIRECTION", "IDENTITY", "LABELS", "PROTO", "PORT", "VERDICT", "PACKETS", "BYTES"}}
+					for _, x := range es {
+						port := "any"
+						if x.Port != 0 {
+							port = strconv.Itoa(int(x.Port))
+						}
+						if x.EndPort > x.Port {
+							port += "-" + strconv.Itoa(int(x.EndPort))
+						}
+						v := x.Verdict
+						if x.Emergency {
+							v += " (emergency allow-all)"
+						}
+						rows = append(rows, []string{x.Direction, strconv.FormatUint(uint64(x.Identity), 10), dash(x.IdentityLabels), x.Proto, port, v,
+							strconv.FormatUint(x.Packets, 10), strconv.FormatUint(x.Bytes, 10)})
+					}
+					table(e.stdout, rows)
+					return nil
+				},
+			},
+			{
+				name: "add", summary: "write one raw entry (operator override; the next policy change rewrites the map)", usage: "ENDPOINT [--identity N] [--direction D] [--proto P] [--port P|LO-HI] [--deny]",
+				flags: rawFlags,
+				run: func(e *env, fs *flag.FlagSet) error {
+					ep, err := epArg(fs)
+					if err != nil {
+						return err
+					}
+					r, err := rawEntry()
+					if err != nil {
+						return err
+					}
+					var out api.PolicyEntry
+					if err := e.call("POST", "/v1/bpf/policy/"+ep, r, &out); err != nil {
+						return err
+					}
+					if e.json {
+						return printJSON(e.stdout, out)
+					}
+					fmt.Fprintf(e.stdout, "added %s %s identity=%d proto=%s port=%s\n", out.Verdict, out.Direction, out.Identity, out.Proto, raw.port)
+					return nil
+				},
+			},
+			{
+				name: "delete", summary: "remove one raw entry", usage: "ENDPOINT [--identity N] [--direction D] [--proto P] [--port P|LO-HI]",
+				flags: rawFlags,
+				run: func(e *env, fs *flag.FlagSet) error {
+					ep, err := epArg(fs)
+					if err != nil {
+						return err
+					}
+					r, err := rawEntry()
+					if err != nil {
+						return err
+					}
+					if err := e.call("DELETE", "/v1/bpf/policy/"+ep, r, nil); err != nil {
+						return err
+					}
+					fmt.Fprintln(e.stdout, "deleted")
+					return nil
+				},
+			},
+			{
+				name: "allow-all", summary: "emergency: open an endpoint completely (--revert closes it again)", usage: "ENDPOINT [--revert]",
+				flags: func(fs *flag.FlagSet) { fs.BoolVar(&revert, "revert", false, "remove the emergency entries") },
+				run: func(e *env, fs *flag.FlagSet) error {
+					ep, err := epArg(fs)
+					if err != nil {
+						return err
+					}
+					var out map[string]string
+					if err := e.call("POST", "/v1/bpf/policy/"+ep+"/allow-all?revert="+strconv.FormatBool(revert), nil, &out); err != nil {
+						return err
+					}
+					if e.json {
+						return printJSON(e.stdout, out)
+					}
+					fmt.Fprintf(e.stdout, "endpoint %s %s\n", out["endpoint"], out["result"])
+					return nil
+				},
+			},
+		}},
+		{name: "ipcache", summary: "address to identity map", subs: []*command{
+			{
+				name: "list", summary: "every entry (exact addresses and prefixes)",
+				run: func(e *env, fs *flag.FlagSet) error {
+					var es []api.IPCacheEntry
+					if err := e.get("/v1/bpf/ipcache", &es); err != nil {
+						return err
+					}
+					if e.json {
+						return printJSON(e.stdout, es)
+					}
+					ipcacheTable(e, es)
+					return nil
+				},
+			},
+			{
+				name: "get", summary: "what an address resolves to (unknown: world)", usage: "IP",
+				run: func(e *env, fs *flag.FlagSet) error {
+					if fs.NArg() != 1 {
+						return usagef("give one IP address")
+					}
+					var x api.IPCacheEntry
+					if err := e.get("/v1/bpf/ipcache/"+url.PathEscape(fs.Arg(0)), &x); err != nil {
+						return err
+					}
+					if e.json {
+						return printJSON(e.stdout, x)
+					}
+					ipcacheTable(e, []api.IPCacheEntry{x})
+					return nil
+				},
+			},
+		}},
+		{name: "ct", summary: "connection tracking", subs: []*command{
+			{
+				name: "list", summary: "tracked connections",
+				run: func(e *env, fs *flag.FlagSet) error {
+					var es []map[string]any
+					if err := e.get("/v1/bpf/ct", &es); err != nil {
+						return err
+					}
+					if e.json {
+						return printJSON(e.stdout, es)
+					}
+					rows := [][]string{{"ENDPOINT", "DIRECTION", "PROTO", "SRC", "DST", "REMOTE-ID", "PACKETS", "BYTES", "LAST-SEEN"}}
+					for _, x := range es {
+						rows = append(rows, []string{str(x["endpoint"]), str(x["direction"]), protoStr(x["proto"]), str(x["src"]), str(x["dst"]),
+							str(x["remote_identity"]), str(x["packets"]), str(x["bytes"]), str(x["last_seen"])})
+					}
+					table(e.stdout, rows)
+					return nil
+				},
+			},
+		}},
+		{
+			name: "metrics", summary: "datapath counters by reason and direction",
+			run: func(e *env, fs *flag.FlagSet) error {
+				var ms []map[string]any
+				if err := e.get("/v1/bpf/metrics", &ms); err != nil {
+					return err
+				}
+				if e.json {
+					return printJSON(e.stdout, ms)
+				}
+				rows := [][]string{{"REASON", "DIRECTION", "PACKETS", "BYTES"}}
+				for _, m := range ms {
+					rows = append(rows, []string{str(m["reason"]), str(m["direction"]), str(m["packets"]), str(m["bytes"])})
+				}
+				table(e.stdout, rows)
+				return nil
+			},
+		},
+	}})
+}
+
+func ipcacheTable(e *env, es []api.IPCacheEntry) {
+	rows := [][]string{{"PREFIX", "IDENTITY", "LABELS", "HOST"}}
+	for _, x := range es {
+		rows = append(rows, []string{x.Prefix, strconv.FormatUint(uint64(x.Identity), 10), dash(x.Labels), dash(x.HostIP)})
+	}
+	table(e.stdout, rows)
+}
+
+func str(v any) string {
+	switch x := v.(type) {
+	case nil:
+		return "-"
+	case float64:
+		return strconv.FormatFloat(x, 'f', -1, 64)
+	case string:
+		return x
+	}
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+func protoStr(v any) string {
+	if f, ok := v.(float64); ok {
+		switch f {
+		case 1:
+			return "icmp"
+		case 6:
+			return "tcp"
+		case 17:
+			return "udp"
+		case 58:
+			return "icmpv6"
+		case 132:
+			return "sctp"
+		}
+	}
+	return str(v)
+}

@@ -1,0 +1,563 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/rackwire/rackwire/daemon/bgp"
+	"github.com/rackwire/rackwire/daemon/config"
+	"github.com/rackwire/rackwire/daemon/datapath"
+	"github.com/rackwire/rackwire/daemon/endpoint"
+	"github.com/rackwire/rackwire/daemon/identity"
+	"github.com/rackwire/rackwire/daemon/policy"
+	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/internal/version"
+)
+
+// agent holds the components that turn shared state into datapath state,
+// and the sync loop that moves changes between them. The sync loop is the
+// one writer of policy maps and of CIDR ipcache entries; syncMu serializes
+// it with the API handlers that change endpoints.
+type agent struct {
+	log   *slog.Logger
+	cfg   config.Config
+	st    store.Store
+	ids   *identity.Allocator
+	cidrs *identity.LocalAllocator
+	dp    *datapath.Datapath
+	eps   *endpoint.Manager
+	pol   *policy.Engine
+	bgp   *bgp.Manager
+	mon   *monitor
+
+	hostIP netip.Addr
+	kick   chan struct{}
+
+	syncMu sync.Mutex // guards the fields below and serializes sync()
+	// knownIDs are the identities the engine has, with their labels.
+	knownIDs map[identity.ID]string
+	// knownEPs are the endpoints the engine has: id -> identity.
+	knownEPs map[uint16]identity.ID
+	// cidrIDs are the CIDR identities allocated for policy prefixes.
+	cidrIDs map[netip.Prefix]identity.ID
+	// remoteIPs are the ipcache entries learned from the store.
+	remoteIPs map[netip.Prefix]store.IPEntry
+	// published are the ipcache keys this host wrote for its endpoints.
+	published map[string]bool
+	lastSync  time.Time
+	syncErr   string
+	policyErr map[string]string // policy source -> why it was refused
+}
+
+func newAgent(ctx context.Context, cfg config.Config, st store.Store, log *slog.Logger) (*agent, error) {
+	a := &agent{
+		log: log, cfg: cfg, st: st,
+		cidrs:     identity.NewLocalAllocator(),
+		kick:      make(chan struct{}, 1),
+		knownIDs:  map[identity.ID]string{},
+		knownEPs:  map[uint16]identity.ID{},
+		cidrIDs:   map[netip.Prefix]identity.ID{},
+		remoteIPs: map[netip.Prefix]store.IPEntry{},
+		published: map[string]bool{},
+		policyErr: map[string]string{},
+	}
+	for _, s := range cfg.Node.Addresses {
+		if ip, err := netip.ParseAddr(s); err == nil {
+			a.hostIP = ip
+			break
+		}
+	}
+	var err error
+	a.ids, err = identity.NewAllocator(st, identity.AllocatorOptions{
+		Node: cfg.Node.Name, ClusterID: uint8(cfg.Node.ClusterID), Log: log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start identity allocator: %w", err)
+	}
+	a.dp, err = datapath.Open(datapath.OptionsFromConfig(cfg.Datapath), log.With("subsys", "datapath"))
+	if err != nil {
+		a.ids.Close()
+		return nil, fmt.Errorf("load datapath: %w", err)
+	}
+	a.pol = policy.New(log.With("subsys", "policy"), policy.Options{IPLookup: a.lookupIP})
+	a.eps, err = endpoint.New(endpoint.OptionsFromConfig(&cfg), endpoint.BPF{D: a.dp}, endpoint.Allocator{A: a.ids}, log.With("subsys", "endpoint"))
+	if err != nil {
+		a.close()
+		return nil, fmt.Errorf("start endpoint manager: %w", err)
+	}
+	a.mon = newMonitor(a.dp, log.With("subsys", "monitor"))
+	if cfg.BGP.Enabled {
+		a.bgp = bgp.New(cfg.BGP, cfg.Prefixes(), version.Version, log.With("subsys", "bgp"))
+		a.bgp.DrainFile = filepath.Join(cfg.Agent.StateDir, "bgp-drained")
+	}
+	return a, nil
+}
+
+func (a *agent) close() {
+	if a.eps != nil {
+		_ = a.eps.Close()
+	}
+	if a.dp != nil {
+		_ = a.dp.Close()
+	}
+	if a.ids != nil {
+		a.ids.Close()
+	}
+}
+
+func (a *agent) lookupIP(ip netip.Addr) (identity.ID, bool) {
+	e, ok, err := a.dp.LookupIPCache(ip)
+	if err != nil || !ok {
+		return 0, false
+	}
+	return identity.ID(e.Identity), true
+}
+
+// start restores endpoints and policies and computes the first policy, all
+// before READY=1, then starts the loops that follow the store.
+func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(string, ...any)) error {
+	status("restoring endpoints")
+	rep, err := a.eps.Restore(ctx)
+	if err != nil {
+		return fmt.Errorf("restore endpoints: %w", err)
+	}
+	a.log.Info("endpoints restored", "restored", len(rep.Restored), "lost", len(rep.Lost), "cleaned", len(rep.Cleaned), "failed", len(rep.Failed))
+	status("loading policies from %s", a.cfg.Datapath.PolicyDir)
+	a.loadPolicyDir(a.cfg.Datapath.PolicyDir)
+	// Policies of the store are read once now so the first sync already
+	// enforces them; the watch below follows changes.
+	if kvs, _, err := a.st.List(ctx, store.PolicyPrefix); err == nil {
+		a.applyStorePolicies(kvs)
+	} else {
+		a.log.Warn("cannot list store policies now; following them once the store answers", "err", err)
+	}
+	status("computing policy for %d endpoints", len(a.eps.List()))
+	a.sync(ctx)
+	if err := a.publishNode(ctx); err != nil {
+		a.log.Warn("cannot publish this node to the store yet; retrying in the background", "err", err)
+	}
+
+	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.mon.run}
+	if a.bgp != nil {
+		loops = append(loops, func(ctx context.Context) {
+			if err := a.bgp.Run(ctx); err != nil && ctx.Err() == nil {
+				a.log.Error("bgp manager stopped", "err", err)
+			}
+		})
+	}
+	for _, f := range loops {
+		wg.Add(1)
+		go func() { defer wg.Done(); f(ctx) }()
+	}
+	return nil
+}
+
+// trigger asks the sync loop for a pass.
+func (a *agent) trigger() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+// syncLoop runs sync on every trigger and at least every second (the
+// identity allocator's cache changes under it as the store is watched).
+func (a *agent) syncLoop(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.kick:
+		case <-t.C:
+		}
+		a.sync(ctx)
+	}
+}
+
+// sync brings the policy engine up to date with identities, endpoints and
+// CIDR prefixes, then writes every changed endpoint's policy map.
+func (a *agent) sync(ctx context.Context) {
+	a.syncMu.Lock()
+	defer a.syncMu.Unlock()
+	var errs []error
+
+	// Identities: cluster identities from the allocator's cache.
+	seen := map[identity.ID]bool{}
+	for _, id := range a.ids.List() {
+		seen[id.ID] = true
+		canon := id.Labels.String()
+		if a.knownIDs[id.ID] != canon {
+			a.pol.UpsertIdentity(id.ID, id.Labels)
+			a.knownIDs[id.ID] = canon
+		}
+	}
+	// Endpoints: identity labels may carry identities the cache has not
+	// seen yet (a fresh allocation); make sure the engine has them.
+	epSeen := map[uint16]bool{}
+	for _, ep := range a.eps.List() {
+		if ep.State != endpoint.StateReady {
+			continue
+		}
+		epSeen[ep.ID] = true
+		if _, ok := a.knownIDs[ep.Identity]; !ok || !seen[ep.Identity] {
+			a.pol.UpsertIdentity(ep.Identity, ep.IdentityLabels)
+			a.knownIDs[ep.Identity] = ep.IdentityLabels.String()
+			seen[ep.Identity] = true
+		}
+		if old, ok := a.knownEPs[ep.ID]; !ok || old != ep.Identity {
+			a.pol.UpsertEndpoint(ep.ID, ep.Identity, ep.IdentityLabels, a.cfg.Datapath.PolicyAuditMode)
+			a.knownEPs[ep.ID] = ep.Identity
+		}
+	}
+	for id := range a.knownEPs {
+		if !epSeen[id] {
+			a.pol.DeleteEndpoint(id)
+			delete(a.knownEPs, id)
+		}
+	}
+	for id := range a.knownIDs {
+		if !seen[id] && !id.IsLocal() {
+			a.pol.DeleteIdentity(id)
+			delete(a.knownIDs, id)
+		}
+	}
+
+	// CIDR identities for the prefixes the policies name.
+	want := map[netip.Prefix]bool{}
+	for _, p := range a.pol.CIDRPrefixes() {
+		want[p] = true
+		if _, ok := a.cidrIDs[p]; ok {
+			continue
+		}
+		id, _, err := a.cidrs.Allocate(p.String())
+		if err != nil {
+			errs = append(errs, fmt.Errorf("allocate CIDR identity for %s: %w", p, err))
+			continue
+		}
+		a.pol.UpsertIdentity(id, policy.CIDRLabels(p))
+		if err := a.dp.UpsertIPCache(p, uint32(id), netip.Addr{}); err != nil {
+			errs = append(errs, fmt.Errorf("ipcache %s: %w", p, err))
+		}
+		a.cidrIDs[p] = id
+	}
+	for p, id := range a.cidrIDs {
+		if want[p] {
+			continue
+		}
+		a.pol.DeleteIdentity(id)
+		a.cidrs.Release(p.String())
+		if _, remote := a.remoteIPs[p]; !remote && !a.isLocalEndpointIP(p) {
+			if err := a.dp.DeleteIPCache(p); err != nil {
+				errs = append(errs, fmt.Errorf("ipcache delete %s: %w", p, err))
+			}
+		}
+		delete(a.cidrIDs, p)
+	}
+
+	// Policy maps: write what changed, each endpoint as a whole (the
+	// datapath adds before it deletes, so nothing allowed by both the old
+	// and the new policy is ever missing).
+	for _, ch := range a.pol.Changes() {
+		if ch.Removed {
+			continue
+		}
+		desired, ok := a.pol.Desired(ch.Endpoint)
+		if !ok {
+			continue
+		}
+		if err := a.dp.SetPolicy(ch.Endpoint, toDatapath(desired)); err != nil {
+			errs = append(errs, fmt.Errorf("write policy of endpoint %d: %w", ch.Endpoint, err))
+		}
+	}
+	a.lastSync = time.Now()
+	a.syncErr = ""
+	if err := errors.Join(errs...); err != nil {
+		a.syncErr = err.Error()
+		a.log.Error("sync incomplete; will retry", "err", err)
+		// Retry the failed parts soon without spinning.
+		time.AfterFunc(2*time.Second, a.trigger)
+	}
+	a.publishEndpoints(ctx)
+}
+
+func (a *agent) isLocalEndpointIP(p netip.Prefix) bool {
+	if !p.IsSingleIP() {
+		return false
+	}
+	for _, ep := range a.eps.List() {
+		for _, ip := range ep.IPs() {
+			if ip == p.Addr() {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func toDatapath(es []policy.Entry) []datapath.Entry {
+	out := make([]datapath.Entry, len(es))
+	for i, e := range es {
+		out[i] = datapath.Entry{
+			Identity: e.Identity, Direction: datapath.Direction(e.Direction), Proto: e.Proto,
+			Port: e.Port, EndPort: e.EndPort, Deny: e.Deny,
+		}
+	}
+	return out
+}
+
+// loadPolicyDir replaces the file policies with the directory's content.
+// A file that does not load is refused as a whole and its previous
+// policies stay in force.
+func (a *agent) loadPolicyDir(dir string) {
+	if dir == "" {
+		return
+	}
+	results, err := policy.LoadDir(dir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			a.log.Debug("no policy directory", "dir", dir)
+		} else {
+			a.log.Error("cannot read the policy directory; policies in force stay", "dir", dir, "err", err)
+		}
+		return
+	}
+	present := map[string]bool{}
+	for _, r := range results {
+		src := policy.SourceFile(r.Path)
+		present[src] = true
+		if r.Err != nil {
+			a.policyErr[src] = r.Err.Error()
+			a.log.Error("policy file refused; its previous policies stay in force", "file", r.Path, "err", r.Err)
+			continue
+		}
+		delete(a.policyErr, src)
+		if err := a.pol.SetPolicies(src, r.Policies); err != nil {
+			a.policyErr[src] = err.Error()
+			a.log.Error("policy file refused; its previous policies stay in force", "file", r.Path, "err", err)
+			continue
+		}
+		a.log.Info("policy file loaded", "file", r.Path, "policies", len(r.Policies))
+	}
+	// Files that disappeared: their policies go.
+	for _, l := range a.pol.Policies() {
+		if len(l.Source) > 5 && l.Source[:5] == "file:" && !present[l.Source] {
+			_ = a.pol.SetPolicies(l.Source, nil)
+			a.log.Info("policy file removed; its policies are withdrawn", "source", l.Source)
+		}
+	}
+	a.trigger()
+}
+
+// applyStorePolicies makes the engine's store policies equal to kvs.
+func (a *agent) applyStorePolicies(kvs []store.KV) {
+	present := map[string]bool{}
+	for _, kv := range kvs {
+		name := kv.Key[len(store.PolicyPrefix):]
+		src := policy.SourceStore(name)
+		present[src] = true
+		p, err := policy.DecodeStoreValue(name, kv.Value)
+		if err != nil {
+			if a.policyErr[src] != err.Error() {
+				a.log.Error("store policy refused; skipping it", "key", kv.Key, "err", err)
+			}
+			a.policyErr[src] = err.Error()
+			continue
+		}
+		delete(a.policyErr, src)
+		if err := a.pol.SetPolicies(src, []policy.Policy{p}); err != nil {
+			a.policyErr[src] = err.Error()
+			a.log.Error("store policy refused; skipping it", "key", kv.Key, "err", err)
+		}
+	}
+	for _, l := range a.pol.Policies() {
+		if len(l.Source) > 6 && l.Source[:6] == "store:" && !present[l.Source] {
+			_ = a.pol.SetPolicies(l.Source, nil)
+		}
+	}
+	a.trigger()
+}
+
+// watch follows a prefix of the store with blocking queries, backing off
+// with jitter on errors; fn gets the whole prefix after each change.
+func (a *agent) watch(ctx context.Context, prefix string, fn func([]store.KV)) {
+	var index uint64
+	backoff := time.Second
+	for ctx.Err() == nil {
+		kvs, next, err := a.st.Watch(ctx, prefix, index, 5*time.Minute)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			a.log.Warn("store watch failed; keeping the last known state", "prefix", prefix, "err", err, "retry_in", backoff)
+			sleep(ctx, jitter(backoff))
+			backoff = min(backoff*2, time.Minute)
+			continue
+		}
+		backoff = time.Second
+		if next < index {
+			// The store's index went backwards (a restored snapshot):
+			// start over.
+			next = 0
+		}
+		if next == index && index != 0 {
+			continue
+		}
+		index = next
+		fn(kvs)
+		// Bound the rate of a busy prefix.
+		sleep(ctx, 100*time.Millisecond)
+	}
+}
+
+func (a *agent) policyWatch(ctx context.Context) {
+	a.watch(ctx, store.PolicyPrefix, func(kvs []store.KV) {
+		a.syncMu.Lock()
+		a.applyStorePolicies(kvs)
+		a.syncMu.Unlock()
+	})
+}
+
+// ipcacheWatch mirrors the other hosts' endpoint addresses into rw_ipcache.
+func (a *agent) ipcacheWatch(ctx context.Context) {
+	prefix := store.IPPrefix + a.cfg.Node.Cluster + "/"
+	a.watch(ctx, prefix, func(kvs []store.KV) {
+		a.syncMu.Lock()
+		defer a.syncMu.Unlock()
+		seen := map[netip.Prefix]bool{}
+		for _, kv := range kvs {
+			var e store.IPEntry
+			if err := json.Unmarshal(kv.Value, &e); err != nil {
+				a.log.Warn("skipping malformed ipcache entry", "key", kv.Key, "err", err)
+				continue
+			}
+			ip, err := netip.ParseAddr(e.IP)
+			if err != nil || e.Identity == 0 {
+				a.log.Warn("skipping ipcache entry without a usable ip or identity", "key", kv.Key)
+				continue
+			}
+			if e.Node == a.cfg.Node.Name {
+				continue // ours: the endpoint manager wrote it
+			}
+			p := netip.PrefixFrom(ip, ip.BitLen())
+			seen[p] = true
+			if old, ok := a.remoteIPs[p]; ok && old.Identity == e.Identity && old.HostIP == e.HostIP {
+				continue
+			}
+			hostIP, _ := netip.ParseAddr(e.HostIP)
+			if err := a.dp.UpsertIPCache(p, e.Identity, hostIP); err != nil {
+				a.log.Error("cannot write ipcache entry", "ip", ip, "err", err)
+				continue
+			}
+			a.remoteIPs[p] = e
+		}
+		for p := range a.remoteIPs {
+			if !seen[p] {
+				if err := a.dp.DeleteIPCache(p); err != nil {
+					a.log.Warn("cannot delete ipcache entry", "prefix", p, "err", err)
+				}
+				delete(a.remoteIPs, p)
+			}
+		}
+		a.trigger()
+	})
+}
+
+// publishEndpoints writes this host's endpoint addresses to the store's
+// ipcache (owned keys) and removes the ones of deleted endpoints. Called
+// with syncMu held; store errors are retried by the next sync.
+func (a *agent) publishEndpoints(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	want := map[string][]byte{}
+	for _, ep := range a.eps.List() {
+		if ep.State != endpoint.StateReady {
+			continue
+		}
+		for _, ip := range ep.IPs() {
+			b, _ := json.Marshal(store.IPEntry{
+				IP: ip.String(), Identity: uint32(ep.Identity), HostIP: a.hostIP.String(),
+				Node: a.cfg.Node.Name, Endpoint: uint32(ep.ID), LabelsHash: ep.IdentityLabels.String(),
+			})
+			want[store.IPKey(a.cfg.Node.Cluster, ip)] = b
+		}
+	}
+	for k, v := range want {
+		if a.published[k] {
+			continue
+		}
+		if err := a.st.Put(ctx, k, v, store.PutOptions{Owned: true}); err != nil {
+			a.log.Debug("cannot publish endpoint address yet", "key", k, "err", err)
+			continue
+		}
+		a.published[k] = true
+	}
+	for k := range a.published {
+		if _, ok := want[k]; ok {
+			continue
+		}
+		if err := a.st.Delete(ctx, k); err != nil && !errors.Is(err, store.ErrNotFound) {
+			continue
+		}
+		delete(a.published, k)
+	}
+}
+
+func (a *agent) publishNode(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	b, _ := json.Marshal(store.NodeEntry{
+		Name: a.cfg.Node.Name, Cluster: a.cfg.Node.Cluster, IPs: a.cfg.Node.Addresses,
+		CIDRs: a.cfg.IPAM.CIDRs, BGPASN: a.cfg.BGP.LocalASN, Version: version.Version,
+	})
+	return a.st.Put(ctx, store.NodeKey(a.cfg.Node.Cluster, a.cfg.Node.Name), b, store.PutOptions{Owned: true})
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
+
+func jitter(d time.Duration) time.Duration {
+	return d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
+}
+
+// reload applies the parts of a new config the agent can change live.
+func (a *agent) reload(ctx context.Context, old, next config.Config) error {
+	a.syncMu.Lock()
+	a.cfg.Datapath.PolicyDir = next.Datapath.PolicyDir
+	a.cfg.BGP = next.BGP
+	a.syncMu.Unlock()
+	// Policy files are re-read on every reload, changed or not: SIGHUP is
+	// how an operator says "I edited policies.d".
+	a.syncMu.Lock()
+	a.loadPolicyDir(next.Datapath.PolicyDir)
+	a.syncMu.Unlock()
+	if old.Datapath.PolicyAuditMode != next.Datapath.PolicyAuditMode || old.Datapath.Attach != next.Datapath.Attach ||
+		old.Datapath.PinDir != next.Datapath.PinDir || old.Datapath.IdentityLabels != nil && fmt.Sprint(old.Datapath.IdentityLabels) != fmt.Sprint(next.Datapath.IdentityLabels) {
+		a.log.Warn("[datapath] attach, pin_dir, policy_audit_mode and identity_labels change only on restart (systemctl restart rackwired; forwarding continues)")
+	}
+	switch {
+	case a.bgp != nil && next.BGP.Enabled:
+		a.bgp.Reload(next.BGP, next.Prefixes())
+	case a.bgp == nil && next.BGP.Enabled:
+		a.log.Warn("[bgp] was enabled by a reload; restart the agent to start the BGP manager")
+	case a.bgp != nil && !next.BGP.Enabled:
+		a.log.Warn("[bgp] was disabled by a reload; BIRD keeps its last config until the agent restarts")
+	}
+	return nil
+}

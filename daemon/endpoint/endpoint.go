@@ -1,0 +1,174 @@
+// Package endpoint owns the workloads of one host: the endpoint table, the
+// veth pairs that plug each network namespace into the host, their
+// addresses, routes and static neighbours, and the JSON state files under
+// <state_dir>/endpoints/ that let the agent find them again after a restart.
+//
+// Only Manager changes endpoints, and only through Add, Delete and Restore;
+// the API server, the CLI (through the API) and the CNI plugin call those.
+// The package reaches the eBPF datapath and the identity allocator through
+// two small interfaces (Datapath, Identities) defined here, so that it never
+// imports BPF code and can be tested with fakes.
+//
+// On restart, New reads the state files (a corrupt one is moved aside and
+// logged, never fatal) and Restore re-adopts every endpoint whose host-side
+// veth still exists, without re-creating links or maps: forwarding never
+// stops while the agent is down. An endpoint whose veth vanished is kept and
+// marked lost so that its id and addresses stay reserved until an operator
+// deletes it.
+//
+// On bad input (a bad name or label, a missing namespace, an address outside
+// the CIDRs or in use, an exhausted CIDR) Add fails before it touches the
+// kernel. Any later failure rolls back everything Add already did (veth,
+// routes, datapath entries, state file, identity reference): nothing is ever
+// left half-created. docs/endpoints.md describes the addressing design.
+package endpoint
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/rackwire/rackwire/daemon/identity"
+)
+
+// Sentinel errors; test with errors.Is. The wrapping message says what to do.
+var (
+	ErrExists        = errors.New("endpoint exists")
+	ErrNotFound      = errors.New("endpoint not found")
+	ErrNoNetns       = errors.New("no such network namespace")
+	ErrCIDRExhausted = errors.New("workload CIDR exhausted")
+	ErrIPInUse       = errors.New("address in use")
+	ErrIPOutsideCIDR = errors.New("address outside the workload CIDRs")
+	ErrBadName       = errors.New("bad endpoint name")
+	ErrBadLabels     = identity.ErrBadLabels
+	ErrIDsExhausted  = errors.New("endpoint ids exhausted")
+)
+
+// Gateway addresses every endpoint routes through. They live on no
+// interface: the endpoint holds a permanent neighbour entry that maps them to
+// the MAC of its host-side veth, so the host receives and routes everything
+// the endpoint sends (see docs/endpoints.md).
+var (
+	GatewayIPv4 = netip.MustParseAddr("169.254.1.1")
+	GatewayIPv6 = netip.MustParseAddr("fe80::1")
+)
+
+// RouteProtocol marks the host routes the manager installs
+// (`ip route show proto 114`), so that they are told apart from others'.
+const RouteProtocol = 114
+
+// PeerIfName is the name of the endpoint side of the veth, in its namespace.
+const PeerIfName = "eth0"
+
+// State is an endpoint's lifecycle state.
+type State string
+
+const (
+	// StateCreating is written before Add touches the kernel; a state file
+	// still in this state at Restore means the agent died mid-Add, and
+	// Restore removes whatever that Add left.
+	StateCreating State = "creating"
+	// StateReady is a working endpoint.
+	StateReady State = "ready"
+	// StateLost is an endpoint whose host-side veth vanished while the agent
+	// was down (typically: its namespace was deleted). Its id and addresses
+	// stay reserved until it is deleted.
+	StateLost State = "lost"
+)
+
+// Endpoint is one workload plugged into this host. It is also the JSON
+// content of its state file and what the API returns.
+type Endpoint struct {
+	ID    uint16 `json:"id"`
+	Name  string `json:"name"`
+	Netns string `json:"netns"`
+	State State  `json:"state"`
+
+	Labels identity.Labels `json:"labels"`
+	// IdentityLabels is Labels filtered by [datapath] identity_labels; it
+	// is what Identity was allocated for.
+	IdentityLabels identity.Labels `json:"identity_labels"`
+	Identity       identity.ID     `json:"identity"`
+
+	IPv4 netip.Addr `json:"ipv4,omitzero"`
+	IPv6 netip.Addr `json:"ipv6,omitzero"`
+
+	// HostIfName/HostIfIndex/HostMAC describe the host side of the veth,
+	// in the host namespace; MAC is the endpoint's eth0.
+	HostIfName  string `json:"host_ifname"`
+	HostIfIndex int    `json:"host_ifindex"`
+	HostMAC     string `json:"host_mac"`
+	MAC         string `json:"mac"`
+
+	Created time.Time `json:"created"`
+}
+
+// IPs returns the endpoint's addresses, IPv4 first.
+func (e Endpoint) IPs() []netip.Addr {
+	var out []netip.Addr
+	for _, a := range []netip.Addr{e.IPv4, e.IPv6} {
+		if a.IsValid() {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func (e Endpoint) clone() Endpoint {
+	e.Labels = append(identity.Labels(nil), e.Labels...)
+	e.IdentityLabels = append(identity.Labels(nil), e.IdentityLabels...)
+	return e
+}
+
+// Request asks for a new endpoint.
+type Request struct {
+	// Name is unique on the host: 1..63 of letters, digits, '.', '_', '-',
+	// starting with a letter or digit, not all digits (an all-digit
+	// argument is an endpoint id).
+	Name string
+	// NetnsPath is a network namespace file: /run/netns/NAME or
+	// /proc/PID/ns/net. The manager creates eth0 in it.
+	NetnsPath string
+	Labels    identity.Labels
+	// IP optionally asks for a given address (IPv4 or IPv6); IPv6
+	// optionally asks for a given IPv6 address. Zero values allocate.
+	IP   netip.Addr
+	IPv6 netip.Addr
+}
+
+// AttachSpec is what the datapath needs to enforce policy on an endpoint.
+type AttachSpec struct {
+	ID uint16
+	// IfIndex and IfName are the host side of the veth, where the programs
+	// attach; PeerMAC is the endpoint's eth0, HostMAC the host side.
+	IfIndex  int
+	IfName   string
+	HostMAC  net.HardwareAddr
+	PeerMAC  net.HardwareAddr
+	IPs      []netip.Addr
+	Identity identity.ID
+	Audit    bool
+}
+
+// Datapath is the part of the eBPF datapath the manager drives.
+//
+// AttachEndpoint must be idempotent with "ensure" semantics: called for an
+// endpoint whose pinned policy map and links already exist (Restore), it
+// re-adopts them and neither flushes nor re-creates them. DetachEndpoint and
+// DeleteIPCache of something absent return nil; DetachEndpoint gets ifindex
+// 0 when the veth is already gone.
+type Datapath interface {
+	AttachEndpoint(spec AttachSpec) error
+	DetachEndpoint(id uint16, ifindex int) error
+	UpsertIPCache(prefix netip.Prefix, id identity.ID, hostIP netip.Addr) error
+	DeleteIPCache(prefix netip.Prefix) error
+}
+
+// Identities allocates security identities for identity-relevant label
+// sets. Every Allocate is balanced by one Release of the same labels.
+type Identities interface {
+	Allocate(ctx context.Context, labels identity.Labels) (identity.ID, error)
+	Release(ctx context.Context, labels identity.Labels) error
+}
