@@ -1,0 +1,332 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/rackwire/rackwire/bpf"
+	"github.com/rackwire/rackwire/daemon/config"
+)
+
+// Errors callers test with errors.Is.
+var (
+	// ErrNoBPFFS: the pin directory is not on a bpf filesystem and mounting one failed.
+	ErrNoBPFFS = errors.New("pin directory is not on bpffs")
+	// ErrIncompatibleMap: a pinned map has another type or key/value size than
+	// this build expects; it is never re-created behind the operator's back.
+	ErrIncompatibleMap = errors.New("pinned map is incompatible (run cleanup to re-create)")
+	// ErrUnknownEndpoint: no policy map exists for the endpoint id.
+	ErrUnknownEndpoint = errors.New("unknown endpoint")
+	// ErrInvalidEntry: a policy entry that cannot be encoded.
+	ErrInvalidEntry = errors.New("invalid policy entry")
+)
+
+// Attach modes.
+const (
+	AttachAuto = "auto"
+	AttachTCX  = "tcx"
+	AttachTC   = "tc"
+)
+
+// Options configure Open. Zero sizes take the defaults of DESIGN.md.
+type Options struct {
+	PinDir      string // default /sys/fs/bpf/rackwire
+	Attach      string // "auto" (tcx when the kernel has it), "tcx" or "tc"
+	Audit       bool   // forward what policy would drop, and report it
+	TraceSample uint32 // report 1 in N new flows as trace events; 0 = none
+	// Idle time after which a CT entry no longer counts and policy decides
+	// again; zero takes the default (TCP 6h, TCP after FIN/RST 10s, other 60s).
+	CTTimeoutTCP, CTTimeoutClose, CTTimeoutOther time.Duration
+	CTMaxEntries                                 int
+	PolicyMaxEntries                             int
+	IPCacheMaxEntries                            int
+}
+
+// OptionsFromConfig maps the [datapath] config section to Options.
+func OptionsFromConfig(c config.Datapath) Options {
+	return Options{
+		PinDir:            c.PinDir,
+		Attach:            c.Attach,
+		Audit:             c.PolicyAuditMode,
+		CTMaxEntries:      c.CTMaxEntries,
+		PolicyMaxEntries:  c.PolicyMaxEntries,
+		IPCacheMaxEntries: c.IPCacheMaxEntries,
+	}
+}
+
+func (o *Options) defaults() error {
+	if o.PinDir == "" {
+		o.PinDir = "/sys/fs/bpf/rackwire"
+	}
+	if o.Attach == "" {
+		o.Attach = AttachAuto
+	}
+	switch o.Attach {
+	case AttachAuto, AttachTCX, AttachTC:
+	default:
+		return fmt.Errorf("attach mode %q: want auto, tcx or tc", o.Attach)
+	}
+	if o.CTMaxEntries <= 0 {
+		o.CTMaxEntries = 524288
+	}
+	if o.PolicyMaxEntries <= 0 {
+		o.PolicyMaxEntries = 16384
+	}
+	if o.IPCacheMaxEntries <= 0 {
+		o.IPCacheMaxEntries = 524288
+	}
+	return nil
+}
+
+// Datapath owns the pinned maps and the loaded programs.
+type Datapath struct {
+	opts     Options
+	log      *slog.Logger
+	features Features
+	mode     string // attach mode in use: tcx or tc
+
+	maps     map[string]*ebpf.Map // rw_* maps by name, pinned
+	from, to *ebpf.Program
+	inner    *ebpf.MapSpec // template of rw_policy_NNNNN
+
+	// mu guards policy, the open per-endpoint policy maps, and serialises
+	// read-modify-write of their meta entries.
+	mu     sync.Mutex
+	policy map[uint16]*ebpf.Map
+}
+
+// Open mounts bpffs if needed, creates or re-uses the pinned maps under
+// opts.PinDir and loads both programs. It never re-creates a pinned map:
+// a restarted agent keeps the map ids, and so the forwarding state.
+func Open(opts Options, log *slog.Logger) (*Datapath, error) {
+	if err := opts.defaults(); err != nil {
+		return nil, err
+	}
+	if err := ensureBPFFS(opts.PinDir); err != nil {
+		return nil, err
+	}
+	d := &Datapath{opts: opts, log: log, maps: map[string]*ebpf.Map{}, policy: map[uint16]*ebpf.Map{}}
+	d.features = probeFeatures()
+	d.mode = opts.Attach
+	if d.mode == AttachAuto {
+		d.mode = AttachTC
+		if d.features.TCX {
+			d.mode = AttachTCX
+		}
+	}
+	if err := d.load(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	log.Info("datapath ready", "pin_dir", opts.PinDir, "attach", d.mode)
+	return d, nil
+}
+
+func ensureBPFFS(pinDir string) error {
+	isBPF := func(p string) bool {
+		var st unix.Statfs_t
+		return unix.Statfs(p, &st) == nil && st.Type == unix.BPF_FS_MAGIC
+	}
+	root := "/sys/fs/bpf"
+	if strings.HasPrefix(filepath.Clean(pinDir)+"/", root+"/") && !isBPF(root) {
+		if err := unix.Mount("bpf", root, "bpf", 0, "mode=0700"); err != nil {
+			return fmt.Errorf("mount bpffs on %s: %w (%w)", root, err, ErrNoBPFFS)
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(pinDir, "links"), 0o700); err != nil {
+		return fmt.Errorf("create pin directory: %w", err)
+	}
+	if !isBPF(pinDir) {
+		return fmt.Errorf("%s: %w", pinDir, ErrNoBPFFS)
+	}
+	return nil
+}
+
+// sharedSpecs returns the specs of both objects with the per-load settings.
+func (d *Datapath) sharedSpecs() (from, to *ebpf.CollectionSpec, err error) {
+	from, err = bpf.LoadFromEndpoint()
+	if err != nil {
+		return nil, nil, fmt.Errorf("parse from_endpoint object: %w", err)
+	}
+	to, err = bpf.LoadToEndpoint()
+	if err != nil {
+		return nil, nil, fmt.Errorf("parse to_endpoint object: %w", err)
+	}
+	for _, s := range []*ebpf.CollectionSpec{from, to} {
+		if err := s.Variables["rw_audit_mode"].Set(boolByte(d.opts.Audit)); err != nil {
+			return nil, nil, fmt.Errorf("set audit mode: %w", err)
+		}
+		if err := s.Variables["rw_trace_sample"].Set(d.opts.TraceSample); err != nil {
+			return nil, nil, fmt.Errorf("set trace sample: %w", err)
+		}
+		for name, v := range map[string]time.Duration{
+			"rw_ct_timeout_tcp":   d.opts.CTTimeoutTCP,
+			"rw_ct_timeout_close": d.opts.CTTimeoutClose,
+			"rw_ct_timeout_other": d.opts.CTTimeoutOther,
+		} {
+			if err := s.Variables[name].Set(uint64(max(v, 0))); err != nil {
+				return nil, nil, fmt.Errorf("set %s: %w", name, err)
+			}
+		}
+	}
+	return from, to, nil
+}
+
+func boolByte(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func (d *Datapath) load() error {
+	from, to, err := d.sharedSpecs()
+	if err != nil {
+		return err
+	}
+	sizes := map[string]int{
+		"rw_ct4":         d.opts.CTMaxEntries,
+		"rw_ct6":         d.opts.CTMaxEntries,
+		"rw_ipcache":     d.opts.IPCacheMaxEntries,
+		"rw_ipcache_lpm": max(d.opts.IPCacheMaxEntries/8, 1024),
+	}
+	outer := from.Maps["rw_policy_maps"]
+	outer.InnerMap.MaxEntries = uint32(d.opts.PolicyMaxEntries)
+	d.inner = outer.InnerMap.Copy()
+
+	for name, ms := range from.Maps {
+		if !strings.HasPrefix(name, "rw_") {
+			continue
+		}
+		if n, ok := sizes[name]; ok {
+			ms.MaxEntries = uint32(n)
+		}
+		m, err := d.openPinned(name, ms)
+		if err != nil {
+			return err
+		}
+		d.maps[name] = m
+		// Both objects must accept the map as it is, even if its size
+		// differs from the config (the pinned map wins).
+		for _, s := range []*ebpf.CollectionSpec{from, to} {
+			s.Maps[name].MaxEntries = m.MaxEntries()
+			s.Maps[name].Flags = m.Flags()
+		}
+	}
+	d.from, err = loadProgram(from, d.maps, "rw_from_endpoint")
+	if err != nil {
+		return err
+	}
+	d.to, err = loadProgram(to, d.maps, "rw_to_endpoint")
+	return err
+}
+
+// openPinned re-uses the map pinned under name or creates and pins it.
+func (d *Datapath) openPinned(name string, ms *ebpf.MapSpec) (*ebpf.Map, error) {
+	path := filepath.Join(d.opts.PinDir, name)
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err == nil {
+		if m.Type() != ms.Type || m.KeySize() != ms.KeySize || m.ValueSize() != ms.ValueSize {
+			m.Close()
+			return nil, fmt.Errorf("map %s: %v %d/%d pinned, %v %d/%d wanted: %w", path,
+				m.Type(), m.KeySize(), m.ValueSize(), ms.Type, ms.KeySize, ms.ValueSize, ErrIncompatibleMap)
+		}
+		if m.MaxEntries() != ms.MaxEntries && ms.Type != ebpf.RingBuf {
+			d.log.Warn("pinned map keeps its size; cleanup re-creates it with the configured one",
+				"map", name, "pinned", m.MaxEntries(), "configured", ms.MaxEntries)
+		}
+		return m, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("load pinned map %s: %w", path, err)
+	}
+	spec := ms.Copy()
+	spec.Pinning = ebpf.PinNone
+	m, err = ebpf.NewMap(spec)
+	if err != nil {
+		return nil, fmt.Errorf("create map %s: %w", name, err)
+	}
+	if err := m.Pin(path); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("pin map %s: %w", path, err)
+	}
+	d.log.Info("created map", "map", name, "max_entries", m.MaxEntries())
+	return m, nil
+}
+
+func loadProgram(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map, prog string) (*ebpf.Program, error) {
+	repl := map[string]*ebpf.Map{}
+	for name := range spec.Maps {
+		if m, ok := maps[name]; ok {
+			repl[name] = m
+		}
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: repl})
+	if err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("load %s: %+v", prog, ve)
+		}
+		return nil, fmt.Errorf("load %s: %w", prog, err)
+	}
+	p := coll.DetachProgram(prog)
+	coll.Close()
+	if p == nil {
+		return nil, fmt.Errorf("load %s: program missing from object", prog)
+	}
+	return p, nil
+}
+
+// Features reports what the kernel offers and what the datapath chose.
+func (d *Datapath) Features() Features {
+	f := d.features
+	f.AttachMode = d.mode
+	return f
+}
+
+// PinDir is where the maps and links are pinned.
+func (d *Datapath) PinDir() string { return d.opts.PinDir }
+
+// Close releases the agent's file descriptors. Pinned maps, pinned links
+// and tc filters stay, so forwarding continues without the agent.
+func (d *Datapath) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, m := range d.policy {
+		m.Close()
+	}
+	d.policy = map[uint16]*ebpf.Map{}
+	for _, m := range d.maps {
+		m.Close()
+	}
+	d.maps = map[string]*ebpf.Map{}
+	if d.from != nil {
+		d.from.Close()
+	}
+	if d.to != nil {
+		d.to.Close()
+	}
+	return nil
+}
+
+// Cleanup removes everything rackwire pinned under pinDir: links (which
+// detaches tcx programs) and maps. Legacy tc filters are removed by
+// DetachEndpoint, or go away with their veth.
+func Cleanup(pinDir string) error {
+	if pinDir == "" {
+		pinDir = "/sys/fs/bpf/rackwire"
+	}
+	if err := os.RemoveAll(pinDir); err != nil {
+		return fmt.Errorf("remove pins under %s: %w", pinDir, err)
+	}
+	return nil
+}

@@ -1,0 +1,49 @@
+package datapath
+
+import (
+	"errors"
+	"os"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/link"
+)
+
+// Features is what the kernel offers the datapath and what it falls back to.
+type Features struct {
+	TCX          bool     `json:"tcx"`           // tcx links (6.6+); else legacy clsact tc
+	RingBuf      bool     `json:"ringbuf"`       // ring buffer maps (5.8+); else no events
+	RedirectPeer bool     `json:"redirect_peer"` // bpf_redirect_peer (5.10+)
+	LPM          bool     `json:"lpm"`           // LPM trie maps; else prefixes are unsupported
+	BTF          bool     `json:"btf"`           // kernel BTF at /sys/kernel/btf/vmlinux
+	HashOfMaps   bool     `json:"hash_of_maps"`  // required: per-endpoint policy maps
+	AttachMode   string   `json:"attach_mode"`   // tcx or tc, as chosen by Open
+	Fallbacks    []string `json:"fallbacks,omitempty"`
+}
+
+func probeFeatures() Features {
+	var f Features
+	// Querying tcx on loopback changes nothing and fails without tcx.
+	_, err := link.QueryPrograms(link.QueryOptions{Target: 1, Attach: ebpf.AttachTCXIngress})
+	f.TCX = err == nil
+	f.RingBuf = features.HaveMapType(ebpf.RingBuf) == nil
+	f.LPM = features.HaveMapType(ebpf.LPMTrie) == nil
+	f.HashOfMaps = features.HaveMapType(ebpf.HashOfMaps) == nil
+	f.RedirectPeer = features.HaveProgramHelper(ebpf.SchedCLS, asm.FnRedirectPeer) == nil
+	_, err = os.Stat("/sys/kernel/btf/vmlinux")
+	f.BTF = !errors.Is(err, os.ErrNotExist) && err == nil
+	if !f.TCX {
+		f.Fallbacks = append(f.Fallbacks, "legacy clsact tc filters instead of tcx links")
+	}
+	if !f.RingBuf {
+		f.Fallbacks = append(f.Fallbacks, "no ring buffer: programs fail to load (kernel 5.8+ required)")
+	}
+	if !f.RedirectPeer {
+		f.Fallbacks = append(f.Fallbacks, "local delivery through the host stack")
+	}
+	if !f.BTF {
+		f.Fallbacks = append(f.Fallbacks, "no kernel BTF: objects carry their own BTF, nothing lost")
+	}
+	return f
+}
