@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -146,7 +147,7 @@ func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(strin
 		a.log.Warn("cannot publish this node to the store yet; retrying in the background", "err", err)
 	}
 
-	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.mon.run}
+	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.nodeWatch, a.hostIPLoop, a.mon.run}
 	if a.bgp != nil {
 		loops = append(loops, func(ctx context.Context) {
 			if err := a.bgp.Run(ctx); err != nil && ctx.Err() == nil {
@@ -560,4 +561,94 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 		a.log.Warn("[bgp] was disabled by a reload; BIRD keeps its last config until the agent restarts")
 	}
 	return nil
+}
+
+// hostIPLoop keeps this host's own addresses in rw_ipcache as the host
+// identity, so that `fromEntities: [host]` matches traffic the host
+// originates (its source is one of these addresses).
+func (a *agent) hostIPLoop(ctx context.Context) {
+	var have map[netip.Prefix]bool
+	for {
+		now := map[netip.Prefix]bool{}
+		addrs, err := net.InterfaceAddrs()
+		if err != nil {
+			a.log.Warn("cannot list host addresses for the host identity", "err", err)
+		}
+		for _, ad := range addrs {
+			pn, ok := ad.(*net.IPNet)
+			if !ok {
+				continue
+			}
+			ip, ok := netip.AddrFromSlice(pn.IP)
+			if !ok || ip.IsLinkLocalUnicast() {
+				continue
+			}
+			ip = ip.Unmap()
+			p := netip.PrefixFrom(ip, ip.BitLen())
+			now[p] = true
+			if have[p] {
+				continue
+			}
+			a.syncMu.Lock()
+			_, remote := a.remoteIPs[p]
+			a.syncMu.Unlock()
+			if remote || a.isLocalEndpointIP(p) {
+				continue
+			}
+			if err := a.dp.UpsertIPCache(p, uint32(identity.Host), ip); err != nil {
+				a.log.Warn("cannot write host address to the ipcache", "ip", ip, "err", err)
+				delete(now, p)
+			}
+		}
+		for p := range have {
+			if !now[p] {
+				_ = a.dp.DeleteIPCache(p)
+			}
+		}
+		have = now
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(30 * time.Second):
+		}
+	}
+}
+
+// nodeWatch puts the other hosts' addresses in rw_ipcache as remote-node.
+func (a *agent) nodeWatch(ctx context.Context) {
+	prefix := store.NodePrefix + a.cfg.Node.Cluster + "/"
+	have := map[netip.Prefix]bool{}
+	a.watch(ctx, prefix, func(kvs []store.KV) {
+		now := map[netip.Prefix]bool{}
+		for _, kv := range kvs {
+			var n store.NodeEntry
+			if err := json.Unmarshal(kv.Value, &n); err != nil {
+				a.log.Warn("skipping malformed node entry", "key", kv.Key, "err", err)
+				continue
+			}
+			if n.Name == a.cfg.Node.Name {
+				continue
+			}
+			for _, s := range n.IPs {
+				ip, err := netip.ParseAddr(s)
+				if err != nil {
+					continue
+				}
+				p := netip.PrefixFrom(ip, ip.BitLen())
+				now[p] = true
+				if !have[p] {
+					if err := a.dp.UpsertIPCache(p, uint32(identity.RemoteNode), ip); err != nil {
+						a.log.Warn("cannot write node address to the ipcache", "ip", ip, "err", err)
+						delete(now, p)
+					}
+				}
+			}
+		}
+		for p := range have {
+			if !now[p] {
+				_ = a.dp.DeleteIPCache(p)
+			}
+		}
+		have = now
+	})
 }

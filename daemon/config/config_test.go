@@ -234,3 +234,22 @@ func TestKnownMatchesStruct(t *testing.T) {
 		t.Errorf("known() differs from the Config struct (-known +struct):\n%s", diff)
 	}
 }
+
+func TestPeerChecks(t *testing.T) {
+	dir := t.TempDir()
+	pw := filepath.Join(dir, "pw")
+	if err := os.WriteFile(pw, []byte("se\"cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	body := "version = 1\n[[bgp.peers]]\naddress = \"10.0.0.1\"\nasn = 1\npassword_file = \"" + pw + "\"\n" +
+		"[[bgp.peers]]\naddress = \"10.0.0.2\"\nasn = 1\nmultihop = 2\nbfd = true\n"
+	_, err := Load(writeFile(t, body))
+	if err == nil {
+		t.Fatal("Load = nil, want errors")
+	}
+	for _, want := range []string{"bgp.peers[0].password_file", "quote", "bgp.peers[1].source_address"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+}

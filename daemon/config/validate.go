@@ -266,6 +266,9 @@ func (c *Config) validateBGP(bad func(key, format string, args ...any), cidrs []
 				bad(key+".source_address", "%q is not an IP address", p.SourceAddress)
 			}
 		}
+		if p.Multihop > 0 && p.BFD && p.SourceAddress == "" {
+			bad(key+".source_address", "a multihop peer with bfd = true needs source_address (BIRD refuses multihop BFD without it)")
+		}
 		if p.Multihop < 0 || p.Multihop > 255 {
 			bad(key+".multihop", "%d is out of range; write 0 (directly connected) or a TTL 1..255", p.Multihop)
 		}
@@ -296,10 +299,10 @@ func (c *Config) validateBGP(bad func(key, format string, args ...any), cidrs []
 		if p.PasswordFile != "" {
 			if !filepath.IsAbs(p.PasswordFile) {
 				bad(key+".password_file", "%q is not an absolute path", p.PasswordFile)
-			} else if f, err := os.Open(p.PasswordFile); err != nil {
+			} else if pw, err := os.ReadFile(p.PasswordFile); err != nil {
 				bad(key+".password_file", "cannot read %s: %v; the file must exist and be readable by the agent", p.PasswordFile, unwrapPathErr(err))
-			} else {
-				f.Close()
+			} else if strings.ContainsAny(strings.TrimRight(string(pw), "\r\n"), "\"\\\n") {
+				bad(key+".password_file", "the password in %s contains a quote, a backslash or a line break, which BIRD cannot take; choose another password", p.PasswordFile)
 			}
 		}
 		checkCommunities(key+".communities", p.Communities)
