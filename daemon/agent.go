@@ -21,6 +21,7 @@ import (
 	"github.com/rackwire/rackwire/daemon/identity"
 	"github.com/rackwire/rackwire/daemon/policy"
 	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/daemon/store/consul"
 	"github.com/rackwire/rackwire/internal/version"
 )
 
@@ -147,7 +148,8 @@ func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(strin
 		a.log.Warn("cannot publish this node to the store yet; retrying in the background", "err", err)
 	}
 
-	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.nodeWatch, a.hostIPLoop, a.mon.run}
+	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.nodeWatch, a.hostIPLoop, a.mon.run,
+		a.waitFirstList, a.runGC}
 	if a.bgp != nil {
 		loops = append(loops, func(ctx context.Context) {
 			if err := a.bgp.Run(ctx); err != nil && ctx.Err() == nil {
@@ -268,7 +270,15 @@ func (a *agent) sync(ctx context.Context) {
 
 	// Policy maps: write what changed, each endpoint as a whole (the
 	// datapath adds before it deletes, so nothing allowed by both the old
-	// and the new policy is ever missing).
+	// and the new policy is ever missing). Until the first full list of
+	// identities arrived, the engine does not know the other hosts'
+	// identities: the maps keep what they hold (pinned, from the last
+	// run) rather than being narrowed to a partial view.
+	if a.ids.LastSync().IsZero() {
+		a.syncErr = "waiting for the first list of identities from the store; policy maps keep their last state"
+		a.lastSync = time.Now()
+		return
+	}
 	for _, ch := range a.pol.Changes() {
 		if ch.Removed {
 			continue
@@ -651,4 +661,36 @@ func (a *agent) nodeWatch(ctx context.Context) {
 		}
 		have = now
 	})
+}
+
+// waitFirstList reports an initial identity list that takes longer than
+// [store] list_timeout. It never stops the agent: forwarding goes on with
+// the last state, and status says what the agent waits for.
+func (a *agent) waitFirstList(ctx context.Context) {
+	lctx, cancel := context.WithTimeout(ctx, a.cfg.Store.ListTimeout.Duration)
+	defer cancel()
+	start := time.Now()
+	if err := a.ids.WaitSynced(lctx); err != nil {
+		if ctx.Err() == nil {
+			a.log.Error("the first list of identities did not complete within [store] list_timeout; still waiting, forwarding with the last state",
+				"list_timeout", a.cfg.Store.ListTimeout.Duration)
+		}
+		return
+	}
+	a.log.Info("identities listed from the store", "took", time.Since(start).Truncate(time.Millisecond), "identities", len(a.ids.List()))
+	a.trigger()
+}
+
+// runGC runs the identity garbage collector; with Consul, only the host
+// that holds the GC lock deletes.
+func (a *agent) runGC(ctx context.Context) {
+	opts := identity.GCOptions{Log: a.log.With("subsys", "identity-gc")}
+	if e, ok := a.st.(interface {
+		Elector(string) *consul.Elector
+	}); ok {
+		opts.Elector = e.Elector("locks/identity-gc")
+	}
+	if err := identity.NewGC(a.st, opts).Run(ctx); err != nil && ctx.Err() == nil {
+		a.log.Error("identity garbage collector stopped", "err", err)
+	}
 }

@@ -187,7 +187,15 @@ func (d *Daemon) Close() error {
 		d.agent.close()
 	}
 	if d.store != nil {
-		errs = append(errs, d.store.Close())
+		// A restart must not look like a host leaving the cluster: the
+		// Consul session (and every key it holds) is left for the next
+		// run to take over; only its TTL ends it if this host never
+		// comes back.
+		if s, ok := d.store.(interface{ Stop() string }); ok {
+			s.Stop()
+		} else {
+			errs = append(errs, d.store.Close())
+		}
 	}
 	return errors.Join(errs...)
 }

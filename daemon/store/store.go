@@ -46,6 +46,10 @@ type KV struct {
 	Key         string `json:"key"`
 	Value       []byte `json:"value"`
 	ModifyIndex uint64 `json:"modify_index"`
+	// CreateIndex is the index at which the key was created; it does not
+	// change on later writes. Backends that cannot tell leave it 0 and
+	// readers fall back to ModifyIndex.
+	CreateIndex uint64 `json:"create_index,omitempty"`
 	// Owner is the session (Consul) that holds the key, "" if none.
 	Owner string `json:"owner,omitempty"`
 }

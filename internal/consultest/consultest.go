@@ -10,13 +10,21 @@ package consultest
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	crand "crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -45,6 +53,8 @@ type Agent struct {
 	args     []string
 	bin      string
 	t        testing.TB
+	token    string // management token when ACLs are on
+	caFile   string // set when the API is HTTPS
 
 	mu  sync.Mutex // guards cmd
 	cmd *exec.Cmd
@@ -66,6 +76,7 @@ func portFree(p int) bool {
 	return true
 }
 
+// taken holds the ports handed out and not yet released; guarded by portMu.
 var taken = map[int]bool{}
 
 // pickPorts returns portsPerAgent consecutive free ports in the range.
@@ -100,6 +111,13 @@ func pickPorts(t testing.TB) []int {
 func newAgent(t testing.TB, name string) *Agent {
 	bin := testenv.RequireCached(t, "consul")
 	ps := pickPorts(t)
+	t.Cleanup(func() { // runs after the agent's Kill (cleanups run last-in first-out)
+		portMu.Lock()
+		defer portMu.Unlock()
+		for _, p := range ps {
+			delete(taken, p)
+		}
+	})
 	return &Agent{
 		Name: name, HTTPAddr: "127.0.0.1:" + strconv.Itoa(ps[0]),
 		SerfLAN: ps[1], Server: ps[3], dir: t.TempDir(), bin: bin, t: t,
@@ -123,6 +141,91 @@ func Start(t testing.TB) *Agent {
 	t.Cleanup(a.Kill)
 	WaitLeader(t, a.Client(t), 60*time.Second)
 	return a
+}
+
+// StartACL starts one dev-mode server with ACLs on (default deny) and
+// mgmt as the initial management token.
+func StartACL(t testing.TB, mgmt string) *Agent {
+	t.Helper()
+	a := newAgent(t, fmt.Sprintf("rwd-acl-%d", rand.IntN(1_000_000)))
+	a.args = append(a.args, "-dev", "-hcl",
+		`acl { enabled = true, default_policy = "deny", tokens { initial_management = "`+mgmt+`", agent = "`+mgmt+`" } }`)
+	a.start()
+	t.Cleanup(a.Kill)
+	a.token = mgmt
+	WaitLeader(t, a.Client(t), 60*time.Second)
+	return a
+}
+
+// StartTLS starts one dev-mode server that serves its API over HTTPS only,
+// with a fresh CA and a server certificate for 127.0.0.1 and
+// "server.rwd.test". It returns the agent and the CA file.
+func StartTLS(t testing.TB) (*Agent, string) {
+	t.Helper()
+	a := newAgent(t, fmt.Sprintf("rwd-tls-%d", rand.IntN(1_000_000)))
+	ca, cert, key := writeTestPKI(t, a.dir)
+	port := strings.TrimPrefix(a.HTTPAddr, "127.0.0.1:")
+	for i := range a.args {
+		if a.args[i] == "-http-port" {
+			a.args[i+1] = "-1"
+		}
+	}
+	a.args = append(a.args, "-dev", "-https-port", port, "-hcl",
+		`tls { defaults { ca_file = "`+ca+`", cert_file = "`+cert+`", key_file = "`+key+`", verify_incoming = false } }`)
+	a.caFile = ca
+	a.start()
+	t.Cleanup(a.Kill)
+	WaitLeader(t, a.Client(t), 60*time.Second)
+	return a, ca
+}
+
+// writeTestPKI writes a CA and a server certificate signed by it.
+func writeTestPKI(t testing.TB, dir string) (caFile, certFile, keyFile string) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "rwd test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+	}
+	caDER, err := x509.CreateCertificate(crand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "server.rwd.test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		DNSNames: []string{"server.rwd.test", "localhost"}, IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
+		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	srvDER, err := x509.CreateCertificate(crand.Reader, srvTmpl, caCert, &srvKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(srvKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caFile, certFile, keyFile = filepath.Join(dir, "ca.pem"), filepath.Join(dir, "server.pem"), filepath.Join(dir, "server-key.pem")
+	for f, blk := range map[string]*pem.Block{
+		caFile:   {Type: "CERTIFICATE", Bytes: caDER},
+		certFile: {Type: "CERTIFICATE", Bytes: srvDER},
+		keyFile:  {Type: "EC PRIVATE KEY", Bytes: keyDER},
+	} {
+		if err := os.WriteFile(f, pem.EncodeToMemory(blk), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return caFile, certFile, keyFile
 }
 
 // StartCluster starts n servers that join each other on loopback and
@@ -182,6 +285,11 @@ func (a *Agent) start() {
 func (a *Agent) Client(t testing.TB) *api.Client {
 	cfg := api.DefaultNonPooledConfig()
 	cfg.Address = a.HTTPAddr
+	cfg.Token = a.token
+	if a.caFile != "" {
+		cfg.Scheme = "https"
+		cfg.TLSConfig = api.TLSConfig{CAFile: a.caFile, Address: "server.rwd.test"}
+	}
 	c, err := api.NewClient(cfg)
 	if err != nil {
 		t.Fatalf("consul client: %v", err)

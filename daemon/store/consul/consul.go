@@ -1,0 +1,875 @@
+// Package consul is the Consul backend of store.Store: rackwire's shared
+// state (identities, ipcache, nodes, policies) lives in Consul KV under a
+// configurable prefix, so that every host sees the same identities.
+//
+// Who changes it: the store owner. Who imports it: daemon wiring only
+// (everything else talks to store.Store).
+//
+// Behaviour worth knowing:
+//   - Get and List are default-consistency reads (served by the leader);
+//     Watch is a blocking query that allows stale reads, because it is the
+//     hot path and every host runs several.
+//   - CAS maps to Consul's check-and-set (index 0 = create only); owned
+//     writes are lock acquisitions on this host's session.
+//   - One session per host, TTL from config (default 24h), behavior
+//     delete, renewed every RenewInterval. When a renew says the session is
+//     gone, a new session is created and every owned key the backend still
+//     remembers is written again: it never deletes what the host still uses.
+//   - On restart a new session is created; keys the previous session of
+//     this host still holds are taken over (delete-cas + lock in one
+//     transaction) when written again, and the old session is destroyed
+//     after OldSessionGrace, which removes only what was not written again.
+//   - Consul unreachable: calls fail with store.ErrUnavailable, the session
+//     loop retries with exponential backoff and jitter, Health says
+//     degraded and since when. Nothing local is flushed.
+//   - Values are opaque bytes: the backend never parses them, so malformed
+//     data cannot break it; writes over store.MaxValueSize are refused.
+package consul
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/url"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/rackwire/rackwire/daemon/config"
+	"github.com/rackwire/rackwire/daemon/store"
+)
+
+// Options configure the backend. The zero values of the tuning fields pick
+// the defaults noted on each.
+type Options struct {
+	Address       string // host:port of a Consul agent's HTTP API
+	Scheme        string // "http" or "https"
+	Datacenter    string
+	TokenFile     string // ACL token file; the token never lives in config
+	TLSCAFile     string
+	TLSCertFile   string
+	TLSKeyFile    string
+	TLSServerName string
+	Prefix        string // e.g. "rackwire/"
+	Node          string // this host's name; names the session
+
+	SessionTTL time.Duration // default 24h, at most 24h (Consul's 86400s)
+	// RenewInterval is how often the session is renewed and checked; it
+	// bounds how long a lost session goes unnoticed. Default 1m (capped
+	// at TTL/2).
+	RenewInterval time.Duration
+	// OldSessionGrace is how long sessions of a previous run of this host
+	// live on before they are destroyed. Default 10m.
+	OldSessionGrace time.Duration
+	// BackoffMin/BackoffMax bound the reconnect backoff. Default 1s/1m.
+	BackoffMin, BackoffMax time.Duration
+	// CallTimeout bounds one non-blocking request made by the backend's
+	// own loops. Default 10s.
+	CallTimeout time.Duration
+}
+
+// FromConfig builds Options from the [store] section and the node name.
+func FromConfig(c config.Store, node string) Options {
+	return Options{
+		Address: c.Address, Scheme: c.Scheme, Datacenter: c.Datacenter,
+		TokenFile: c.TokenFile, TLSCAFile: c.TLSCAFile, TLSCertFile: c.TLSCertFile,
+		TLSKeyFile: c.TLSKeyFile, TLSServerName: c.TLSServerName,
+		Prefix: c.Prefix, Node: node, SessionTTL: c.SessionTTL.Duration,
+	}
+}
+
+// maxSessionTTL is Consul's upper bound for a session TTL.
+const maxSessionTTL = 24 * time.Hour
+
+// maxWait is Consul's upper bound for a blocking query's wait.
+const maxWait = 10 * time.Minute
+
+// Store is the Consul backend. Safe for concurrent use.
+type Store struct {
+	opts   Options
+	client *api.Client
+	kv     *api.KV
+	log    *slog.Logger
+	prefix string
+
+	kick   chan struct{} // asks the session loop to check the session now
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	mu sync.Mutex // guards the fields below
+	// session is this host's current session id, "" while there is none.
+	session string
+	// sessionUp is closed when session becomes non-empty; replaced when
+	// the session is lost.
+	sessionUp chan struct{}
+	// owned remembers every owned key this host wrote, with its value, so
+	// that a new session can take them all back.
+	owned       map[string][]byte
+	searchedOld bool // sessions of an earlier run were looked for (session loop only)
+	state       string
+	since       time.Time
+	lastErr     string
+	lastContact time.Time
+	leader      string
+	closed      bool
+}
+
+// New connects the backend and starts its session loop. It does not wait
+// for Consul: an unreachable Consul leaves the store degraded and the
+// loop keeps trying.
+func New(opts Options, log *slog.Logger) (*Store, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if opts.Node == "" {
+		return nil, errors.New("consul store: node name is empty")
+	}
+	if opts.SessionTTL <= 0 {
+		opts.SessionTTL = maxSessionTTL
+	}
+	if opts.SessionTTL > maxSessionTTL {
+		opts.SessionTTL = maxSessionTTL
+	}
+	if opts.SessionTTL < 10*time.Second {
+		opts.SessionTTL = 10 * time.Second
+	}
+	if opts.RenewInterval <= 0 {
+		opts.RenewInterval = time.Minute
+	}
+	if opts.RenewInterval > opts.SessionTTL/2 {
+		opts.RenewInterval = opts.SessionTTL / 2
+	}
+	if opts.OldSessionGrace <= 0 {
+		opts.OldSessionGrace = 10 * time.Minute
+	}
+	if opts.BackoffMin <= 0 {
+		opts.BackoffMin = time.Second
+	}
+	if opts.BackoffMax <= 0 {
+		opts.BackoffMax = time.Minute
+	}
+	if opts.CallTimeout <= 0 {
+		opts.CallTimeout = 10 * time.Second
+	}
+	cfg := api.DefaultNonPooledConfig()
+	cfg.Address = opts.Address
+	if opts.Scheme != "" {
+		cfg.Scheme = opts.Scheme
+	}
+	cfg.Datacenter = opts.Datacenter
+	cfg.TLSConfig = api.TLSConfig{
+		Address: opts.TLSServerName, CAFile: opts.TLSCAFile,
+		CertFile: opts.TLSCertFile, KeyFile: opts.TLSKeyFile,
+	}
+	cfg.Token = ""
+	cfg.TokenFile = ""
+	if opts.TokenFile != "" {
+		b, err := os.ReadFile(opts.TokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("read consul token file: %w", err)
+		}
+		cfg.Token = strings.TrimSpace(string(b))
+	}
+	client, err := api.NewClient(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("build consul client for %s: %w", opts.Address, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Store{
+		opts: opts, client: client, kv: client.KV(),
+		log:       log.With("subsys", "store", "backend", "consul"),
+		prefix:    opts.Prefix,
+		kick:      make(chan struct{}, 1),
+		cancel:    cancel,
+		done:      make(chan struct{}),
+		sessionUp: make(chan struct{}),
+		owned:     map[string][]byte{},
+		state:     store.StateConnecting,
+		since:     time.Now(),
+	}
+	go s.sessionLoop(ctx)
+	return s, nil
+}
+
+// Client returns the underlying Consul client (for the GC lock and tests).
+func (s *Store) Client() *api.Client { return s.client }
+
+// Prefix returns the configured key prefix.
+func (s *Store) Prefix() string { return s.prefix }
+
+// Session returns the current session id, "" while there is none.
+func (s *Store) Session() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.session
+}
+
+func (s *Store) full(key string) string { return s.prefix + key }
+
+func (s *Store) rel(key string) string { return strings.TrimPrefix(key, s.prefix) }
+
+// noteOK records a successful round trip.
+func (s *Store) noteOK() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.lastContact = time.Now()
+	if s.state != store.StateOK && s.session != "" {
+		s.state = store.StateOK
+		s.since = time.Now()
+		s.lastErr = ""
+	}
+}
+
+// noteErr records a failed round trip and classifies the error.
+func (s *Store) noteErr(step string, err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%s: %w", step, err)
+	}
+	if !unavailable(err) {
+		return fmt.Errorf("%s: %w", step, err)
+	}
+	s.mu.Lock()
+	if s.state != store.StateDegraded {
+		s.state = store.StateDegraded
+		s.since = time.Now()
+	}
+	s.lastErr = err.Error()
+	s.mu.Unlock()
+	return fmt.Errorf("%s: %w: %w", step, store.ErrUnavailable, err)
+}
+
+// unavailable reports whether err means "Consul cannot answer now" (as
+// opposed to a refusal such as a missing ACL permission).
+func unavailable(err error) bool {
+	var se api.StatusError
+	if errors.As(err, &se) {
+		return se.Code >= 500 || se.Code == 429
+	}
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return true
+	}
+	msg := err.Error()
+	return strings.Contains(msg, "Unexpected response code: 5") ||
+		strings.Contains(msg, "connection refused") || strings.Contains(msg, "EOF")
+}
+
+func invalidSession(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "invalid session")
+}
+
+func (s *Store) checkClosed() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return store.ErrClosed
+	}
+	return nil
+}
+
+func (s *Store) qopts(ctx context.Context, stale bool) *api.QueryOptions {
+	q := &api.QueryOptions{Datacenter: s.opts.Datacenter, AllowStale: stale}
+	return q.WithContext(ctx)
+}
+
+func (s *Store) wopts(ctx context.Context) *api.WriteOptions {
+	w := &api.WriteOptions{Datacenter: s.opts.Datacenter}
+	return w.WithContext(ctx)
+}
+
+func (s *Store) toKV(p *api.KVPair) store.KV {
+	return store.KV{Key: s.rel(p.Key), Value: p.Value, ModifyIndex: p.ModifyIndex,
+		CreateIndex: p.CreateIndex, Owner: p.Session}
+}
+
+// Get implements store.Store.
+func (s *Store) Get(ctx context.Context, key string) (store.KV, error) {
+	if err := s.checkClosed(); err != nil {
+		return store.KV{}, err
+	}
+	p, _, err := s.kv.Get(s.full(key), s.qopts(ctx, false))
+	if err != nil {
+		return store.KV{}, s.noteErr("get "+key, err)
+	}
+	s.noteOK()
+	if p == nil {
+		return store.KV{}, fmt.Errorf("get %s: %w", key, store.ErrNotFound)
+	}
+	return s.toKV(p), nil
+}
+
+// List implements store.Store.
+func (s *Store) List(ctx context.Context, prefix string) ([]store.KV, uint64, error) {
+	if err := s.checkClosed(); err != nil {
+		return nil, 0, err
+	}
+	ps, meta, err := s.kv.List(s.full(prefix), s.qopts(ctx, false))
+	if err != nil {
+		return nil, 0, s.noteErr("list "+prefix, err)
+	}
+	s.noteOK()
+	return s.toKVs(ps), nonZero(meta.LastIndex), nil
+}
+
+func (s *Store) toKVs(ps api.KVPairs) []store.KV {
+	out := make([]store.KV, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, s.toKV(p))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
+	return out
+}
+
+// nonZero keeps an index usable for the next blocking query: Consul's
+// rules say never to block on index 0 after the first call.
+func nonZero(i uint64) uint64 {
+	if i == 0 {
+		return 1
+	}
+	return i
+}
+
+// Watch implements store.Store with a stale-allowed blocking query. The
+// returned index is never 0; when it is lower than the one given (a
+// snapshot restore or a new cluster), callers reset to 0 and list again,
+// as Consul's blocking-query rules require.
+func (s *Store) Watch(ctx context.Context, prefix string, index uint64, wait time.Duration) ([]store.KV, uint64, error) {
+	if err := s.checkClosed(); err != nil {
+		return nil, 0, err
+	}
+	if wait > maxWait {
+		wait = maxWait
+	}
+	q := s.qopts(ctx, true)
+	q.WaitIndex = index
+	q.WaitTime = wait
+	ps, meta, err := s.kv.List(s.full(prefix), q)
+	if err != nil {
+		return nil, 0, s.noteErr("watch "+prefix, err)
+	}
+	s.noteOK()
+	return s.toKVs(ps), nonZero(meta.LastIndex), nil
+}
+
+func checkSize(key string, value []byte) error {
+	if len(value) > store.MaxValueSize {
+		return fmt.Errorf("write %s: %d bytes: %w (at most %d)", key, len(value), store.ErrTooLarge, store.MaxValueSize)
+	}
+	return nil
+}
+
+// Put implements store.Store. An owned Put is remembered even when it
+// cannot be written now (no session, Consul down): the session loop
+// writes it as soon as it can, and the error says store.ErrUnavailable.
+func (s *Store) Put(ctx context.Context, key string, value []byte, opts store.PutOptions) error {
+	if err := s.checkClosed(); err != nil {
+		return err
+	}
+	if err := checkSize(key, value); err != nil {
+		return err
+	}
+	if !opts.Owned {
+		if _, err := s.kv.Put(&api.KVPair{Key: s.full(key), Value: value}, s.wopts(ctx)); err != nil {
+			return s.noteErr("put "+key, err)
+		}
+		s.noteOK()
+		return nil
+	}
+	s.mu.Lock()
+	s.owned[key] = append([]byte(nil), value...)
+	s.mu.Unlock()
+	sid, err := s.waitSession(ctx)
+	if err != nil {
+		return fmt.Errorf("put owned %s: %w", key, err)
+	}
+	return s.acquire(ctx, sid, key, value)
+}
+
+// waitSession returns the current session, waiting for one until ctx ends.
+func (s *Store) waitSession(ctx context.Context) (string, error) {
+	for {
+		s.mu.Lock()
+		sid, up, closed := s.session, s.sessionUp, s.closed
+		s.mu.Unlock()
+		if closed {
+			return "", store.ErrClosed
+		}
+		if sid != "" {
+			return sid, nil
+		}
+		select {
+		case <-up:
+		case <-ctx.Done():
+			return "", fmt.Errorf("wait for consul session: %w: %w", store.ErrUnavailable, ctx.Err())
+		}
+	}
+}
+
+// acquire writes an owned key under session sid. A key still held by
+// another session (this host's previous run) is taken over atomically.
+func (s *Store) acquire(ctx context.Context, sid, key string, value []byte) error {
+	full := s.full(key)
+	for attempt := 0; attempt < 3; attempt++ {
+		ok, _, err := s.kv.Acquire(&api.KVPair{Key: full, Value: value, Session: sid}, s.wopts(ctx))
+		if invalidSession(err) {
+			s.kickSession()
+			return fmt.Errorf("put owned %s: session %s is gone: %w", key, sid, store.ErrUnavailable)
+		}
+		if err != nil {
+			return s.noteErr("put owned "+key, err)
+		}
+		s.noteOK()
+		if ok {
+			return nil
+		}
+		// Held by another session, or inside a lock delay.
+		cur, _, err := s.kv.Get(full, s.qopts(ctx, false))
+		if err != nil {
+			return s.noteErr("read holder of "+key, err)
+		}
+		if cur == nil || cur.Session == "" || cur.Session == sid {
+			continue
+		}
+		ops := api.KVTxnOps{
+			{Verb: api.KVDeleteCAS, Key: full, Index: cur.ModifyIndex},
+			{Verb: api.KVLock, Key: full, Value: value, Session: sid},
+		}
+		ok, _, _, err = s.kv.Txn(ops, s.qopts(ctx, false))
+		if invalidSession(err) {
+			s.kickSession()
+			return fmt.Errorf("put owned %s: session %s is gone: %w", key, sid, store.ErrUnavailable)
+		}
+		if err != nil {
+			return s.noteErr("take over "+key, err)
+		}
+		if ok {
+			s.log.Debug("took over owned key from an old session", "key", key, "old_session", cur.Session)
+			return nil
+		}
+	}
+	return fmt.Errorf("put owned %s: lock not acquired (held by another session)", key)
+}
+
+// CAS implements store.Store. An owned CAS checks and locks in one
+// transaction.
+func (s *Store) CAS(ctx context.Context, key string, value []byte, index uint64, opts store.PutOptions) (bool, error) {
+	if err := s.checkClosed(); err != nil {
+		return false, err
+	}
+	if err := checkSize(key, value); err != nil {
+		return false, err
+	}
+	full := s.full(key)
+	if !opts.Owned {
+		ok, _, err := s.kv.CAS(&api.KVPair{Key: full, Value: value, ModifyIndex: index}, s.wopts(ctx))
+		if err != nil {
+			return false, s.noteErr("cas "+key, err)
+		}
+		s.noteOK()
+		return ok, nil
+	}
+	sid, err := s.waitSession(ctx)
+	if err != nil {
+		return false, fmt.Errorf("cas owned %s: %w", key, err)
+	}
+	check := &api.KVTxnOp{Verb: api.KVCheckIndex, Key: full, Index: index}
+	if index == 0 {
+		check = &api.KVTxnOp{Verb: api.KVCheckNotExists, Key: full}
+	}
+	ok, _, _, err := s.kv.Txn(api.KVTxnOps{check, {Verb: api.KVLock, Key: full, Value: value, Session: sid}}, s.qopts(ctx, false))
+	if invalidSession(err) {
+		s.kickSession()
+		return false, fmt.Errorf("cas owned %s: session is gone: %w", key, store.ErrUnavailable)
+	}
+	if err != nil {
+		return false, s.noteErr("cas owned "+key, err)
+	}
+	s.noteOK()
+	if ok {
+		s.mu.Lock()
+		s.owned[key] = append([]byte(nil), value...)
+		s.mu.Unlock()
+	}
+	return ok, nil
+}
+
+// CASPutOwned check-and-sets casKey (index 0: create only) and writes
+// ownedKey as an owned key, in one transaction: both or neither. It
+// reports false when the check-and-set lost. The identity allocator uses
+// it to touch or create an id and claim it in one round trip.
+func (s *Store) CASPutOwned(ctx context.Context, casKey string, casValue []byte, casIndex uint64, ownedKey string, ownedValue []byte) (bool, error) {
+	if err := s.checkClosed(); err != nil {
+		return false, err
+	}
+	if err := checkSize(casKey, casValue); err != nil {
+		return false, err
+	}
+	if err := checkSize(ownedKey, ownedValue); err != nil {
+		return false, err
+	}
+	// Remembered before the write (a session change meanwhile must
+	// rewrite it), forgotten again if the write did not happen.
+	s.mu.Lock()
+	prev, had := s.owned[ownedKey]
+	s.owned[ownedKey] = append([]byte(nil), ownedValue...)
+	s.mu.Unlock()
+	ok, err := s.casPutOwned(ctx, casKey, casValue, casIndex, ownedKey, ownedValue)
+	if !ok {
+		s.mu.Lock()
+		if had {
+			s.owned[ownedKey] = prev
+		} else {
+			delete(s.owned, ownedKey)
+		}
+		s.mu.Unlock()
+	}
+	return ok, err
+}
+
+func (s *Store) casPutOwned(ctx context.Context, casKey string, casValue []byte, casIndex uint64, ownedKey string, ownedValue []byte) (bool, error) {
+	sid, err := s.waitSession(ctx)
+	if err != nil {
+		return false, fmt.Errorf("cas %s with owned %s: %w", casKey, ownedKey, err)
+	}
+	ops := api.KVTxnOps{
+		{Verb: api.KVCAS, Key: s.full(casKey), Value: casValue, Index: casIndex},
+		{Verb: api.KVLock, Key: s.full(ownedKey), Value: ownedValue, Session: sid},
+	}
+	ok, resp, _, err := s.kv.Txn(ops, s.qopts(ctx, false))
+	if invalidSession(err) {
+		s.kickSession()
+		return false, fmt.Errorf("cas %s with owned %s: session is gone: %w", casKey, ownedKey, store.ErrUnavailable)
+	}
+	if err != nil {
+		return false, s.noteErr("cas "+casKey+" with owned "+ownedKey, err)
+	}
+	s.noteOK()
+	if ok {
+		return true, nil
+	}
+	lockFailed := false
+	for _, e := range resp.Errors {
+		if e.OpIndex == 1 {
+			lockFailed = true
+		}
+	}
+	if !lockFailed {
+		return false, nil // the check-and-set lost
+	}
+	// The owned key is held by another session (this host's previous
+	// run): do it in two steps, the second taking the key over.
+	ok, _, err = s.kv.CAS(&api.KVPair{Key: s.full(casKey), Value: casValue, ModifyIndex: casIndex}, s.wopts(ctx))
+	if err != nil {
+		return false, s.noteErr("cas "+casKey, err)
+	}
+	if !ok {
+		return false, nil
+	}
+	return true, s.acquire(ctx, sid, ownedKey, ownedValue)
+}
+
+// Delete implements store.Store; an owned key is forgotten first so that
+// a session change cannot bring it back.
+func (s *Store) Delete(ctx context.Context, key string) error {
+	if err := s.checkClosed(); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	delete(s.owned, key)
+	s.mu.Unlock()
+	if _, err := s.kv.Delete(s.full(key), s.wopts(ctx)); err != nil {
+		return s.noteErr("delete "+key, err)
+	}
+	s.noteOK()
+	return nil
+}
+
+// DeleteCAS implements store.Store.
+func (s *Store) DeleteCAS(ctx context.Context, key string, index uint64) (bool, error) {
+	if err := s.checkClosed(); err != nil {
+		return false, err
+	}
+	ok, _, err := s.kv.DeleteCAS(&api.KVPair{Key: s.full(key), ModifyIndex: index}, s.wopts(ctx))
+	if err != nil {
+		return false, s.noteErr("delete-cas "+key, err)
+	}
+	s.noteOK()
+	if ok {
+		s.mu.Lock()
+		delete(s.owned, key)
+		s.mu.Unlock()
+	}
+	return ok, nil
+}
+
+// Health implements store.Store.
+func (s *Store) Health() store.Health {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := map[string]string{
+		"address": s.opts.Address,
+		"leader":  s.leader,
+		"session": s.session,
+		"owned":   fmt.Sprint(len(s.owned)),
+	}
+	if !s.lastContact.IsZero() {
+		d["last_contact"] = s.lastContact.UTC().Format(time.RFC3339Nano)
+	}
+	return store.Health{Backend: "consul", State: s.state, Since: s.since, Error: s.lastErr, Detail: d}
+}
+
+// Close stops the session loop and destroys the session, which deletes
+// the owned keys: Close is for a host leaving the cluster (and tests), a
+// plain daemon restart should use Stop.
+func (s *Store) Close() error {
+	sid := s.Stop()
+	if sid == "" {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.opts.CallTimeout)
+	defer cancel()
+	if _, err := s.client.Session().Destroy(sid, s.wopts(ctx)); err != nil {
+		return fmt.Errorf("destroy session %s: %w", sid, err)
+	}
+	return nil
+}
+
+// Stop stops the session loop and leaves the session (and owned keys) in
+// Consul: the next run of this host takes them over. It returns the
+// session id.
+func (s *Store) Stop() string {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ""
+	}
+	s.closed = true
+	sid := s.session
+	s.mu.Unlock()
+	s.cancel()
+	<-s.done
+	return sid
+}
+
+func (s *Store) kickSession() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Store) sessionName() string { return "rackwire:" + s.opts.Node }
+
+// jitter returns d scaled by a random factor in [0.8, 1.2).
+func jitter(d time.Duration) time.Duration {
+	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
+}
+
+// sessionLoop owns the session: it creates one, renews it, notices its
+// loss, and writes every owned key again under a new one.
+func (s *Store) sessionLoop(ctx context.Context) {
+	defer close(s.done)
+	backoff := s.opts.BackoffMin
+	fail := func(step string, err error) {
+		// Without a session the host cannot own keys, whatever the
+		// reason (also a refused ACL token): degraded.
+		s.mu.Lock()
+		if s.state != store.StateDegraded {
+			s.state = store.StateDegraded
+			s.since = time.Now()
+		}
+		s.lastErr = step + ": " + err.Error()
+		s.mu.Unlock()
+		s.log.Warn("consul session step failed, retrying", "step", step, "err", err, "retry_in", backoff)
+		select {
+		case <-time.After(jitter(backoff)):
+		case <-ctx.Done():
+		}
+		backoff = min(backoff*2, s.opts.BackoffMax)
+	}
+	resync := false
+	for ctx.Err() == nil {
+		s.mu.Lock()
+		sid := s.session
+		s.mu.Unlock()
+		if sid == "" {
+			nsid, err := s.createSession(ctx)
+			if err != nil {
+				fail("create session", err)
+				continue
+			}
+			s.mu.Lock()
+			s.session = nsid
+			close(s.sessionUp)
+			s.mu.Unlock()
+			s.log.Info("consul session created", "session", nsid, "ttl", s.opts.SessionTTL)
+			sid = nsid
+			resync = true
+		}
+		if resync {
+			if err := s.rewriteOwned(ctx, sid); err != nil {
+				fail("rewrite owned keys", err)
+				continue
+			}
+			resync = false
+		}
+		s.refreshLeader(ctx)
+		s.noteOK()
+		backoff = s.opts.BackoffMin
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(jitter(s.opts.RenewInterval)):
+		case <-s.kick:
+		}
+		cctx, cancel := context.WithTimeout(ctx, s.opts.CallTimeout)
+		entry, _, err := s.client.Session().Renew(sid, s.wopts(cctx))
+		cancel()
+		if err != nil {
+			fail("renew session", err)
+			continue
+		}
+		if entry == nil {
+			s.log.Warn("consul session lost; creating a new one and rewriting owned keys", "session", sid)
+			s.mu.Lock()
+			s.session = ""
+			s.sessionUp = make(chan struct{})
+			s.mu.Unlock()
+		}
+	}
+}
+
+func (s *Store) createSession(ctx context.Context) (string, error) {
+	cctx, cancel := context.WithTimeout(ctx, s.opts.CallTimeout)
+	defer cancel()
+	// Earlier sessions of this host (a previous run) keep their keys
+	// until the new session has written them again. Only a fresh start
+	// looks for them: after a session loss there is nothing left to find.
+	var old []*api.SessionEntry
+	if !s.searchedOld {
+		var err error
+		old, err = s.listOwnSessions(cctx)
+		if err != nil {
+			return "", err
+		}
+	}
+	// No node checks: the session must not die with the Consul agent it
+	// was created through; only the TTL ends it.
+	sid, _, err := s.client.Session().CreateNoChecks(&api.SessionEntry{
+		Name:      s.sessionName(),
+		TTL:       fmt.Sprintf("%ds", int(s.opts.SessionTTL/time.Second)),
+		Behavior:  api.SessionBehaviorDelete,
+		LockDelay: time.Millisecond,
+	}, s.wopts(cctx))
+	if err != nil {
+		return "", err
+	}
+	s.searchedOld = true
+	var stale []string
+	for _, e := range old {
+		if e.Name == s.sessionName() && e.ID != sid {
+			stale = append(stale, e.ID)
+		}
+	}
+	if len(stale) > 0 {
+		s.log.Info("sessions of an earlier run found; destroying them after the grace period",
+			"sessions", stale, "grace", s.opts.OldSessionGrace)
+		go s.destroyLater(ctx, stale)
+	}
+	return sid, nil
+}
+
+// listOwnSessions lists the sessions on the Consul node this backend talks
+// to (sessions are created there), so that a fleet with a client agent per
+// host never lists every session of the datacenter.
+func (s *Store) listOwnSessions(ctx context.Context) ([]*api.SessionEntry, error) {
+	if name, err := s.client.Agent().NodeName(); err == nil && name != "" {
+		ss, _, err := s.client.Session().Node(name, s.qopts(ctx, true))
+		return ss, err
+	}
+	ss, _, err := s.client.Session().List(s.qopts(ctx, true))
+	return ss, err
+}
+
+// destroyLater destroys sessions of an earlier run once the grace period
+// is over; what they still hold was not written again by this run.
+func (s *Store) destroyLater(ctx context.Context, ids []string) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(s.opts.OldSessionGrace):
+	}
+	for _, id := range ids {
+		cctx, cancel := context.WithTimeout(ctx, s.opts.CallTimeout)
+		_, err := s.client.Session().Destroy(id, s.wopts(cctx))
+		cancel()
+		if err != nil {
+			s.log.Warn("destroy old session failed", "session", id, "err", err)
+		}
+	}
+}
+
+// rewriteOwned writes every remembered owned key under session sid.
+func (s *Store) rewriteOwned(ctx context.Context, sid string) error {
+	s.mu.Lock()
+	keys := make([]string, 0, len(s.owned))
+	for k := range s.owned {
+		keys = append(keys, k)
+	}
+	s.mu.Unlock()
+	sort.Strings(keys)
+	n := 0
+	for _, k := range keys {
+		s.mu.Lock()
+		v, ok := s.owned[k]
+		s.mu.Unlock()
+		if !ok {
+			continue // deleted meanwhile
+		}
+		cctx, cancel := context.WithTimeout(ctx, s.opts.CallTimeout)
+		err := s.acquire(cctx, sid, k, v)
+		cancel()
+		if err != nil {
+			return err
+		}
+		s.mu.Lock()
+		_, still := s.owned[k]
+		s.mu.Unlock()
+		if !still { // deleted while it was being written: delete again
+			cctx, cancel := context.WithTimeout(ctx, s.opts.CallTimeout)
+			_, err := s.kv.Delete(s.full(k), s.wopts(cctx))
+			cancel()
+			if err != nil {
+				return err
+			}
+		}
+		n++
+	}
+	if n > 0 {
+		s.log.Info("owned keys written under the new session", "session", sid, "keys", n)
+	}
+	return nil
+}
+
+func (s *Store) refreshLeader(ctx context.Context) {
+	cctx, cancel := context.WithTimeout(ctx, s.opts.CallTimeout)
+	defer cancel()
+	l, err := s.client.Status().LeaderWithQueryOptions(s.qopts(cctx, false))
+	if err != nil {
+		return
+	}
+	s.mu.Lock()
+	s.leader = l
+	s.mu.Unlock()
+}
+
+var _ store.Store = (*Store)(nil)

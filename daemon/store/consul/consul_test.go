@@ -1,0 +1,285 @@
+package consul
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/internal/consultest"
+)
+
+func newTestStore(t *testing.T, addr, node string, renew time.Duration) *Store {
+	t.Helper()
+	s, err := New(Options{
+		Address: addr, Prefix: "rwd-test/", Node: node, SessionTTL: 30 * time.Second,
+		RenewInterval: renew, BackoffMin: 100 * time.Millisecond, BackoffMax: time.Second,
+		CallTimeout: 3 * time.Second,
+	}, slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})))
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(b)))
+	return len(b), nil
+}
+
+func TestStoreSemantics(t *testing.T) {
+	a := consultest.Start(t)
+	s := newTestStore(t, a.HTTPAddr, "host-a", time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	if _, err := s.Get(ctx, "nope"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("Get(missing) = %v, want ErrNotFound", err)
+	}
+	ok, err := s.CAS(ctx, "a/1", []byte("x"), 0, store.PutOptions{})
+	if err != nil || !ok {
+		t.Fatalf("CAS create = %v, %v, want true", ok, err)
+	}
+	ok, err = s.CAS(ctx, "a/1", []byte("y"), 0, store.PutOptions{})
+	if err != nil || ok {
+		t.Fatalf("CAS create existing = %v, %v, want false", ok, err)
+	}
+	kv, err := s.Get(ctx, "a/1")
+	if err != nil || string(kv.Value) != "x" || kv.CreateIndex == 0 || kv.ModifyIndex == 0 {
+		t.Fatalf("Get(a/1) = %+v, %v", kv, err)
+	}
+	ok, err = s.CAS(ctx, "a/1", []byte("y"), kv.ModifyIndex, store.PutOptions{})
+	if err != nil || !ok {
+		t.Fatalf("CAS at index = %v, %v, want true", ok, err)
+	}
+	kv2, _ := s.Get(ctx, "a/1")
+	if kv2.CreateIndex != kv.CreateIndex || kv2.ModifyIndex == kv.ModifyIndex {
+		t.Fatalf("indexes after CAS = %+v, was %+v", kv2, kv)
+	}
+	if ok, _ := s.DeleteCAS(ctx, "a/1", kv.ModifyIndex); ok {
+		t.Fatalf("DeleteCAS at an old index succeeded")
+	}
+	if err := s.Put(ctx, "a/2", []byte("owned"), store.PutOptions{Owned: true}); err != nil {
+		t.Fatalf("Put owned: %v", err)
+	}
+	kvs, idx, err := s.List(ctx, "a/")
+	if err != nil || len(kvs) != 2 || idx == 0 {
+		t.Fatalf("List = %v, %d, %v", kvs, idx, err)
+	}
+	if kvs[1].Key != "a/2" || kvs[1].Owner != s.Session() || s.Session() == "" {
+		t.Fatalf("owned key %+v, session %q", kvs[1], s.Session())
+	}
+	big := bytes.Repeat([]byte("x"), store.MaxValueSize+1)
+	if err := s.Put(ctx, "a/big", big, store.PutOptions{}); !errors.Is(err, store.ErrTooLarge) {
+		t.Fatalf("Put(too large) = %v, want ErrTooLarge", err)
+	}
+
+	// Watch: blocks until a write under the prefix.
+	done := make(chan uint64)
+	go func() {
+		_, ni, err := s.Watch(ctx, "a/", idx, 20*time.Second)
+		if err != nil {
+			t.Errorf("Watch: %v", err)
+		}
+		done <- ni
+	}()
+	time.Sleep(300 * time.Millisecond)
+	if err := s.Put(ctx, "a/3", []byte("z"), store.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ni := <-done:
+		if ni <= idx {
+			t.Fatalf("Watch index %d, want > %d", ni, idx)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("Watch did not return after a write")
+	}
+	h := s.Health()
+	if h.State != store.StateOK || h.Detail["leader"] == "" || h.Detail["session"] == "" {
+		t.Fatalf("Health = %+v", h)
+	}
+}
+
+// TestSessionLoss destroys the host's session in Consul (which deletes its
+// owned keys) and checks that the keys come back under a new session.
+func TestSessionLoss(t *testing.T) {
+	a := consultest.Start(t)
+	s := newTestStore(t, a.HTTPAddr, "host-b", 300*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	keys := []string{"state/identities/v1/value/a=1;/host-b", "state/ip/v1/default/10.0.0.1", "state/nodes/v1/default/host-b"}
+	for _, k := range keys {
+		if err := s.Put(ctx, k, []byte("v-"+k), store.PutOptions{Owned: true}); err != nil {
+			t.Fatalf("Put(%s): %v", k, err)
+		}
+	}
+	// One key is released: it must not come back.
+	if err := s.Delete(ctx, keys[2]); err != nil {
+		t.Fatal(err)
+	}
+	old := s.Session()
+	c := a.Client(t)
+	if _, err := c.Session().Destroy(old, nil); err != nil {
+		t.Fatalf("destroy session: %v", err)
+	}
+	if p, _, _ := c.KV().Get("rwd-test/"+keys[0], nil); p != nil {
+		t.Fatalf("key survived session destroy; behavior delete not set")
+	}
+	start := time.Now()
+	for {
+		p0, _, _ := c.KV().Get("rwd-test/"+keys[0], nil)
+		p1, _, _ := c.KV().Get("rwd-test/"+keys[1], nil)
+		if p0 != nil && p1 != nil {
+			if p0.Session == old || p0.Session == "" || string(p1.Value) != "v-"+keys[1] {
+				t.Fatalf("rewritten key %+v, old session %s", p0, old)
+			}
+			break
+		}
+		if time.Since(start) > 20*time.Second {
+			t.Fatalf("owned keys did not come back within 20s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("owned keys back %s after the session was destroyed", time.Since(start).Round(time.Millisecond))
+	if p, _, _ := c.KV().Get("rwd-test/"+keys[2], nil); p != nil {
+		t.Fatalf("deleted key %s came back", keys[2])
+	}
+}
+
+// TestRestartTakesOver: a new run of the same host writes its keys again
+// while the old session still holds them.
+func TestRestartTakesOver(t *testing.T) {
+	a := consultest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	s1 := newTestStore(t, a.HTTPAddr, "host-c", time.Second)
+	if err := s1.Put(ctx, "k", []byte("1"), store.PutOptions{Owned: true}); err != nil {
+		t.Fatal(err)
+	}
+	old := s1.Stop() // leaves the session and key in Consul
+	s2 := newTestStore(t, a.HTTPAddr, "host-c", time.Second)
+	if err := s2.Put(ctx, "k", []byte("2"), store.PutOptions{Owned: true}); err != nil {
+		t.Fatalf("Put over an old session's key: %v", err)
+	}
+	kv, err := s2.Get(ctx, "k")
+	if err != nil || string(kv.Value) != "2" || kv.Owner != s2.Session() || kv.Owner == old {
+		t.Fatalf("Get = %+v, %v; want value 2 held by %s", kv, err, s2.Session())
+	}
+}
+
+// TestUnavailable: a dead Consul gives ErrUnavailable and a degraded
+// Health, never a hang past the context.
+func TestUnavailable(t *testing.T) {
+	a := consultest.Start(t)
+	s := newTestStore(t, a.HTTPAddr, "host-d", 200*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := s.Put(ctx, "x", []byte("1"), store.PutOptions{Owned: true}); err != nil {
+		t.Fatal(err)
+	}
+	a.Kill()
+	if _, err := s.Get(ctx, "x"); !errors.Is(err, store.ErrUnavailable) {
+		t.Fatalf("Get with Consul down = %v, want ErrUnavailable", err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Health().State != store.StateDegraded && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	h := s.Health()
+	if h.State != store.StateDegraded || h.Error == "" || h.Since.IsZero() {
+		t.Fatalf("Health with Consul down = %+v", h)
+	}
+}
+
+func TestElector(t *testing.T) {
+	a := consultest.Start(t)
+	s1 := newTestStore(t, a.HTTPAddr, "host-e", time.Second)
+	s2 := newTestStore(t, a.HTTPAddr, "host-f", time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	e1, e2 := s1.Elector("locks/gc"), s2.Elector("locks/gc")
+	if _, err := e1.Lead(ctx); err != nil {
+		t.Fatalf("e1.Lead: %v", err)
+	}
+	got := make(chan error, 1)
+	go func() { _, err := e2.Lead(ctx); got <- err }()
+	select {
+	case err := <-got:
+		t.Fatalf("second leader elected while the first leads (err %v)", err)
+	case <-time.After(time.Second):
+	}
+	if err := e1.Resign(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatalf("e2.Lead: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("e2 did not lead after e1 resigned")
+	}
+	_ = e2.Resign()
+	_ = api.ErrLockHeld
+}
+
+// TestTLS talks HTTPS to Consul with the CA and server name from Options,
+// and fails against the wrong server name.
+func TestTLS(t *testing.T) {
+	a, ca := consultest.StartTLS(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := New(Options{Address: a.HTTPAddr, Scheme: "https", TLSCAFile: ca, TLSServerName: "server.rwd.test",
+		Prefix: "rwd-test/", Node: "host-tls", RenewInterval: time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Put(ctx, "k", []byte("v"), store.PutOptions{Owned: true}); err != nil {
+		t.Fatalf("Put over TLS: %v", err)
+	}
+	bad, err := New(Options{Address: a.HTTPAddr, Scheme: "https", TLSCAFile: ca, TLSServerName: "wrong.rwd.test",
+		Prefix: "rwd-test/", Node: "host-bad"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bad.Stop()
+	if _, err := bad.Get(ctx, "k"); err == nil {
+		t.Fatalf("Get with the wrong TLS server name succeeded")
+	}
+}
+
+func TestCASPutOwned(t *testing.T) {
+	a := consultest.Start(t)
+	s := newTestStore(t, a.HTTPAddr, "host-g", time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ok, err := s.CASPutOwned(ctx, "id/1", []byte("a=1;"), 0, "value/a=1;/host-g", []byte("1"))
+	if err != nil || !ok {
+		t.Fatalf("CASPutOwned(create) = %v, %v", ok, err)
+	}
+	claim, err := s.Get(ctx, "value/a=1;/host-g")
+	if err != nil || claim.Owner != s.Session() {
+		t.Fatalf("claim = %+v, %v; want held by %s", claim, err, s.Session())
+	}
+	ok, err = s.CASPutOwned(ctx, "id/1", []byte("b=2;"), 0, "value/b=2;/host-g", []byte("1"))
+	if err != nil || ok {
+		t.Fatalf("CASPutOwned(create existing) = %v, %v, want false", ok, err)
+	}
+	if _, err := s.Get(ctx, "value/b=2;/host-g"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("claim of a lost CAS written: %v", err)
+	}
+	if n := s.Health().Detail["owned"]; n != "1" {
+		t.Fatalf("owned keys remembered = %s, want 1", n)
+	}
+}
