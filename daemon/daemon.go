@@ -82,6 +82,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger, opts Options)
 	}
 	d := &Daemon{log: log, opts: opts, cfg: cfg, start: time.Now()}
 	d.metrics = metrics.New(version.Version, version.Commit(), d.start)
+	countGateDecision(cfg.Agent.StateDir, d.metrics)
 
 	d.notifyStatus("opening store (%s)", cfg.Store.Backend)
 	st, err := openStore(ctx, cfg, log)

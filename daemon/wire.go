@@ -9,6 +9,7 @@ import (
 	"github.com/rackwire/rackwire/daemon/config"
 	"github.com/rackwire/rackwire/daemon/datapath"
 	"github.com/rackwire/rackwire/daemon/endpoint"
+	"github.com/rackwire/rackwire/daemon/metrics"
 	"github.com/rackwire/rackwire/daemon/restart"
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/daemon/store/consul"
@@ -31,6 +32,17 @@ func openStore(ctx context.Context, cfg config.Config, log *slog.Logger) (store.
 		return s, nil
 	default:
 		return nil, fmt.Errorf("store backend %q is not available in this build", cfg.Store.Backend)
+	}
+}
+
+// countGateDecision exports the prestart gate's decision for this start.
+func countGateDecision(stateDir string, m *metrics.Registry) {
+	if reason, delayed := restart.LastReason(stateDir); reason != "" {
+		decision := "start"
+		if delayed {
+			decision = "delay"
+		}
+		m.GateDecisions.WithLabelValues(decision, reason).Inc()
 	}
 }
 

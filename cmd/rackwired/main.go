@@ -145,6 +145,9 @@ func prestart(path string, stderr io.Writer) int {
 	log = logging.New(stderr, cfg.Log.Format, lv)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if err := os.MkdirAll(cfg.Agent.StateDir, 0o755); err != nil {
+		log.Warn("prestart: cannot create the state directory; deciding without state", "dir", cfg.Agent.StateDir, "err", err.Error())
+	}
 	g := &restart.Gate{Dir: cfg.Agent.StateDir, Cfg: cfg.Restart, Log: log.With("subsys", "prestart")}
 	if _, err := g.Run(ctx); err != nil && ctx.Err() == nil {
 		log.Error("prestart gate failed; starting anyway", "err", err.Error())

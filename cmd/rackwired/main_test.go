@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -199,13 +202,18 @@ func TestNotifyLifecycle(t *testing.T) {
 	dir := t.TempDir()
 	cfgPath := testConfig(t, dir, "")
 	n := listenNotify(t, filepath.Join(dir, "notify.sock"))
+	// The gate runs first, as under systemd (first start: no delay).
+	if out, err := exec.Command(bin, "prestart", "--config", cfgPath).CombinedOutput(); err != nil {
+		t.Fatalf("prestart: %v\n%s", err, out)
+	}
 
 	var logs bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, "--config", cfgPath)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+filepath.Join(dir, "notify.sock"), "WATCHDOG_USEC=400000")
-	cmd.Stderr = &syncWriter{w: &logs}
+	sw := &syncWriter{w: &logs}
+	cmd.Stderr = sw
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -218,6 +226,7 @@ func TestNotifyLifecycle(t *testing.T) {
 	})
 
 	ready := n.wait(t, "READY=1", 0, 30*time.Second)
+	checkMetrics(t, sw)
 	n.wait(t, "STATUS=", 0, time.Second)
 	if _, err := os.Stat(filepath.Join(dir, "rackwire.sock")); err != nil {
 		t.Errorf("READY=1 sent but the API socket is missing: %v", err)
@@ -271,4 +280,35 @@ func (s *syncWriter) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.w.Write(p)
+}
+
+// checkMetrics scrapes the agent's /metrics (its address is in the log).
+func checkMetrics(t *testing.T, logs *syncWriter) {
+	t.Helper()
+	var addr string
+	for i := 0; i < 50 && addr == ""; i++ {
+		logs.mu.Lock()
+		m := regexp.MustCompile(`"msg":"metrics serving","addr":"([^"]+)"`).FindStringSubmatch(logs.w.String())
+		logs.mu.Unlock()
+		if m != nil {
+			addr = m[1]
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if addr == "" {
+		t.Fatal("no metrics address in the log")
+	}
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, want := range []string{"rackwire_build_info{", "rackwire_agent_uptime_seconds", `rackwire_config_reloads_total{result="failed"} 0`,
+		`rackwire_restart_gate_decisions_total{decision="start",reason="`, "rackwire_store_healthy"} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
 }

@@ -475,3 +475,18 @@ func exists(p string) bool {
 	_, err := os.Lstat(p)
 	return err == nil
 }
+
+// LastReason returns the reason the gate recorded for the start that is
+// running now ("" when there is no usable state), and whether that reason
+// delayed the start. The daemon exports it as a metric.
+func LastReason(dir string) (reason string, delayed bool) {
+	st, err := load(filepath.Join(dir, StateFile))
+	if err != nil {
+		return "", false
+	}
+	switch st.Reason {
+	case ReasonJitter, ReasonBackoff, ReasonStateReset:
+		return st.Reason, true
+	}
+	return st.Reason, false
+}
