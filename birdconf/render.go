@@ -314,7 +314,10 @@ func Render(c Config) (string, error) {
 	if scan <= 0 {
 		scan = 10 * time.Second
 	}
-	w("protocol device rw_device {\n\tscan time %d;\n}\n\n", int(scan.Seconds()+0.5))
+	// Interfaces are rescanned quickly: after BIRD's own unnamed device
+	// protocol is replaced by this one, BGP waits for its first scan.
+	devScan := min(scan, 2*time.Second)
+	w("protocol device rw_device {\n\tscan time %d;\n}\n\n", int(devScan.Seconds()+0.5))
 
 	// Static routes: the host originates its prefixes as blackholes; the
 	// kernel protocol below never exports them, so they stay inside BIRD.
