@@ -100,6 +100,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger, opts Options)
 	d.agent = ag
 	d.reloaders = append(d.reloaders, ag.reload)
 	d.statusers = append(d.statusers, ag.status)
+	d.metrics.MustRegister(newAgentCollector(ag))
 
 	d.mux = http.NewServeMux()
 	d.routes()

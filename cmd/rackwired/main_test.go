@@ -306,7 +306,8 @@ func checkMetrics(t *testing.T, logs *syncWriter) {
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	for _, want := range []string{"rackwire_build_info{", "rackwire_agent_uptime_seconds", `rackwire_config_reloads_total{result="failed"} 0`,
-		`rackwire_restart_gate_decisions_total{decision="start",reason="`, "rackwire_store_healthy"} {
+		`rackwire_restart_gate_decisions_total{decision="start",reason="`, "rackwire_store_healthy",
+		`rackwire_endpoints{state="ready"} 0`, "rackwire_identities ", "rackwire_policies 0"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("/metrics lacks %q", want)
 		}

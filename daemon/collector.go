@@ -1,0 +1,96 @@
+package daemon
+
+import (
+	"context"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rackwire/rackwire/daemon/endpoint"
+	"github.com/rackwire/rackwire/daemon/metrics"
+)
+
+// agentCollector exports the components' state on every scrape, read from
+// their owners (datapath counters, endpoints, identities, BIRD), so that
+// no second copy of that state is kept for metrics.
+type agentCollector struct {
+	a *agent
+
+	dpPackets, dpBytes, endpoints, identities, policies *prometheus.Desc
+	bgpUp, bgpExported, bgpImported, bgpDrained, vipUp  *prometheus.Desc
+}
+
+func newAgentCollector(a *agent) *agentCollector {
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc(metrics.Namespace+"_"+name, help, labels, nil)
+	}
+	return &agentCollector{
+		a:           a,
+		dpPackets:   d("datapath_packets_total", "Packets seen by the datapath, by verdict reason and direction.", "reason", "direction"),
+		dpBytes:     d("datapath_bytes_total", "Bytes seen by the datapath, by verdict reason and direction.", "reason", "direction"),
+		endpoints:   d("endpoints", "Endpoints on this host, by state.", "state"),
+		identities:  d("identities", "Cluster identities known to this agent."),
+		policies:    d("policies", "Policies in force."),
+		bgpUp:       d("bgp_session_up", "1 when the BGP session to the peer is established.", "peer"),
+		bgpExported: d("bgp_routes_exported", "Routes announced to the peer.", "peer"),
+		bgpImported: d("bgp_routes_imported", "Routes learned from the peer.", "peer"),
+		bgpDrained:  d("bgp_drained", "1 while this host is drained."),
+		vipUp:       d("bgp_vip_announced", "1 while the VIP is announced (healthy and not drained).", "vip"),
+	}
+}
+
+func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.dpPackets, c.dpBytes, c.endpoints, c.identities, c.policies,
+		c.bgpUp, c.bgpExported, c.bgpImported, c.bgpDrained, c.vipUp} {
+		ch <- d
+	}
+}
+
+func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
+	a := c.a
+	if ms, err := a.dp.Metrics(); err == nil {
+		for _, m := range ms {
+			ch <- prometheus.MustNewConstMetric(c.dpPackets, prometheus.CounterValue, float64(m.Packets), m.Reason.String(), m.Direction.String())
+			ch <- prometheus.MustNewConstMetric(c.dpBytes, prometheus.CounterValue, float64(m.Bytes), m.Reason.String(), m.Direction.String())
+		}
+	}
+	counts := map[endpoint.State]int{endpoint.StateReady: 0}
+	for _, ep := range a.eps.List() {
+		counts[ep.State]++
+	}
+	for s, n := range counts {
+		ch <- prometheus.MustNewConstMetric(c.endpoints, prometheus.GaugeValue, float64(n), string(s))
+	}
+	ch <- prometheus.MustNewConstMetric(c.identities, prometheus.GaugeValue, float64(len(a.ids.List())))
+	ch <- prometheus.MustNewConstMetric(c.policies, prometheus.GaugeValue, float64(len(a.pol.Policies())))
+	if a.bgp == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	st := a.bgp.Status(ctx)
+	drained := 0.0
+	if st.Drained {
+		drained = 1
+	}
+	ch <- prometheus.MustNewConstMetric(c.bgpDrained, prometheus.GaugeValue, drained)
+	for _, p := range st.Protocols {
+		if p.Proto != "BGP" {
+			continue
+		}
+		up := 0.0
+		if p.BGPState == "Established" {
+			up = 1
+		}
+		ch <- prometheus.MustNewConstMetric(c.bgpUp, prometheus.GaugeValue, up, p.Name)
+		ch <- prometheus.MustNewConstMetric(c.bgpExported, prometheus.GaugeValue, float64(p.RoutesExported), p.Name)
+		ch <- prometheus.MustNewConstMetric(c.bgpImported, prometheus.GaugeValue, float64(p.RoutesImported), p.Name)
+	}
+	for _, v := range st.VIPs {
+		up := 0.0
+		if v.Announced {
+			up = 1
+		}
+		ch <- prometheus.MustNewConstMetric(c.vipUp, prometheus.GaugeValue, up, v.VIP)
+	}
+}
