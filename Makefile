@@ -7,7 +7,8 @@
 # fuzz, bench, package, clean.
 
 SHELL   := /bin/bash
-VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null | sed 's/^v//' || echo dev)
+# Release versions come from tags (v1.2.3); untagged trees build as 0.1.0.
+VERSION ?= $(or $(shell git describe --tags --match 'v[0-9]*' 2>/dev/null | sed 's/^v//'),0.1.0)
 LDFLAGS := -X github.com/rackwire/rackwire/internal/version.Version=$(VERSION)
 GO      ?= go
 BIN     := bin
@@ -16,7 +17,7 @@ export RACKWIRE_CACHE := $(CACHE)
 # Fuzz time per target inside `make test` (bounded).
 FUZZTIME ?= 20s
 
-.PHONY: all build deps generate generate-check lint test test-unit fuzz bench package quickstart quickstart-stop check clean
+.PHONY: all build deps generate generate-check lint test test-unit test-systemd test-salt fuzz bench package quickstart quickstart-stop check clean
 
 all: build
 
@@ -59,6 +60,12 @@ bench:
 
 package:
 	bash packaging/build.sh $(VERSION)
+
+# The slow real-infrastructure suites, each runnable alone (also part of `make test`).
+test-systemd:
+	$(GO) test -count=1 -timeout 20m ./tests/systemd/
+test-salt:
+	$(GO) test -count=1 -timeout 20m ./tests/salt/
 
 quickstart: build
 	bash scripts/quickstart.sh start

@@ -77,5 +77,8 @@ GO
 	mv "$CACHE/consul-$CONSUL_VERSION.tmp" "$CACHE/consul-$CONSUL_VERSION"
 fi
 ln -sf "$CACHE/consul-$CONSUL_VERSION" "$CACHE/consul"
+
+# The Debian root that the systemd and Salt suites boot systemd in (cached).
+RACKWIRE_CACHE=$CACHE bash "$(dirname "$0")/../tests/systemd/debroot.sh" >&2
 ln -sf "$CACHE/salt/bin/salt-call" "$CACHE/salt-call"
 log "ok: consul=$CACHE/consul salt-call=$CACHE/salt-call"

@@ -71,7 +71,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	for len(rest) > 0 && len(cmd.subs) > 0 {
 		next := find(cmd.subs, rest[0])
 		if next == nil {
-			if rest[0] == "help" {
+			if rest[0] == "help" || rest[0] == "-h" || rest[0] == "--help" || rest[0] == "-help" {
 				printHelp(stdout, cmd, path)
 				return 0
 			}

@@ -102,3 +102,12 @@ func TestAgentErrorPassesHint(t *testing.T) {
 		t.Errorf("got %d %q", code, se)
 	}
 }
+
+func TestGroupHelp(t *testing.T) {
+	for _, args := range [][]string{{"policy", "--help"}, {"bpf", "policy", "-h"}, {"help"}, {"--help"}} {
+		code, out, se := runCLI(t, args...)
+		if code != 0 || !strings.Contains(out, "commands:") || se != "" {
+			t.Errorf("rackwire %v = %d %q %q, want help on stdout and exit 0", args, code, out, se)
+		}
+	}
+}

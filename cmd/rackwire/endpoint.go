@@ -77,6 +77,27 @@ func init() {
 			},
 		},
 		{
+			name: "audit", summary: "audit mode for one endpoint: forward what policy would drop, and report it", usage: "NAME|ID on|off",
+			run: func(e *env, fs *flag.FlagSet) error {
+				if fs.NArg() != 2 || (fs.Arg(1) != "on" && fs.Arg(1) != "off") {
+					return usagef("give an endpoint and on or off")
+				}
+				var ep api.Endpoint
+				if err := e.call("POST", "/v1/endpoints/"+url.PathEscape(fs.Arg(0))+"/audit", map[string]bool{"enabled": fs.Arg(1) == "on"}, &ep); err != nil {
+					return err
+				}
+				if e.json {
+					return printJSON(e.stdout, ep)
+				}
+				if ep.Audit {
+					fmt.Fprintf(e.stdout, "endpoint %s is in audit mode: drops are forwarded and reported (`rackwire monitor --type audit`)\n", ep.Name)
+				} else {
+					fmt.Fprintf(e.stdout, "endpoint %s enforces its policy\n", ep.Name)
+				}
+				return nil
+			},
+		},
+		{
 			name: "delete", summary: "unplug a workload (its namespace stays)", usage: "NAME|ID",
 			run: func(e *env, fs *flag.FlagSet) error {
 				if fs.NArg() != 1 {
@@ -96,10 +117,14 @@ func init() {
 }
 
 func endpointTable(e *env, eps []api.Endpoint) {
-	rows := [][]string{{"ID", "NAME", "STATE", "IPV4", "IPV6", "IDENTITY", "LABELS"}}
+	rows := [][]string{{"ID", "NAME", "STATE", "IPV4", "IPV6", "IDENTITY", "AUDIT", "LABELS"}}
 	for _, ep := range eps {
+		audit := "-"
+		if ep.Audit {
+			audit = "yes"
+		}
 		rows = append(rows, []string{strconv.Itoa(int(ep.ID)), ep.Name, ep.State, dash(ep.IPv4), dash(ep.IPv6),
-			strconv.FormatUint(uint64(ep.Identity), 10), ep.Labels})
+			strconv.FormatUint(uint64(ep.Identity), 10), audit, ep.Labels})
 	}
 	table(e.stdout, rows)
 }

@@ -331,3 +331,43 @@ func (d *Datapath) Endpoints() ([]EndpointEntry, error) {
 	}
 	return out, nil
 }
+
+// SetAudit turns audit mode of one endpoint on or off: with it on, what
+// its policy would drop is forwarded and reported as an audit event. The
+// flag lives in the endpoint's rw_endpoints entries, so it survives an
+// agent restart only if the agent sets it again (AttachEndpoint writes the
+// spec's Audit).
+func (d *Datapath) SetAudit(id uint16, on bool) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var (
+		k     ipKey
+		v     endpointInfo
+		keys  []ipKey
+		infos []endpointInfo
+	)
+	it := d.maps["rw_endpoints"].Iterate()
+	for it.Next(&k, &v) {
+		if v.Endpoint == id {
+			keys = append(keys, k)
+			infos = append(infos, v)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list rw_endpoints: %w", err)
+	}
+	if len(keys) == 0 {
+		return fmt.Errorf("set audit of endpoint %d: %w", id, ErrUnknownEndpoint)
+	}
+	for i := range keys {
+		if on {
+			infos[i].Flags |= epFlagAudit
+		} else {
+			infos[i].Flags &^= epFlagAudit
+		}
+		if err := d.maps["rw_endpoints"].Put(keys[i], infos[i]); err != nil {
+			return fmt.Errorf("set audit of endpoint %d: %w", id, err)
+		}
+	}
+	return nil
+}
