@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sort"
 	"sync"
 	"time"
 
@@ -51,13 +52,23 @@ type agent struct {
 	knownEPs map[uint16]identity.ID
 	// cidrIDs are the CIDR identities allocated for policy prefixes.
 	cidrIDs map[netip.Prefix]identity.ID
-	// remoteIPs are the ipcache entries learned from the store.
-	remoteIPs map[netip.Prefix]store.IPEntry
+	// remoteIPs are the ipcache entries learned from the store, kept
+	// small: a large fleet has ~300K of them.
+	remoteIPs map[netip.Prefix]remoteIP
 	// published are the ipcache keys this host wrote for its endpoints.
 	published map[string]bool
+	// audit holds the endpoints (by name) an operator put in audit mode;
+	// persisted in <state_dir>/endpoint-audit.json.
+	audit     map[string]bool
 	lastSync  time.Time
 	syncErr   string
 	policyErr map[string]string // policy source -> why it was refused
+}
+
+// remoteIP is what the agent keeps of another host's ipcache entry.
+type remoteIP struct {
+	identity uint32
+	hostIP   netip.Addr
 }
 
 func newAgent(ctx context.Context, cfg config.Config, st store.Store, log *slog.Logger) (*agent, error) {
@@ -68,9 +79,10 @@ func newAgent(ctx context.Context, cfg config.Config, st store.Store, log *slog.
 		knownIDs:  map[identity.ID]string{},
 		knownEPs:  map[uint16]identity.ID{},
 		cidrIDs:   map[netip.Prefix]identity.ID{},
-		remoteIPs: map[netip.Prefix]store.IPEntry{},
+		remoteIPs: map[netip.Prefix]remoteIP{},
 		published: map[string]bool{},
 		policyErr: map[string]string{},
+		audit:     map[string]bool{},
 	}
 	for _, s := range cfg.Node.Addresses {
 		if ip, err := netip.ParseAddr(s); err == nil {
@@ -133,6 +145,7 @@ func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(strin
 		return fmt.Errorf("restore endpoints: %w", err)
 	}
 	a.log.Info("endpoints restored", "restored", len(rep.Restored), "lost", len(rep.Lost), "cleaned", len(rep.Cleaned), "failed", len(rep.Failed))
+	a.restoreAudit()
 	status("loading policies from %s", a.cfg.Datapath.PolicyDir)
 	a.loadPolicyDir(a.cfg.Datapath.PolicyDir)
 	// Policies of the store are read once now so the first sync already
@@ -218,8 +231,9 @@ func (a *agent) sync(ctx context.Context) {
 			a.knownIDs[ep.Identity] = ep.IdentityLabels.String()
 			seen[ep.Identity] = true
 		}
-		if old, ok := a.knownEPs[ep.ID]; !ok || old != ep.Identity {
-			a.pol.UpsertEndpoint(ep.ID, ep.Identity, ep.IdentityLabels, a.cfg.Datapath.PolicyAuditMode)
+		audit := a.cfg.Datapath.PolicyAuditMode || a.audit[ep.Name]
+		if old, ok := a.knownEPs[ep.ID]; !ok || old != ep.Identity || a.pol.Audit(ep.ID) != audit {
+			a.pol.UpsertEndpoint(ep.ID, ep.Identity, ep.IdentityLabels, audit)
 			a.knownEPs[ep.ID] = ep.Identity
 		}
 	}
@@ -446,6 +460,7 @@ func (a *agent) ipcacheWatch(ctx context.Context) {
 		a.syncMu.Lock()
 		defer a.syncMu.Unlock()
 		seen := map[netip.Prefix]bool{}
+		own := map[string]bool{}
 		for _, kv := range kvs {
 			var e store.IPEntry
 			if err := json.Unmarshal(kv.Value, &e); err != nil {
@@ -458,19 +473,20 @@ func (a *agent) ipcacheWatch(ctx context.Context) {
 				continue
 			}
 			if e.Node == a.cfg.Node.Name {
+				own[kv.Key] = true
 				continue // ours: the endpoint manager wrote it
 			}
 			p := netip.PrefixFrom(ip, ip.BitLen())
 			seen[p] = true
-			if old, ok := a.remoteIPs[p]; ok && old.Identity == e.Identity && old.HostIP == e.HostIP {
+			hostIP, _ := netip.ParseAddr(e.HostIP)
+			if old, ok := a.remoteIPs[p]; ok && old.identity == e.Identity && old.hostIP == hostIP {
 				continue
 			}
-			hostIP, _ := netip.ParseAddr(e.HostIP)
 			if err := a.dp.UpsertIPCache(p, e.Identity, hostIP); err != nil {
 				a.log.Error("cannot write ipcache entry", "ip", ip, "err", err)
 				continue
 			}
-			a.remoteIPs[p] = e
+			a.remoteIPs[p] = remoteIP{identity: e.Identity, hostIP: hostIP}
 		}
 		for p := range a.remoteIPs {
 			if !seen[p] {
@@ -478,6 +494,16 @@ func (a *agent) ipcacheWatch(ctx context.Context) {
 					a.log.Warn("cannot delete ipcache entry", "prefix", p, "err", err)
 				}
 				delete(a.remoteIPs, p)
+			}
+		}
+		// Our own entries gone from the store (the session was lost and
+		// Consul deleted its keys): publish them again now, not at the
+		// next session renew; the write also tells the store its session
+		// is gone.
+		for k := range a.published {
+			if !own[k] {
+				a.log.Info("own ipcache entry vanished from the store; publishing it again", "key", k)
+				delete(a.published, k)
 			}
 		}
 		a.trigger()
@@ -630,7 +656,9 @@ func (a *agent) nodeWatch(ctx context.Context) {
 	have := map[netip.Prefix]bool{}
 	a.watch(ctx, prefix, func(kvs []store.KV) {
 		now := map[netip.Prefix]bool{}
+		own := false
 		for _, kv := range kvs {
+			own = own || kv.Key == store.NodeKey(a.cfg.Node.Cluster, a.cfg.Node.Name)
 			var n store.NodeEntry
 			if err := json.Unmarshal(kv.Value, &n); err != nil {
 				a.log.Warn("skipping malformed node entry", "key", kv.Key, "err", err)
@@ -660,6 +688,15 @@ func (a *agent) nodeWatch(ctx context.Context) {
 			}
 		}
 		have = now
+		if !own {
+			// Gone with a lost session (or deleted by hand): write it
+			// again, which also makes the store notice the lost session.
+			go func() {
+				if err := a.publishNode(ctx); err != nil {
+					a.log.Debug("cannot publish this node yet", "err", err)
+				}
+			}()
+		}
 	})
 }
 
@@ -692,5 +729,101 @@ func (a *agent) runGC(ctx context.Context) {
 	}
 	if err := identity.NewGC(a.st, opts).Run(ctx); err != nil && ctx.Err() == nil {
 		a.log.Error("identity garbage collector stopped", "err", err)
+	}
+}
+
+func (a *agent) auditFile() string { return filepath.Join(a.cfg.Agent.StateDir, "endpoint-audit.json") }
+
+// restoreAudit re-applies per-endpoint audit mode after a restart (the
+// endpoint restore writes the global setting into rw_endpoints).
+func (a *agent) restoreAudit() {
+	b, err := os.ReadFile(a.auditFile())
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			a.log.Warn("cannot read per-endpoint audit state; no endpoint is in audit mode", "err", err)
+		}
+		return
+	}
+	var names []string
+	if err := json.Unmarshal(b, &names); err != nil {
+		a.log.Warn("per-endpoint audit state is corrupt; ignoring it", "file", a.auditFile(), "err", err)
+		return
+	}
+	for _, n := range names {
+		ep, err := a.eps.Get(n)
+		if err != nil {
+			continue
+		}
+		if err := a.dp.SetAudit(ep.ID, true); err != nil {
+			a.log.Warn("cannot restore audit mode", "endpoint", n, "err", err)
+			continue
+		}
+		a.audit[n] = true
+	}
+}
+
+// setAudit puts one endpoint in or out of audit mode and persists it.
+func (a *agent) setAudit(ctx context.Context, nameOrID string, on bool) (endpoint.Endpoint, error) {
+	ep, err := a.endpoint(nameOrID)
+	if err != nil {
+		return ep, err
+	}
+	a.syncMu.Lock()
+	if err := a.dp.SetAudit(ep.ID, on || a.cfg.Datapath.PolicyAuditMode); err != nil {
+		a.syncMu.Unlock()
+		return ep, err
+	}
+	if on {
+		a.audit[ep.Name] = true
+	} else {
+		delete(a.audit, ep.Name)
+	}
+	a.saveAuditLocked()
+	a.syncMu.Unlock()
+	a.log.Warn("endpoint audit mode changed", "endpoint", ep.Name, "endpoint_id", ep.ID, "audit", on)
+	a.sync(ctx)
+	return ep, nil
+}
+
+func writeFileAtomic(path string, data []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// forgetAudit drops a deleted endpoint's audit mode.
+func (a *agent) forgetAudit(name string) {
+	a.syncMu.Lock()
+	defer a.syncMu.Unlock()
+	if a.audit[name] {
+		delete(a.audit, name)
+		a.saveAuditLocked()
+	}
+}
+
+// saveAuditLocked persists the audit set; syncMu must be held.
+func (a *agent) saveAuditLocked() {
+	names := make([]string, 0, len(a.audit))
+	for n := range a.audit {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	b, _ := json.Marshal(names)
+	if err := writeFileAtomic(a.auditFile(), b); err != nil {
+		a.log.Warn("cannot persist per-endpoint audit mode; it lasts until the agent restarts", "err", err)
 	}
 }

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/rackwire/rackwire/daemon/api"
 	"github.com/rackwire/rackwire/daemon/datapath"
 	"github.com/rackwire/rackwire/daemon/endpoint"
@@ -27,13 +29,17 @@ func (d *Daemon) agentRoutes() {
 	h("GET /v1/endpoints", func(r *http.Request) (any, error) {
 		var out []api.Endpoint
 		for _, ep := range a.eps.List() {
-			out = append(out, toAPIEndpoint(ep))
+			e := toAPIEndpoint(ep)
+			e.Audit = a.isAudit(ep.Name)
+			out = append(out, e)
 		}
 		return nonNil(out), nil
 	})
 	h("GET /v1/endpoints/{ep}", func(r *http.Request) (any, error) {
 		ep, err := a.endpoint(r.PathValue("ep"))
-		return toAPIEndpoint(ep), err
+		e := toAPIEndpoint(ep)
+		e.Audit = a.isAudit(ep.Name)
+		return e, err
 	})
 	h("POST /v1/endpoints", func(r *http.Request) (any, error) {
 		var in api.EndpointAdd
@@ -43,11 +49,32 @@ func (d *Daemon) agentRoutes() {
 		return a.addEndpoint(r.Context(), in)
 	})
 	h("DELETE /v1/endpoints/{ep}", func(r *http.Request) (any, error) {
+		ep, err := a.endpoint(r.PathValue("ep"))
+		if err != nil {
+			return nil, err
+		}
 		if err := a.eps.Delete(r.Context(), r.PathValue("ep")); err != nil {
 			return nil, endpointErr(err)
 		}
+		a.forgetAudit(ep.Name)
 		a.sync(r.Context())
 		return map[string]string{"deleted": r.PathValue("ep")}, nil
+	})
+
+	h("POST /v1/endpoints/{ep}/audit", func(r *http.Request) (any, error) {
+		var in struct {
+			Enabled bool `json:"enabled"`
+		}
+		if err := api.DecodeBody(r, &in); err != nil {
+			return nil, err
+		}
+		ep, err := a.setAudit(r.Context(), r.PathValue("ep"), in.Enabled)
+		if err != nil {
+			return nil, err
+		}
+		out := toAPIEndpoint(ep)
+		out.Audit = in.Enabled || a.cfg.Datapath.PolicyAuditMode
+		return out, nil
 	})
 
 	h("GET /v1/identities", func(r *http.Request) (any, error) { return a.identities(), nil })
@@ -406,6 +433,11 @@ func (a *agent) rawEntry(r *http.Request, add bool) (any, error) {
 	} else {
 		err = a.dp.DeleteEntry(ep.ID, de)
 	}
+	if errors.Is(err, unix.E2BIG) {
+		// The kernel's E2BIG on a hash map update means "no room left".
+		return nil, api.Errorf(http.StatusConflict, "delete entries, or raise [datapath] policy_max_entries and run `rackwired cleanup` (existing maps keep their size)",
+			"policy map of endpoint %s is full (policy_max_entries = %d): %v", ep.Name, a.cfg.Datapath.PolicyMaxEntries, err)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -593,4 +625,10 @@ func (a *agent) toAPIEvent(ev datapath.Event, typ string) api.Event {
 		out.EndpointName = ep.Name
 	}
 	return out
+}
+
+func (a *agent) isAudit(name string) bool {
+	a.syncMu.Lock()
+	defer a.syncMu.Unlock()
+	return a.cfg.Datapath.PolicyAuditMode || a.audit[name]
 }

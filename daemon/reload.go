@@ -39,6 +39,13 @@ func (d *Daemon) reload(ctx context.Context) {
 
 	changed, restartOnly := diffSections(cur, next)
 	if len(changed) == 0 {
+		// The reloaders still run: SIGHUP is also how an operator says
+		// "re-read policies.d", with the config file untouched.
+		for _, a := range d.reloaders {
+			if err := a(ctx, cur, next); err != nil {
+				d.log.Error("applying reloaded config", "err", err)
+			}
+		}
 		d.log.Info("config reloaded; nothing changed", "file", d.opts.ConfigPath)
 		d.metrics.Reloads.WithLabelValues("ok").Inc()
 		d.notifyStatus("serving; config unchanged on reload")

@@ -374,3 +374,47 @@ func Leader(t testing.TB, as []*Agent) *Agent {
 	}
 	return nil
 }
+
+// Options tune StartWith.
+type Options struct {
+	// ClientAddrs are addresses the HTTP API listens on besides 127.0.0.1
+	// (for agents in other network namespaces). They must exist when the
+	// agent starts and when it is restarted.
+	ClientAddrs []string
+	// Persistent runs a one-node server that keeps its data on disk
+	// instead of a -dev server, so that Kill and Restart keep the KV
+	// store and the sessions.
+	Persistent bool
+	// HCL are extra -hcl snippets (telemetry, limits).
+	HCL []string
+}
+
+// StartWith starts one server as Start does, tuned by o, and waits for it
+// to lead.
+func StartWith(t testing.TB, o Options) *Agent {
+	t.Helper()
+	a := newAgent(t, fmt.Sprintf("rwd-opt-%d", rand.IntN(1_000_000)))
+	if len(o.ClientAddrs) > 0 {
+		for i := range a.args {
+			if a.args[i] == "-client" {
+				a.args[i+1] = strings.Join(append([]string{"127.0.0.1"}, o.ClientAddrs...), " ")
+			}
+		}
+	}
+	if o.Persistent {
+		a.args = append(a.args, "-server", "-bootstrap-expect", "1",
+			"-hcl", `performance { raft_multiplier = 1 }`, "-hcl", `leave_on_terminate = false`)
+	} else {
+		a.args = append(a.args, "-dev")
+	}
+	for _, h := range o.HCL {
+		a.args = append(a.args, "-hcl", h)
+	}
+	a.start()
+	t.Cleanup(a.Kill)
+	WaitLeader(t, a.Client(t), 60*time.Second)
+	return a
+}
+
+// Port returns the agent's HTTP port.
+func (a *Agent) Port() string { return strings.TrimPrefix(a.HTTPAddr, "127.0.0.1:") }
