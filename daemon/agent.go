@@ -52,6 +52,8 @@ type agent struct {
 	knownEPs map[uint16]identity.ID
 	// cidrIDs are the CIDR identities allocated for policy prefixes.
 	cidrIDs map[netip.Prefix]identity.ID
+	// cidrPending are CIDR identities whose ipcache write failed; retried.
+	cidrPending map[netip.Prefix]bool
 	// remoteIPs are the ipcache entries learned from the store, kept
 	// small: a large fleet has ~300K of them.
 	remoteIPs map[netip.Prefix]remoteIP
@@ -59,10 +61,15 @@ type agent struct {
 	published map[string]bool
 	// audit holds the endpoints (by name) an operator put in audit mode;
 	// persisted in <state_dir>/endpoint-audit.json.
-	audit     map[string]bool
-	lastSync  time.Time
-	syncErr   string
-	policyErr map[string]string // policy source -> why it was refused
+	audit map[string]bool
+	// failedEPs are endpoints whose last policy write failed: the engine
+	// reports a change once, so sync writes these again until one works.
+	failedEPs map[uint16]bool
+	// syncFailing is set while syncs fail, so a failure is logged once.
+	syncFailing bool
+	lastSync    time.Time
+	syncErr     string
+	policyErr   map[string]string // policy source -> why it was refused
 }
 
 // remoteIP is what the agent keeps of another host's ipcache entry.
@@ -74,15 +81,17 @@ type remoteIP struct {
 func newAgent(ctx context.Context, cfg config.Config, st store.Store, log *slog.Logger) (*agent, error) {
 	a := &agent{
 		log: log, cfg: cfg, st: st,
-		cidrs:     identity.NewLocalAllocator(),
-		kick:      make(chan struct{}, 1),
-		knownIDs:  map[identity.ID]string{},
-		knownEPs:  map[uint16]identity.ID{},
-		cidrIDs:   map[netip.Prefix]identity.ID{},
-		remoteIPs: map[netip.Prefix]remoteIP{},
-		published: map[string]bool{},
-		policyErr: map[string]string{},
-		audit:     map[string]bool{},
+		cidrs:       identity.NewLocalAllocator(),
+		kick:        make(chan struct{}, 1),
+		knownIDs:    map[identity.ID]string{},
+		knownEPs:    map[uint16]identity.ID{},
+		failedEPs:   map[uint16]bool{},
+		cidrIDs:     map[netip.Prefix]identity.ID{},
+		cidrPending: map[netip.Prefix]bool{},
+		remoteIPs:   map[netip.Prefix]remoteIP{},
+		published:   map[string]bool{},
+		policyErr:   map[string]string{},
+		audit:       map[string]bool{},
 	}
 	for _, s := range cfg.Node.Addresses {
 		if ip, err := netip.ParseAddr(s); err == nil {
@@ -254,7 +263,14 @@ func (a *agent) sync(ctx context.Context) {
 	want := map[netip.Prefix]bool{}
 	for _, p := range a.pol.CIDRPrefixes() {
 		want[p] = true
-		if _, ok := a.cidrIDs[p]; ok {
+		if id, ok := a.cidrIDs[p]; ok {
+			if a.cidrPending[p] {
+				if err := a.dp.UpsertIPCache(p, uint32(id), netip.Addr{}); err != nil {
+					errs = append(errs, fmt.Errorf("ipcache %s: %w", p, err))
+				} else {
+					delete(a.cidrPending, p)
+				}
+			}
 			continue
 		}
 		id, _, err := a.cidrs.Allocate(p.String())
@@ -265,6 +281,7 @@ func (a *agent) sync(ctx context.Context) {
 		a.pol.UpsertIdentity(id, policy.CIDRLabels(p))
 		if err := a.dp.UpsertIPCache(p, uint32(id), netip.Addr{}); err != nil {
 			errs = append(errs, fmt.Errorf("ipcache %s: %w", p, err))
+			a.cidrPending[p] = true
 		}
 		a.cidrIDs[p] = id
 	}
@@ -280,6 +297,7 @@ func (a *agent) sync(ctx context.Context) {
 			}
 		}
 		delete(a.cidrIDs, p)
+		delete(a.cidrPending, p)
 	}
 
 	// Policy maps: write what changed, each endpoint as a whole (the
@@ -293,25 +311,43 @@ func (a *agent) sync(ctx context.Context) {
 		a.lastSync = time.Now()
 		return
 	}
+	write := map[uint16]bool{}
 	for _, ch := range a.pol.Changes() {
-		if ch.Removed {
-			continue
+		if !ch.Removed {
+			write[ch.Endpoint] = true
 		}
-		desired, ok := a.pol.Desired(ch.Endpoint)
+	}
+	for id := range a.failedEPs {
+		write[id] = true
+	}
+	for id := range write {
+		desired, ok := a.pol.Desired(id)
 		if !ok {
+			delete(a.failedEPs, id)
 			continue
 		}
-		if err := a.dp.SetPolicy(ch.Endpoint, toDatapath(desired)); err != nil {
-			errs = append(errs, fmt.Errorf("write policy of endpoint %d: %w", ch.Endpoint, err))
+		if err := a.dp.SetPolicy(id, toDatapath(desired)); err != nil {
+			a.failedEPs[id] = true
+			errs = append(errs, fmt.Errorf("write policy of endpoint %d: %w", id, err))
+			continue
 		}
+		delete(a.failedEPs, id)
 	}
 	a.lastSync = time.Now()
 	a.syncErr = ""
 	if err := errors.Join(errs...); err != nil {
 		a.syncErr = err.Error()
-		a.log.Error("sync incomplete; will retry", "err", err)
-		// Retry the failed parts soon without spinning.
-		time.AfterFunc(2*time.Second, a.trigger)
+		// syncLoop's ticker retries the failed parts every second; a
+		// failure is logged when it starts, not on every retry.
+		if !a.syncFailing {
+			a.log.Error("sync incomplete; will retry", "err", err)
+		} else {
+			a.log.Debug("sync still incomplete", "err", err)
+		}
+		a.syncFailing = true
+	} else if a.syncFailing {
+		a.syncFailing = false
+		a.log.Info("sync complete again")
 	}
 	a.publishEndpoints(ctx)
 }

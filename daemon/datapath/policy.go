@@ -224,6 +224,11 @@ func (d *Datapath) SetPolicy(id uint16, desired []Entry) error {
 	if err != nil {
 		return fmt.Errorf("set policy of endpoint %d: %w", id, err)
 	}
+	// A policy that cannot fit is refused before the map is touched: a
+	// half-written map would mix the old and the new policy.
+	if need := len(want) + 2; need > int(m.MaxEntries()) {
+		return fmt.Errorf("set policy of endpoint %d: it needs %d entries with the meta entries, the map holds %d ([datapath] policy_max_entries); the previous policy stays", id, need, m.MaxEntries())
+	}
 	have := map[policyKey]policyValue{}
 	var (
 		k policyKey
@@ -329,10 +334,29 @@ func (d *Datapath) PutEntry(id uint16, e Entry) error {
 	if err := widenMeta(m, add); err != nil {
 		return fmt.Errorf("put entry on endpoint %d: %w", id, err)
 	}
+	// A range is several keys: if one does not fit (full map), undo the
+	// ones written before it, so a refused entry leaves nothing behind.
+	type prior struct {
+		k   policyKey
+		v   policyValue
+		had bool
+	}
+	var done []prior
 	for _, k := range ks {
+		var old policyValue
+		had := m.Lookup(k, &old) == nil
 		if err := m.Put(k, v); err != nil {
+			for _, p := range done {
+				if p.had {
+					_ = m.Put(p.k, p.v)
+				} else {
+					_ = m.Delete(p.k)
+				}
+			}
+			_ = writeMeta(m)
 			return fmt.Errorf("put entry on endpoint %d: %v: %w", id, e, err)
 		}
+		done = append(done, prior{k, old, had})
 	}
 	return writeMeta(m)
 }
