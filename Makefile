@@ -17,7 +17,7 @@ export RACKWIRE_CACHE := $(CACHE)
 # Fuzz time per target inside `make test` (bounded).
 FUZZTIME ?= 20s
 
-.PHONY: all build deps generate generate-check lint test test-unit test-systemd test-salt fuzz bench package quickstart quickstart-stop check clean
+.PHONY: all build deps generate generate-check lint test test-unit test-systemd test-salt fuzz bench bench-consul package quickstart quickstart-stop check clean
 
 all: build
 
@@ -57,6 +57,11 @@ test: lint test-unit fuzz
 
 bench:
 	bash tests/bench/run.sh
+
+# Consul at fleet scale (~4 min): 300,000 ipcache entries into one agent,
+# propagation of a new endpoint to 10 agents, recovery after an outage.
+bench-consul:
+	RACKWIRE_BENCH=1 $(GO) test -count=1 -v -run TestBench -timeout 20m ./tests/multihost/
 
 package:
 	bash packaging/build.sh $(VERSION)

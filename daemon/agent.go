@@ -102,6 +102,8 @@ func newAgent(ctx context.Context, cfg config.Config, st store.Store, log *slog.
 	var err error
 	a.ids, err = identity.NewAllocator(st, identity.AllocatorOptions{
 		Node: cfg.Node.Name, ClusterID: uint8(cfg.Node.ClusterID), Log: log,
+		// A store outage is followed by a quick, jittered catch-up.
+		BackoffMax: 15 * time.Second,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("start identity allocator: %w", err)
@@ -461,7 +463,7 @@ func (a *agent) watch(ctx context.Context, prefix string, fn func([]store.KV)) {
 				return
 			}
 			a.log.Warn("store watch failed; keeping the last known state", "prefix", prefix, "err", err, "retry_in", backoff)
-			sleep(ctx, jitter(backoff))
+			a.retryWait(ctx, jitter(backoff))
 			backoff = min(backoff*2, time.Minute)
 			continue
 		}
@@ -861,5 +863,26 @@ func (a *agent) saveAuditLocked() {
 	b, _ := json.Marshal(names)
 	if err := writeFileAtomic(a.auditFile(), b); err != nil {
 		a.log.Warn("cannot persist per-endpoint audit mode; it lasts until the agent restarts", "err", err)
+	}
+}
+
+// retryWait waits d before a failed watch is retried, but returns early,
+// after a random delay of up to 5s, once the store reports itself healthy
+// again: recovery takes seconds rather than a full backoff, and a fleet
+// does not come back in one burst.
+func (a *agent) retryWait(ctx context.Context, d time.Duration) {
+	deadline := time.Now().Add(d)
+	wasOK := a.st.Health().State == store.StateOK
+	for time.Now().Before(deadline) {
+		sleep(ctx, min(500*time.Millisecond, time.Until(deadline)))
+		if ctx.Err() != nil {
+			return
+		}
+		ok := a.st.Health().State == store.StateOK
+		if ok && !wasOK {
+			sleep(ctx, min(time.Duration(rand.Int64N(int64(5*time.Second))), time.Until(deadline)))
+			return
+		}
+		wasOK = ok
 	}
 }

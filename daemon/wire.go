@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/rackwire/rackwire/daemon/config"
 	"github.com/rackwire/rackwire/daemon/datapath"
@@ -25,7 +26,11 @@ func openStore(ctx context.Context, cfg config.Config, log *slog.Logger) (store.
 		}
 		return s, nil
 	case "consul":
-		s, err := consul.New(consul.FromConfig(cfg.Store, cfg.Node.Name), log.With("subsys", "store"))
+		opts := consul.FromConfig(cfg.Store, cfg.Node.Name)
+		// Reconnect within seconds of Consul's return (jittered, so a
+		// fleet does not come back in one burst), not after a minute.
+		opts.BackoffMax = 15 * time.Second
+		s, err := consul.New(opts, log.With("subsys", "store"))
 		if err != nil {
 			return nil, fmt.Errorf("open consul store: %w", err)
 		}
