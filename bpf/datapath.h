@@ -4,6 +4,12 @@
  * host-side veth: parse, find the local endpoint and the remote identity,
  * let connection tracking pass established flows and replies, ask the
  * endpoint's policy map about new flows, count and report the verdict.
+ *
+ * With rw_redirect_peer set, a packet an endpoint sends to another local
+ * endpoint is also decided for the receiver (its ingress, exactly as
+ * rw_to_endpoint would) in the sender's program, then redirected straight
+ * into the receiver's namespace: the host stack and the receiver's veth
+ * egress hook never see it. See rw_local_deliver.
  */
 #pragma once
 
@@ -22,6 +28,7 @@
 /* Per-load settings, written by the agent before the programs load. */
 volatile const __u8 rw_audit_mode = 0;    /* forward what policy would drop */
 volatile const __u32 rw_trace_sample = 0; /* report 1 in N new flows; 0 = none */
+volatile const __u8 rw_redirect_peer = 0; /* local delivery with bpf_redirect_peer */
 
 /*
  * Pass lets later programs and the stack decide (TCX_NEXT / TC_ACT_UNSPEC):
@@ -31,11 +38,162 @@ volatile const __u32 rw_trace_sample = 0; /* report 1 in N new flows; 0 = none *
 #define RW_DROP TC_ACT_SHOT
 
 static __always_inline int __rw_drop(struct __sk_buff *skb, struct flow *f, __u8 dir,
-				     __u16 ep, __u32 src_id, __u32 dst_id, int reason)
+				     __u16 ep, __u32 src_id, __u32 dst_id, int reason,
+				     __u32 ifindex)
 {
 	metrics_count(reason, dir, skb->len);
-	event_emit(skb, f, dir, ep, src_id, dst_id, RW_VERDICT_DROPPED, reason);
+	event_emit(skb, f, dir, ep, src_id, dst_id, RW_VERDICT_DROPPED, reason, ifindex);
 	return RW_DROP;
+}
+
+/*
+ * rw_enforce decides a parsed packet for the local endpoint epi in dir:
+ * connection tracking, ICMP errors, identity, policy, audit, CT entry,
+ * counters and events. ifindex is epi's host-side veth, for the events.
+ * Returns RW_PASS or RW_DROP.
+ */
+static __always_inline int rw_enforce(struct __sk_buff *skb, struct flow *f, __u8 dir,
+				      struct endpoint_info *epi, __u32 ifindex)
+{
+	__u32 remote_id, src_id, dst_id, epid;
+	__u16 ep = epi->endpoint;
+	__u8 audit;
+	void *pmap;
+	int ret;
+
+	/* Established flows and replies need neither identity nor policy. */
+	if (ct_lookup(f, dir, ep, skb->len) != RW_CT_NEW) {
+		metrics_count(RW_REASON_FORWARDED, dir, skb->len);
+		return RW_PASS;
+	}
+
+	/*
+	 * An ICMP error about a tracked flow (packet too big, unreachable,
+	 * time exceeded) is related: it passes like a reply. The quoted
+	 * packet went the other way.
+	 */
+	if (f->inner_off) {
+		struct flow inner = {};
+
+		if (parse_inner(skb, f, &inner) == 0 && inner.family == f->family &&
+		    ct_related(&inner, dir ^ 1, ep)) {
+			metrics_count(RW_REASON_FORWARDED, dir, skb->len);
+			return RW_PASS;
+		}
+	}
+
+	remote_id = ipcache_lookup(dir == RW_DIR_EGRESS ? f->daddr : f->saddr, f->family);
+	src_id = dir == RW_DIR_EGRESS ? epi->identity : remote_id;
+	dst_id = dir == RW_DIR_EGRESS ? remote_id : epi->identity;
+	if (f->proto == IPPROTO_TCP && (f->tcp_flags & TCP_FLAG_SYN) &&
+	    (f->tcp_flags & (TCP_FLAG_RST | TCP_FLAG_FIN)))
+		return __rw_drop(skb, f, dir, ep, src_id, dst_id, RW_DROP_CT_INVALID, ifindex);
+
+	epid = ep;
+	pmap = bpf_map_lookup_elem(&rw_policy_maps, &epid);
+	if (!pmap)
+		return __rw_drop(skb, f, dir, ep, src_id, dst_id, RW_DROP_NO_POLICY_MAP, ifindex);
+
+	audit = rw_audit_mode || (epi->flags & RW_EP_F_AUDIT);
+	ret = policy_lookup(pmap, remote_id, f->policy_port, f->proto, dir, skb->len);
+	if (ret < 0) {
+		if (!audit)
+			return __rw_drop(skb, f, dir, ep, src_id, dst_id, ret, ifindex);
+		metrics_count(RW_AUDIT_WOULD_DENY, dir, skb->len);
+		event_emit(skb, f, dir, ep, src_id, dst_id, RW_VERDICT_AUDIT, ret, ifindex);
+		ct_create(f, dir, ep, skb->len, remote_id, 1);
+		return RW_PASS;
+	}
+
+	ct_create(f, dir, ep, skb->len, remote_id, 0);
+	metrics_count(RW_REASON_FORWARDED, dir, skb->len);
+	if (rw_trace_sample && bpf_get_prandom_u32() % rw_trace_sample == 0)
+		event_emit(skb, f, dir, ep, src_id, dst_id,
+			   RW_VERDICT_FORWARDED, RW_REASON_FORWARDED, ifindex);
+	return RW_PASS;
+}
+
+static __always_inline int __mac_zero(const __u8 *m)
+{
+	return !(m[0] | m[1] | m[2] | m[3] | m[4] | m[5]);
+}
+
+static __always_inline int __mac_eq(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] &&
+	       a[3] == b[3] && a[4] == b[4] && a[5] == b[5];
+}
+
+/*
+ * rw_local_deliver runs in the sender's program after its egress policy let
+ * the packet through. When the destination is a local endpoint the host
+ * could route to directly, it decides the receiver's ingress (rw_enforce,
+ * as rw_to_endpoint would, attributed to the receiver) and, if that passes,
+ * does what the router would (MACs, TTL / hop limit, IPv4 checksum) and
+ * redirects into the receiver's namespace. Anything it does not handle
+ * (not local, no MACs known, not addressed to the sender's gateway MAC,
+ * TTL about to expire, larger than the receiver's MTU, the sender's own
+ * veth) passes untouched to the host stack, where rw_to_endpoint decides as
+ * before: the eligibility checks run before any ingress decision, so no
+ * packet is decided twice.
+ */
+static __always_inline int rw_local_deliver(struct __sk_buff *skb, struct flow *f,
+					    struct endpoint_info *src)
+{
+	struct endpoint_info *dst;
+	struct ip_key k = {};
+	__u8 l2[12], ttl[2];
+	__u32 ifindex, hop_off, mtu_len = 0;
+	int ret;
+
+	__builtin_memcpy(k.addr, f->daddr, 16);
+	k.family = f->family;
+	dst = bpf_map_lookup_elem(&rw_endpoints, &k);
+	if (!dst)
+		return RW_PASS;
+	ifindex = dst->ifindex;
+	if (!ifindex || ifindex == skb->ifindex || __mac_zero(dst->mac) ||
+	    __mac_zero(dst->node_mac) || __mac_zero(src->node_mac))
+		return RW_PASS;
+	/* Only what the stack would route: sent to the sender's gateway MAC. */
+	if (bpf_skb_load_bytes(skb, 0, l2, 6) < 0 || !__mac_eq(l2, src->node_mac))
+		return RW_PASS;
+	/* TTL 1: the stack answers with time exceeded. ttl[1] is the IPv4 protocol. */
+	hop_off = f->family == 4 ? ETH_HLEN + 8 : ETH_HLEN + 7;
+	if (bpf_skb_load_bytes(skb, hop_off, ttl, f->family == 4 ? 2 : 1) < 0 || ttl[0] <= 1)
+		return RW_PASS;
+	/*
+	 * Too big for the receiver's veth: the redirect would drop it silently,
+	 * the stack sends "fragmentation needed" / "packet too big".
+	 */
+	if (bpf_check_mtu(skb, ifindex, &mtu_len, 0, 0) != 0)
+		return RW_PASS;
+
+	ret = rw_enforce(skb, f, RW_DIR_INGRESS, dst, ifindex);
+	if (ret != RW_PASS)
+		return ret;
+
+	__builtin_memcpy(&l2[0], dst->mac, 6);
+	__builtin_memcpy(&l2[6], dst->node_mac, 6);
+	if (f->family == 4) {
+		__be16 old, new;
+
+		__builtin_memcpy(&old, ttl, 2);
+		ttl[0]--;
+		__builtin_memcpy(&new, ttl, 2);
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, old, new, 2) < 0)
+			goto fail;
+	} else {
+		ttl[0]--;
+	}
+	if (bpf_skb_store_bytes(skb, hop_off, ttl, 1, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 0, l2, 12, 0) < 0)
+		goto fail;
+	return bpf_redirect_peer(ifindex, 0);
+fail:
+	/* Decided but not deliverable (no memory to unshare the skb). */
+	return __rw_drop(skb, f, RW_DIR_INGRESS, dst->endpoint, 0, 0, RW_DROP_INVALID_PACKET,
+			 ifindex);
 }
 
 /* rw_handle enforces dir (RW_DIR_EGRESS: sent by the endpoint) on skb. */
@@ -44,16 +202,13 @@ static __always_inline int rw_handle(struct __sk_buff *skb, __u8 dir)
 	struct endpoint_info *epi;
 	struct flow f = {};
 	struct ip_key lk = {};
-	__u32 remote_id, src_id, dst_id, epid;
-	__u8 audit;
-	void *pmap;
 	int ret;
 
 	ret = parse_packet(skb, &f);
 	if (ret == RW_PARSE_ARP)
 		return RW_PASS;
 	if (ret < 0)
-		return __rw_drop(skb, &f, dir, 0, 0, 0, ret);
+		return __rw_drop(skb, &f, dir, 0, 0, 0, ret, skb->ifindex);
 	if (f.ndisc) {
 		metrics_count(RW_REASON_FORWARDED, dir, skb->len);
 		return RW_PASS;
@@ -64,58 +219,14 @@ static __always_inline int rw_handle(struct __sk_buff *skb, __u8 dir)
 	epi = bpf_map_lookup_elem(&rw_endpoints, &lk);
 	if (!epi)
 		return __rw_drop(skb, &f, dir, 0, 0, 0,
-				 dir == RW_DIR_EGRESS ? RW_DROP_SPOOFED_SOURCE : RW_DROP_NO_IDENTITY);
+				 dir == RW_DIR_EGRESS ? RW_DROP_SPOOFED_SOURCE : RW_DROP_NO_IDENTITY,
+				 skb->ifindex);
 	if (dir == RW_DIR_EGRESS && epi->ifindex && epi->ifindex != skb->ifindex)
-		return __rw_drop(skb, &f, dir, epi->endpoint, 0, 0, RW_DROP_SPOOFED_SOURCE);
+		return __rw_drop(skb, &f, dir, epi->endpoint, 0, 0, RW_DROP_SPOOFED_SOURCE,
+				 skb->ifindex);
 
-	/* Established flows and replies need neither identity nor policy. */
-	if (ct_lookup(&f, dir, epi->endpoint, skb->len) != RW_CT_NEW) {
-		metrics_count(RW_REASON_FORWARDED, dir, skb->len);
-		return RW_PASS;
-	}
-
-	/*
-	 * An ICMP error about a tracked flow (packet too big, unreachable,
-	 * time exceeded) is related: it passes like a reply. The quoted
-	 * packet went the other way.
-	 */
-	if (f.inner_off) {
-		struct flow inner = {};
-
-		if (parse_inner(skb, &f, &inner) == 0 && inner.family == f.family &&
-		    ct_related(&inner, dir ^ 1, epi->endpoint)) {
-			metrics_count(RW_REASON_FORWARDED, dir, skb->len);
-			return RW_PASS;
-		}
-	}
-
-	remote_id = ipcache_lookup(dir == RW_DIR_EGRESS ? f.daddr : f.saddr, f.family);
-	src_id = dir == RW_DIR_EGRESS ? epi->identity : remote_id;
-	dst_id = dir == RW_DIR_EGRESS ? remote_id : epi->identity;
-	if (f.proto == IPPROTO_TCP && (f.tcp_flags & TCP_FLAG_SYN) &&
-	    (f.tcp_flags & (TCP_FLAG_RST | TCP_FLAG_FIN)))
-		return __rw_drop(skb, &f, dir, epi->endpoint, src_id, dst_id, RW_DROP_CT_INVALID);
-
-	epid = epi->endpoint;
-	pmap = bpf_map_lookup_elem(&rw_policy_maps, &epid);
-	if (!pmap)
-		return __rw_drop(skb, &f, dir, epi->endpoint, src_id, dst_id, RW_DROP_NO_POLICY_MAP);
-
-	audit = rw_audit_mode || (epi->flags & RW_EP_F_AUDIT);
-	ret = policy_lookup(pmap, remote_id, f.policy_port, f.proto, dir, skb->len);
-	if (ret < 0) {
-		if (!audit)
-			return __rw_drop(skb, &f, dir, epi->endpoint, src_id, dst_id, ret);
-		metrics_count(RW_AUDIT_WOULD_DENY, dir, skb->len);
-		event_emit(skb, &f, dir, epi->endpoint, src_id, dst_id, RW_VERDICT_AUDIT, ret);
-		ct_create(&f, dir, epi->endpoint, skb->len, remote_id, 1);
-		return RW_PASS;
-	}
-
-	ct_create(&f, dir, epi->endpoint, skb->len, remote_id, 0);
-	metrics_count(RW_REASON_FORWARDED, dir, skb->len);
-	if (rw_trace_sample && bpf_get_prandom_u32() % rw_trace_sample == 0)
-		event_emit(skb, &f, dir, epi->endpoint, src_id, dst_id,
-			   RW_VERDICT_FORWARDED, RW_REASON_FORWARDED);
-	return RW_PASS;
+	ret = rw_enforce(skb, &f, dir, epi, skb->ifindex);
+	if (dir == RW_DIR_EGRESS && rw_redirect_peer && ret == RW_PASS)
+		return rw_local_deliver(skb, &f, epi);
+	return ret;
 }

@@ -26,10 +26,13 @@ static __always_inline void metrics_count(int reason, __u8 dir, __u32 len)
 	m->bytes += len;
 }
 
-/* event_emit reports one packet to rw_events. */
+/*
+ * event_emit reports one packet to rw_events; ifindex is the host-side veth
+ * of endpoint ep (the receiver's when the sender's program decided for it).
+ */
 static __always_inline void event_emit(struct __sk_buff *skb, struct flow *f, __u8 dir,
 				       __u16 ep, __u32 src_id, __u32 dst_id,
-				       __u8 verdict, int reason)
+				       __u8 verdict, int reason, __u32 ifindex)
 {
 	struct event *e = bpf_ringbuf_reserve(&rw_events, sizeof(*e), 0);
 
@@ -50,7 +53,7 @@ static __always_inline void event_emit(struct __sk_buff *skb, struct flow *f, __
 	e->verdict = verdict;
 	e->pad = 0;
 	e->reason = reason;
-	e->ifindex = skb->ifindex;
+	e->ifindex = ifindex;
 	e->len = skb->len;
 	bpf_ringbuf_submit(e, 0);
 }

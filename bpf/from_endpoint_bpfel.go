@@ -29,6 +29,7 @@ const (
 	FromEndpointVarRwCtTimeoutClose = "rw_ct_timeout_close"
 	FromEndpointVarRwCtTimeoutOther = "rw_ct_timeout_other"
 	FromEndpointVarRwCtTimeoutTcp   = "rw_ct_timeout_tcp"
+	FromEndpointVarRwRedirectPeer   = "rw_redirect_peer"
 	FromEndpointVarRwTraceSample    = "rw_trace_sample"
 )
 
@@ -99,6 +100,7 @@ type FromEndpointVariableSpecs struct {
 	RwCtTimeoutClose *ebpf.VariableSpec `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther *ebpf.VariableSpec `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp   *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp"`
+	RwRedirectPeer   *ebpf.VariableSpec `ebpf:"rw_redirect_peer"`
 	RwTraceSample    *ebpf.VariableSpec `ebpf:"rw_trace_sample"`
 }
 
@@ -153,6 +155,7 @@ type FromEndpointVariables struct {
 	RwCtTimeoutClose *ebpf.Variable `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther *ebpf.Variable `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp   *ebpf.Variable `ebpf:"rw_ct_timeout_tcp"`
+	RwRedirectPeer   *ebpf.Variable `ebpf:"rw_redirect_peer"`
 	RwTraceSample    *ebpf.Variable `ebpf:"rw_trace_sample"`
 }
 

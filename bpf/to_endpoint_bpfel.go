@@ -29,6 +29,7 @@ const (
 	ToEndpointVarRwCtTimeoutClose = "rw_ct_timeout_close"
 	ToEndpointVarRwCtTimeoutOther = "rw_ct_timeout_other"
 	ToEndpointVarRwCtTimeoutTcp   = "rw_ct_timeout_tcp"
+	ToEndpointVarRwRedirectPeer   = "rw_redirect_peer"
 	ToEndpointVarRwTraceSample    = "rw_trace_sample"
 )
 
@@ -99,6 +100,7 @@ type ToEndpointVariableSpecs struct {
 	RwCtTimeoutClose *ebpf.VariableSpec `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther *ebpf.VariableSpec `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp   *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp"`
+	RwRedirectPeer   *ebpf.VariableSpec `ebpf:"rw_redirect_peer"`
 	RwTraceSample    *ebpf.VariableSpec `ebpf:"rw_trace_sample"`
 }
 
@@ -153,6 +155,7 @@ type ToEndpointVariables struct {
 	RwCtTimeoutClose *ebpf.Variable `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther *ebpf.Variable `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp   *ebpf.Variable `ebpf:"rw_ct_timeout_tcp"`
+	RwRedirectPeer   *ebpf.Variable `ebpf:"rw_redirect_peer"`
 	RwTraceSample    *ebpf.Variable `ebpf:"rw_trace_sample"`
 }
 

@@ -173,7 +173,7 @@ func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(strin
 	}
 
 	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.nodeWatch, a.hostIPLoop, a.mon.run,
-		a.waitFirstList, a.runGC}
+		a.waitFirstList, a.runGC, a.probeStore}
 	if a.bgp != nil {
 		loops = append(loops, func(ctx context.Context) {
 			if err := a.bgp.Run(ctx); err != nil && ctx.Err() == nil {
@@ -884,5 +884,29 @@ func (a *agent) retryWait(ctx context.Context, d time.Duration) {
 			return
 		}
 		wasOK = ok
+	}
+}
+
+// probeStore makes one cheap read every 5–10 s while the store is not
+// healthy. The watches sleep in backoff during an outage; this probe is
+// what notices the store's return (its success marks the store healthy),
+// and retryWait then wakes them with jitter. One request per host per
+// probe interval is all an outage costs the store.
+func (a *agent) probeStore(ctx context.Context) {
+	key := store.NodeKey(a.cfg.Node.Cluster, a.cfg.Node.Name)
+	for {
+		sleep(ctx, 5*time.Second+time.Duration(rand.Int64N(int64(5*time.Second))))
+		if ctx.Err() != nil {
+			return
+		}
+		if a.st.Health().State == store.StateOK {
+			continue
+		}
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := a.st.Get(pctx, key)
+		cancel()
+		if err == nil || errors.Is(err, store.ErrNotFound) {
+			a.log.Info("store answers again; watches resume", "health", a.st.Health().State)
+		}
 	}
 }

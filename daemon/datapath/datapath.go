@@ -43,6 +43,11 @@ type Options struct {
 	Attach      string // "auto" (tcx when the kernel has it), "tcx" or "tc"
 	Audit       bool   // forward what policy would drop, and report it
 	TraceSample uint32 // report 1 in N new flows as trace events; 0 = none
+	// NoRedirectPeer keeps local endpoint-to-endpoint traffic on the host
+	// stack even where the kernel has bpf_redirect_peer (Features().RedirectPeer);
+	// by default such traffic is decided for both endpoints in the sender's
+	// program and redirected straight into the receiver's namespace.
+	NoRedirectPeer bool
 	// Idle time after which a CT entry no longer counts and policy decides
 	// again; zero takes the default (TCP 6h, TCP after FIN/RST 10s, other 60s).
 	CTTimeoutTCP, CTTimeoutClose, CTTimeoutOther time.Duration
@@ -168,6 +173,12 @@ func (d *Datapath) sharedSpecs() (from, to *ebpf.CollectionSpec, err error) {
 		if err := s.Variables["rw_trace_sample"].Set(d.opts.TraceSample); err != nil {
 			return nil, nil, fmt.Errorf("set trace sample: %w", err)
 		}
+		// Only rw_from_endpoint redirects; the other object may not have it.
+		if v, ok := s.Variables["rw_redirect_peer"]; ok {
+			if err := v.Set(boolByte(d.localRedirect())); err != nil {
+				return nil, nil, fmt.Errorf("set redirect peer: %w", err)
+			}
+		}
 		for name, v := range map[string]time.Duration{
 			"rw_ct_timeout_tcp":   d.opts.CTTimeoutTCP,
 			"rw_ct_timeout_close": d.opts.CTTimeoutClose,
@@ -179,6 +190,11 @@ func (d *Datapath) sharedSpecs() (from, to *ebpf.CollectionSpec, err error) {
 		}
 	}
 	return from, to, nil
+}
+
+// localRedirect reports whether local delivery uses bpf_redirect_peer.
+func (d *Datapath) localRedirect() bool {
+	return d.features.RedirectPeer && !d.opts.NoRedirectPeer
 }
 
 func boolByte(b bool) uint8 {
@@ -290,6 +306,7 @@ func loadProgram(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map, prog stri
 func (d *Datapath) Features() Features {
 	f := d.features
 	f.AttachMode = d.mode
+	f.LocalRedirect = d.localRedirect()
 	return f
 }
 

@@ -25,6 +25,14 @@
 // endpoint's address (source for what it sends, destination for what it
 // receives), so one loaded pair of programs serves every endpoint.
 //
+// Local delivery: when the kernel has bpf_redirect_peer and bpf_check_mtu
+// (Features().RedirectPeer) and Options.NoRedirectPeer is false,
+// rw_from_endpoint also decides the ingress policy of a local destination
+// endpoint (one in rw_endpoints with its MAC and host-side MAC known) and
+// redirects the packet straight into its namespace; everything else takes
+// the host stack and rw_to_endpoint as before. Features().LocalRedirect
+// says which was chosen; it is a load-time constant of the programs.
+//
 // Port ranges keep the 8-byte key: a range is split into the fewest aligned
 // power-of-two blocks, and bits 1-4 of the key's direction byte hold log2 of
 // the block size (0 = one port; the dport field holds the block's first

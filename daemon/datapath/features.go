@@ -12,14 +12,17 @@ import (
 
 // Features is what the kernel offers the datapath and what it falls back to.
 type Features struct {
-	TCX          bool     `json:"tcx"`           // tcx links (6.6+); else legacy clsact tc
-	RingBuf      bool     `json:"ringbuf"`       // ring buffer maps (5.8+); else no events
-	RedirectPeer bool     `json:"redirect_peer"` // bpf_redirect_peer (5.10+)
-	LPM          bool     `json:"lpm"`           // LPM trie maps; else prefixes are unsupported
-	BTF          bool     `json:"btf"`           // kernel BTF at /sys/kernel/btf/vmlinux
-	HashOfMaps   bool     `json:"hash_of_maps"`  // required: per-endpoint policy maps
-	AttachMode   string   `json:"attach_mode"`   // tcx or tc, as chosen by Open
-	Fallbacks    []string `json:"fallbacks,omitempty"`
+	TCX          bool   `json:"tcx"`           // tcx links (6.6+); else legacy clsact tc
+	RingBuf      bool   `json:"ringbuf"`       // ring buffer maps (5.8+); else no events
+	RedirectPeer bool   `json:"redirect_peer"` // bpf_redirect_peer (5.10+)
+	LPM          bool   `json:"lpm"`           // LPM trie maps; else prefixes are unsupported
+	BTF          bool   `json:"btf"`           // kernel BTF at /sys/kernel/btf/vmlinux
+	HashOfMaps   bool   `json:"hash_of_maps"`  // required: per-endpoint policy maps
+	AttachMode   string `json:"attach_mode"`   // tcx or tc, as chosen by Open
+	// LocalRedirect: Open chose bpf_redirect_peer for local endpoint-to-
+	// endpoint traffic (RedirectPeer and not Options.NoRedirectPeer).
+	LocalRedirect bool     `json:"local_redirect"`
+	Fallbacks     []string `json:"fallbacks,omitempty"`
 }
 
 func probeFeatures() Features {
@@ -30,7 +33,10 @@ func probeFeatures() Features {
 	f.RingBuf = features.HaveMapType(ebpf.RingBuf) == nil
 	f.LPM = features.HaveMapType(ebpf.LPMTrie) == nil
 	f.HashOfMaps = features.HaveMapType(ebpf.HashOfMaps) == nil
-	f.RedirectPeer = features.HaveProgramHelper(ebpf.SchedCLS, asm.FnRedirectPeer) == nil
+	// The local fast path needs both: the MTU check keeps too-big packets
+	// on the host stack, which reports them.
+	f.RedirectPeer = features.HaveProgramHelper(ebpf.SchedCLS, asm.FnRedirectPeer) == nil &&
+		features.HaveProgramHelper(ebpf.SchedCLS, asm.FnCheckMtu) == nil
 	_, err = os.Stat("/sys/kernel/btf/vmlinux")
 	f.BTF = !errors.Is(err, os.ErrNotExist) && err == nil
 	if !f.TCX {

@@ -75,13 +75,19 @@ type topo struct {
 
 func newTopo(t *testing.T, tag string) *topo {
 	t.Helper()
+	return newTopoPrefix(t, "rwa", tag)
+}
+
+// newTopoPrefix is newTopo with the namespaces and links named prefix...
+func newTopoPrefix(t *testing.T, prefix, tag string) *topo {
+	t.Helper()
 	testenv.RequireRoot(t)
 	testenv.RequireCommand(t, "ip")
 	testenv.RequireCommand(t, "ping")
 	id := fmt.Sprintf("%s%d", tag, os.Getpid()%100000)
 	tp := &topo{
-		host: "rwa_h" + id, a: "rwa_a" + id, b: "rwa_b" + id,
-		hostA: "rwa" + id + "a", hostB: "rwa" + id + "b",
+		host: prefix + "_h" + id, a: prefix + "_a" + id, b: prefix + "_b" + id,
+		hostA: prefix + id + "a", hostB: prefix + id + "b",
 		ipA: netip.MustParseAddr("10.201.1.2"), ipB: netip.MustParseAddr("10.201.2.2"),
 		ip6A: netip.MustParseAddr("fd20:1::2"), ip6B: netip.MustParseAddr("fd20:2::2"),
 	}
