@@ -369,24 +369,6 @@ func (a *agent) nodes(ctx context.Context) ([]api.Node, error) {
 	return out, nil
 }
 
-func protoName(p uint8) string {
-	switch p {
-	case 0:
-		return "any"
-	case 1:
-		return "icmp"
-	case 6:
-		return "tcp"
-	case 17:
-		return "udp"
-	case 58:
-		return "icmpv6"
-	case 132:
-		return "sctp"
-	}
-	return strconv.Itoa(int(p))
-}
-
 func (a *agent) toAPIEntries(es []datapath.Entry) []api.PolicyEntry {
 	out := make([]api.PolicyEntry, 0, len(es))
 	for _, e := range es {
@@ -396,7 +378,7 @@ func (a *agent) toAPIEntries(es []datapath.Entry) []api.PolicyEntry {
 		}
 		out = append(out, api.PolicyEntry{
 			Identity: e.Identity, IdentityLabels: a.labelsOf(e.Identity), Direction: e.Direction.String(),
-			Proto: protoName(e.Proto), Port: e.Port, EndPort: e.EndPort, Verdict: v,
+			Proto: api.ProtoName(e.Proto), Port: e.Port, EndPort: e.EndPort, Verdict: v,
 			Emergency: e.Emergency, Packets: e.Packets, Bytes: e.Bytes,
 		})
 	}
@@ -610,7 +592,7 @@ func eventVerdict(ev datapath.Event) string {
 func (a *agent) toAPIEvent(ev datapath.Event, typ string) api.Event {
 	out := api.Event{
 		Time: ev.Time, Type: typ, Endpoint: ev.Endpoint, Direction: ev.Direction.String(),
-		Src: ev.Src.String(), Dst: ev.Dst.String(), Proto: protoName(ev.Proto),
+		Src: ev.Src.String(), Dst: ev.Dst.String(), Proto: api.ProtoName(ev.Proto),
 		SrcIdentity: ev.SrcIdentity, SrcLabels: a.labelsOf(ev.SrcIdentity),
 		DstIdentity: ev.DstIdentity, DstLabels: a.labelsOf(ev.DstIdentity),
 		Verdict: ev.Verdict.String(), Len: ev.Len,

@@ -245,19 +245,8 @@ func str(v any) string {
 }
 
 func protoStr(v any) string {
-	if f, ok := v.(float64); ok {
-		switch f {
-		case 1:
-			return "icmp"
-		case 6:
-			return "tcp"
-		case 17:
-			return "udp"
-		case 58:
-			return "icmpv6"
-		case 132:
-			return "sctp"
-		}
+	if f, ok := v.(float64); ok && f >= 0 && f < 256 {
+		return api.ProtoName(uint8(f))
 	}
 	return str(v)
 }

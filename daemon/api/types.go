@@ -234,3 +234,22 @@ func ParseProto(s string) (uint8, error) {
 	}
 	return uint8(v), nil
 }
+
+// ProtoName names an IP protocol number the way the CLI writes it.
+func ProtoName(p uint8) string {
+	switch p {
+	case 0:
+		return "any"
+	case 1:
+		return "icmp"
+	case 6:
+		return "tcp"
+	case 17:
+		return "udp"
+	case 58:
+		return "icmpv6"
+	case 132:
+		return "sctp"
+	}
+	return strconv.Itoa(int(p))
+}
