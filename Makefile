@@ -52,8 +52,8 @@ fuzz:
 	$(GO) test -run='^$$' -fuzz=FuzzParse -fuzztime=$(FUZZTIME) ./daemon/config
 	$(GO) test -run='^$$' -fuzz=FuzzLoad -fuzztime=$(FUZZTIME) ./daemon/policy
 
+# Every suite under tests/ is a Go package, so test-unit runs them all.
 test: lint test-unit fuzz
-	bash tests/run-suites.sh
 
 bench:
 	bash tests/bench/run.sh
