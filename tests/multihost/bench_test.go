@@ -122,9 +122,13 @@ func TestBenchIPCacheSync300k(t *testing.T) {
 	slices.Sort(sorted)
 	last := netip.MustParseAddr(sorted[n-1][strings.LastIndex(sorted[n-1], "/")+1:])
 
+	// The agent runs as the packaged unit runs it: with the unit's
+	// Environment= lines (GOMEMLIMIT), unless the caller overrides them.
+	h.env = unitEnv(t)
 	if e := os.Getenv("RACKWIRE_BENCH_AGENT_ENV"); e != "" {
 		h.env = strings.Fields(e)
 	}
+	t.Logf("BENCH agent environment: %v", h.env)
 	started := time.Now()
 	h.start(t)
 	pid := h.cmd.Process.Pid
@@ -256,4 +260,20 @@ func TestBenchRecovery(t *testing.T) {
 	}
 	t.Logf("BENCH recovery of %d agents after a 30 s Consul outage: requests/s in 5 s intervals: %s (max %.1f, %.0f requests in %s); steady: %s (max %.1f); %d/%d agents ok again",
 		agents, fmtRates(rates), maxOf(rates), total, time.Since(back).Truncate(time.Second), fmtRates(steady), maxOf(steady), ok, agents)
+}
+
+// unitEnv returns the Environment= assignments of the packaged unit.
+func unitEnv(t *testing.T) []string {
+	t.Helper()
+	b, err := os.ReadFile("../../packaging/systemd/rackwired.service")
+	if err != nil {
+		t.Fatalf("read the packaged unit: %v", err)
+	}
+	var env []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), "Environment="); ok {
+			env = append(env, strings.Fields(v)...)
+		}
+	}
+	return env
 }
