@@ -1,7 +1,7 @@
 # rackwire — build, test and package.
 #
 #   make quickstart   run the agent on the embedded store with two demo workloads (root)
-#   make check        install the test dependencies and pass every test (root; what CI runs)
+#   make deps test    install the test dependencies and pass every test (root; what CI runs)
 #
 # Other targets: build, deps, generate, generate-check, lint, test, test-unit,
 # fuzz, bench, package, clean.
@@ -53,7 +53,8 @@ fuzz:
 	$(GO) test -run='^$$' -fuzz=FuzzLoad -fuzztime=$(FUZZTIME) ./daemon/policy
 
 # Every suite under tests/ is a Go package, so test-unit runs them all.
-test: lint test-unit fuzz
+# generate-check needs clang (make deps).
+test: lint generate-check test-unit fuzz
 
 bench:
 	bash tests/bench/run.sh
@@ -61,7 +62,7 @@ bench:
 # Consul at fleet scale (~4 min): 300,000 ipcache entries into one agent,
 # propagation of a new endpoint to 10 agents, recovery after an outage.
 bench-consul:
-	RACKWIRE_BENCH=1 $(GO) test -count=1 -v -run TestBench -timeout 20m ./tests/multihost/
+	$(GO) test -tags rackwire_bench -count=1 -v -run TestBench -timeout 20m ./tests/multihost/
 
 package:
 	bash packaging/build.sh $(VERSION)
@@ -78,8 +79,8 @@ quickstart: build
 quickstart-stop:
 	bash scripts/quickstart.sh stop
 
-# What CI runs on a fresh clone, as root: install, verify generated code, test.
-check: deps generate-check build test
+# Install and test in one go: what .ci/run does on a fresh clone, as root.
+check: deps test
 
 clean:
 	rm -rf $(BIN) dist

@@ -11,7 +11,7 @@ import (
 func TestLeaf(t *testing.T) {
 	out, err := exec.Command("go", "list", "-deps", ".").CombinedOutput()
 	if err != nil {
-		t.Skipf("go list unavailable: %v: %s", err, out)
+		t.Fatalf("go list -deps: %v: %s", err, out)
 	}
 	for _, dep := range strings.Fields(string(out)) {
 		if strings.HasPrefix(dep, "github.com/") && dep != "github.com/rackwire/rackwire/birdconf" {

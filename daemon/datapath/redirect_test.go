@@ -252,7 +252,7 @@ func TestLocalRedirectVerdicts(t *testing.T) {
 	lp := newLocalPair(t, Options{})
 	d := lp.d
 	if !d.Features().RedirectPeer {
-		t.Skip("kernel has no bpf_redirect_peer")
+		testenv.Missing(t, "a kernel with bpf_redirect_peer and bpf_check_mtu (5.12+)")
 	}
 	if !d.Features().LocalRedirect {
 		t.Fatalf("Features().LocalRedirect = false with RedirectPeer and default options")
@@ -532,7 +532,7 @@ func TestLocalRedirectTraffic(t *testing.T) {
 			tp := newTopoPrefix(t, "rwp", "p"+c.mode[:2])
 			d := openTest(t, Options{PinDir: rwpPinDir(t), Attach: c.mode, NoRedirectPeer: !c.fast})
 			if c.fast && !d.Features().RedirectPeer {
-				t.Skip("kernel has no bpf_redirect_peer")
+				testenv.Missing(t, "a kernel with bpf_redirect_peer and bpf_check_mtu (5.12+)")
 			}
 			if got := d.Features().LocalRedirect; got != c.fast {
 				t.Fatalf("Features().LocalRedirect = %v, want %v", got, c.fast)

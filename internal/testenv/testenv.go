@@ -19,6 +19,13 @@ const InstallHint = "make deps (as root)"
 // CI reports whether the tests run in CI.
 func CI() bool { return os.Getenv("CI") == "true" }
 
+// Missing reports a prerequisite this machine lacks: a skip outside CI,
+// a failure under CI=true.
+func Missing(t testing.TB, what string) {
+	t.Helper()
+	missing(t, what)
+}
+
 func missing(t testing.TB, what string) {
 	t.Helper()
 	if CI() {

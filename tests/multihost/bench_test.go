@@ -1,3 +1,5 @@
+//go:build rackwire_bench
+
 package multihost
 
 import (
@@ -19,16 +21,6 @@ import (
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/internal/consultest"
 )
-
-// requireBench skips the heavy benchmarks unless RACKWIRE_BENCH=1: they
-// write 300,000 keys to Consul and run ten agents, too much for
-// `make test`.
-func requireBench(t *testing.T) {
-	t.Helper()
-	if os.Getenv("RACKWIRE_BENCH") != "1" {
-		t.Skip("benchmark: set RACKWIRE_BENCH=1")
-	}
-}
 
 // ipEntry is the JSON value of an ipcache key, as a host publishes it.
 func ipEntry(t testing.TB, ip netip.Addr, id uint32, hostIP, node string) []byte {
@@ -61,7 +53,6 @@ func procStatus(pid int, fields ...string) map[string]int {
 // from Consul into rw_ipcache. Goals: ≤ 30 s, agent RSS ≤ 250 MB.
 // Printed, not asserted (the machine is shared).
 func TestBenchIPCacheSync300k(t *testing.T) {
-	requireBench(t)
 	const n = 300_000
 	const perTxn = 64
 	f := newFabric(t, fabricOptions{hosts: 1})
@@ -170,7 +161,6 @@ func TestBenchIPCacheSync300k(t *testing.T) {
 // key to Consul until it is in rw_ipcache of each of 10 watching agents.
 // Goal: p99 ≤ 1 s. Printed, not asserted.
 func TestBenchPropagation(t *testing.T) {
-	requireBench(t)
 	const agents = 10
 	const samples = 40
 	f := newFabric(t, fabricOptions{hosts: agents})
@@ -230,7 +220,6 @@ func TestBenchPropagation(t *testing.T) {
 // is killed for 30 s and restarted on its data: the request rate they send
 // while they converge, against their steady rate in the same run.
 func TestBenchRecovery(t *testing.T) {
-	requireBench(t)
 	const agents = 10
 	f := newFabric(t, fabricOptions{hosts: agents, persistent: true})
 	for _, h := range f.hosts {

@@ -22,8 +22,7 @@
 // via the router, on the rwm-root link (it goes with the link).
 //
 //	go test ./tests/multihost/                 all tests (TestOutage stops Consul for 60 s)
-//	go test -short ./tests/multihost/          without TestOutage
-//	RACKWIRE_BENCH=1 go test -count=1 -v -run TestBench -timeout 20m ./tests/multihost/
+//	go test -tags rackwire_bench -count=1 -v -run TestBench -timeout 20m ./tests/multihost/
 //	                                           300,000 ipcache entries into one agent; propagation to 10 agents
 //
 // Figures (request rates, recovery bound, sync time and memory,

@@ -94,9 +94,6 @@ func maxOf(rs []float64) float64 {
 // degraded, and after Consul returns a new endpoint on host B becomes
 // reachable from host A as the policy allows.
 func TestOutage(t *testing.T) {
-	if testing.Short() {
-		t.Skip("stops Consul for 60 s; skipped with -short")
-	}
 	const outage = 60 * time.Second
 	f := newFabric(t, fabricOptions{hosts: 2, persistent: true})
 	a, b := f.hosts[0], f.hosts[1]
