@@ -48,6 +48,8 @@ type agent struct {
 	syncMu sync.Mutex // guards the fields below and serializes sync()
 	// knownIDs are the identities the engine has, with their labels.
 	knownIDs map[identity.ID]string
+	// idsSeen is the allocator list the engine was last compared with.
+	idsSeen time.Time
 	// knownEPs are the endpoints the engine has: id -> identity.
 	knownEPs map[uint16]identity.ID
 	// cidrIDs are the CIDR identities allocated for policy prefixes.
@@ -219,28 +221,47 @@ func (a *agent) sync(ctx context.Context) {
 	defer a.syncMu.Unlock()
 	var errs []error
 
-	// Identities: cluster identities from the allocator's cache.
-	seen := map[identity.ID]bool{}
-	for _, id := range a.ids.List() {
-		seen[id.ID] = true
-		canon := id.Labels.String()
-		if a.knownIDs[id.ID] != canon {
-			a.pol.UpsertIdentity(id.ID, id.Labels)
-			a.knownIDs[id.ID] = canon
+	eps := a.eps.List()
+	epIDs := map[identity.ID]bool{}
+	for _, ep := range eps {
+		if ep.State == endpoint.StateReady {
+			epIDs[ep.Identity] = true
 		}
 	}
-	// Endpoints: identity labels may carry identities the cache has not
-	// seen yet (a fresh allocation); make sure the engine has them.
+
+	// Identities: the allocator's cache is replaced whole on every store
+	// list, so the engine is compared with it only when a new list came
+	// in, not on every tick of the loop.
+	if last := a.ids.LastSync(); !last.Equal(a.idsSeen) {
+		a.idsSeen = last
+		seen := map[identity.ID]bool{}
+		for _, id := range a.ids.List() {
+			seen[id.ID] = true
+			canon := id.Labels.String()
+			if a.knownIDs[id.ID] != canon {
+				a.pol.UpsertIdentity(id.ID, id.Labels)
+				a.knownIDs[id.ID] = canon
+			}
+		}
+		for id := range a.knownIDs {
+			// A local endpoint's fresh identity may not be listed yet.
+			if !seen[id] && !id.IsLocal() && !epIDs[id] {
+				a.pol.DeleteIdentity(id)
+				delete(a.knownIDs, id)
+			}
+		}
+	}
+	// Endpoints: a fresh allocation of this host may not be in the
+	// store's list yet; make sure the engine has its identity.
 	epSeen := map[uint16]bool{}
-	for _, ep := range a.eps.List() {
+	for _, ep := range eps {
 		if ep.State != endpoint.StateReady {
 			continue
 		}
 		epSeen[ep.ID] = true
-		if _, ok := a.knownIDs[ep.Identity]; !ok || !seen[ep.Identity] {
+		if _, ok := a.knownIDs[ep.Identity]; !ok {
 			a.pol.UpsertIdentity(ep.Identity, ep.IdentityLabels)
 			a.knownIDs[ep.Identity] = ep.IdentityLabels.String()
-			seen[ep.Identity] = true
 		}
 		audit := a.cfg.Datapath.PolicyAuditMode || a.audit[ep.Name]
 		if old, ok := a.knownEPs[ep.ID]; !ok || old != ep.Identity || a.pol.Audit(ep.ID) != audit {
@@ -252,12 +273,6 @@ func (a *agent) sync(ctx context.Context) {
 		if !epSeen[id] {
 			a.pol.DeleteEndpoint(id)
 			delete(a.knownEPs, id)
-		}
-	}
-	for id := range a.knownIDs {
-		if !seen[id] && !id.IsLocal() {
-			a.pol.DeleteIdentity(id)
-			delete(a.knownIDs, id)
 		}
 	}
 
@@ -351,7 +366,7 @@ func (a *agent) sync(ctx context.Context) {
 		a.syncFailing = false
 		a.log.Info("sync complete again")
 	}
-	a.publishEndpoints(ctx)
+	a.publishEndpoints(ctx, eps)
 }
 
 func (a *agent) isLocalEndpointIP(p netip.Prefix) bool {
@@ -551,31 +566,30 @@ func (a *agent) ipcacheWatch(ctx context.Context) {
 // publishEndpoints writes this host's endpoint addresses to the store's
 // ipcache (owned keys) and removes the ones of deleted endpoints. Called
 // with syncMu held; store errors are retried by the next sync.
-func (a *agent) publishEndpoints(ctx context.Context) {
+func (a *agent) publishEndpoints(ctx context.Context, eps []endpoint.Endpoint) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	want := map[string][]byte{}
-	for _, ep := range a.eps.List() {
+	want := map[string]bool{}
+	for _, ep := range eps {
 		if ep.State != endpoint.StateReady {
 			continue
 		}
 		for _, ip := range ep.IPs() {
+			k := store.IPKey(a.cfg.Node.Cluster, ip)
+			want[k] = true
+			if a.published[k] {
+				continue
+			}
 			b, _ := json.Marshal(store.IPEntry{
 				IP: ip.String(), Identity: uint32(ep.Identity), HostIP: a.hostIP.String(),
 				Node: a.cfg.Node.Name, Endpoint: uint32(ep.ID), LabelsHash: ep.IdentityLabels.String(),
 			})
-			want[store.IPKey(a.cfg.Node.Cluster, ip)] = b
+			if err := a.st.Put(ctx, k, b, store.PutOptions{Owned: true}); err != nil {
+				a.log.Debug("cannot publish endpoint address yet", "key", k, "err", err)
+				continue
+			}
+			a.published[k] = true
 		}
-	}
-	for k, v := range want {
-		if a.published[k] {
-			continue
-		}
-		if err := a.st.Put(ctx, k, v, store.PutOptions{Owned: true}); err != nil {
-			a.log.Debug("cannot publish endpoint address yet", "key", k, "err", err)
-			continue
-		}
-		a.published[k] = true
 	}
 	for k := range a.published {
 		if _, ok := want[k]; ok {

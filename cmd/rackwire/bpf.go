@@ -50,6 +50,28 @@ func init() {
 		}
 		return url.PathEscape(fs.Arg(0)), nil
 	}
+	// rawCall sends one raw entry to the endpoint's map (add or delete).
+	rawCall := func(method, verb string) func(e *env, fs *flag.FlagSet) error {
+		return func(e *env, fs *flag.FlagSet) error {
+			ep, err := epArg(fs)
+			if err != nil {
+				return err
+			}
+			r, err := rawEntry()
+			if err != nil {
+				return err
+			}
+			var out api.PolicyEntry
+			if err := e.call(method, "/v1/bpf/policy/"+ep, r, &out); err != nil {
+				return err
+			}
+			if e.json {
+				return printJSON(e.stdout, out)
+			}
+			fmt.Fprintf(e.stdout, "%s %s %s identity=%d proto=%s port=%s\n", verb, out.Verdict, out.Direction, out.Identity, out.Proto, raw.port)
+			return nil
+		}
+	}
 	register(&command{name: "bpf", summary: "the datapath's maps: policy, ipcache, ct, metrics", subs: []*command{
 		{name: "policy", summary: "an endpoint's policy map", subs: []*command{
 			{
@@ -89,44 +111,12 @@ func init() {
 			{
 				name: "add", summary: "write one raw entry (operator override; the next policy change rewrites the map)", usage: "ENDPOINT [--identity N] [--direction D] [--proto P] [--port P|LO-HI] [--deny]",
 				flags: rawFlags,
-				run: func(e *env, fs *flag.FlagSet) error {
-					ep, err := epArg(fs)
-					if err != nil {
-						return err
-					}
-					r, err := rawEntry()
-					if err != nil {
-						return err
-					}
-					var out api.PolicyEntry
-					if err := e.call("POST", "/v1/bpf/policy/"+ep, r, &out); err != nil {
-						return err
-					}
-					if e.json {
-						return printJSON(e.stdout, out)
-					}
-					fmt.Fprintf(e.stdout, "added %s %s identity=%d proto=%s port=%s\n", out.Verdict, out.Direction, out.Identity, out.Proto, raw.port)
-					return nil
-				},
+				run:   rawCall("POST", "added"),
 			},
 			{
 				name: "delete", summary: "remove one raw entry", usage: "ENDPOINT [--identity N] [--direction D] [--proto P] [--port P|LO-HI]",
 				flags: rawFlags,
-				run: func(e *env, fs *flag.FlagSet) error {
-					ep, err := epArg(fs)
-					if err != nil {
-						return err
-					}
-					r, err := rawEntry()
-					if err != nil {
-						return err
-					}
-					if err := e.call("DELETE", "/v1/bpf/policy/"+ep, r, nil); err != nil {
-						return err
-					}
-					fmt.Fprintln(e.stdout, "deleted")
-					return nil
-				},
+				run:   rawCall("DELETE", "deleted"),
 			},
 			{
 				name: "allow-all", summary: "emergency: open an endpoint completely (--revert closes it again)", usage: "ENDPOINT [--revert]",

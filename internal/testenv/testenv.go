@@ -7,10 +7,14 @@
 package testenv
 
 import (
+	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
+	"time"
 )
 
 // InstallHint is the one command that installs every test prerequisite.
@@ -81,4 +85,41 @@ func RequireCached(t testing.TB, name string) string {
 		missing(t, name+" in "+CacheDir())
 	}
 	return p
+}
+
+var (
+	binOnce sync.Once
+	binDir  string
+	binErr  error
+)
+
+// Binaries builds rackwired and rackwire from the work tree once per test
+// binary, into a temporary directory (bin/ belongs to `make build`), and
+// returns their paths. Call RemoveBinaries from TestMain.
+func Binaries(t testing.TB) (rackwired, rackwire string) {
+	t.Helper()
+	binOnce.Do(func() {
+		binDir, binErr = os.MkdirTemp("", "rackwire-test-bin-")
+		if binErr != nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, "go", "build", "-o", binDir+"/",
+			"github.com/rackwire/rackwire/cmd/rackwired", "github.com/rackwire/rackwire/cmd/rackwire").CombinedOutput()
+		if err != nil {
+			binErr = fmt.Errorf("go build rackwired rackwire: %w\n%s", err, out)
+		}
+	})
+	if binErr != nil {
+		t.Fatal(binErr)
+	}
+	return filepath.Join(binDir, "rackwired"), filepath.Join(binDir, "rackwire")
+}
+
+// RemoveBinaries deletes what Binaries built.
+func RemoveBinaries() {
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
 }

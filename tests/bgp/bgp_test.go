@@ -61,42 +61,15 @@ protocol bgp h2 from host { local 10.253.102.1 as 65001; neighbor 10.253.102.2 a
 // Debian's bird2 package installs (an unnamed device protocol); rackwired
 // replaces it with the rendered config and reconfigures BIRD. Replacing
 // the device protocol by rw_device makes BIRD forget the interfaces until
-// rw_device's next scan (10s), so the first sessions take up to that long.
+// rw_device's next scan (every 2 s), so the first sessions wait up to that long.
 const hostBird = "router id %s;\nprotocol device { }\n"
 
 // Binaries built from this tree once per run.
-var (
-	buildOnce sync.Once
-	binDir    string
-	buildErr  error
-)
-
-func binaries(t *testing.T) (rackwired, rackwire string) {
-	t.Helper()
-	buildOnce.Do(func() {
-		binDir, buildErr = os.MkdirTemp("", "rwn-bin")
-		if buildErr != nil {
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		out, err := exec.CommandContext(ctx, "go", "build", "-o", binDir+"/",
-			"github.com/rackwire/rackwire/cmd/rackwired", "github.com/rackwire/rackwire/cmd/rackwire").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return filepath.Join(binDir, "rackwired"), filepath.Join(binDir, "rackwire")
-}
+func binaries(t *testing.T) (rackwired, rackwire string) { return testenv.Binaries(t) }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binDir != "" {
-		os.RemoveAll(binDir)
-	}
+	testenv.RemoveBinaries()
 	os.Exit(code)
 }
 

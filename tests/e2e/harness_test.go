@@ -25,33 +25,13 @@ import (
 	"github.com/rackwire/rackwire/internal/testenv"
 )
 
-// binDir holds rackwired and rackwire, built once by TestMain.
-var (
-	binDir   string
-	buildErr error
-)
+// binDir holds rackwired and rackwire, built once per run by require.
+var binDir string
 
 func TestMain(m *testing.M) {
-	os.Exit(runMain(m))
-}
-
-func runMain(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "rwg-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "e2e: temp dir:", err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	binDir = dir
-	if os.Geteuid() == 0 {
-		// Only root can run these tests; others skip without a build.
-		cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/rackwired", "./cmd/rackwire")
-		cmd.Dir = filepath.Join("..", "..")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("build the binaries: %w\n%s", err, out)
-		}
-	}
-	return m.Run()
+	code := m.Run()
+	testenv.RemoveBinaries()
+	os.Exit(code)
 }
 
 // require checks what every test here needs and fails on a broken build.
@@ -62,9 +42,8 @@ func require(t *testing.T) {
 	testenv.RequireCommand(t, "ip")
 	testenv.RequireCommand(t, "ping")
 	testenv.RequireCommand(t, "bpftool")
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
+	rackwired, _ := testenv.Binaries(t)
+	binDir = filepath.Dir(rackwired)
 }
 
 // agentOpts are the config knobs the tests vary.

@@ -37,38 +37,12 @@ const (
 	httpPort   = "8080"
 )
 
-var (
-	buildOnce sync.Once
-	buildDir  string
-	buildErr  error
-)
-
-// bins builds rackwired and rackwire once per test binary into a
-// temporary directory (bin/ of the work tree belongs to `make build`).
-func bins(t testing.TB) (rackwired, rackwire string) {
-	t.Helper()
-	buildOnce.Do(func() {
-		buildDir, buildErr = os.MkdirTemp("", "rwm-bin-")
-		if buildErr != nil {
-			return
-		}
-		cmd := exec.Command("go", "build", "-o", buildDir+"/", "./cmd/rackwired", "./cmd/rackwire")
-		cmd.Dir = "../.."
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %w\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return filepath.Join(buildDir, "rackwired"), filepath.Join(buildDir, "rackwire")
-}
+// bins returns rackwired and rackwire, built once for this test binary.
+func bins(t testing.TB) (rackwired, rackwire string) { return testenv.Binaries(t) }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if buildDir != "" {
-		os.RemoveAll(buildDir)
-	}
+	testenv.RemoveBinaries()
 	os.Exit(code)
 }
 
