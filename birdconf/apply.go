@@ -8,9 +8,9 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
-	"syscall"
+
+	"github.com/rackwire/rackwire/internal/atomicfile"
 )
 
 // ErrInvalid means `bird -p` refused the rendered text; nothing was written.
@@ -94,64 +94,15 @@ func (a *Applier) Apply(ctx context.Context, text string, force bool) (Result, e
 	}
 }
 
-// write puts data at a.Path through a checked temporary file.
+// write puts data at a.Path through a checked temporary file, keeping the
+// owner and mode of the file it replaces: Debian's BIRD runs as user bird
+// and re-reads its config with that user's rights.
 func (a *Applier) write(ctx context.Context, data []byte, check bool) error {
-	dir := filepath.Dir(a.Path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(a.Path)+".rackwire-*")
-	if err != nil {
-		return fmt.Errorf("create temporary BIRD config: %w", err)
-	}
-	tmp := f.Name()
-	done := false
-	defer func() {
-		if !done {
-			os.Remove(tmp)
-		}
-	}()
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", tmp, err)
-	}
-	// Keep the owner and mode of the file being replaced: Debian's BIRD
-	// runs as user bird and re-reads its config with that user's rights.
-	mode, uid, gid := os.FileMode(0o640), -1, -1
-	if fi, err := os.Stat(a.Path); err == nil {
-		mode = fi.Mode().Perm()
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-			uid, gid = int(st.Uid), int(st.Gid)
-		}
-	}
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return fmt.Errorf("chmod %s: %w", tmp, err)
-	}
-	if uid >= 0 && (uid != os.Geteuid() || gid != os.Getegid()) {
-		if err := f.Chown(uid, gid); err != nil {
-			f.Close()
-			return fmt.Errorf("chown %s to the owner of %s: %w", tmp, a.Path, err)
-		}
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("sync %s: %w", tmp, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", tmp, err)
-	}
+	opts := atomicfile.Options{Mode: 0o640, KeepOwner: true}
 	if check {
-		if err := a.check(ctx, tmp); err != nil {
-			return err
-		}
+		opts.Check = func(tmp string) error { return a.check(ctx, tmp) }
 	}
-	if err := os.Rename(tmp, a.Path); err != nil {
-		return fmt.Errorf("replace %s: %w", a.Path, err)
-	}
-	done = true
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
+	return atomicfile.Write(a.Path, data, opts)
 }
 
 func (a *Applier) check(ctx context.Context, file string) error {

@@ -212,7 +212,13 @@ func (d *Daemon) notifyStatus(format string, args ...any) {
 	d.opts.Notify("STATUS=" + fmt.Sprintf(format, args...))
 }
 
-// watchdog pings systemd at half the interval it asked for.
+// syncStallLimit is how long the policy sync loop may go without finishing
+// a pass before the agent counts as wedged: the watchdog stops being
+// pinged, so systemd restarts the agent, which re-adopts the datapath.
+const syncStallLimit = 30 * time.Second
+
+// watchdog pings systemd at half the interval it asked for, as long as the
+// sync loop is alive.
 func (d *Daemon) watchdog(ctx context.Context) {
 	usec, err := strconv.ParseInt(os.Getenv("WATCHDOG_USEC"), 10, 64)
 	if err != nil || usec <= 0 {
@@ -224,13 +230,25 @@ func (d *Daemon) watchdog(ctx context.Context) {
 	t := time.NewTicker(time.Duration(usec) * time.Microsecond / 2)
 	defer t.Stop()
 	d.opts.Notify("WATCHDOG=1")
+	stalled := false
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			d.opts.Notify("WATCHDOG=1")
 		}
+		if d.agent != nil && d.agent.started.Load() {
+			if since := time.Since(d.agent.sync.LastBeat()); since > syncStallLimit {
+				if !stalled {
+					d.log.Error("the policy sync loop is stuck; no longer pinging the systemd watchdog, so systemd restarts the agent (forwarding continues)",
+						"stuck_for", since.Truncate(time.Second))
+				}
+				stalled = true
+				continue
+			}
+		}
+		stalled = false
+		d.opts.Notify("WATCHDOG=1")
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/rackwire/rackwire/daemon/datapath"
+	"github.com/rackwire/rackwire/internal/backoff"
 )
 
 // monitor reads rw_events (the ring buffer has one consumer position) and
@@ -29,7 +30,7 @@ func (m *monitor) run(ctx context.Context) {
 		evs, err := m.dp.Events(ctx)
 		if err != nil {
 			m.log.Warn("cannot read datapath events; monitor has no events", "err", err)
-			sleep(ctx, 10*time.Second)
+			backoff.Sleep(ctx, 10*time.Second)
 			continue
 		}
 		for ev := range evs {

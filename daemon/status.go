@@ -11,6 +11,7 @@ import (
 
 	"github.com/rackwire/rackwire/daemon/api"
 	"github.com/rackwire/rackwire/daemon/endpoint"
+	"github.com/rackwire/rackwire/daemon/policysync"
 	"github.com/rackwire/rackwire/internal/version"
 )
 
@@ -93,6 +94,11 @@ func (a *agent) status(ctx context.Context, st *api.Status) {
 	for k, v := range counts {
 		st.Endpoints.Detail[k] = strconv.Itoa(v)
 	}
+	if sum := a.sync.Summary(); sum.Errors > 0 {
+		st.Endpoints.State = api.StateDegraded
+		st.Endpoints.Detail[policysync.StateError] = strconv.Itoa(sum.Errors)
+		st.Endpoints.Message += fmt.Sprintf(" (%d with a policy error: closed, see `rackwire endpoint list`)", sum.Errors)
+	}
 	if counts[string(endpoint.StateLost)] > 0 {
 		st.Endpoints.State = api.StateDegraded
 		st.Endpoints.Message += fmt.Sprintf(" (%d lost: their veth vanished; delete them with `rackwire endpoint delete`)", counts[string(endpoint.StateLost)])
@@ -106,19 +112,44 @@ func (a *agent) status(ctx context.Context, st *api.Status) {
 		st.Identities.Message += "; waiting for the first list of identities from the store"
 	}
 
-	a.syncMu.Lock()
-	perr := len(a.policyErr)
-	serr, last := a.syncErr, a.lastSync
-	a.syncMu.Unlock()
+	sum := a.sync.Summary()
+	perr := a.sync.PolicyErrors()
 	st.Policy = api.Component{State: api.StateOK, Message: fmt.Sprintf("%d policies in force", len(a.pol.Policies())),
-		Detail: map[string]string{"last_sync": last.UTC().Format(time.RFC3339)}}
-	if perr > 0 {
-		st.Policy.State = api.StateDegraded
-		st.Policy.Message += fmt.Sprintf("; %d sources refused (see the log)", perr)
+		Detail: map[string]string{"last_sync": sum.LastSync.UTC().Format(time.RFC3339), "enforced": strconv.Itoa(sum.Enforced),
+			"pending": strconv.Itoa(sum.Pending), "policy_errors": strconv.Itoa(sum.Errors)}}
+	if !sum.Loaded {
+		st.Policy.State = api.StateConnecting
+		st.Policy.Message += "; " + sum.Waiting
 	}
-	if serr != "" {
+	if len(perr) > 0 {
 		st.Policy.State = api.StateDegraded
-		st.Policy.Message += "; last sync: " + serr
+		st.Policy.Message += fmt.Sprintf("; %d sources refused (see the log)", len(perr))
+	}
+	if sum.Errors > 0 {
+		st.Policy.State = api.StateDegraded
+		st.Policy.Message += fmt.Sprintf("; %d endpoints closed because their policy could not be written (rackwire endpoint list shows why)", sum.Errors)
+	}
+	if sum.SyncError != "" && sum.Loaded {
+		st.Policy.State = api.StateDegraded
+		st.Policy.Message += "; last sync: " + sum.SyncError
+	}
+	if stall := time.Since(a.sync.LastBeat()); stall > syncStallLimit {
+		st.Policy.State = api.StateDegraded
+		st.Policy.Message += fmt.Sprintf("; the sync loop has been stuck for %s", stall.Truncate(time.Second))
+	}
+	if n := a.ipc.Failing(); n > 0 {
+		st.Datapath.State = api.StateDegraded
+		st.Datapath.Message = strings.TrimPrefix(st.Datapath.Message+fmt.Sprintf("; %d ipcache writes failing, retried every second", n), "; ")
+	}
+	if dup := a.remote.duplicateNode(); dup != "" {
+		st.Store.State = api.StateDegraded
+		st.Store.Message = strings.TrimPrefix(st.Store.Message+"; "+dup, "; ")
+	}
+	if rej := a.remote.rejectedKeys(5); len(rej) > 0 {
+		if st.Store.Detail == nil {
+			st.Store.Detail = map[string]string{}
+		}
+		st.Store.Detail["refused_records"] = strings.Join(rej, "; ")
 	}
 
 	if a.bgp != nil {

@@ -77,6 +77,9 @@ type Endpoint struct {
 	MAC            string    `json:"mac"`
 	Audit          bool      `json:"audit"`
 	Created        time.Time `json:"created"`
+	// PolicyReason says why the state is policy-error or policy-pending:
+	// which directions are closed and what to do.
+	PolicyReason string `json:"policy_reason,omitempty"`
 }
 
 // EndpointAdd is the body of POST /v1/endpoints.

@@ -45,8 +45,9 @@ func (d *Datapath) linkPin(id uint16, dir Direction) string {
 // creates (or, after a restart, re-adopts) rw_policy_NNNNN, writes the
 // endpoint's rw_endpoints entries and attaches both programs to its veth,
 // atomically replacing programs a previous agent attached. A new policy map
-// starts open in both directions (the wildcard allow entries), as DESIGN.md
-// says for an endpoint no policy selects; SetPolicy narrows it.
+// starts closed in both directions (only the meta entries): nothing passes
+// until SetPolicy writes the endpoint's policy (OpenEntries for an endpoint
+// no policy selects). A re-adopted map is left as it is.
 func (d *Datapath) AttachEndpoint(ep EndpointSpec) error {
 	if ep.IfIndex <= 0 {
 		return fmt.Errorf("attach endpoint %d: ifindex %d: %w", ep.ID, ep.IfIndex, ErrInvalidEntry)
@@ -236,6 +237,7 @@ func (d *Datapath) DetachEndpoint(id uint16, ifindex int) error {
 	if err := os.Remove(filepath.Join(d.opts.PinDir, policyMapName(id))); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("unpin policy map: %w", err))
 	}
+	errs = append(errs, d.removeTempPin(id))
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("detach endpoint %d: %w", id, err)
 	}
@@ -244,8 +246,11 @@ func (d *Datapath) DetachEndpoint(id uint16, ifindex int) error {
 }
 
 // policyMapLocked returns the endpoint's policy map: open, pinned, or (with
-// create) newly created, pinned, opened in both directions and registered
-// in rw_policy_maps. d.mu must be held.
+// create) newly created closed (only the meta entries), pinned and
+// registered in rw_policy_maps. A pinned map is adopted as it is and
+// registered again: if the agent died between renaming a new map over the
+// pin and registering it (SetPolicy), this makes the newest policy the one
+// in force. d.mu must be held.
 func (d *Datapath) policyMapLocked(id uint16, create bool) (*ebpf.Map, error) {
 	if m, ok := d.policy[id]; ok {
 		return m, nil
@@ -260,6 +265,11 @@ func (d *Datapath) policyMapLocked(id uint16, create bool) (*ebpf.Map, error) {
 			m.Close()
 			return nil, fmt.Errorf("map %s: %w", path, ErrIncompatibleMap)
 		}
+		// A temporary pin of a swap that never completed names a map
+		// that was never in force.
+		if err := d.removeTempPin(id); err != nil {
+			d.log.Warn("leftover temporary policy map pin", "endpoint_id", id, "err", err)
+		}
 	case errors.Is(err, os.ErrNotExist) && create:
 		spec := d.inner.Copy()
 		spec.Name = name
@@ -273,13 +283,8 @@ func (d *Datapath) policyMapLocked(id uint16, create bool) (*ebpf.Map, error) {
 			return nil, fmt.Errorf("pin %s: %w", path, err)
 		}
 		created = true
-		for _, dir := range []Direction{Ingress, Egress} {
-			if err := m.Put(policyKey{Direction: uint8(dir)}, policyValue{}); err != nil {
-				m.Unpin()
-				m.Close()
-				return nil, fmt.Errorf("open %s in %s: %w", name, dir, err)
-			}
-		}
+		// Closed: no allow entry in either direction, only the meta
+		// entries (no block sizes, no denies).
 		if err := writeMeta(m); err != nil {
 			m.Unpin()
 			m.Close()

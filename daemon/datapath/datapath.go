@@ -28,6 +28,9 @@ var (
 	ErrUnknownEndpoint = errors.New("unknown endpoint")
 	// ErrInvalidEntry: a policy entry that cannot be encoded.
 	ErrInvalidEntry = errors.New("invalid policy entry")
+	// ErrPolicyTooLarge: a policy needs more keys (with the two meta
+	// entries) than the endpoint's map holds; the policy in force stays.
+	ErrPolicyTooLarge = errors.New("policy does not fit the policy map")
 )
 
 // Attach modes.

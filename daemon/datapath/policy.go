@@ -200,23 +200,52 @@ func (d *Datapath) policyMap(id uint16) (*ebpf.Map, error) {
 	return d.policyMapLocked(id, false)
 }
 
-// SetPolicy makes the endpoint's map hold exactly desired (plus entries
-// AllowAll added). It applies only the difference, adding before deleting,
-// so traffic that both the old and the new policy allow never drops.
-// Counters of entries that stay are kept.
-func (d *Datapath) SetPolicy(id uint16, desired []Entry) error {
-	want := map[policyKey]policyValue{}
+// policyKeys encodes entries as map keys and values; deny wins when two
+// entries share a key.
+func policyKeys(desired []Entry) (map[policyKey]policyValue, error) {
+	want := make(map[policyKey]policyValue, len(desired))
 	for _, e := range desired {
 		ks, v, err := e.keys()
 		if err != nil {
-			return fmt.Errorf("set policy of endpoint %d: %w", id, err)
+			return nil, err
 		}
 		for _, k := range ks {
 			if old, ok := want[k]; ok {
-				v.Flags |= old.Flags // deny wins when two rules share a key
+				v.Flags |= old.Flags
 			}
 			want[k] = v
 		}
+	}
+	return want, nil
+}
+
+// SetPolicy makes the endpoint's policy what desired says, atomically: it
+// builds a new map from the template holding exactly desired (plus what an
+// emergency AllowAll added, and the meta entries), pins it under a
+// temporary name, renames that over rw_policy_NNNNN and then points
+// rw_policy_maps at it; the old map is closed. A packet is decided either
+// by the old map or by the new one, never by a mix, so no state between the
+// two ever allows more than one of them; the map never needs room for both
+// policies. Entries written by PutEntry or with bpftool are replaced.
+//
+// Counters of entries that stay are carried over (read just before the
+// swap; what is counted in the instant between is lost). AllowAll's state
+// survives: its entries (unless the policy uses their key) and its open
+// flag stay until AllowAll(id, true).
+//
+// If the map in force already holds what SetPolicy would write (counters
+// aside), nothing happens: the map, and its id, stay. A direction desired
+// has no entry for is closed: nothing passes in it (a new endpoint's map
+// starts closed in both directions); OpenEntries opens an endpoint.
+//
+// A policy that needs more keys than the map holds (with the two meta
+// entries) returns an error wrapping ErrPolicyTooLarge; an invalid entry
+// ErrInvalidEntry. On every error the map in force stays in force and
+// pinned, unchanged.
+func (d *Datapath) SetPolicy(id uint16, desired []Entry) error {
+	want, err := policyKeys(desired)
+	if err != nil {
+		return fmt.Errorf("set policy of endpoint %d: %w", id, err)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -224,53 +253,20 @@ func (d *Datapath) SetPolicy(id uint16, desired []Entry) error {
 	if err != nil {
 		return fmt.Errorf("set policy of endpoint %d: %w", id, err)
 	}
-	// A policy that cannot fit is refused before the map is touched: a
-	// half-written map would mix the old and the new policy.
-	if need := len(want) + 2; need > int(m.MaxEntries()) {
-		return fmt.Errorf("set policy of endpoint %d: it needs %d entries with the meta entries, the map holds %d ([datapath] policy_max_entries); the previous policy stays", id, need, m.MaxEntries())
-	}
-	have := map[policyKey]policyValue{}
-	var (
-		k policyKey
-		v policyValue
-	)
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		if !isMeta(k) {
-			have[k] = v
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("set policy of endpoint %d: read map: %w", id, err)
-	}
-	add := map[policyKey]policyValue{}
-	for k, v := range want {
-		if old, ok := have[k]; ok && old.Flags&^flagEmergency == v.Flags && old.ProxyPort == v.ProxyPort {
-			continue
-		}
-		add[k] = v
-	}
-	if err := widenMeta(m, add); err != nil {
+	have, err := readPolicyMap(m)
+	if err != nil {
 		return fmt.Errorf("set policy of endpoint %d: %w", id, err)
 	}
-	for k, v := range add {
-		if old, ok := have[k]; ok {
-			v.Packets, v.Bytes = old.Packets, old.Bytes
-		}
-		if err := m.Put(k, v); err != nil {
-			return fmt.Errorf("set policy of endpoint %d: add %v: %w", id, entryOf(k, v), err)
-		}
+	next := nextPolicy(want, have)
+	if next.sameAs(have) {
+		return nil
 	}
-	for k, v := range have {
-		if _, ok := want[k]; ok || v.Flags&flagEmergency != 0 {
-			continue
-		}
-		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("set policy of endpoint %d: delete %v: %w", id, entryOf(k, v), err)
-		}
+	if need := len(next.entries) + 2; need > int(m.MaxEntries()) {
+		return fmt.Errorf("set policy of endpoint %d: it needs %d entries with the meta entries, the map holds %d ([datapath] policy_max_entries); the previous policy stays: %w",
+			id, need, m.MaxEntries(), ErrPolicyTooLarge)
 	}
-	if err := writeMeta(m); err != nil {
-		return fmt.Errorf("set policy of endpoint %d: %w", id, err)
+	if err := d.swapPolicyLocked(id, m, next); err != nil {
+		return fmt.Errorf("set policy of endpoint %d: %w; the previous policy stays", id, err)
 	}
 	return nil
 }

@@ -463,6 +463,9 @@ func TestLocalRedirectOff(t *testing.T) {
 	if d.Features().LocalRedirect {
 		t.Fatal("Features().LocalRedirect = true with NoRedirectPeer")
 	}
+	if err := d.SetPolicy(lp.idA, []Entry{{Direction: Egress}}); err != nil {
+		t.Fatal(err)
+	}
 	if err := d.SetPolicy(lp.idB, []Entry{{Identity: lp.identA, Direction: Ingress, Proto: protoUDP, Port: 5353}}); err != nil {
 		t.Fatal(err)
 	}
@@ -568,7 +571,13 @@ func TestLocalRedirectTraffic(t *testing.T) {
 			if c.fast {
 				tp.forwarding(t, false)
 			}
-			// Open endpoints; the first pings also resolve the gateways.
+			// Open endpoints (new ones are closed); the first pings also
+			// resolve the gateways.
+			for _, id := range []uint16{idA, idB} {
+				if err := d.SetPolicy(id, OpenEntries()); err != nil {
+					t.Fatal(err)
+				}
+			}
 			for _, dst := range []netip.Addr{tp.ipB, tp.ip6B} {
 				if !tp.ping(t, tp.a, dst) && !tp.ping(t, tp.a, dst) && !tp.ping(t, tp.a, dst) {
 					ms, _ := d.Metrics()

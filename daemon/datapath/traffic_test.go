@@ -259,7 +259,15 @@ func TestRealTraffic(t *testing.T) {
 				}
 			}
 
-			// New endpoints are open.
+			// New endpoints are closed until their policy is written.
+			if tp.ping(t, tp.a, tp.ipB) {
+				t.Errorf("ping A->B before any policy (closed endpoints) succeeded")
+			}
+			for _, id := range []uint16{idA, idB} {
+				if err := d.SetPolicy(id, OpenEntries()); err != nil {
+					t.Fatal(err)
+				}
+			}
 			for _, dst := range []netip.Addr{tp.ipB, tp.ip6B} {
 				// The first IPv6 ping may wait for neighbour discovery.
 				if !tp.ping(t, tp.a, dst) && !tp.ping(t, tp.a, dst) && !tp.ping(t, tp.a, dst) {
@@ -419,6 +427,9 @@ func TestRestartKeepsEnforcing(t *testing.T) {
 			}
 			attach(d1)
 			if err := d1.UpsertIPCache(netip.PrefixFrom(tp.ipA, 32), identA, netip.Addr{}); err != nil {
+				t.Fatal(err)
+			}
+			if err := d1.SetPolicy(idA, OpenEntries()); err != nil {
 				t.Fatal(err)
 			}
 			if err := d1.SetPolicy(idB, []Entry{{Identity: identA, Direction: Ingress, Proto: protoTCP, Port: 8080}, {Direction: Egress}}); err != nil {

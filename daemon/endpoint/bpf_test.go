@@ -3,6 +3,7 @@ package endpoint
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+
 	"github.com/rackwire/rackwire/daemon/datapath"
 	"github.com/rackwire/rackwire/daemon/identity"
 	"github.com/rackwire/rackwire/internal/testenv"
@@ -31,11 +33,38 @@ func (n *nsDatapath) DetachEndpoint(id uint16, ifindex int) error {
 	return n.h.do(func() error { return n.dp.DetachEndpoint(id, ifindex) })
 }
 
-func (n *nsDatapath) UpsertIPCache(p netip.Prefix, id identity.ID, hostIP netip.Addr) error {
-	return n.dp.UpsertIPCache(p, id, hostIP)
+// bpfDatapath is the agent's adapter, for the tests of this package.
+type bpfDatapath struct{ d *datapath.Datapath }
+
+func (b bpfDatapath) AttachEndpoint(s AttachSpec) error {
+	return b.d.AttachEndpoint(datapath.EndpointSpec{ID: s.ID, IfIndex: s.IfIndex, IPs: s.IPs,
+		MAC: s.PeerMAC, NodeMAC: s.HostMAC, Identity: uint32(s.Identity), Audit: s.Audit})
 }
 
-func (n *nsDatapath) DeleteIPCache(p netip.Prefix) error { return n.dp.DeleteIPCache(p) }
+func (b bpfDatapath) DetachEndpoint(id uint16, ifindex int) error {
+	return b.d.DetachEndpoint(id, ifindex)
+}
+
+// openEnforcer is the agent's Enforcer for endpoints no policy selects:
+// the addresses in the ipcache, both directions open.
+type openEnforcer struct{ d *datapath.Datapath }
+
+func (e openEnforcer) Admit(_ context.Context, ep Endpoint) error {
+	for _, a := range ep.IPs() {
+		if err := e.d.UpsertIPCache(netip.PrefixFrom(a, a.BitLen()), uint32(ep.Identity), netip.MustParseAddr("192.0.2.1")); err != nil {
+			return err
+		}
+	}
+	return e.d.SetPolicy(ep.ID, datapath.OpenEntries())
+}
+
+func (e openEnforcer) Readopt(Endpoint) {}
+
+func (e openEnforcer) Gone(ep Endpoint) {
+	for _, a := range ep.IPs() {
+		_ = e.d.DeleteIPCache(netip.PrefixFrom(a, a.BitLen()))
+	}
+}
 
 // TestRealDatapath plugs endpoints into the real eBPF datapath: traffic
 // passes while no policy selects them, an ingress policy drops what it does
@@ -58,7 +87,7 @@ func testRealDatapath(t *testing.T, mode string) {
 	_, hostPath := newNetns(t, "h")
 	dir := t.TempDir()
 	opts := Options{StateDir: dir, CIDRs: pfx("10.251.7.0/28", "fd00:257::/120"), HostNetns: hostPath, LinkPrefix: "rwb",
-		HostIP: netip.MustParseAddr("192.0.2.1"), Timeout: 5 * time.Second}
+		Timeout: 5 * time.Second}
 	ids := newFakeIdentities()
 
 	var (
@@ -75,7 +104,8 @@ func testRealDatapath(t *testing.T, mode string) {
 		if err != nil {
 			t.Fatalf("datapath.Open() = %v", err)
 		}
-		w := &nsDatapath{dp: BPF{D: d}}
+		w := &nsDatapath{dp: bpfDatapath{d}}
+		opts.Enforcer = openEnforcer{d}
 		m, err = New(opts, w, ids, quietLog())
 		if err != nil {
 			t.Fatal(err)
@@ -182,9 +212,9 @@ func TestRealDatapathMapFull(t *testing.T) {
 	}
 	_, hostPath := newNetns(t, "h")
 	dir := t.TempDir()
-	w := &nsDatapath{dp: BPF{D: d}}
-	m, err := New(Options{StateDir: dir, CIDRs: pfx("10.251.10.0/28", "fd00:25a::/120"), HostNetns: hostPath, LinkPrefix: "rwb"},
-		w, newFakeIdentities(), quietLog())
+	w := &nsDatapath{dp: bpfDatapath{d}}
+	m, err := New(Options{StateDir: dir, CIDRs: pfx("10.251.10.0/28", "fd00:25a::/120"), HostNetns: hostPath, LinkPrefix: "rwb",
+		Enforcer: openEnforcer{d}}, w, newFakeIdentities(), quietLog())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -223,3 +253,72 @@ func TestRealDatapathMapFull(t *testing.T) {
 		t.Errorf("List() has %d endpoints, want 2", got)
 	}
 }
+
+// TestRealDatapathClosedUntilAdmitted: an endpoint whose Enforcer wrote
+// nothing is closed in both directions (the datapath creates its map
+// closed), and the host side of its veth came up only after Admit.
+func TestRealDatapathClosedUntilAdmitted(t *testing.T) {
+	requireNetns(t)
+	testenv.RequireBPFFS(t)
+	pinDir := fmt.Sprintf("/sys/fs/bpf/rwb-%d-closed", os.Getpid())
+	t.Cleanup(func() { datapath.Cleanup(pinDir) })
+	d, err := datapath.Open(datapath.Options{PinDir: pinDir, CTMaxEntries: 1024, PolicyMaxEntries: 64, IPCacheMaxEntries: 64}, quietLog())
+	if err != nil {
+		t.Fatalf("datapath.Open() = %v", err)
+	}
+	_, hostPath := newNetns(t, "h")
+	w := &nsDatapath{dp: bpfDatapath{d}}
+	rec := &recordingEnforcer{}
+	m, err := New(Options{StateDir: t.TempDir(), CIDRs: pfx("10.251.11.0/28"), HostNetns: hostPath, LinkPrefix: "rwb", Enforcer: rec},
+		w, newFakeIdentities(), quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.h = m.host
+	rec.m = m
+	t.Cleanup(func() {
+		for _, ep := range m.List() {
+			m.Delete(context.Background(), ep.Name)
+		}
+		m.Close()
+		d.Close()
+	})
+	a, err := m.Add(context.Background(), Request{Name: "a", NetnsPath: mustNetns(t), Labels: identity.MustLabels("app", "a")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := m.Add(context.Background(), Request{Name: "b", NetnsPath: mustNetns(t), Labels: identity.MustLabels("app", "b")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.upAtAdmit {
+		t.Errorf("the host side of a veth was up when Admit ran; want it down until the policy is in force")
+	}
+	if !pingDrops(t, nsName(a.Netns), b.IPv4) {
+		t.Errorf("a -> b passed with maps nobody wrote; want new endpoints closed")
+	}
+	es, err := d.Policy(b.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) != 0 {
+		t.Errorf("new endpoint's map holds %v, want nothing (closed)", es)
+	}
+}
+
+// recordingEnforcer writes nothing and records whether the endpoint's
+// host-side veth was already up when Admit ran.
+type recordingEnforcer struct {
+	m         *Manager
+	upAtAdmit bool
+}
+
+func (r *recordingEnforcer) Admit(_ context.Context, ep Endpoint) error {
+	if l, err := r.m.host.link(ep.HostIfName); err == nil && l != nil && l.Attrs().Flags&net.FlagUp != 0 {
+		r.upAtAdmit = true
+	}
+	return nil
+}
+
+func (r *recordingEnforcer) Readopt(Endpoint) {}
+func (r *recordingEnforcer) Gone(Endpoint)    {}

@@ -156,15 +156,40 @@ type AttachSpec struct {
 //
 // AttachEndpoint must be idempotent with "ensure" semantics: called for an
 // endpoint whose pinned policy map and links already exist (Restore), it
-// re-adopts them and neither flushes nor re-creates them. DetachEndpoint and
-// DeleteIPCache of something absent return nil; DetachEndpoint gets ifindex
-// 0 when the veth is already gone.
+// re-adopts them and neither flushes nor re-creates them; called for a new
+// endpoint, it creates its policy map closed (nothing passes in either
+// direction). DetachEndpoint of something absent returns nil and gets
+// ifindex 0 when the veth is already gone.
 type Datapath interface {
 	AttachEndpoint(spec AttachSpec) error
 	DetachEndpoint(id uint16, ifindex int) error
-	UpsertIPCache(prefix netip.Prefix, id identity.ID, hostIP netip.Addr) error
-	DeleteIPCache(prefix netip.Prefix) error
 }
+
+// Enforcer puts an endpoint's policy and addresses in force; the agent
+// implements it (policy sync and the ipcache owner). The manager calls it
+// at the points where an endpoint may start to carry traffic or stops.
+type Enforcer interface {
+	// Admit is called during Add once the datapath is attached (the policy
+	// map closed) and before the host side of the veth goes up: nothing
+	// reaches or leaves the endpoint before Admit returns. It returns once
+	// the endpoint's computed policy is in its map, or the directions that
+	// could not be written are closed. An error rolls the Add back.
+	Admit(ctx context.Context, ep Endpoint) error
+	// Readopt is called by Restore for every endpoint it re-adopts. It must
+	// not widen the endpoint's map: the policy sources are not loaded yet.
+	Readopt(ep Endpoint)
+	// Gone is called once an endpoint was deleted, or a failed Add rolled
+	// back after Admit.
+	Gone(ep Endpoint)
+}
+
+// noEnforcer leaves new endpoints closed; tests and tools that drive the
+// datapath themselves use it.
+type noEnforcer struct{}
+
+func (noEnforcer) Admit(context.Context, Endpoint) error { return nil }
+func (noEnforcer) Readopt(Endpoint)                      {}
+func (noEnforcer) Gone(Endpoint)                         {}
 
 // Identities allocates security identities for identity-relevant label
 // sets. Every Allocate is balanced by one Release of the same labels.

@@ -9,7 +9,8 @@ import (
 	"github.com/rackwire/rackwire/daemon/identity"
 )
 
-// fakeDatapath records what the manager asks of the datapath.
+// fakeDatapath records what the manager asks of the datapath, and plays
+// the agent's Enforcer: the ipcache entries of admitted endpoints.
 type fakeDatapath struct {
 	mu        sync.Mutex
 	eps       map[uint16]AttachSpec
@@ -41,21 +42,35 @@ func (f *fakeDatapath) DetachEndpoint(id uint16, _ int) error {
 	return nil
 }
 
-func (f *fakeDatapath) UpsertIPCache(p netip.Prefix, id identity.ID, _ netip.Addr) error {
+func (f *fakeDatapath) Admit(_ context.Context, ep Endpoint) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.failCache != nil {
 		return f.failCache
 	}
-	f.ipcache[p] = id
+	if _, ok := f.eps[ep.ID]; !ok {
+		return fmt.Errorf("admit of endpoint %d before its datapath was attached", ep.ID)
+	}
+	for _, a := range ep.IPs() {
+		f.ipcache[netip.PrefixFrom(a, a.BitLen())] = ep.Identity
+	}
 	return nil
 }
 
-func (f *fakeDatapath) DeleteIPCache(p netip.Prefix) error {
+func (f *fakeDatapath) Readopt(ep Endpoint) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	delete(f.ipcache, p)
-	return nil
+	for _, a := range ep.IPs() {
+		f.ipcache[netip.PrefixFrom(a, a.BitLen())] = ep.Identity
+	}
+}
+
+func (f *fakeDatapath) Gone(ep Endpoint) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, a := range ep.IPs() {
+		delete(f.ipcache, netip.PrefixFrom(a, a.BitLen()))
+	}
 }
 
 func (f *fakeDatapath) counts() (eps, cache int) {

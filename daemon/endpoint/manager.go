@@ -17,7 +17,6 @@ import (
 
 	"github.com/rackwire/rackwire/daemon/config"
 	"github.com/rackwire/rackwire/daemon/identity"
-	"golang.org/x/sys/unix"
 )
 
 // DefaultLinkPrefix names host-side veths: "rw" + the 5-digit endpoint id.
@@ -33,8 +32,6 @@ type Options struct {
 	IdentityLabels []string
 	// Audit is [datapath] policy_audit_mode, passed to the datapath.
 	Audit bool
-	// HostIP is this node's address, written with every ipcache entry.
-	HostIP netip.Addr
 	// HostNetns is the namespace endpoints are plugged into; "" is the
 	// agent's own. Simulated hosts and tests set it.
 	HostNetns string
@@ -46,23 +43,19 @@ type Options struct {
 	// Timeout bounds each identity call of Restore and of a rollback.
 	// Default 10s.
 	Timeout time.Duration
+	// Enforcer puts policy and addresses in force; nil leaves new
+	// endpoints closed (see Enforcer).
+	Enforcer Enforcer
 }
 
 // OptionsFromConfig takes the Manager options from the config.
 func OptionsFromConfig(cfg *config.Config) Options {
-	o := Options{
+	return Options{
 		StateDir:       cfg.Agent.StateDir,
 		CIDRs:          cfg.Prefixes(),
 		IdentityLabels: cfg.Datapath.IdentityLabels,
 		Audit:          cfg.Datapath.PolicyAuditMode,
 	}
-	for _, s := range cfg.Node.Addresses {
-		if a, err := netip.ParseAddr(s); err == nil {
-			o.HostIP = a
-			break
-		}
-	}
-	return o
 }
 
 // Manager is the one owner of this host's endpoint table.
@@ -100,6 +93,9 @@ func New(opts Options, dp Datapath, ids Identities, log *slog.Logger) (*Manager,
 	}
 	if opts.Timeout <= 0 {
 		opts.Timeout = 10 * time.Second
+	}
+	if opts.Enforcer == nil {
+		opts.Enforcer = noEnforcer{}
 	}
 	if opts.StateDir == "" {
 		return nil, errors.New("no state dir; set [agent] state_dir")
@@ -318,23 +314,22 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 	}
 	// The undo steps go first: a datapath call that fails half-way
 	// (policy map created, program not attached) is undone too, and
-	// Detach/DeleteIPCache tolerate what is absent.
+	// Detach tolerates what is absent.
 	u.push(func() error { return m.dp.DetachEndpoint(ep.ID, ep.HostIfIndex) })
 	if err = m.dp.AttachEndpoint(m.spec(ep)); err != nil {
 		return ep, fmt.Errorf("attach datapath to %s: %w", ep.HostIfName, err)
 	}
-	for _, a := range ep.IPs() {
-		pfx := netip.PrefixFrom(a, a.BitLen())
-		u.push(func() error { return m.dp.DeleteIPCache(pfx) })
-		if err = m.dp.UpsertIPCache(pfx, ep.Identity, m.opts.HostIP); err != nil {
-			if errors.Is(err, unix.E2BIG) {
-				return ep, fmt.Errorf("write ipcache entry %s: the ipcache is full; raise [datapath] ipcache_max_entries: %w", pfx, err)
-			}
-			return ep, fmt.Errorf("write ipcache entry %s: %w", pfx, err)
-		}
+	// The programs are attached with a closed map and the host side is
+	// still down: Admit writes the policy before anything can pass.
+	ep.State = StateReady
+	u.push(func() error { m.opts.Enforcer.Gone(ep.clone()); return nil })
+	if err = m.opts.Enforcer.Admit(ctx, ep.clone()); err != nil {
+		return ep, fmt.Errorf("enforce policy of %s: %w", ep.Name, err)
+	}
+	if err = m.host.activate(ep.HostIfIndex, p.peerMAC, ep.IPs()); err != nil {
+		return ep, err
 	}
 
-	ep.State = StateReady
 	if err = writeState(m.dir, ep); err != nil {
 		return ep, err
 	}
@@ -457,6 +452,7 @@ func (m *Manager) Delete(ctx context.Context, nameOrID string) error {
 	delete(m.byID, ep.ID)
 	delete(m.held, ep.ID)
 	m.mu.Unlock()
+	m.opts.Enforcer.Gone(ep)
 	if held {
 		if err := m.release(ep.IdentityLabels); err != nil {
 			// The endpoint is gone; the store's session expiry collects
@@ -472,11 +468,6 @@ func (m *Manager) Delete(ctx context.Context, nameOrID string) error {
 // tolerates absence.
 func (m *Manager) teardown(ep Endpoint) error {
 	var errs []error
-	for _, a := range ep.IPs() {
-		if err := m.dp.DeleteIPCache(netip.PrefixFrom(a, a.BitLen())); err != nil {
-			errs = append(errs, fmt.Errorf("delete ipcache entry %s: %w", a, err))
-		}
-	}
 	ifindex := ep.HostIfIndex
 	if ep.State == StateLost {
 		ifindex = 0 // the veth is gone; the number may be another link's now
@@ -607,12 +598,6 @@ func (m *Manager) readopt(ctx context.Context, ep *Endpoint, log *slog.Logger) e
 		m.unhold(ep, held)
 		return fmt.Errorf("re-attach datapath to %s: %w", ep.HostIfName, err)
 	}
-	for _, a := range ep.IPs() {
-		if err := m.dp.UpsertIPCache(netip.PrefixFrom(a, a.BitLen()), ep.Identity, m.opts.HostIP); err != nil {
-			m.unhold(ep, held)
-			return fmt.Errorf("write ipcache entry %s: %w", a, err)
-		}
-	}
 	if changed {
 		if err := writeState(m.dir, *ep); err != nil {
 			m.unhold(ep, held)
@@ -620,6 +605,7 @@ func (m *Manager) readopt(ctx context.Context, ep *Endpoint, log *slog.Logger) e
 		}
 	}
 	m.store(*ep, held)
+	m.opts.Enforcer.Readopt(ep.clone())
 	log.Info("endpoint restored", "identity", ep.Identity, "ifindex", ep.HostIfIndex)
 	return nil
 }

@@ -66,7 +66,7 @@ func newTestHost(t *testing.T, cidrs ...string) *testHost {
 	h := &testHost{dp: newFakeDatapath(), ids: newFakeIdentities(), dir: t.TempDir()}
 	h.ns, h.nsPath = newNetns(t, "h")
 	h.opts = Options{StateDir: h.dir, CIDRs: pfx(cidrs...), HostNetns: h.nsPath, LinkPrefix: "rwb",
-		HostIP: netip.MustParseAddr("192.0.2.1"), Timeout: 5 * time.Second}
+		Timeout: 5 * time.Second, Enforcer: h.dp}
 	m, err := New(h.opts, h.dp, h.ids, quietLog())
 	if err != nil {
 		t.Fatalf("New() = %v", err)

@@ -235,14 +235,22 @@ func (h *host) plumb(epNs netns.NsHandle, hostName string, mtu int, ips []netip.
 		}
 	}
 
-	// Host side: link up, host routes and neighbours.
-	if err := h.nl.LinkSetUp(hl); err != nil {
-		return p, fmt.Errorf("set %s up: %w", hostName, err)
-	}
-	if err := h.ensureHostSide(hl.Attrs().Index, p.peerMAC, ips, false); err != nil {
-		return p, err
-	}
+	// The host side stays down, without routes, until activate: the
+	// datapath and the endpoint's policy come first.
 	return p, nil
+}
+
+// activate brings the host side of a plumbed veth up and installs its host
+// routes and neighbours: from here on the endpoint carries traffic.
+func (h *host) activate(ifindex int, peerMAC net.HardwareAddr, ips []netip.Addr) error {
+	hl, err := h.nl.LinkByIndex(ifindex)
+	if err != nil {
+		return fmt.Errorf("find host veth %d: %w", ifindex, err)
+	}
+	if err := h.nl.LinkSetUp(hl); err != nil {
+		return fmt.Errorf("set %s up: %w", hl.Attrs().Name, err)
+	}
+	return h.ensureHostSide(ifindex, peerMAC, ips, false)
 }
 
 // ensureHostSide installs the host route (scope link, proto RouteProtocol)

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/rackwire/rackwire/internal/atomicfile"
+
 	"github.com/rackwire/rackwire/daemon/identity"
 )
 
@@ -41,46 +43,17 @@ func writeState(dir string, ep Endpoint) error {
 		return fmt.Errorf("encode state of endpoint %d: %w", ep.ID, err)
 	}
 	b = append(b, '\n')
-	path := statePath(dir, ep.ID)
-	tmp, err := os.CreateTemp(dir, filepath.Base(path)+".*.tmp")
-	if err != nil {
-		return fmt.Errorf("create temp state file: %w", err)
+	if err := atomicfile.Write(statePath(dir, ep.ID), b, atomicfile.Options{Mode: 0o600}); err != nil {
+		return fmt.Errorf("write state of endpoint %d: %w", ep.ID, err)
 	}
-	defer os.Remove(tmp.Name()) // no-op after the rename
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("fsync %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", tmp.Name(), err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("rename state file into place: %w", err)
-	}
-	return syncDir(dir)
+	return nil
 }
 
 func removeState(dir string, id uint16) error {
 	if err := os.Remove(statePath(dir, id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove state file: %w", err)
 	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open state dir: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync state dir: %w", err)
-	}
-	return nil
+	return atomicfile.SyncDir(dir)
 }
 
 // loadStates reads every state file of dir. A file that does not decode or

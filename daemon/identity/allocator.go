@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/rackwire/rackwire/internal/backoff"
+
 	"github.com/rackwire/rackwire/daemon/store"
 )
 
@@ -408,7 +410,7 @@ func (a *Allocator) resolve(ctx context.Context, canon string) (ID, bool, error)
 	var lastErr error
 	for attempt := 0; attempt < maxResolveAttempts; attempt++ {
 		if attempt > 0 {
-			if err := sleepCtx(ctx, jitterDur(time.Duration(attempt)*10*time.Millisecond)); err != nil {
+			if err := sleepCtx(ctx, backoff.Jitter(time.Duration(attempt)*10*time.Millisecond)); err != nil {
 				return 0, false, fmt.Errorf("allocate identity for %s: %w", canon, err)
 			}
 		}
@@ -620,7 +622,7 @@ func (a *Allocator) dropFresh(ctx context.Context, id ID, canon string, index ui
 			}
 		}
 		if index == 0 {
-			if ctx.Err() != nil || sleepCtx(ctx, jitterDur(time.Duration(i+1)*200*time.Millisecond)) != nil {
+			if ctx.Err() != nil || sleepCtx(ctx, backoff.Jitter(time.Duration(i+1)*200*time.Millisecond)) != nil {
 				break
 			}
 			continue
@@ -632,7 +634,7 @@ func (a *Allocator) dropFresh(ctx context.Context, id ID, canon string, index ui
 			}
 			return
 		}
-		if ctx.Err() != nil || sleepCtx(ctx, jitterDur(time.Duration(i+1)*200*time.Millisecond)) != nil {
+		if ctx.Err() != nil || sleepCtx(ctx, backoff.Jitter(time.Duration(i+1)*200*time.Millisecond)) != nil {
 			break
 		}
 	}
@@ -697,7 +699,7 @@ func (a *Allocator) skip(kv store.KV, why string) {
 func (a *Allocator) watchLoop(ctx context.Context) {
 	defer close(a.done)
 	var index uint64
-	backoff := a.opts.BackoffMin
+	bo := backoff.New(a.opts.BackoffMin, a.opts.BackoffMax)
 	failing := false
 	for ctx.Err() == nil {
 		start := time.Now()
@@ -710,17 +712,16 @@ func (a *Allocator) watchLoop(ctx context.Context) {
 				a.log.Warn("identity watch failed; keeping the cached identities", "err", err)
 				failing = true
 			}
-			if sleepCtx(ctx, jitterDur(backoff)) != nil {
+			if !backoff.Sleep(ctx, bo.Next()) {
 				return
 			}
-			backoff = min(backoff*2, a.opts.BackoffMax)
 			continue
 		}
 		if failing {
 			a.log.Info("identity watch back")
 			failing = false
 		}
-		backoff = a.opts.BackoffMin
+		bo.Reset()
 		// Consul's rules: an index that goes backwards means a reset;
 		// list again from 0. Never block on 0 afterwards.
 		if next < index {
@@ -730,7 +731,7 @@ func (a *Allocator) watchLoop(ctx context.Context) {
 		}
 		a.apply(kvs)
 		a.retryReleases(ctx)
-		if sleepCtx(ctx, jitterDur(a.opts.WatchMinInterval)-time.Since(start)) != nil {
+		if sleepCtx(ctx, backoff.Jitter(a.opts.WatchMinInterval)-time.Since(start)) != nil {
 			return
 		}
 	}
@@ -772,10 +773,6 @@ func (a *Allocator) apply(kvs []store.KV) {
 		close(a.synced)
 	}
 	a.mu.Unlock()
-}
-
-func jitterDur(d time.Duration) time.Duration {
-	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) error {

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/rackwire/rackwire/internal/backoff"
+
 	"github.com/rackwire/rackwire/daemon/store"
 )
 
@@ -75,7 +77,7 @@ func (g *GC) Run(ctx context.Context) error {
 					break
 				}
 				g.log.Warn("gc election failed; retrying", "err", err)
-				if sleepCtx(ctx, jitterDur(g.opts.Interval/10+time.Second)) != nil {
+				if sleepCtx(ctx, backoff.Jitter(g.opts.Interval/10+time.Second)) != nil {
 					break
 				}
 				continue
@@ -95,7 +97,7 @@ func (g *GC) Run(ctx context.Context) error {
 			case <-lost:
 				g.log.Info("lost identity gc leadership")
 				break lead
-			case <-time.After(jitterDur(g.opts.Interval)):
+			case <-time.After(backoff.Jitter(g.opts.Interval)):
 			}
 		}
 	}

@@ -41,22 +41,29 @@ type Rule struct {
 
 // IngressRule names the peers an endpoint may receive from (or, in
 // ingressDeny, must not) and on which ports.
+//
+// The peer lists tell "absent" (nil: the field was left out or null) from
+// "present but empty" (a non-nil empty slice: `fromEndpoints: []`), as
+// Cilium does: with every peer list absent, a rule with ports applies to
+// every peer; an empty list selects no peer. omitzero keeps an empty list
+// in the JSON encoding (the store value, the canonical form) while still
+// leaving out an absent one.
 type IngressRule struct {
-	FromEndpoints []Selector `json:"fromEndpoints,omitempty"`
-	FromCIDR      []string   `json:"fromCIDR,omitempty"`
-	FromCIDRSet   []CIDRRule `json:"fromCIDRSet,omitempty"`
-	FromEntities  []string   `json:"fromEntities,omitempty"`
+	FromEndpoints []Selector `json:"fromEndpoints,omitzero"`
+	FromCIDR      []string   `json:"fromCIDR,omitzero"`
+	FromCIDRSet   []CIDRRule `json:"fromCIDRSet,omitzero"`
+	FromEntities  []string   `json:"fromEntities,omitzero"`
 	ToPorts       []PortRule `json:"toPorts,omitempty"`
 	ICMPs         []ICMPRule `json:"icmps,omitempty"`
 }
 
 // EgressRule names the peers an endpoint may send to (or, in egressDeny,
-// must not) and on which ports.
+// must not) and on which ports. Its peer lists are read as IngressRule's.
 type EgressRule struct {
-	ToEndpoints []Selector `json:"toEndpoints,omitempty"`
-	ToCIDR      []string   `json:"toCIDR,omitempty"`
-	ToCIDRSet   []CIDRRule `json:"toCIDRSet,omitempty"`
-	ToEntities  []string   `json:"toEntities,omitempty"`
+	ToEndpoints []Selector `json:"toEndpoints,omitzero"`
+	ToCIDR      []string   `json:"toCIDR,omitzero"`
+	ToCIDRSet   []CIDRRule `json:"toCIDRSet,omitzero"`
+	ToEntities  []string   `json:"toEntities,omitzero"`
 	ToPorts     []PortRule `json:"toPorts,omitempty"`
 	ICMPs       []ICMPRule `json:"icmps,omitempty"`
 }

@@ -194,6 +194,13 @@ func compileRule(r *Rule, path string) (*rule, error) {
 	if subj.reserved {
 		return nil, errAt(path+".endpointSelector", ErrUnsupported, "host policies (selecting reserved identities) are not supported")
 	}
+	if len(r.Ingress)+len(r.IngressDeny)+len(r.Egress)+len(r.EgressDeny) == 0 {
+		// As in Cilium: a rule whose four lists are all missing or empty
+		// would select its endpoints in no direction and do nothing.
+		return nil, errAt(path, ErrInvalid, "the rule has no entry in ingress, ingressDeny, egress or egressDeny, so it would do nothing "+
+			"(an empty list such as `ingress: []` selects nothing); write at least one entry, "+
+			"e.g. `ingress: [{}]` to put the selected endpoints in default deny for ingress and allow nothing")
+	}
 	out := &rule{path: path, subject: subj}
 	add := func(dir uint8, deny bool, name string, n int, get func(int) (*peerFields, []PortRule, []ICMPRule)) error {
 		for i := 0; i < n; i++ {
@@ -240,9 +247,42 @@ type peerFields struct {
 	pfx       string // "from" or "to"
 }
 
+// Limits Cilium puts on one toPorts entry's ports and one icmps entry's
+// fields.
+const (
+	maxPorts      = 40
+	maxICMPFields = 40
+)
+
 func compileSection(dir uint8, deny bool, name, rulePath string, pf *peerFields, ports []PortRule, icmps []ICMPRule) (*section, error) {
 	field := rulePath + "." + name
 	s := &section{dir: dir, deny: deny, field: name}
+	// A peer list that is present selects only what it names: an empty
+	// one (`fromEndpoints: []`) or one of the entity none selects no peer.
+	// Only when every peer list is absent do ports apply to every peer.
+	present := pf.endpoints != nil || pf.cidr != nil || pf.cidrSet != nil || pf.entities != nil
+	var empty, named []string
+	for _, l := range []struct {
+		name   string
+		absent bool
+		n      int
+	}{
+		{pf.pfx + "Endpoints", pf.endpoints == nil, len(pf.endpoints)},
+		{pf.pfx + "CIDR", pf.cidr == nil, len(pf.cidr)},
+		{pf.pfx + "CIDRSet", pf.cidrSet == nil, len(pf.cidrSet)},
+		{pf.pfx + "Entities", pf.entities == nil, len(pf.entities)},
+	} {
+		switch {
+		case l.n > 0:
+			named = append(named, l.name)
+		case !l.absent:
+			empty = append(empty, l.name)
+		}
+	}
+	if len(empty) > 0 && len(named) > 0 {
+		return nil, errAt(field, ErrInvalid, "`%s: []` selects no peer, which would leave %s without effect; remove the empty list, or write it as a rule of its own",
+			empty[0], strings.Join(named, " and "))
+	}
 	var kinds []string
 	if len(pf.endpoints) > 0 {
 		kinds = append(kinds, pf.pfx+"Endpoints")
@@ -294,6 +334,8 @@ func compileSection(dir uint8, deny bool, name, rulePath string, pf *peerFields,
 		switch e {
 		case "all":
 			s.wildcard = true
+		case "none":
+			// Selects nothing, as in Cilium.
 		case "cluster":
 			s.peers = append(s.peers, &peerSel{key: "entity:cluster", kind: peerCluster})
 		case "world":
@@ -304,7 +346,7 @@ func compileSection(dir uint8, deny bool, name, rulePath string, pf *peerFields,
 		case "world-ipv4", "world-ipv6", "kube-apiserver":
 			return nil, errAt(f, ErrUnsupported, "entity %q is not supported; use host, remote-node, world, cluster or all", e)
 		default:
-			return nil, errAt(f, ErrInvalid, "entity %q; use host, remote-node, world, cluster, all, health, init, unmanaged or ingress", e)
+			return nil, errAt(f, ErrInvalid, "entity %q; use host, remote-node, world, cluster, all, none, health, init, unmanaged or ingress", e)
 		}
 	}
 	if len(ports) > 0 && len(icmps) > 0 {
@@ -314,6 +356,9 @@ func compileSection(dir uint8, deny bool, name, rulePath string, pf *peerFields,
 		f := fmt.Sprintf("%s.toPorts[%d].ports", field, i)
 		if len(pr.Ports) == 0 {
 			return nil, errAt(f, ErrInvalid, "is empty; list at least one port")
+		}
+		if len(pr.Ports) > maxPorts {
+			return nil, errAt(f, ErrInvalid, "has %d ports; at most %d fit in one toPorts entry (as in Cilium): split them over several toPorts entries", len(pr.Ports), maxPorts)
 		}
 		for j, pp := range pr.Ports {
 			rs, err := compilePort(pp)
@@ -328,6 +373,9 @@ func compileSection(dir uint8, deny bool, name, rulePath string, pf *peerFields,
 		if len(ic.Fields) == 0 {
 			return nil, errAt(f, ErrInvalid, "is empty; list at least one ICMP type")
 		}
+		if len(ic.Fields) > maxICMPFields {
+			return nil, errAt(f, ErrInvalid, "has %d ICMP types; at most %d fit in one icmps entry (as in Cilium): split them over several icmps entries", len(ic.Fields), maxICMPFields)
+		}
 		for j, fl := range ic.Fields {
 			r, err := compileICMP(fl)
 			if err != nil {
@@ -337,8 +385,9 @@ func compileSection(dir uint8, deny bool, name, rulePath string, pf *peerFields,
 		}
 	}
 	hasL4 := len(ports)+len(icmps) > 0
-	if len(s.peers) == 0 && !s.wildcard && hasL4 {
-		// Ports without peers apply to every peer (Cilium's L4-only rule).
+	if !present && hasL4 {
+		// Ports without peer lists apply to every peer (Cilium's L4-only
+		// rule). A present but empty list is not that: it selects no one.
 		s.wildcard = true
 	}
 	if !hasL4 && (s.wildcard || len(s.peers) > 0) {
@@ -370,17 +419,16 @@ func cidrPeer(p netip.Prefix, except []netip.Prefix) *peerSel {
 	return &peerSel{key: key, kind: peerCIDR, prefix: p, except: except}
 }
 
-// parsePrefix reads "10.0.0.0/8" or a bare address (a host prefix); host
-// bits are cleared.
+// parsePrefix reads "10.0.0.0/8"; host bits are cleared. A bare address is
+// refused, as Cilium refuses it: the prefix length must be written.
 func parsePrefix(s string) (netip.Prefix, error) {
 	if p, err := netip.ParsePrefix(s); err == nil {
 		return p.Masked(), nil
 	}
 	if a, err := netip.ParseAddr(s); err == nil && a.Zone() == "" {
-		a = a.Unmap()
-		return netip.PrefixFrom(a, a.BitLen()), nil
+		return netip.Prefix{}, fmt.Errorf("%w: %q is an address without a prefix length; write %s/%d", ErrInvalid, s, s, a.BitLen())
 	}
-	return netip.Prefix{}, fmt.Errorf("%w: %q is not a prefix (10.0.0.0/8, 2001:db8::/32) or an address", ErrInvalid, s)
+	return netip.Prefix{}, fmt.Errorf("%w: %q is not a prefix; write it as 10.0.0.0/8 or 2001:db8::/32", ErrInvalid, s)
 }
 
 func dedupPeers(ps []*peerSel) []*peerSel {

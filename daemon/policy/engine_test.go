@@ -157,8 +157,8 @@ func conformanceCases() []conformanceCase {
 			checks: []check{in("client", 80, tcp, false), in("host", 80, tcp, false), in("world", 0, icmp, false), out("world", 443, tcp, true)}},
 		{name: "egress [{}] is default deny", docs: []string{doc("p", `{`+sel+`, egress: [{}]}`)},
 			checks: []check{out("client", 80, tcp, false), out("world", 53, udp, false), in("client", 80, tcp, true)}},
-		{name: "empty ingress list does not select", docs: []string{doc("p", `{`+sel+`, ingress: []}`)},
-			checks: []check{in("client", 80, tcp, true), in("world", 22, tcp, true)}},
+		{name: "empty ingress list does not select", docs: []string{doc("p", `{`+sel+`, ingress: [], egress: [{toEntities: [world]}]}`)},
+			checks: []check{in("client", 80, tcp, true), in("world", 22, tcp, true), out("world", 443, tcp, true), out("db", 80, tcp, false)}},
 		{name: "empty endpointSelector selects every endpoint", docs: []string{doc("p", `{endpointSelector: {}, ingress: [{}]}`)},
 			checks: []check{in("client", 80, tcp, false)}},
 		{name: "matchLabels needs every label", docs: []string{doc("p", `{endpointSelector: {matchLabels: {app: web, env: prod}}, ingress: [{}]}`)},
@@ -349,51 +349,57 @@ func TestConformance(t *testing.T) {
 	if len(cases) < 60 {
 		t.Fatalf("conformance suite has %d cases, want at least 60", len(cases))
 	}
-	u := universe()
 	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
-			e1, m1 := build(t, c, true)
-			e2, m2 := build(t, c, false)
-			d1, _ := e1.Desired(1)
-			d2, _ := e2.Desired(1)
-			if diff := cmp.Diff(d1, d2); diff != "" {
-				t.Fatalf("entries depend on the order identities arrive (-first +after):\n%s", diff)
-			}
-			if diff := cmp.Diff(d1, m1.entries(1)); diff != "" {
-				t.Fatalf("Changes applied in order differ from Desired (-desired +applied):\n%s", diff)
-			}
-			if diff := cmp.Diff(d2, m2.entries(1)); diff != "" {
-				t.Fatalf("Changes (identities after) differ from Desired (-desired +applied):\n%s", diff)
-			}
-			for _, ck := range c.checks {
-				ti, ok := u[ck.peer]
-				if !ok {
-					t.Fatalf("unknown peer %q", ck.peer)
-				}
-				got := lookup(d1, uint32(ti.id), ck.dir, ck.port, ck.proto)
-				dirName := map[uint8]string{Ingress: "ingress from", Egress: "egress to"}[ck.dir]
-				if got != ck.want {
-					t.Errorf("%s %s port %d proto %d: allowed = %v, want %v; entries:\n%v", dirName, ck.peer, ck.port, ck.proto, got, ck.want, d1)
-				}
-				// Trace must agree with the map, from labels alone.
-				var tr TraceResult
-				var err error
-				if ck.dir == Ingress {
-					tr, err = e1.Trace(Subject{Labels: ti.labels}, Subject{Endpoint: 1}, ck.port, ck.proto)
-				} else {
-					tr, err = e1.Trace(Subject{Endpoint: 1}, Subject{Labels: ti.labels}, ck.port, ck.proto)
-				}
-				if err != nil {
-					t.Fatalf("Trace: %v", err)
-				}
-				side := tr.Ingress
-				if ck.dir == Egress {
-					side = tr.Egress
-				}
-				if passes(side) != ck.want {
-					t.Errorf("Trace %s %s port %d proto %d: side = %+v, want allowed %v", dirName, ck.peer, ck.port, ck.proto, side, ck.want)
-				}
-			}
-		})
+		t.Run(c.name, func(t *testing.T) { runConformanceCase(t, c) })
+	}
+}
+
+// runConformanceCase builds the case's engine in both orders and checks
+// that the entries agree with each other, with the applied changes, with
+// every check and with Trace.
+func runConformanceCase(t *testing.T, c conformanceCase) {
+	t.Helper()
+	u := universe()
+	e1, m1 := build(t, c, true)
+	e2, m2 := build(t, c, false)
+	d1, _ := e1.Desired(1)
+	d2, _ := e2.Desired(1)
+	if diff := cmp.Diff(d1, d2); diff != "" {
+		t.Fatalf("entries depend on the order identities arrive (-first +after):\n%s", diff)
+	}
+	if diff := cmp.Diff(d1, m1.entries(1)); diff != "" {
+		t.Fatalf("Changes applied in order differ from Desired (-desired +applied):\n%s", diff)
+	}
+	if diff := cmp.Diff(d2, m2.entries(1)); diff != "" {
+		t.Fatalf("Changes (identities after) differ from Desired (-desired +applied):\n%s", diff)
+	}
+	for _, ck := range c.checks {
+		ti, ok := u[ck.peer]
+		if !ok {
+			t.Fatalf("unknown peer %q", ck.peer)
+		}
+		got := lookup(d1, uint32(ti.id), ck.dir, ck.port, ck.proto)
+		dirName := map[uint8]string{Ingress: "ingress from", Egress: "egress to"}[ck.dir]
+		if got != ck.want {
+			t.Errorf("%s %s port %d proto %d: allowed = %v, want %v; entries:\n%v", dirName, ck.peer, ck.port, ck.proto, got, ck.want, d1)
+		}
+		// Trace must agree with the map, from labels alone.
+		var tr TraceResult
+		var err error
+		if ck.dir == Ingress {
+			tr, err = e1.Trace(Subject{Labels: ti.labels}, Subject{Endpoint: 1}, ck.port, ck.proto)
+		} else {
+			tr, err = e1.Trace(Subject{Endpoint: 1}, Subject{Labels: ti.labels}, ck.port, ck.proto)
+		}
+		if err != nil {
+			t.Fatalf("Trace: %v", err)
+		}
+		side := tr.Ingress
+		if ck.dir == Egress {
+			side = tr.Egress
+		}
+		if passes(side) != ck.want {
+			t.Errorf("Trace %s %s port %d proto %d: side = %+v, want allowed %v", dirName, ck.peer, ck.port, ck.proto, side, ck.want)
+		}
 	}
 }

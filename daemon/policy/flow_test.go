@@ -279,7 +279,7 @@ func TestBadPolicyLeavesOldInForce(t *testing.T) {
 
 func TestCIDRPrefixes(t *testing.T) {
 	e := New(nil, Options{})
-	if err := e.SetPolicies("s", mustLoad(t, doc("p", `{`+sel+`, egress: [{toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]}, {toCIDR: [0.0.0.0/0, 192.0.2.1, "2001:db8::/32"]}]}`))); err != nil {
+	if err := e.SetPolicies("s", mustLoad(t, doc("p", `{`+sel+`, egress: [{toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]}, {toCIDR: [0.0.0.0/0, 192.0.2.1/32, "2001:db8::/32"]}]}`))); err != nil {
 		t.Fatal(err)
 	}
 	want := []netip.Prefix{

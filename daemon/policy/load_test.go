@@ -15,18 +15,18 @@ func TestLoadAccepts(t *testing.T) {
 		names []string
 	}{
 		{"one document", doc("a", `{`+sel+`, ingress: [{}]}`), []string{"a"}},
-		{"stream of documents", doc("a", `{`+sel+`}`) + "---\n" + doc("b", `{`+sel+`}`) + "--- # trailing\n", []string{"a", "b"}},
-		{"leading separator and comments-only document", "# policies\n---\n" + doc("a", `{`+sel+`}`), []string{"a"}},
-		{"content on the separator line", "--- " + `{apiVersion: cilium.io/v2, kind: CiliumNetworkPolicy, metadata: {name: inline}, spec: {endpointSelector: {}}}` + "\n", []string{"inline"}},
-		{"JSON object", `{"apiVersion":"cilium.io/v2","kind":"CiliumNetworkPolicy","metadata":{"name":"j"},"spec":{"endpointSelector":{}}}`, []string{"j"}},
-		{"JSON array", `[{"apiVersion":"cilium.io/v2","kind":"CiliumNetworkPolicy","metadata":{"name":"j1"},"spec":{"endpointSelector":{}}},` +
-			`{"apiVersion":"cilium.io/v2","kind":"CiliumNetworkPolicy","metadata":{"name":"j2"},"spec":{"endpointSelector":{}}}]`, []string{"j1", "j2"}},
-		{"kind List", "apiVersion: v1\nkind: List\nitems:\n- apiVersion: cilium.io/v2\n  kind: CiliumNetworkPolicy\n  metadata: {name: l1}\n  spec: {endpointSelector: {}}\n", []string{"l1"}},
-		{"specs", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: s}\nspecs:\n- {endpointSelector: {}}\n- {endpointSelector: {}}\n", []string{"s"}},
-		{"clusterwide kind", "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: c}\nspec: {endpointSelector: {}}\n", []string{"c"}},
-		{"metadata labels, annotations, description", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: m, labels: {team: x}, annotations: {a: b}}\nspec: {endpointSelector: {}, description: hi}\n", []string{"m"}},
+		{"stream of documents", doc("a", `{`+sel+`, ingress: [{}]}`) + "---\n" + doc("b", `{`+sel+`, ingress: [{}]}`) + "--- # trailing\n", []string{"a", "b"}},
+		{"leading separator and comments-only document", "# policies\n---\n" + doc("a", `{`+sel+`, ingress: [{}]}`), []string{"a"}},
+		{"content on the separator line", "--- " + `{apiVersion: cilium.io/v2, kind: CiliumNetworkPolicy, metadata: {name: inline}, spec: {endpointSelector: {}, ingress: [{}]}}` + "\n", []string{"inline"}},
+		{"JSON object", `{"apiVersion":"cilium.io/v2","kind":"CiliumNetworkPolicy","metadata":{"name":"j"},"spec":{"endpointSelector":{},"ingress":[{}]}}`, []string{"j"}},
+		{"JSON array", `[{"apiVersion":"cilium.io/v2","kind":"CiliumNetworkPolicy","metadata":{"name":"j1"},"spec":{"endpointSelector":{},"ingress":[{}]}},` +
+			`{"apiVersion":"cilium.io/v2","kind":"CiliumNetworkPolicy","metadata":{"name":"j2"},"spec":{"endpointSelector":{},"ingress":[{}]}}]`, []string{"j1", "j2"}},
+		{"kind List", "apiVersion: v1\nkind: List\nitems:\n- apiVersion: cilium.io/v2\n  kind: CiliumNetworkPolicy\n  metadata: {name: l1}\n  spec: {endpointSelector: {}, ingress: [{}]}\n", []string{"l1"}},
+		{"specs", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: s}\nspecs:\n- {endpointSelector: {}, ingress: [{}]}\n- {endpointSelector: {}, ingress: [{}]}\n", []string{"s"}},
+		{"clusterwide kind", "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: c}\nspec: {endpointSelector: {}, ingress: [{}]}\n", []string{"c"}},
+		{"metadata labels, annotations, description", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: m, labels: {team: x}, annotations: {a: b}}\nspec: {endpointSelector: {}, ingress: [{}], description: hi}\n", []string{"m"}},
 		{"every L3/L4 field", doc("all", `{endpointSelector: {matchLabels: {"k8s:app": web}, matchExpressions: [{key: "any:env", operator: NotIn, values: [dev]}, {key: tier, operator: Exists}, {key: x, operator: DoesNotExist}, {key: app, operator: In, values: [web]}]},
-  ingress: [{fromEndpoints: [{}, {matchLabels: {"reserved:host": ""}}]}, {fromCIDR: [10.0.0.0/8, 192.0.2.1], fromCIDRSet: [{cidr: 172.16.0.0/12, except: [172.16.1.0/24]}]}, {fromEntities: [host, remote-node, world, cluster, all, health, init, unmanaged, ingress]},
+  ingress: [{fromEndpoints: [{}, {matchLabels: {"reserved:host": ""}}]}, {fromCIDR: [10.0.0.0/8, 192.0.2.1/32], fromCIDRSet: [{cidr: 172.16.0.0/12, except: [172.16.1.0/24]}]}, {fromEntities: [host, remote-node, world, cluster, all, health, init, unmanaged, ingress, none]},
     {toPorts: [{ports: [{port: 80, protocol: TCP}, {port: "8000", endPort: 8100, protocol: UDP}, {port: "3868", protocol: SCTP}, {protocol: ANY}, {port: "8", protocol: ICMP}, {port: "128", protocol: ICMPv6}]}]},
     {icmps: [{fields: [{type: 8}, {type: EchoRequest, family: IPv6}, {type: "3", family: IPv4}]}]}],
   ingressDeny: [{fromCIDR: ["2001:db8::/32"]}],
@@ -72,7 +72,7 @@ func TestLoadRejects(t *testing.T) {
 		{"authentication", r(`{` + sel + `, ingress: [{authentication: {mode: required}}]}`), ErrUnsupported, "spec.ingress[0].authentication", "not supported"},
 		{"enableDefaultDeny", r(`{` + sel + `, enableDefaultDeny: {ingress: false}}`), ErrUnsupported, "spec.enableDefaultDeny", "not supported"},
 		{"cidrGroupRef", r(`{` + sel + `, ingress: [{fromCIDRSet: [{cidrGroupRef: g}]}]}`), ErrUnsupported, "spec.ingress[0].fromCIDRSet[0].cidrGroupRef", "not supported"},
-		{"metadata.namespace", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: bad, namespace: default}\nspec: {endpointSelector: {}}\n", ErrUnsupported, "metadata.namespace", "not supported"},
+		{"metadata.namespace", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: bad, namespace: default}\nspec: {endpointSelector: {}, ingress: [{}]}\n", ErrUnsupported, "metadata.namespace", "not supported"},
 		{"named port", r(`{` + sel + `, ingress: [{toPorts: [{ports: [{port: http}]}]}]}`), ErrUnsupported, "spec.ingress[0].toPorts[0].ports[0].port", "named port"},
 		{"host policy", r(`{endpointSelector: {matchLabels: {"reserved:host": ""}}}`), ErrUnsupported, "spec.endpointSelector", "host policies"},
 		{"unknown label source", r(`{endpointSelector: {matchLabels: {"container:app": web}}}`), ErrUnsupported, `spec.endpointSelector.matchLabels.container:app`, "label source"},
@@ -82,18 +82,18 @@ func TestLoadRejects(t *testing.T) {
 		{"combining peer kinds", r(`{` + sel + `, ingress: [{fromEndpoints: [{}], fromCIDR: [10.0.0.0/8]}]}`), ErrUnsupported, "spec.ingress[0]", "combining fromEndpoints and fromCIDR"},
 		// Unknown fields.
 		{"typo in a rule", r(`{` + sel + `, ingress: [{fromEndpoint: [{}]}]}`), ErrUnknownField, "spec.ingress[0].fromEndpoint", "not part of"},
-		{"unknown top-level field", doc("bad", `{endpointSelector: {}}`) + "status: {}\n", ErrUnknownField, "status", "not part of"},
+		{"unknown top-level field", doc("bad", `{endpointSelector: {}, ingress: [{}]}`) + "status: {}\n", ErrUnknownField, "status", "not part of"},
 		{"case matters", r(`{EndpointSelector: {}}`), ErrUnknownField, "spec.EndpointSelector", "not part of"},
 		{"unknown selector field", r(`{endpointSelector: {matchLabel: {app: web}}}`), ErrUnknownField, "spec.endpointSelector.matchLabel", ""},
 		{"unknown in List", "apiVersion: v1\nkind: List\nitems: []\nextra: 1\n", ErrUnknownField, "extra", ""},
 		// Invalid values.
-		{"apiVersion", "apiVersion: cilium.io/v1\nkind: CiliumNetworkPolicy\nmetadata: {name: bad}\nspec: {endpointSelector: {}}\n", ErrInvalid, "apiVersion", "cilium.io/v2"},
-		{"kind", "apiVersion: cilium.io/v2\nkind: NetworkPolicy\nmetadata: {name: bad}\nspec: {endpointSelector: {}}\n", ErrInvalid, "kind", "CiliumNetworkPolicy"},
-		{"missing name", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {}\nspec: {endpointSelector: {}}\n", ErrInvalid, "metadata.name", ""},
-		{"upper-case name", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: Bad}\nspec: {endpointSelector: {}}\n", ErrInvalid, "metadata.name", ""},
+		{"apiVersion", "apiVersion: cilium.io/v1\nkind: CiliumNetworkPolicy\nmetadata: {name: bad}\nspec: {endpointSelector: {}, ingress: [{}]}\n", ErrInvalid, "apiVersion", "cilium.io/v2"},
+		{"kind", "apiVersion: cilium.io/v2\nkind: NetworkPolicy\nmetadata: {name: bad}\nspec: {endpointSelector: {}, ingress: [{}]}\n", ErrInvalid, "kind", "CiliumNetworkPolicy"},
+		{"missing name", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {}\nspec: {endpointSelector: {}, ingress: [{}]}\n", ErrInvalid, "metadata.name", ""},
+		{"upper-case name", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: Bad}\nspec: {endpointSelector: {}, ingress: [{}]}\n", ErrInvalid, "metadata.name", ""},
 		{"no spec", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: bad}\n", ErrInvalid, "spec", "spec or specs"},
 		{"missing endpointSelector", r(`{ingress: [{}]}`), ErrInvalid, "spec.endpointSelector", "required"},
-		{"missing endpointSelector in specs", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: bad}\nspecs:\n- {endpointSelector: {}}\n- {}\n", ErrInvalid, "specs[1].endpointSelector", "required"},
+		{"missing endpointSelector in specs", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: bad}\nspecs:\n- {endpointSelector: {}, ingress: [{}]}\n- {}\n", ErrInvalid, "specs[1].endpointSelector", "required"},
 		{"bad operator", r(`{endpointSelector: {matchExpressions: [{key: app, operator: Equals, values: [x]}]}}`), ErrInvalid, "spec.endpointSelector.matchExpressions[0].operator", "In, NotIn"},
 		{"In without values", r(`{endpointSelector: {matchExpressions: [{key: app, operator: In}]}}`), ErrInvalid, "matchExpressions[0].values", "at least one"},
 		{"Exists with values", r(`{endpointSelector: {matchExpressions: [{key: app, operator: Exists, values: [x]}]}}`), ErrInvalid, "matchExpressions[0].values", "no values"},
@@ -119,7 +119,7 @@ func TestLoadRejects(t *testing.T) {
 		{"List without items", "apiVersion: v1\nkind: List\n", ErrInvalid, "items", ""},
 		{"list item not an object", "[1]", ErrInvalid, "[0]", ""},
 		{"List item error names the item", "apiVersion: v1\nkind: List\nitems:\n- apiVersion: cilium.io/v2\n  kind: CiliumNetworkPolicy\n  metadata: {name: bad}\n  spec: {endpointSelector: {}, ingress: [{toFQDNs: []}]}\n", ErrUnsupported, "items[0].spec.ingress[0].toFQDNs", ""},
-		{"duplicate names", doc("bad", `{endpointSelector: {}}`) + "---\n" + doc("bad", `{endpointSelector: {}}`), ErrInvalid, "metadata.name", "document 1"},
+		{"duplicate names", doc("bad", `{endpointSelector: {}, ingress: [{}]}`) + "---\n" + doc("bad", `{endpointSelector: {}, ingress: [{}]}`), ErrInvalid, "metadata.name", "document 1"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -149,7 +149,7 @@ func TestLoadRejects(t *testing.T) {
 }
 
 func TestLoadErrorNamesDocument(t *testing.T) {
-	data := doc("good", `{endpointSelector: {}}`) + "---\n" + doc("second", `{endpointSelector: {}, egress: [{toFQDNs: [{matchName: a.example}]}]}`)
+	data := doc("good", `{endpointSelector: {}, ingress: [{}]}`) + "---\n" + doc("second", `{endpointSelector: {}, egress: [{toFQDNs: [{matchName: a.example}]}]}`)
 	_, err := Load("p.yaml", []byte(data))
 	var le *LoadError
 	if !errors.As(err, &le) {
@@ -167,9 +167,9 @@ func TestLoadErrorNamesDocument(t *testing.T) {
 func TestLoadDir(t *testing.T) {
 	dir := t.TempDir()
 	files := map[string]string{
-		"a.yaml":      doc("a", `{endpointSelector: {}}`),
+		"a.yaml":      doc("a", `{endpointSelector: {}, ingress: [{}]}`),
 		"b.yml":       doc("b", `{endpointSelector: {}, ingress: [{toPorts: [{ports: [{port: 80}], rules: {}}]}]}`),
-		"c.json":      `{"apiVersion":"cilium.io/v2","kind":"CiliumNetworkPolicy","metadata":{"name":"c"},"spec":{"endpointSelector":{}}}`,
+		"c.json":      `{"apiVersion":"cilium.io/v2","kind":"CiliumNetworkPolicy","metadata":{"name":"c"},"spec":{"endpointSelector":{},"ingress":[{}]}}`,
 		"notes.txt":   "ignored",
 		".hidden.yml": "ignored: [",
 	}

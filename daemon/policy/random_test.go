@@ -15,7 +15,11 @@ import (
 // Desired, and an engine built from scratch from the final state agree.
 func TestIncrementalMatchesFresh(t *testing.T) {
 	var pool [][]Policy
-	for _, c := range conformanceCases() {
+	cases := conformanceCases()
+	cases = append(cases, emptyPeerListCases()...)
+	cases = append(cases, entityNoneCases()...)
+	cases = append(cases, sectionCases()...)
+	for _, c := range cases {
 		if len(c.docs) > 0 {
 			pool = append(pool, mustLoad(t, c.docs...))
 		}

@@ -3,6 +3,7 @@ package policy
 import (
 	"errors"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -27,8 +28,8 @@ func TestStoreValueRoundTrip(t *testing.T) {
 	if _, err := DecodeStoreValue("other", b); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("DecodeStoreValue under the wrong name = %v, want ErrInvalid", err)
 	}
-	two := doc("a", `{endpointSelector: {}}`) + "---\n" + doc("b", `{endpointSelector: {}}`)
-	if _, err := DecodeStoreValue("a", []byte(two)); !errors.Is(err, ErrInvalid) {
+	two := doc("a", `{endpointSelector: {}, ingress: [{}]}`) + "---\n" + doc("b", `{endpointSelector: {}, ingress: [{}]}`)
+	if _, err := DecodeStoreValue("a", []byte(two)); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "holds 2 policies") {
 		t.Fatalf("DecodeStoreValue of two policies = %v, want ErrInvalid", err)
 	}
 	if got := SourceStore("web"); got != "store:web" {

@@ -7,6 +7,8 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+
+	"github.com/rackwire/rackwire/internal/atomicfile"
 )
 
 // maxStateSize bounds what load reads; the real file is a few hundred bytes.
@@ -48,36 +50,8 @@ func writeState(dir string, st state) error {
 		return fmt.Errorf("encode restart state: %w", err)
 	}
 	b = append(b, '\n')
-	tmp, err := os.CreateTemp(dir, "."+StateFile+".tmp*")
-	if err != nil {
-		return fmt.Errorf("create temp state file in %s: %w", dir, err)
-	}
-	name := tmp.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			tmp.Close()
-			os.Remove(name)
-		}
-	}()
-	if _, err := tmp.Write(b); err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", name, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", name, err)
-	}
-	dst := filepath.Join(dir, StateFile)
-	if err := os.Rename(name, dst); err != nil {
-		return fmt.Errorf("rename %s to %s: %w", name, dst, err)
-	}
-	ok = true
-	if d, err := os.Open(dir); err == nil {
-		// Make the rename durable; an error here leaves a valid file.
-		_ = d.Sync()
-		d.Close()
+	if err := atomicfile.Write(filepath.Join(dir, StateFile), b, atomicfile.Options{Mode: 0o600}); err != nil {
+		return fmt.Errorf("write restart state: %w", err)
 	}
 	return nil
 }

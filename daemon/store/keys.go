@@ -72,4 +72,8 @@ type NodeEntry struct {
 	CIDRs   []string `json:"cidrs"`
 	BGPASN  int64    `json:"bgp_asn,omitempty"`
 	Version string   `json:"version"`
+	// HostID is a random id kept in the host's state dir: two hosts that
+	// publish under one node name carry different ids, which is how the
+	// duplicate is told from the same host's previous run.
+	HostID string `json:"host_id,omitempty"`
 }

@@ -31,13 +31,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net/url"
 	"os"
 	"sort"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/rackwire/rackwire/internal/backoff"
 
 	"github.com/hashicorp/consul/api"
 
@@ -669,16 +670,11 @@ func (s *Store) kickSession() {
 
 func (s *Store) sessionName() string { return "rackwire:" + s.opts.Node }
 
-// jitter returns d scaled by a random factor in [0.8, 1.2).
-func jitter(d time.Duration) time.Duration {
-	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
-}
-
 // sessionLoop owns the session: it creates one, renews it, notices its
 // loss, and writes every owned key again under a new one.
 func (s *Store) sessionLoop(ctx context.Context) {
 	defer close(s.done)
-	backoff := s.opts.BackoffMin
+	bo := backoff.New(s.opts.BackoffMin, s.opts.BackoffMax)
 	fail := func(step string, err error) {
 		// Without a session the host cannot own keys, whatever the
 		// reason (also a refused ACL token): degraded.
@@ -689,12 +685,9 @@ func (s *Store) sessionLoop(ctx context.Context) {
 		}
 		s.lastErr = step + ": " + err.Error()
 		s.mu.Unlock()
-		s.log.Warn("consul session step failed, retrying", "step", step, "err", err, "retry_in", backoff)
-		select {
-		case <-time.After(jitter(backoff)):
-		case <-ctx.Done():
-		}
-		backoff = min(backoff*2, s.opts.BackoffMax)
+		wait := bo.Next()
+		s.log.Warn("consul session step failed, retrying", "step", step, "err", err, "retry_in", wait)
+		backoff.Sleep(ctx, wait)
 	}
 	resync := false
 	for ctx.Err() == nil {
@@ -724,11 +717,11 @@ func (s *Store) sessionLoop(ctx context.Context) {
 		}
 		s.refreshLeader(ctx)
 		s.noteOK()
-		backoff = s.opts.BackoffMin
+		bo.Reset()
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(jitter(s.opts.RenewInterval)):
+		case <-time.After(backoff.Jitter(s.opts.RenewInterval)):
 		case <-s.kick:
 		}
 		cctx, cancel := context.WithTimeout(ctx, s.opts.CallTimeout)

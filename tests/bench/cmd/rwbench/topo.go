@@ -111,19 +111,47 @@ func inNetns(path string, f func() error) error {
 
 func nsPath(name string) string { return "/run/netns/" + name }
 
-// nsDatapath is the endpoint.BPF adapter with the attach calls made in the
-// host namespace, as an agent running there makes them.
+// nsDatapath drives the datapath for the endpoint manager with the attach
+// calls made in the host namespace, as an agent running there makes them.
 type nsDatapath struct {
-	endpoint.BPF
+	d    *datapath.Datapath
 	host string
 }
 
 func (n nsDatapath) AttachEndpoint(s endpoint.AttachSpec) error {
-	return inNetns(n.host, func() error { return n.BPF.AttachEndpoint(s) })
+	return inNetns(n.host, func() error {
+		return n.d.AttachEndpoint(datapath.EndpointSpec{ID: s.ID, IfIndex: s.IfIndex, IPs: s.IPs,
+			MAC: s.PeerMAC, NodeMAC: s.HostMAC, Identity: uint32(s.Identity), Audit: s.Audit})
+	})
 }
 
 func (n nsDatapath) DetachEndpoint(id uint16, ifindex int) error {
-	return inNetns(n.host, func() error { return n.BPF.DetachEndpoint(id, ifindex) })
+	return inNetns(n.host, func() error { return n.d.DetachEndpoint(id, ifindex) })
+}
+
+// benchEnforcer does what the agent's enforcer does, minus the policy
+// engine: the endpoint's addresses in the ipcache and, until the benchmark
+// writes its own policy, both directions open.
+type benchEnforcer struct {
+	d      *datapath.Datapath
+	hostIP netip.Addr
+}
+
+func (e benchEnforcer) Admit(_ context.Context, ep endpoint.Endpoint) error {
+	for _, ip := range ep.IPs() {
+		if err := e.d.UpsertIPCache(netip.PrefixFrom(ip, ip.BitLen()), uint32(ep.Identity), e.hostIP); err != nil {
+			return err
+		}
+	}
+	return e.d.SetPolicy(ep.ID, datapath.OpenEntries())
+}
+
+func (e benchEnforcer) Readopt(endpoint.Endpoint) {}
+
+func (e benchEnforcer) Gone(ep endpoint.Endpoint) {
+	for _, ip := range ep.IPs() {
+		_ = e.d.DeleteIPCache(netip.PrefixFrom(ip, ip.BitLen()))
+	}
 }
 
 // fakeIdentities hands out ids from 50000 up, one per label set; the
@@ -209,9 +237,9 @@ func newTopo(ctx context.Context, log *slog.Logger, attach string) (t *topo, err
 	if err != nil {
 		return t, fmt.Errorf("open datapath: %w", err)
 	}
-	t.dp = nsDatapath{BPF: endpoint.BPF{D: t.d}, host: nsPath(nsHost)}
+	t.dp = nsDatapath{d: t.d, host: nsPath(nsHost)}
 	t.m, err = endpoint.New(endpoint.Options{StateDir: t.stateDir, CIDRs: []netip.Prefix{endpointCIDR},
-		HostNetns: nsPath(nsHost), LinkPrefix: linkPrefix, HostIP: nodeIP, Timeout: 5 * time.Second},
+		HostNetns: nsPath(nsHost), LinkPrefix: linkPrefix, Timeout: 5 * time.Second, Enforcer: benchEnforcer{d: t.d, hostIP: nodeIP}},
 		t.dp, &fakeIdentities{ids: map[string]identity.ID{}}, log)
 	if err != nil {
 		return t, fmt.Errorf("open endpoint manager: %w", err)

@@ -1,0 +1,135 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/netip"
+
+	"github.com/rackwire/rackwire/daemon/api"
+	"github.com/rackwire/rackwire/daemon/endpoint"
+	"github.com/rackwire/rackwire/daemon/identity"
+	"github.com/rackwire/rackwire/daemon/policysync"
+)
+
+func (a *agent) endpointRoutes(h route) {
+	h("GET /v1/endpoints", func(r *http.Request) (any, error) {
+		var out []api.Endpoint
+		for _, ep := range a.eps.List() {
+			out = append(out, a.toAPIEndpoint(ep))
+		}
+		return nonNil(out), nil
+	})
+	h("GET /v1/endpoints/{ep}", func(r *http.Request) (any, error) {
+		ep, err := a.endpoint(r.PathValue("ep"))
+		if err != nil {
+			return nil, err
+		}
+		return a.toAPIEndpoint(ep), nil
+	})
+	h("POST /v1/endpoints", func(r *http.Request) (any, error) {
+		var in api.EndpointAdd
+		if err := api.DecodeBody(r, &in); err != nil {
+			return nil, err
+		}
+		return a.addEndpoint(r.Context(), in)
+	})
+	h("DELETE /v1/endpoints/{ep}", func(r *http.Request) (any, error) {
+		if _, err := a.endpoint(r.PathValue("ep")); err != nil {
+			return nil, err
+		}
+		if err := a.eps.Delete(r.Context(), r.PathValue("ep")); err != nil {
+			return nil, endpointErr(err)
+		}
+		return map[string]string{"deleted": r.PathValue("ep")}, nil
+	})
+	h("POST /v1/endpoints/{ep}/audit", func(r *http.Request) (any, error) {
+		var in struct {
+			Enabled bool `json:"enabled"`
+		}
+		if err := api.DecodeBody(r, &in); err != nil {
+			return nil, err
+		}
+		ep, err := a.setAudit(r.PathValue("ep"), in.Enabled)
+		if err != nil {
+			return nil, err
+		}
+		return a.toAPIEndpoint(ep), nil
+	})
+}
+
+func (a *agent) endpoint(nameOrID string) (endpoint.Endpoint, error) {
+	ep, err := a.eps.Get(nameOrID)
+	if err != nil {
+		return ep, endpointErr(err)
+	}
+	return ep, nil
+}
+
+func endpointErr(err error) error {
+	switch {
+	case errors.Is(err, endpoint.ErrNotFound):
+		return api.Errorf(http.StatusNotFound, "list them with `rackwire endpoint list`", "%v", err)
+	case errors.Is(err, endpoint.ErrExists), errors.Is(err, endpoint.ErrIPInUse):
+		return api.Errorf(http.StatusConflict, "", "%v", err)
+	case errors.Is(err, endpoint.ErrCIDRExhausted):
+		return api.Errorf(http.StatusConflict, "add a CIDR to [ipam] cidrs or delete unused endpoints", "%v", err)
+	case errors.Is(err, endpoint.ErrNoNetns), errors.Is(err, endpoint.ErrIPOutsideCIDR), errors.Is(err, identity.ErrBadLabels), errors.Is(err, endpoint.ErrBadName):
+		return api.Errorf(http.StatusBadRequest, "", "%v", err)
+	}
+	return err
+}
+
+// addEndpoint plugs a workload in. The endpoint manager calls Admit before
+// the veth goes up, so when this returns the endpoint's map holds its
+// policy (or its directions are closed and its state says why).
+func (a *agent) addEndpoint(ctx context.Context, in api.EndpointAdd) (api.Endpoint, error) {
+	ls, err := identity.ParseLabels(in.Labels)
+	if err != nil {
+		return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "write --labels k1=v1,k2=v2", "%v", err)
+	}
+	req := endpoint.Request{Name: in.Name, NetnsPath: in.Netns, Labels: ls}
+	for _, s := range []string{in.IP, in.IPv6} {
+		if s == "" {
+			continue
+		}
+		ip, err := netip.ParseAddr(s)
+		if err != nil {
+			return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "", "%q is not an IP address", s)
+		}
+		if ip.Is4() {
+			req.IP = ip
+		} else {
+			req.IPv6 = ip
+		}
+	}
+	ep, err := a.eps.Add(ctx, req)
+	if err != nil {
+		return api.Endpoint{}, endpointErr(err)
+	}
+	return a.toAPIEndpoint(ep), nil
+}
+
+// toAPIEndpoint shows an endpoint with its enforcement state: a ready
+// endpoint whose policy is not (fully) in force shows policy-error or
+// policy-pending, with the reason.
+func (a *agent) toAPIEndpoint(ep endpoint.Endpoint) api.Endpoint {
+	out := api.Endpoint{
+		ID: ep.ID, Name: ep.Name, Netns: ep.Netns, State: string(ep.State),
+		Labels: ep.Labels.CLI(), IdentityLabels: ep.IdentityLabels.CLI(), Identity: uint32(ep.Identity),
+		HostIfName: ep.HostIfName, HostIfIndex: ep.HostIfIndex, MAC: ep.MAC, Created: ep.Created,
+		Audit: a.audit.on(ep.Name),
+	}
+	if ep.IPv4.IsValid() {
+		out.IPv4 = ep.IPv4.String()
+	}
+	if ep.IPv6.IsValid() {
+		out.IPv6 = ep.IPv6.String()
+	}
+	if ep.State == endpoint.StateReady {
+		if st, ok := a.sync.Status(ep.ID); ok && st.State != policysync.StateEnforced {
+			out.State, out.PolicyReason = st.State, st.Reason
+		}
+	}
+	return out
+}

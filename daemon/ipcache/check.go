@@ -1,0 +1,374 @@
+package ipcache
+
+import (
+	"encoding/json"
+	"net/netip"
+	"regexp"
+	"strings"
+
+	"github.com/rackwire/rackwire/daemon/identity"
+	"github.com/rackwire/rackwire/daemon/store"
+)
+
+// Store data is checked, not trusted: any host (or anyone with write access
+// to the store) can write any key, so every record is bounded and checked
+// against what its publisher may claim before it reaches the datapath.
+
+// Bounds of store records.
+const (
+	// MaxNodeValue bounds a node record (a record with 64 addresses and 64
+	// CIDRs is about 5 KiB).
+	MaxNodeValue = 16 << 10
+	// MaxNodeIPs and MaxNodeCIDRs bound the lists of a node record.
+	MaxNodeIPs   = 64
+	MaxNodeCIDRs = 64
+	// MaxIPValue bounds an ipcache record (about 200 bytes in practice).
+	MaxIPValue = 4 << 10
+	// MinCIDRBits4 and MinCIDRBits6 are the shortest workload CIDRs a node
+	// may claim: a node claiming 0.0.0.0/0 could otherwise publish any
+	// address of the internet with a workload identity.
+	MinCIDRBits4 = 8
+	MinCIDRBits6 = 32
+)
+
+// Reasons for refusing a store record: short, stable strings for logs and
+// metric labels.
+const (
+	ReasonTooLarge      = "too large"
+	ReasonMalformed     = "malformed"
+	ReasonBadName       = "invalid node name"
+	ReasonNameNotKey    = "name is not its key"
+	ReasonOtherCluster  = "other cluster"
+	ReasonTooManyIPs    = "too many addresses"
+	ReasonTooManyCIDRs  = "too many CIDRs"
+	ReasonWideCIDR      = "CIDR too wide"
+	ReasonBadAddress    = "unusable address"
+	ReasonKeyNotAddress = "key is not its address"
+	ReasonReserved      = "reserved identity"
+	ReasonHostLocal     = "host-local identity"
+	ReasonUnknownNode   = "unknown node"
+	ReasonOutsideCIDRs  = "outside the publisher's CIDRs"
+	ReasonThisHost      = "this host's address"
+	ReasonThisHostCIDR  = "inside this host's CIDRs"
+	ReasonHostIP        = "host ip is not the publisher's"
+)
+
+// reNodeName is config's rule for node names.
+var reNodeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+
+// Self is what the checks need to know of this host.
+type Self struct {
+	Node      string
+	Cluster   string
+	ClusterID uint8
+	// Addrs are this host's addresses.
+	Addrs []netip.Addr
+	// CIDRs are this host's workload CIDRs.
+	CIDRs []netip.Prefix
+}
+
+// Node is a checked node record of another host.
+type Node struct {
+	Name  string
+	IPs   []netip.Addr
+	CIDRs []netip.Prefix
+	// HostID is the random id of the host that wrote the record ("" from
+	// agents that do not publish one).
+	HostID string
+}
+
+// Rejected is a store record that was refused, and why (one of the Reason
+// constants).
+type Rejected struct {
+	Key    string
+	Reason string
+}
+
+// nodeRecord is a node record as stored. host_id is read here so that the
+// checks do not depend on store.NodeEntry having the field; once it does,
+// this outer field still wins (it is shallower).
+type nodeRecord struct {
+	store.NodeEntry
+	HostID string `json:"host_id"`
+}
+
+// Nodes checks the node records of self's cluster (the list of
+// store.NodePrefix + cluster + "/") and returns the other hosts' nodes by
+// name. This host's own record is skipped (see Duplicate). A record is
+// refused whole when it is too large, does not decode, has an invalid name
+// or a name that is not its key's last element, belongs to another
+// cluster, lists too many addresses or CIDRs, or an address or CIDR that
+// does not parse, is not usable (loopback, multicast, unspecified,
+// link-local, zoned) or is too wide.
+func Nodes(kvs []store.KV, self Self) (nodes map[string]Node, rejected []Rejected) {
+	nodes = make(map[string]Node, len(kvs))
+	for _, kv := range kvs {
+		n, reason := parseNode(kv, self)
+		if reason != "" {
+			rejected = append(rejected, Rejected{Key: kv.Key, Reason: reason})
+			continue
+		}
+		if n.Name == self.Node {
+			continue
+		}
+		nodes[n.Name] = n
+	}
+	return nodes, rejected
+}
+
+func parseNode(kv store.KV, self Self) (Node, string) {
+	prefix := store.NodePrefix + self.Cluster + "/"
+	if !strings.HasPrefix(kv.Key, prefix) {
+		if strings.HasPrefix(kv.Key, store.NodePrefix) {
+			return Node{}, ReasonOtherCluster
+		}
+		return Node{}, ReasonMalformed
+	}
+	if len(kv.Value) > MaxNodeValue {
+		return Node{}, ReasonTooLarge
+	}
+	var r nodeRecord
+	if err := json.Unmarshal(kv.Value, &r); err != nil {
+		return Node{}, ReasonMalformed
+	}
+	switch {
+	case !reNodeName.MatchString(r.Name):
+		return Node{}, ReasonBadName
+	case r.Name != kv.Key[len(prefix):]:
+		return Node{}, ReasonNameNotKey
+	case r.Cluster != self.Cluster:
+		return Node{}, ReasonOtherCluster
+	case len(r.IPs) > MaxNodeIPs:
+		return Node{}, ReasonTooManyIPs
+	case len(r.CIDRs) > MaxNodeCIDRs:
+		return Node{}, ReasonTooManyCIDRs
+	}
+	n := Node{Name: r.Name, HostID: r.HostID, IPs: make([]netip.Addr, 0, len(r.IPs)), CIDRs: make([]netip.Prefix, 0, len(r.CIDRs))}
+	for _, s := range r.IPs {
+		ip, err := netip.ParseAddr(s)
+		if err != nil {
+			return Node{}, ReasonMalformed
+		}
+		if ip = ip.Unmap(); !usable(ip) {
+			return Node{}, ReasonBadAddress
+		}
+		n.IPs = append(n.IPs, ip)
+	}
+	for _, s := range r.CIDRs {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return Node{}, ReasonMalformed
+		}
+		if np, err := normalize(p); err != nil || np != p {
+			return Node{}, ReasonMalformed // host bits set, or IPv4-mapped
+		}
+		if !usable(p.Addr()) && !p.Addr().IsUnspecified() {
+			return Node{}, ReasonBadAddress
+		}
+		if (p.Addr().Is4() && p.Bits() < MinCIDRBits4) || (p.Addr().Is6() && p.Bits() < MinCIDRBits6) {
+			return Node{}, ReasonWideCIDR
+		}
+		n.CIDRs = append(n.CIDRs, p)
+	}
+	return n, ""
+}
+
+// usable reports whether a may be a workload's or a node's address.
+func usable(a netip.Addr) bool {
+	return a.IsValid() && a.Zone() == "" && !a.IsUnspecified() && !a.IsLoopback() &&
+		!a.IsMulticast() && !a.IsLinkLocalUnicast() && a != netip.AddrFrom4([4]byte{255, 255, 255, 255})
+}
+
+// Remote checks the ipcache records of self's cluster (the list of
+// store.IPPrefix + cluster + "/") against the checked nodes and returns the
+// entries to put in force as RemoteEndpoint, keyed by /32 or /128. A record
+// is taken only if: it is at most MaxIPValue bytes and decodes; its key is
+// store.IPKey(self.Cluster, its address); its identity is a cluster
+// identity of this cluster (not reserved, not host-local, cluster byte
+// equal to self.ClusterID); its address is not one of this host's and not
+// inside this host's workload CIDRs; its node is known and its address lies
+// inside that node's CIDRs; its host IP is empty or one of that node's
+// addresses. Records of this host's node are skipped silently: the agent
+// writes its own endpoints (LocalEndpoint).
+//
+// The result depends on nodes as much as on kvs: call Remote again when
+// either list changes, and never before the node list has been read once
+// (with no nodes every record is an "unknown node" and Replace would
+// withdraw them all).
+func Remote(kvs []store.KV, nodes map[string]Node, self Self) (set map[netip.Prefix]Entry, rejected []Rejected) {
+	set = make(map[netip.Prefix]Entry, len(kvs))
+	prefix := store.IPPrefix + self.Cluster + "/"
+	var buf []byte
+	for _, kv := range kvs {
+		var reason string
+		var ip netip.Addr
+		var e Entry
+		ip, e, reason, buf = checkIP(kv, nodes, self, prefix, buf)
+		switch {
+		case reason == skipSelf:
+		case reason != "":
+			rejected = append(rejected, Rejected{Key: kv.Key, Reason: reason})
+		default:
+			set[netip.PrefixFrom(ip, ip.BitLen())] = e
+		}
+	}
+	return set, rejected
+}
+
+const skipSelf = "\x00self"
+
+func checkIP(kv store.KV, nodes map[string]Node, self Self, prefix string, buf []byte) (netip.Addr, Entry, string, []byte) {
+	if !strings.HasPrefix(kv.Key, prefix) {
+		if strings.HasPrefix(kv.Key, store.IPPrefix) {
+			return netip.Addr{}, Entry{}, ReasonOtherCluster, buf
+		}
+		return netip.Addr{}, Entry{}, ReasonMalformed, buf
+	}
+	if len(kv.Value) > MaxIPValue {
+		return netip.Addr{}, Entry{}, ReasonTooLarge, buf
+	}
+	var r store.IPEntry
+	if err := json.Unmarshal(kv.Value, &r); err != nil {
+		return netip.Addr{}, Entry{}, ReasonMalformed, buf
+	}
+	ip, err := netip.ParseAddr(r.IP)
+	if err != nil {
+		return netip.Addr{}, Entry{}, ReasonMalformed, buf
+	}
+	if ip = ip.Unmap(); !usable(ip) {
+		return netip.Addr{}, Entry{}, ReasonBadAddress, buf
+	}
+	// The key must be store.IPKey(cluster, ip): compared without building
+	// the key string.
+	buf = ip.AppendTo(buf[:0])
+	if kv.Key[len(prefix):] != string(buf) {
+		return netip.Addr{}, Entry{}, ReasonKeyNotAddress, buf
+	}
+	if r.Node == self.Node {
+		return netip.Addr{}, Entry{}, skipSelf, buf
+	}
+	switch id := identity.ID(r.Identity); {
+	case id.IsReserved():
+		return netip.Addr{}, Entry{}, ReasonReserved, buf
+	case id.Cluster() == 0:
+		return netip.Addr{}, Entry{}, ReasonHostLocal, buf
+	case id.Cluster() != self.ClusterID:
+		return netip.Addr{}, Entry{}, ReasonOtherCluster, buf
+	case !id.IsCluster():
+		// This cluster's byte over a local number below 256: that range
+		// mirrors the reserved one and is never allocated.
+		return netip.Addr{}, Entry{}, ReasonReserved, buf
+	}
+	for _, a := range self.Addrs {
+		if a.Unmap() == ip {
+			return netip.Addr{}, Entry{}, ReasonThisHost, buf
+		}
+	}
+	for _, p := range self.CIDRs {
+		if p.Contains(ip) {
+			return netip.Addr{}, Entry{}, ReasonThisHostCIDR, buf
+		}
+	}
+	n, ok := nodes[r.Node]
+	if !ok {
+		return netip.Addr{}, Entry{}, ReasonUnknownNode, buf
+	}
+	inside := false
+	for _, p := range n.CIDRs {
+		if p.Contains(ip) {
+			inside = true
+			break
+		}
+	}
+	if !inside {
+		return netip.Addr{}, Entry{}, ReasonOutsideCIDRs, buf
+	}
+	e := Entry{Identity: r.Identity}
+	if r.HostIP != "" {
+		h, err := netip.ParseAddr(r.HostIP)
+		if err != nil {
+			return netip.Addr{}, Entry{}, ReasonMalformed, buf
+		}
+		h = h.Unmap()
+		known := false
+		for _, a := range n.IPs {
+			if a == h {
+				known = true
+				break
+			}
+		}
+		if !known {
+			return netip.Addr{}, Entry{}, ReasonHostIP, buf
+		}
+		e.HostIP = h
+	}
+	return ip, e, "", buf
+}
+
+// NodeEntries returns the other hosts' addresses as RemoteNode entries:
+// identity remote-node, the address itself as host IP. This host's
+// addresses, and addresses inside its workload CIDRs, are left out.
+func NodeEntries(nodes map[string]Node, self Self) map[netip.Prefix]Entry {
+	set := map[netip.Prefix]Entry{}
+	for _, n := range nodes {
+		for _, ip := range n.IPs {
+			if ip = ip.Unmap(); !self.owns(ip) {
+				set[netip.PrefixFrom(ip, ip.BitLen())] = Entry{Identity: uint32(identity.RemoteNode), HostIP: ip}
+			}
+		}
+	}
+	return set
+}
+
+// owns reports whether ip is one of this host's addresses or lies inside
+// its workload CIDRs.
+func (s Self) owns(ip netip.Addr) bool {
+	for _, a := range s.Addrs {
+		if a.Unmap() == ip {
+			return true
+		}
+	}
+	for _, p := range s.CIDRs {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// Duplicate reports whether the record under this host's own node name
+// (in the node list kvs) was written by another host: it carries a host_id
+// that is not selfHostID. Two hosts configured with the same node name
+// overwrite each other's record, each skips the other's endpoints as its
+// own, and other hosts check the endpoints of one against the CIDRs of the
+// other; see docs/ipcache.md for what the agent does about it. A record
+// without a host_id (an older agent), an unreadable record or an empty
+// selfHostID prove nothing and report false.
+func Duplicate(kvs []store.KV, self Self, selfHostID string) (other *Node, ok bool) {
+	if selfHostID == "" {
+		return nil, false
+	}
+	key := store.NodeKey(self.Cluster, self.Node)
+	for _, kv := range kvs {
+		if kv.Key != key {
+			continue
+		}
+		var r nodeRecord
+		if len(kv.Value) > MaxNodeValue || json.Unmarshal(kv.Value, &r) != nil || r.HostID == "" || r.HostID == selfHostID {
+			return nil, false
+		}
+		n, reason := parseNode(kv, self)
+		if reason != "" {
+			// The other host's record is refused as a node, but it
+			// still says who wrote it: report what can be read.
+			n = Node{Name: r.Name, HostID: r.HostID}
+			for _, s := range r.IPs[:min(len(r.IPs), MaxNodeIPs)] {
+				if ip, err := netip.ParseAddr(s); err == nil {
+					n.IPs = append(n.IPs, ip.Unmap())
+				}
+			}
+		}
+		return &n, true
+	}
+	return nil, false
+}

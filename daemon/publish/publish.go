@@ -1,0 +1,215 @@
+// Package publish writes this host's own records to the store: the node
+// record and the ipcache entries of its endpoints (owned keys, held by the
+// host's session).
+//
+// What it owns: the wanted set of own keys with their values, and what it
+// believes the store holds. Who changes it: the agent sets the wanted set
+// (Set) whenever endpoints change, and reports which own keys a watch saw
+// (Seen) so that keys lost with a session are written again. Only Run
+// talks to the store, in its own goroutine with its own timeouts, so a
+// stalled store never blocks an API call or the policy sync.
+//
+// On restart the set starts empty and every wanted key is written once (a
+// put of an unchanged owned key is cheap). A failed write is retried with
+// jittered backoff; nothing is lost.
+package publish
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/internal/backoff"
+)
+
+// Publisher is the owner described in the package doc.
+type Publisher struct {
+	st      store.Store
+	log     *slog.Logger
+	timeout time.Duration
+	kick    chan struct{}
+
+	mu        sync.Mutex        // guards want, published and groups
+	want      map[string][]byte // key -> value this host wants in the store
+	published map[string][]byte // key -> value written and not since lost
+	groups    map[string]map[string]bool
+	failing   bool
+}
+
+// New returns a Publisher; timeout bounds each store call (default 5s).
+func New(st store.Store, timeout time.Duration, log *slog.Logger) *Publisher {
+	if timeout <= 0 {
+		timeout = 5 * time.Second
+	}
+	return &Publisher{st: st, log: log, timeout: timeout, kick: make(chan struct{}, 1),
+		want: map[string][]byte{}, published: map[string][]byte{}, groups: map[string]map[string]bool{}}
+}
+
+// Set makes the wanted keys of group (e.g. "endpoints", "node") equal to
+// kvs. Keys of the group not in kvs are deleted from the store.
+func (p *Publisher) Set(group string, kvs map[string][]byte) {
+	p.mu.Lock()
+	old := p.groups[group]
+	next := make(map[string]bool, len(kvs))
+	changed := false
+	for k, v := range kvs {
+		next[k] = true
+		if !bytes.Equal(p.want[k], v) {
+			p.want[k] = v
+			changed = true
+		}
+	}
+	for k := range old {
+		if !next[k] {
+			delete(p.want, k)
+			changed = true
+		}
+	}
+	p.groups[group] = next
+	p.mu.Unlock()
+	if changed {
+		p.Kick()
+	}
+}
+
+// Seen tells the publisher which own keys under prefix a watch found in
+// the store: wanted keys under prefix that are missing were lost (with an
+// expired session, or deleted by hand) and are written again.
+func (p *Publisher) Seen(prefix string, present map[string]bool) {
+	p.mu.Lock()
+	lost := 0
+	for k := range p.published {
+		if len(k) >= len(prefix) && k[:len(prefix)] == prefix && !present[k] {
+			if _, ok := p.want[k]; ok {
+				p.log.Info("own key vanished from the store; publishing it again", "key", k)
+				lost++
+			}
+			delete(p.published, k)
+		}
+	}
+	p.mu.Unlock()
+	if lost > 0 {
+		p.Kick()
+	}
+}
+
+// Kick asks Run for a pass now.
+func (p *Publisher) Kick() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Pending reports how many wanted keys are not (known to be) in the store.
+func (p *Publisher) Pending() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for k, v := range p.want {
+		if !bytes.Equal(p.published[k], v) {
+			n++
+		}
+	}
+	for k := range p.published {
+		if _, ok := p.want[k]; !ok {
+			n++
+		}
+	}
+	return n
+}
+
+// Run writes differences until ctx ends: at once on Kick, again every
+// interval, and after a failure with jittered backoff.
+func (p *Publisher) Run(ctx context.Context, interval time.Duration) {
+	b := backoff.New(time.Second, time.Minute)
+	for {
+		wait := interval
+		if err := p.pass(ctx); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			if !p.failing {
+				p.log.Warn("cannot publish own records to the store yet; retrying", "err", err, "pending", p.Pending())
+			}
+			p.failing = true
+			wait = b.Next()
+		} else {
+			if p.failing {
+				p.log.Info("own records published again")
+			}
+			p.failing = false
+			b.Reset()
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-p.kick:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// pass writes every wanted key not yet published and deletes published
+// keys no longer wanted. It holds no lock during store calls.
+func (p *Publisher) pass(ctx context.Context) error {
+	type op struct {
+		key string
+		val []byte
+	}
+	p.mu.Lock()
+	var puts, dels []op
+	for k, v := range p.want {
+		if !bytes.Equal(p.published[k], v) {
+			puts = append(puts, op{k, v})
+		}
+	}
+	for k := range p.published {
+		if _, ok := p.want[k]; !ok {
+			dels = append(dels, op{key: k})
+		}
+	}
+	p.mu.Unlock()
+	sort.Slice(puts, func(i, j int) bool { return puts[i].key < puts[j].key })
+	var errs []error
+	for _, o := range puts {
+		cctx, cancel := context.WithTimeout(ctx, p.timeout)
+		err := p.st.Put(cctx, o.key, o.val, store.PutOptions{Owned: true})
+		cancel()
+		if err != nil {
+			errs = append(errs, err)
+			break // the store is likely down; back off rather than time out once per key
+		}
+		p.mu.Lock()
+		if bytes.Equal(p.want[o.key], o.val) {
+			p.published[o.key] = o.val
+		}
+		p.mu.Unlock()
+	}
+	for _, o := range dels {
+		if len(errs) > 0 {
+			break
+		}
+		cctx, cancel := context.WithTimeout(ctx, p.timeout)
+		err := p.st.Delete(cctx, o.key)
+		cancel()
+		if err != nil && !errors.Is(err, store.ErrNotFound) {
+			errs = append(errs, err)
+			break
+		}
+		p.mu.Lock()
+		if _, wanted := p.want[o.key]; !wanted {
+			delete(p.published, o.key)
+		}
+		p.mu.Unlock()
+	}
+	return errors.Join(errs...)
+}

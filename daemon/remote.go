@@ -1,0 +1,188 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+
+	"github.com/rackwire/rackwire/daemon/ipcache"
+	"github.com/rackwire/rackwire/daemon/publish"
+	"github.com/rackwire/rackwire/daemon/store"
+)
+
+// remote follows the other hosts' records in the store (their node records
+// and their endpoints' ipcache records), checks them (ipcache.Nodes and
+// ipcache.Remote: store data is checked, not trusted) and hands what passes
+// to the ipcache owner. It also notices another host publishing under this
+// host's node name, and own records lost with the session.
+//
+// It owns the last lists the two watches delivered, because an ipcache
+// record is checked against its publisher's node record: a change of
+// either list re-checks the records.
+type remote struct {
+	ipc    *ipcache.Cache
+	pub    *publish.Publisher
+	self   ipcache.Self
+	hostID string
+	log    *slog.Logger
+
+	mu        sync.Mutex // guards the fields below
+	nodes     map[string]ipcache.Node
+	nodesSeen bool
+	ips       []store.KV
+	ipsSeen   bool
+	rejected  map[string]string // key -> reason, of the last lists
+	duplicate string            // what is known of another host using this node name; "" if none
+	pruned    bool
+}
+
+func newRemote(ipc *ipcache.Cache, pub *publish.Publisher, self ipcache.Self, hostID string, log *slog.Logger) *remote {
+	return &remote{ipc: ipc, pub: pub, self: self, hostID: hostID, log: log, rejected: map[string]string{}}
+}
+
+// ipcacheWatch follows the other hosts' endpoint addresses.
+func (a *agent) ipcacheWatch(ctx context.Context) {
+	prefix := store.IPPrefix + a.cfg.Node.Cluster + "/"
+	a.watch(ctx, prefix, func(kvs []store.KV) {
+		a.remote.setIPs(kvs)
+		present := make(map[string]bool, len(kvs))
+		for _, kv := range kvs {
+			present[kv.Key] = true
+		}
+		a.pub.Seen(prefix, present)
+	})
+}
+
+// nodeWatch follows the other hosts' node records.
+func (a *agent) nodeWatch(ctx context.Context) {
+	prefix := store.NodePrefix + a.cfg.Node.Cluster + "/"
+	a.watch(ctx, prefix, func(kvs []store.KV) {
+		a.remote.setNodes(kvs)
+		present := make(map[string]bool, len(kvs))
+		for _, kv := range kvs {
+			present[kv.Key] = true
+		}
+		a.pub.Seen(prefix, present)
+	})
+}
+
+func (r *remote) setNodes(kvs []store.KV) {
+	nodes, rej := ipcache.Nodes(kvs, r.self)
+	other, dup := ipcache.Duplicate(kvs, r.self, r.hostID)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.nodes, r.nodesSeen = nodes, true
+	r.noteRejected(store.NodePrefix, rej)
+	if dup {
+		msg := fmt.Sprintf("another host (host_id %s, addresses %v) publishes under this host's node name %q; give each host a unique [node] name",
+			other.HostID, other.IPs, r.self.Node)
+		if r.duplicate != msg {
+			r.log.Error("duplicate node name: two hosts share identity claims and overwrite each other's node record", "node", r.self.Node,
+				"other_host_id", other.HostID, "other_addresses", fmt.Sprint(other.IPs))
+		}
+		r.duplicate = msg
+	} else if r.duplicate != "" {
+		r.log.Info("the duplicate node name is gone", "node", r.self.Node)
+		r.duplicate = ""
+	}
+	if err := r.ipc.Replace(ipcache.RemoteNode, ipcache.NodeEntries(nodes, r.self)); err != nil {
+		r.log.Warn("cannot write every node address to the ipcache; retrying", "err", err)
+	}
+	if r.ipsSeen {
+		r.applyIPsLocked()
+	}
+}
+
+func (r *remote) setIPs(kvs []store.KV) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.ips, r.ipsSeen = kvs, true
+	if r.nodesSeen {
+		r.applyIPsLocked()
+	}
+}
+
+// applyIPsLocked checks the ipcache records against the node records and
+// makes the ipcache's remote endpoints equal to what passes. r.mu held.
+func (r *remote) applyIPsLocked() {
+	set, rej := ipcache.Remote(r.ips, r.nodes, r.self)
+	r.noteRejected(store.IPPrefix, rej)
+	if err := r.ipc.Replace(ipcache.RemoteEndpoint, set); err != nil {
+		r.log.Warn("cannot write every remote endpoint to the ipcache; retrying", "err", err)
+	}
+}
+
+// noteRejected logs records refused for a new reason and keeps the current
+// refusals of one prefix for status and metrics. r.mu held.
+func (r *remote) noteRejected(prefix string, rej []ipcache.Rejected) {
+	now := make(map[string]string, len(rej))
+	for _, x := range rej {
+		now[x.Key] = x.Reason
+		if r.rejected[x.Key] != x.Reason {
+			r.log.Warn("store record refused; it does not reach the datapath", "key", x.Key, "reason", x.Reason)
+		}
+	}
+	for k := range r.rejected {
+		if len(k) >= len(prefix) && k[:len(prefix)] == prefix {
+			if _, still := now[k]; !still {
+				delete(r.rejected, k)
+			}
+		}
+	}
+	for k, v := range now {
+		r.rejected[k] = v
+	}
+}
+
+// rejections counts the refused records of the last lists by reason.
+func (r *remote) rejections() map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[string]int{}
+	for _, reason := range r.rejected {
+		out[reason]++
+	}
+	return out
+}
+
+// rejectedKeys lists up to n refused keys with their reasons, sorted.
+func (r *remote) rejectedKeys(n int) []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]string, 0, len(r.rejected))
+	for k, v := range r.rejected {
+		out = append(out, k+": "+v)
+	}
+	sort.Strings(out)
+	return out[:min(n, len(out))]
+}
+
+// duplicateNode says what is known of another host using this node name.
+func (r *remote) duplicateNode() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.duplicate
+}
+
+// prune asks the ipcache owner, once, to drop the previous run's entries
+// that no source claimed; it does so only once every source reported.
+func (r *remote) prune() {
+	r.mu.Lock()
+	done := r.pruned
+	r.mu.Unlock()
+	if done {
+		return
+	}
+	n, err := r.ipc.Prune()
+	if err != nil {
+		return // not every source has spoken yet, or a deletion is retried
+	}
+	r.mu.Lock()
+	r.pruned = true
+	r.mu.Unlock()
+	if n > 0 {
+		r.log.Info("stale ipcache entries of the previous run removed", "entries", n)
+	}
+}

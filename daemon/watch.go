@@ -1,0 +1,103 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/rackwire/rackwire/daemon/identity"
+	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/daemon/store/consul"
+	"github.com/rackwire/rackwire/internal/backoff"
+)
+
+// watch follows a prefix of the store with blocking queries, backing off
+// with jitter on errors; fn gets the whole prefix after each change. fn
+// runs in the watch's goroutine and must not do store I/O of its own.
+func (a *agent) watch(ctx context.Context, prefix string, fn func([]store.KV)) {
+	var index uint64
+	bo := backoff.New(time.Second, time.Minute)
+	for ctx.Err() == nil {
+		kvs, next, err := a.st.Watch(ctx, prefix, index, 5*time.Minute)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			wait := bo.Next()
+			a.log.Warn("store watch failed; keeping the last known state", "prefix", prefix, "err", err, "retry_in", wait)
+			a.retryWait(ctx, wait)
+			continue
+		}
+		bo.Reset()
+		if next < index {
+			// The store's index went backwards (a restored snapshot):
+			// start over.
+			next = 0
+		}
+		if next == index && index != 0 {
+			continue
+		}
+		index = next
+		fn(kvs)
+		// Bound the rate of a busy prefix.
+		backoff.Sleep(ctx, 100*time.Millisecond)
+	}
+}
+
+// retryWait waits d before a failed watch is retried, but returns early,
+// after a random delay of up to 5s, once the store reports itself healthy
+// again: recovery takes seconds rather than a full backoff, and a fleet
+// does not come back in one burst.
+func (a *agent) retryWait(ctx context.Context, d time.Duration) {
+	deadline := time.Now().Add(d)
+	wasOK := a.st.Health().State == store.StateOK
+	for time.Now().Before(deadline) {
+		if !backoff.Sleep(ctx, min(500*time.Millisecond, time.Until(deadline))) {
+			return
+		}
+		ok := a.st.Health().State == store.StateOK
+		if ok && !wasOK {
+			backoff.Sleep(ctx, min(backoff.Random(5*time.Second), time.Until(deadline)))
+			return
+		}
+		wasOK = ok
+	}
+}
+
+// probeStore makes one cheap read every 5–10 s while the store is not
+// healthy. The watches sleep in backoff during an outage; this probe is
+// what notices the store's return (its success marks the store healthy),
+// and retryWait then wakes them with jitter. One request per host per
+// probe interval is all an outage costs the store.
+func (a *agent) probeStore(ctx context.Context) {
+	key := store.NodeKey(a.cfg.Node.Cluster, a.cfg.Node.Name)
+	for {
+		if !backoff.Sleep(ctx, 5*time.Second+backoff.Random(5*time.Second)) {
+			return
+		}
+		if a.st.Health().State == store.StateOK {
+			continue
+		}
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := a.st.Get(pctx, key)
+		cancel()
+		if err == nil || errors.Is(err, store.ErrNotFound) {
+			a.log.Info("store answers again; watches resume", "health", a.st.Health().State)
+			a.pub.Kick()
+		}
+	}
+}
+
+// runGC runs the identity garbage collector; with Consul, only the host
+// that holds the GC lock deletes.
+func (a *agent) runGC(ctx context.Context) {
+	opts := identity.GCOptions{Log: a.log.With("subsys", "identity-gc")}
+	if e, ok := a.st.(interface {
+		Elector(string) *consul.Elector
+	}); ok {
+		opts.Elector = e.Elector("locks/identity-gc")
+	}
+	if err := identity.NewGC(a.st, opts).Run(ctx); err != nil && ctx.Err() == nil {
+		a.log.Error("identity garbage collector stopped", "err", err)
+	}
+}
