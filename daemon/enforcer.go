@@ -71,9 +71,13 @@ func publishGroup(id uint16) string { return "endpoint/" + strconv.Itoa(int(id))
 // publishEndpoint hands an endpoint's ipcache records to the publisher.
 func (a *agent) publishEndpoint(ep endpoint.Endpoint) {
 	kvs := map[string][]byte{}
+	hostIP := ""
+	if a.hostIP.IsValid() {
+		hostIP = a.hostIP.String()
+	}
 	for _, ip := range ep.IPs() {
 		b, err := json.Marshal(store.IPEntry{
-			IP: ip.String(), Identity: uint32(ep.Identity), HostIP: a.hostIP.String(),
+			IP: ip.String(), Identity: uint32(ep.Identity), HostIP: hostIP,
 			Node: a.cfg.Node.Name, Endpoint: uint32(ep.ID), LabelsHash: ep.IdentityLabels.String(),
 		})
 		if err != nil {

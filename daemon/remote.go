@@ -47,11 +47,7 @@ func (a *agent) ipcacheWatch(ctx context.Context) {
 	prefix := store.IPPrefix + a.cfg.Node.Cluster + "/"
 	a.watch(ctx, prefix, func(kvs []store.KV) {
 		a.remote.setIPs(kvs)
-		present := make(map[string]bool, len(kvs))
-		for _, kv := range kvs {
-			present[kv.Key] = true
-		}
-		a.pub.Seen(prefix, present)
+		a.pub.Seen(prefix, values(kvs), true)
 	})
 }
 
@@ -60,12 +56,16 @@ func (a *agent) nodeWatch(ctx context.Context) {
 	prefix := store.NodePrefix + a.cfg.Node.Cluster + "/"
 	a.watch(ctx, prefix, func(kvs []store.KV) {
 		a.remote.setNodes(kvs)
-		present := make(map[string]bool, len(kvs))
-		for _, kv := range kvs {
-			present[kv.Key] = true
-		}
-		a.pub.Seen(prefix, present)
+		a.pub.Seen(prefix, values(kvs), false)
 	})
+}
+
+func values(kvs []store.KV) map[string][]byte {
+	m := make(map[string][]byte, len(kvs))
+	for _, kv := range kvs {
+		m[kv.Key] = kv.Value
+	}
+	return m
 }
 
 func (r *remote) setNodes(kvs []store.KV) {

@@ -14,6 +14,7 @@
 //	d.UpsertIPCache(netip.MustParsePrefix("10.250.2.7/32"), 70101, hostIP)
 //	d.Policy(794) / d.IPCache() / d.LookupIPCache(ip) / d.CT() / d.Metrics() / d.Events(ctx)
 //	d.AllowAll(794, false)   // emergency open; true reverts
+//	d.PolicyMapID(794)       // kernel id of the policy map in force
 //	d.DetachEndpoint(794, idx)
 //	d.Close()                // leaves pins and attachments: forwarding goes on
 //	datapath.Cleanup(pinDir) // removes every pin (tcx links detach)
@@ -43,6 +44,54 @@
 // rewrites the meta entries on every change; a map without them (written by
 // hand) is searched for every block size, with deny precedence.
 //
+// Policy updates are fail-closed and atomic; the invariant is that an
+// endpoint's policy in force is never wider than intended:
+//
+//   - Data: per endpoint, the map in force is the one rw_policy_maps[id]
+//     holds, and the pin rw_policy_NNNNN always names that same map (so
+//     bpftool on the pin reads and edits what is enforced); d.policy[id] is
+//     the agent's handle on it. PolicyMapID reports its kernel id, which
+//     changes when (and only when) SetPolicy replaces the map.
+//   - A new endpoint's map (AttachEndpoint) is created closed: only the two
+//     meta entries, no allow entry, so nothing passes in either direction
+//     until the agent writes the endpoint's policy. A direction for which
+//     SetPolicy gets no entry stays closed; OpenEntries opens both.
+//   - SetPolicy never edits the map in force. It reads it (one batch
+//     lookup), and if it already holds the desired set (counters aside:
+//     same entries, same emergency state, same meta entries) does nothing,
+//     so a restart without policy changes keeps every map and its id.
+//     Otherwise it creates a new map from the template (the size and flags
+//     of the map in force), fills it completely (entries, AllowAll's
+//     entries whose keys the policy does not use, the emergency-open flags,
+//     the meta entries, the counters of entries that stay, re-read just
+//     before the swap), pins it as rw_policy_NNNNN_new, renames that over
+//     rw_policy_NNNNN (rename(2) on bpffs replaces the pin atomically),
+//     then points rw_policy_maps[id] at it and closes the old map. The
+//     outer-map update is one pointer swap, so every packet is decided by
+//     the old map or by the new one, never a mix; the kernel waits for
+//     running programs before the update returns, so when SetPolicy returns
+//     no packet is decided by the old map any more. Two maps exist for a
+//     moment, but no map ever needs room for both policies.
+//   - Who changes what: the agent through SetPolicy (replaces), PutEntry,
+//     DeleteEntry and AllowAll (edit the map in force in place, one entry
+//     at a time); operators with bpftool on the pin (edits the map in
+//     force). d.mu serialises all of them within the agent. Entries written
+//     by PutEntry or bpftool are gone after the next SetPolicy that changes
+//     something; AllowAll's state survives every SetPolicy until
+//     AllowAll(id, true).
+//   - Crash and restart: before the rename nothing visible has changed (a
+//     leftover rw_policy_NNNNN_new is removed when the endpoint's map is
+//     next adopted). After the rename and before the outer update the old
+//     map still enforces, but the pin names the new, complete one; the
+//     restarted agent's AttachEndpoint re-registers the pinned map, so the
+//     newest policy is the one in force. Re-adopting never changes a map.
+//   - Bad input: a policy that needs more keys than the map holds (with the
+//     two meta entries) returns ErrPolicyTooLarge before anything is
+//     created; any kernel error while building or pinning deletes the half
+//     built map and its temporary pin; if the outer update itself fails the
+//     pin is made to name the old map again. In every case the map in force
+//     stays in force, unchanged.
+//
 // Restart: Open never re-creates a pinned map (same map ids; a pinned map
 // whose size differs from the config is kept and a warning logged; one whose
 // type or key/value size differs is ErrIncompatibleMap and needs Cleanup).
@@ -54,6 +103,7 @@
 // Bad input: invalid entries (a port without a protocol, an end port below
 // the port, a direction other than ingress/egress) return ErrInvalidEntry
 // and change nothing; an unknown endpoint returns ErrUnknownEndpoint; a
+// policy too large for its map returns ErrPolicyTooLarge; PutEntry on a
 // full map returns the kernel's error wrapped with the step. An
 // AttachEndpoint that fails half way is rolled back by DetachEndpoint, which
 // tolerates missing pieces.

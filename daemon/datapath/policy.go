@@ -126,17 +126,19 @@ func metaKey(dir Direction) policyKey { return policyKey{Direction: keyMeta | ui
 
 // writeMeta recomputes both meta entries from the map's content: which
 // block sizes are in use and whether deny entries exist. It keeps the
-// emergency-open flag as it is.
+// emergency-open flag and the counters as they are.
 func writeMeta(m *ebpf.Map) error {
 	var (
 		blocks  [2]uint16
 		deny    [2]bool
-		k       policyKey
-		v       policyValue
 		hasMeta [2]policyValue
 	)
-	it := m.Iterate()
-	for it.Next(&k, &v) {
+	keys, vals, err := dumpPolicyMap(m)
+	if err != nil {
+		return err
+	}
+	for i, k := range keys {
+		v := vals[i]
 		dir := k.Direction & keyDirMask
 		if isMeta(k) {
 			hasMeta[dir] = v
@@ -149,11 +151,9 @@ func writeMeta(m *ebpf.Map) error {
 			deny[dir] = true
 		}
 	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read policy map: %w", err)
-	}
 	for dir := range 2 {
-		mv := policyValue{MetaBlocks: blocks[dir], Flags: hasMeta[dir].Flags & flagMetaOpen}
+		mv := policyValue{MetaBlocks: blocks[dir], Flags: hasMeta[dir].Flags & flagMetaOpen,
+			Packets: hasMeta[dir].Packets, Bytes: hasMeta[dir].Bytes}
 		if deny[dir] {
 			mv.Flags |= flagMetaDeny
 		}
@@ -253,12 +253,12 @@ func (d *Datapath) SetPolicy(id uint16, desired []Entry) error {
 	if err != nil {
 		return fmt.Errorf("set policy of endpoint %d: %w", id, err)
 	}
-	have, err := readPolicyMap(m)
+	keys, vals, err := dumpPolicyMap(m)
 	if err != nil {
 		return fmt.Errorf("set policy of endpoint %d: %w", id, err)
 	}
-	next := nextPolicy(want, have)
-	if next.sameAs(have) {
+	next, same := nextPolicy(want, keys, vals)
+	if same {
 		return nil
 	}
 	if need := len(next.entries) + 2; need > int(m.MaxEntries()) {
@@ -281,19 +281,15 @@ func (d *Datapath) Policy(id uint16) ([]Entry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read policy of endpoint %d: %w", id, err)
 	}
-	var (
-		out []Entry
-		k   policyKey
-		v   policyValue
-	)
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		if !isMeta(k) {
-			out = append(out, entryOf(k, v))
-		}
-	}
-	if err := it.Err(); err != nil {
+	keys, vals, err := dumpPolicyMap(m)
+	if err != nil {
 		return nil, fmt.Errorf("read policy of endpoint %d: %w", id, err)
+	}
+	var out []Entry
+	for i, k := range keys {
+		if !isMeta(k) {
+			out = append(out, entryOf(k, vals[i]))
+		}
 	}
 	sort.Slice(out, func(i, j int) bool {
 		a, b := out[i], out[j]
@@ -380,7 +376,9 @@ func (d *Datapath) DeleteEntry(id uint16, e Entry) error {
 
 // AllowAll is the emergency open: it flags both directions open (deny
 // entries included) and adds the wildcard allow entries that show it.
-// With revert it removes exactly what it added. SetPolicy leaves both alone.
+// With revert it removes exactly what it added. SetPolicy keeps both: its
+// new map carries the open flags and the entries AllowAll added (except
+// where the policy itself uses the key, which then stays after a revert).
 func (d *Datapath) AllowAll(id uint16, revert bool) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -426,7 +424,8 @@ func (d *Datapath) AllowAll(id uint16, revert bool) error {
 }
 
 // OpenEntries are the entries of an endpoint no policy selects: allow
-// everything in both directions.
+// everything in both directions. A new endpoint's map is closed until
+// SetPolicy writes these (or narrower entries).
 func OpenEntries() []Entry {
 	return []Entry{{Direction: Ingress}, {Direction: Egress}}
 }

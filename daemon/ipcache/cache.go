@@ -188,8 +188,13 @@ func (c *Cache) Delete(src Source, p netip.Prefix) error {
 // prefixes when src had wishes that set no longer holds. Entries of set
 // that are invalid (bad prefix, identity 0) are refused with an error; the
 // rest is applied. Two keys of set that normalise to one prefix are an
-// error; the lower entry (identity, then host IP) is taken. Replace does
-// not count as src's report (see MarkReported).
+// error; the lower entry (identity, then host IP) is taken.
+//
+// Replace counts as src's report (see MarkReported and Prune): call it
+// with a complete view only (a successful store list, checked against a
+// node list that was read). A source whose view is incomplete at first
+// (the CIDRs of policies not all loaded yet) uses Upsert and Delete and
+// calls MarkReported once it is complete.
 func (c *Cache) Replace(src Source, set map[netip.Prefix]Entry) error {
 	if !src.valid() {
 		return fmt.Errorf("ipcache replace: unknown source %d", src)
@@ -205,6 +210,7 @@ func (c *Cache) Replace(src Source, set map[netip.Prefix]Entry) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	before := len(c.failing)
+	c.reported[src] = true
 	kept := 0
 	for p, e := range norm {
 		if e.Identity == 0 {
@@ -232,13 +238,11 @@ func (c *Cache) Replace(src Source, set map[netip.Prefix]Entry) error {
 }
 
 // MarkReported records that src has told the cache everything it wants,
-// so that Prune may delete what src does not claim. The agent calls it
-// once the source's view is complete, which only it can tell: a store
-// watch after its first successful list has been applied, the endpoint
-// manager after its restore, the policy sync after a pass in which every
-// policy source (files and store) was loaded. Replace does not imply it: a
-// policy sync that runs before the store's policies are listed gives an
-// incomplete set.
+// so that Prune may delete what src does not claim. Replace does it by
+// itself; a source that speaks through Upsert and Delete calls it once its
+// view is complete, which only the agent can tell: the endpoint manager
+// after its restore, the policy sync after a pass in which every policy
+// source (files and store) was loaded.
 func (c *Cache) MarkReported(src Source) {
 	if !src.valid() {
 		return
@@ -325,10 +329,15 @@ func (c *Cache) Adopt(existing map[netip.Prefix]Entry) {
 }
 
 // Prune deletes the adopted entries no source has claimed, once every
-// source has reported at least once (MarkReported); before
-// that it deletes nothing and returns an error wrapping ErrNotReported
-// that names the sources it waits for. A deletion that fails is retried by
+// source has reported at least once (Replace or MarkReported); before that
+// it deletes nothing and returns an error wrapping ErrNotReported that
+// names the sources it waits for. A deletion that fails is retried by
 // Retry. It returns the number of entries it deleted or handed to Retry.
+//
+// Adopt followed by Prune, once every source has reported, also
+// reconciles a running cache with the map (entries someone else wrote are
+// deleted, drifted ones rewritten); a map read that races with the sources
+// is harmless, as Adopt leaves claimed prefixes to their sources.
 func (c *Cache) Prune() (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()

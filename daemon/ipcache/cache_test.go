@@ -558,21 +558,23 @@ func TestAdoptAndPrune(t *testing.T) {
 	if !errors.Is(err, ErrNotReported) || n != 0 {
 		t.Fatalf("prune before every source reported: %d, %v", n, err)
 	}
-	if !strings.Contains(err.Error(), "local-endpoint, host, remote-endpoint, remote-node, policy-cidr") {
+	if !strings.Contains(err.Error(), "local-endpoint, host, remote-node, policy-cidr") {
 		t.Fatalf("prune error %q does not name the sources it waits for", err)
 	}
 	if _, ok := f.get(pfx("10.0.0.3")); !ok {
 		t.Fatal("an unclaimed entry was deleted before every source reported")
 	}
-	for _, s := range []Source{LocalEndpoint, RemoteEndpoint, Host, RemoteNode} {
-		c.MarkReported(s)
-	}
+	c.MarkReported(LocalEndpoint)
+	// Whole lists report by themselves.
 	if err := c.Replace(Host, nil); err != nil {
 		t.Fatal(err)
 	}
+	if err := c.Replace(RemoteNode, nil); err != nil {
+		t.Fatal(err)
+	}
 	// The policy sync's first pass, before the store's policies are
-	// listed: a Replace, but not a report.
-	if err := c.Replace(PolicyCIDR, map[netip.Prefix]Entry{pfx("192.168.0.0/16"): {Identity: 0x00000107}}); err != nil {
+	// listed: wishes, but not yet a report.
+	if err := c.Upsert(PolicyCIDR, pfx("192.168.0.0/16"), Entry{Identity: 0x00000107}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Prune(); !errors.Is(err, ErrNotReported) {

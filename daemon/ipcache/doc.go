@@ -46,11 +46,12 @@
 // something different) or Prune deletes it.
 //
 // Prune deletes the adopted entries that no source claimed, and only once
-// every source has reported at least once: the agent calls MarkReported for
-// a source once its view is complete (a store watch after its first list,
-// the endpoint manager after its restore, the policy sync after a pass with
-// every policy source loaded). Until then Prune deletes nothing and says
-// which sources it waits for (Waiting). So a restart never deletes a live entry before its
+// every source has reported at least once: Replace counts as a report (it
+// is given complete lists: a store watch's first successful list), and a
+// source that speaks through Upsert and Delete calls MarkReported once its
+// view is complete (the endpoint manager after its restore, the policy
+// sync after a pass with every policy source loaded). Until then Prune
+// deletes nothing and says which sources it waits for (Waiting). So a restart never deletes a live entry before its
 // source has spoken: a store that is down at start keeps the other hosts'
 // entries in the map as they were, indefinitely, rather than dropping them.
 // Prune is safe only once every writer of the maps goes through the Cache.

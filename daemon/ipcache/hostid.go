@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/rackwire/rackwire/internal/atomicfile"
 )
 
 // HostIDFile is the file, in the agent's state directory, that holds the
@@ -34,16 +36,10 @@ func LoadHostID(path string) (string, error) {
 		return "", fmt.Errorf("read host id: %w", err)
 	}
 	id := NewHostID()
-	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp")
-	if err := os.WriteFile(tmp, []byte(id+"\n"), 0o644); err != nil {
-		return "", fmt.Errorf("write host id: %w", err)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return "", fmt.Errorf("create the directory of the host id: %w", err)
 	}
-	if f, err := os.Open(tmp); err == nil {
-		_ = f.Sync()
-		f.Close()
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
+	if err := atomicfile.Write(path, []byte(id+"\n"), atomicfile.Options{Mode: 0o644}); err != nil {
 		return "", fmt.Errorf("write host id: %w", err)
 	}
 	return id, nil

@@ -20,6 +20,7 @@ import (
 	"errors"
 	"log/slog"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -77,20 +78,32 @@ func (p *Publisher) Set(group string, kvs map[string][]byte) {
 	}
 }
 
-// Seen tells the publisher which own keys under prefix a watch found in
-// the store: wanted keys under prefix that are missing were lost (with an
-// expired session, or deleted by hand) and are written again.
-func (p *Publisher) Seen(prefix string, present map[string]bool) {
+// Seen tells the publisher what a watch found under prefix (key -> value).
+// A published key that is missing was lost (with an expired session, or
+// deleted by hand) and is written again. With reassert, a published key
+// that holds another value (overwritten by someone else) is written again
+// too; without it (the node record, which a duplicate host would fight
+// over) an overwrite is left for the duplicate detection to report.
+func (p *Publisher) Seen(prefix string, present map[string][]byte, reassert bool) {
 	p.mu.Lock()
 	lost := 0
-	for k := range p.published {
-		if len(k) >= len(prefix) && k[:len(prefix)] == prefix && !present[k] {
-			if _, ok := p.want[k]; ok {
-				p.log.Info("own key vanished from the store; publishing it again", "key", k)
-				lost++
-			}
-			delete(p.published, k)
+	for k, v := range p.published {
+		if !strings.HasPrefix(k, prefix) {
+			continue
 		}
+		cur, ok := present[k]
+		if ok && (!reassert || bytes.Equal(cur, v)) {
+			continue
+		}
+		if _, wanted := p.want[k]; wanted {
+			if ok {
+				p.log.Warn("own key overwritten in the store by someone else; publishing it again", "key", k)
+			} else {
+				p.log.Info("own key vanished from the store; publishing it again", "key", k)
+			}
+			lost++
+		}
+		delete(p.published, k)
 	}
 	p.mu.Unlock()
 	if lost > 0 {

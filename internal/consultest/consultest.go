@@ -311,6 +311,22 @@ func (a *Agent) Kill() {
 	_ = cmd.Wait()
 }
 
+// Pause stops the agent with SIGSTOP: its sockets stay open and every
+// request hangs, as with a wedged server. Continue resumes it; the test
+// must call Continue before the agent is killed or cleaned up.
+func (a *Agent) Pause() { a.signal(syscall.SIGSTOP) }
+
+// Continue resumes a paused agent (SIGCONT).
+func (a *Agent) Continue() { a.signal(syscall.SIGCONT) }
+
+func (a *Agent) signal(sig syscall.Signal) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cmd != nil && a.cmd.Process != nil {
+		_ = a.cmd.Process.Signal(sig)
+	}
+}
+
 // Restart starts a killed agent again on the same ports and data dir.
 func (a *Agent) Restart() {
 	a.mu.Lock()

@@ -172,10 +172,32 @@ func TestEndpointBadInput(t *testing.T) {
 		if st.Policy.State != "degraded" || !strings.Contains(st.Policy.Message, "policy_max_entries") {
 			t.Errorf("policy status %+v, want degraded, naming policy_max_entries", st.Policy)
 		}
+		if st.Endpoints.State != "degraded" {
+			t.Errorf("endpoints status %+v, want degraded (an endpoint has a policy error)", st.Endpoints)
+		}
+		// Fail closed: ingress closed (no ingress entry at all), egress,
+		// which no policy selects, still open; the endpoint says why.
 		var after []api.PolicyEntry
 		a.rwJSON(&after, "bpf", "policy", "get", "one")
-		if !slices.Equal(before, after) {
-			t.Errorf("a policy that does not fit changed the map:\nbefore %+v\nafter  %+v", before, after)
+		for _, e := range after {
+			if e.Direction == "ingress" {
+				t.Errorf("a policy that does not fit left ingress entries in force: %+v (before: %d entries)", after, len(before))
+				break
+			}
+		}
+		if !slices.ContainsFunc(after, func(e api.PolicyEntry) bool { return e.Direction == "egress" && e.Identity == 0 && e.Proto == "any" }) {
+			t.Errorf("egress wildcard gone after an ingress policy that does not fit: %+v", after)
+		}
+		var ep api.Endpoint
+		a.rwJSON(&ep, "endpoint", "get", "one")
+		if ep.State != "policy-error" || !strings.Contains(ep.PolicyReason, "ingress closed") {
+			t.Errorf("endpoint after a policy that does not fit: state %q reason %q; want policy-error, ingress closed", ep.State, ep.PolicyReason)
+		}
+		// The policy goes: the endpoint is open again and enforced.
+		a.rw("policy", "delete", "rwg-big")
+		a.rwJSON(&ep, "endpoint", "get", "one")
+		if ep.State != "ready" {
+			t.Errorf("after the big policy was deleted: state %q (%s), want ready", ep.State, ep.PolicyReason)
 		}
 	})
 

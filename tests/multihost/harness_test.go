@@ -2,6 +2,7 @@ package multihost
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -118,6 +119,8 @@ type host struct {
 	datapathExtra string
 	// env is added to the agent's environment (GOMEMLIMIT, GODEBUG).
 	env []string
+	// nodeName overrides [node] name (default: name).
+	nodeName string
 }
 
 type fabricOptions struct {
@@ -170,7 +173,9 @@ func newFabric(t *testing.T, o fabricOptions) *fabric {
 	f.consul = consultest.StartWith(t, consultest.Options{
 		ClientAddrs: []string{consulIP},
 		Persistent:  o.persistent,
-		HCL:         []string{`telemetry { prometheus_retention_time = "1h" disable_hostname = true }`},
+		// Values up to 4 MiB, so that oversized records (a node with
+		// 100,000 addresses) can be written to test that agents refuse them.
+		HCL: []string{`telemetry { prometheus_retention_time = "1h" disable_hostname = true }`, `limits { kv_max_value_size = 4194304 }`},
 	})
 	f.addr = consulIP + ":" + f.consul.Port()
 	return f
@@ -224,6 +229,15 @@ func tail(s string, n int) string {
 func (h *host) start(t *testing.T) {
 	t.Helper()
 	rackwired, _ := bins(t)
+	if out, err := h.tryStart(t, rackwired); err != nil {
+		t.Fatalf("%v: %s", err, tail(out, 40))
+	}
+}
+
+// tryStart writes the config and starts the agent; it returns once the
+// agent answers, or with an error and the agent's log if it exits first.
+func (h *host) tryStart(t *testing.T, rackwired string) (string, error) {
+	t.Helper()
 	h.dir = filepath.Join(h.f.dir, h.name)
 	h.socket = filepath.Join(h.dir, "rackwire.sock")
 	h.config = filepath.Join(h.dir, "rackwire.toml")
@@ -256,7 +270,7 @@ jitter_window = "0s"
 listen = ""
 [log]
 format = "text"
-`, h.name, h.uplink, filepath.Join(h.dir, "state"), h.socket, h.cidr, h.f.addr, h.pinDir, filepath.Join(h.dir, "policies.d"), h.datapathExtra)
+`, cmp.Or(h.nodeName, h.name), h.uplink, filepath.Join(h.dir, "state"), h.socket, h.cidr, h.f.addr, h.pinDir, filepath.Join(h.dir, "policies.d"), h.datapathExtra)
 	if err := os.WriteFile(h.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -271,7 +285,7 @@ format = "text"
 	// nsenter execs rackwired in place: the pid is the agent's.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("start rackwired on %s: %v", h.name, err)
+		return "", fmt.Errorf("start rackwired on %s: %w", h.name, err)
 	}
 	h.cmd = cmd
 	h.exited = make(chan struct{})
@@ -279,16 +293,17 @@ format = "text"
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if _, err := h.status(); err == nil {
-			return
+			return "", nil
 		}
 		select {
 		case <-h.exited:
 			b, _ := os.ReadFile(h.logf)
-			t.Fatalf("rackwired on %s exited at start: %s", h.name, tail(string(b), 40))
+			return string(b), fmt.Errorf("rackwired on %s exited at start", h.name)
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("rackwired on %s does not answer on %s", h.name, h.socket)
+			b, _ := os.ReadFile(h.logf)
+			return string(b), fmt.Errorf("rackwired on %s does not answer on %s", h.name, h.socket)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
