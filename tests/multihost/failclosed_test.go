@@ -208,13 +208,13 @@ func TestHostileStoreData(t *testing.T) {
 	dupA["ips"] = []string{"10.213.254.222"}
 	dupValue, _ := json.Marshal(dupA)
 	hostile := map[string][]byte{
-		ipKeyOf("10.213.2.50"): ipEntryJSON("10.213.2.50", 1, bHost, b.name),                      // reserved: host
-		ipKeyOf("10.213.2.51"): ipEntryJSON("10.213.2.51", 0x105, bHost, b.name),                  // host-local identity
-		ipKeyOf("10.213.2.52"): ipEntryJSON(client.ip, webEP.Identity, bHost, b.name),             // key is not its address
-		ipKeyOf(client.ip + "x"): ipEntryJSON(client.ip, webEP.Identity, bHost, b.name),           // a key that parses to nothing
-		ipKeyOf("10.213.9.9"):  ipEntryJSON("10.213.9.9", webEP.Identity, bHost, b.name),          // outside the publisher's CIDRs
-		ipKeyOf("10.213.2.54"): ipEntryJSON("10.213.2.54", webEP.Identity|0x7f000000, bHost, b.name), // another cluster's identity
-		ipKeyOf(a.uplink):      ipEntryJSON(a.uplink, webEP.Identity, bHost, b.name),             // the checking host's own address
+		ipKeyOf("10.213.2.50"):               ipEntryJSON("10.213.2.50", 1, bHost, b.name),                         // reserved: host
+		ipKeyOf("10.213.2.51"):               ipEntryJSON("10.213.2.51", 0x105, bHost, b.name),                     // host-local identity
+		ipKeyOf("10.213.2.52"):               ipEntryJSON(client.ip, webEP.Identity, bHost, b.name),                // key is not its address
+		ipKeyOf(client.ip + "x"):             ipEntryJSON(client.ip, webEP.Identity, bHost, b.name),                // a key that parses to nothing
+		ipKeyOf("10.213.9.9"):                ipEntryJSON("10.213.9.9", webEP.Identity, bHost, b.name),             // outside the publisher's CIDRs
+		ipKeyOf("10.213.2.54"):               ipEntryJSON("10.213.2.54", webEP.Identity|0x7f000000, bHost, b.name), // another cluster's identity
+		ipKeyOf(a.uplink):                    ipEntryJSON(a.uplink, webEP.Identity, bHost, b.name),                 // the checking host's own address
 		"rackwire/state/nodes/v1/default/hX": bigNode,
 	}
 	// Another host's endpoint address, published by B with web's identity:
