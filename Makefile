@@ -42,6 +42,7 @@ generate-check: generate
 lint:
 	@out="$$(gofmt -l $$(git ls-files '*.go'))"; if [ -n "$$out" ]; then echo "gofmt -l:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
 
 # Every Go test, the real-infrastructure ones included (they need root and
 # the tools `make deps` installs; under CI=true a missing one fails).

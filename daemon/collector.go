@@ -8,6 +8,7 @@ import (
 
 	"github.com/rackwire/rackwire/daemon/endpoint"
 	"github.com/rackwire/rackwire/daemon/metrics"
+	"github.com/rackwire/rackwire/daemon/policysync"
 )
 
 // agentCollector exports the components' state on every scrape, read from
@@ -18,6 +19,9 @@ type agentCollector struct {
 
 	dpPackets, dpBytes, endpoints, identities, policies *prometheus.Desc
 	bgpUp, bgpExported, bgpImported, bgpDrained, vipUp  *prometheus.Desc
+
+	epPolicy, polLoaded, polWrites, polWriteErrs, syncAge *prometheus.Desc
+	ipcEntries, ipcFailing, refused, dupNode              *prometheus.Desc
 }
 
 func newAgentCollector(a *agent) *agentCollector {
@@ -36,14 +40,32 @@ func newAgentCollector(a *agent) *agentCollector {
 		bgpImported: d("bgp_routes_imported", "Routes learned from the peer.", "peer"),
 		bgpDrained:  d("bgp_drained", "1 while this host is drained."),
 		vipUp:       d("bgp_vip_announced", "1 while the VIP is announced (healthy and not drained).", "vip"),
+
+		epPolicy:     d("endpoint_policy", "Endpoints by enforcement state: enforced, policy-pending (closed until the store is loaded), policy-error (closed: the policy could not be written).", "state"),
+		polLoaded:    d("policy_loaded", "1 once the store's policies and identities are loaded and maps may be widened; 0 while maps keep their last state."),
+		polWrites:    d("policy_map_writes_total", "Policy map writes (atomic swaps or no-ops) attempted."),
+		polWriteErrs: d("policy_map_write_errors_total", "Policy map writes that failed (the direction was closed instead)."),
+		syncAge:      d("policy_sync_age_seconds", "Seconds since the policy sync loop last finished a pass (the watchdog stops past 30 s)."),
+		ipcEntries:   d("ipcache_entries", "Prefixes in the ipcache by the source whose entry is in force.", "source"),
+		ipcFailing:   d("ipcache_writes_failing", "Ipcache prefixes whose last map write failed, retried every second."),
+		refused:      d("store_records_refused", "Store records of other hosts refused by the checks, by reason.", "reason"),
+		dupNode:      d("node_name_duplicate", "1 while another host publishes under this host's node name."),
 	}
 }
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.dpPackets, c.dpBytes, c.endpoints, c.identities, c.policies,
-		c.bgpUp, c.bgpExported, c.bgpImported, c.bgpDrained, c.vipUp} {
+		c.bgpUp, c.bgpExported, c.bgpImported, c.bgpDrained, c.vipUp,
+		c.epPolicy, c.polLoaded, c.polWrites, c.polWriteErrs, c.syncAge, c.ipcEntries, c.ipcFailing, c.refused, c.dupNode} {
 		ch <- d
 	}
+}
+
+func boolGauge(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
@@ -63,6 +85,22 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(c.identities, prometheus.GaugeValue, float64(len(a.ids.List())))
 	ch <- prometheus.MustNewConstMetric(c.policies, prometheus.GaugeValue, float64(len(a.pol.Policies())))
+	sum := a.sync.Summary()
+	for state, n := range map[string]int{policysync.StateEnforced: sum.Enforced, policysync.StatePending: sum.Pending, policysync.StateError: sum.Errors} {
+		ch <- prometheus.MustNewConstMetric(c.epPolicy, prometheus.GaugeValue, float64(n), state)
+	}
+	ch <- prometheus.MustNewConstMetric(c.polLoaded, prometheus.GaugeValue, boolGauge(sum.Loaded))
+	ch <- prometheus.MustNewConstMetric(c.polWrites, prometheus.CounterValue, float64(sum.Writes))
+	ch <- prometheus.MustNewConstMetric(c.polWriteErrs, prometheus.CounterValue, float64(sum.WriteErrors))
+	ch <- prometheus.MustNewConstMetric(c.syncAge, prometheus.GaugeValue, time.Since(a.sync.LastBeat()).Seconds())
+	for src, n := range a.ipc.Stats() {
+		ch <- prometheus.MustNewConstMetric(c.ipcEntries, prometheus.GaugeValue, float64(n), src.String())
+	}
+	ch <- prometheus.MustNewConstMetric(c.ipcFailing, prometheus.GaugeValue, float64(a.ipc.Failing()))
+	for reason, n := range a.remote.rejections() {
+		ch <- prometheus.MustNewConstMetric(c.refused, prometheus.GaugeValue, float64(n), reason)
+	}
+	ch <- prometheus.MustNewConstMetric(c.dupNode, prometheus.GaugeValue, boolGauge(a.remote.duplicateNode() != ""))
 	if a.bgp == nil {
 		return
 	}

@@ -69,6 +69,10 @@ type Daemon struct {
 
 	metricsStop context.CancelFunc
 
+	// stallAge reports how long the sync loop has gone without finishing a
+	// pass, once it runs (the watchdog's liveness check).
+	stallAge func() (time.Duration, bool)
+
 	// Filled by the components' wiring in New; read-only after.
 	reloaders []reloader
 	statusers []func(ctx context.Context, st *api.Status)
@@ -98,6 +102,12 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger, opts Options)
 		return nil, err
 	}
 	d.agent = ag
+	d.stallAge = func() (time.Duration, bool) {
+		if !ag.started.Load() {
+			return 0, false
+		}
+		return time.Since(ag.sync.LastBeat()), true
+	}
 	d.reloaders = append(d.reloaders, ag.reload)
 	d.statusers = append(d.statusers, ag.status)
 	d.metrics.MustRegister(newAgentCollector(ag))
@@ -237,15 +247,13 @@ func (d *Daemon) watchdog(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if d.agent != nil && d.agent.started.Load() {
-			if since := time.Since(d.agent.sync.LastBeat()); since > syncStallLimit {
-				if !stalled {
-					d.log.Error("the policy sync loop is stuck; no longer pinging the systemd watchdog, so systemd restarts the agent (forwarding continues)",
-						"stuck_for", since.Truncate(time.Second))
-				}
-				stalled = true
-				continue
+		if since, ok := d.stallAge(); ok && since > syncStallLimit {
+			if !stalled {
+				d.log.Error("the policy sync loop is stuck; no longer pinging the systemd watchdog, so systemd restarts the agent (forwarding continues)",
+					"stuck_for", since.Truncate(time.Second))
 			}
+			stalled = true
+			continue
 		}
 		stalled = false
 		d.opts.Notify("WATCHDOG=1")

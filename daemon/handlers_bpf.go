@@ -40,7 +40,7 @@ func (a *agent) bpfRoutes(h route) {
 			verb = "closed again (policy enforced)"
 		}
 		a.log.Warn("emergency allow-all", "endpoint_id", ep.ID, "endpoint", ep.Name, "revert", revert)
-		return map[string]string{"endpoint": ep.Name, "result": verb}, nil
+		return api.AllowAll{Endpoint: ep.Name, Result: verb}, nil
 	})
 	h("GET /v1/bpf/ipcache", func(r *http.Request) (any, error) {
 		es, err := a.dp.IPCache()
@@ -69,12 +69,42 @@ func (a *agent) bpfRoutes(h route) {
 	})
 	h("GET /v1/bpf/ct", func(r *http.Request) (any, error) {
 		es, err := a.dp.CT()
-		return nonNil(es), err
+		if err != nil {
+			return nil, err
+		}
+		out := make([]api.CTEntry, 0, len(es))
+		for _, e := range es {
+			out = append(out, toAPICT(e))
+		}
+		return out, nil
 	})
 	h("GET /v1/bpf/metrics", func(r *http.Request) (any, error) {
 		ms, err := a.dp.Metrics()
-		return nonNil(ms), err
+		if err != nil {
+			return nil, err
+		}
+		out := make([]api.Metric, 0, len(ms))
+		for _, m := range ms {
+			out = append(out, api.Metric{Reason: m.Reason.String(), Direction: m.Direction.String(), Packets: m.Packets, Bytes: m.Bytes})
+		}
+		return out, nil
 	})
+}
+
+// toAPICT converts a CT entry to its wire type, the same JSON.
+func toAPICT(e datapath.CTEntry) api.CTEntry {
+	return api.CTEntry{
+		Src: addrPortText(e.Src), Dst: addrPortText(e.Dst), Proto: e.Proto, Direction: e.Direction.String(),
+		Endpoint: e.Endpoint, RemoteIdentity: e.RemoteIdentity, Packets: e.Packets, Bytes: e.Bytes,
+		TCPFlags: e.TCPFlags, Audit: e.Audit, Created: e.Created, LastSeen: e.LastSeen,
+	}
+}
+
+// addrPortText writes an address and port as their JSON text does: "" for
+// the zero AddrPort.
+func addrPortText(ap netip.AddrPort) string {
+	b, _ := ap.MarshalText()
+	return string(b)
 }
 
 func (a *agent) toAPIEntries(es []datapath.Entry) []api.PolicyEntry {

@@ -41,12 +41,10 @@ func (a *agent) endpointRoutes(h route) {
 		if err := a.eps.Delete(r.Context(), r.PathValue("ep")); err != nil {
 			return nil, endpointErr(err)
 		}
-		return map[string]string{"deleted": r.PathValue("ep")}, nil
+		return api.Deleted{Deleted: r.PathValue("ep")}, nil
 	})
 	h("POST /v1/endpoints/{ep}/audit", func(r *http.Request) (any, error) {
-		var in struct {
-			Enabled bool `json:"enabled"`
-		}
+		var in api.EndpointAudit
 		if err := api.DecodeBody(r, &in); err != nil {
 			return nil, err
 		}

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/netip"
@@ -19,10 +20,14 @@ func (a *agent) policyRoutes(h route) {
 		return nonNil(out), nil
 	})
 	h("GET /v1/policies/{name}", func(r *http.Request) (any, error) {
-		var out []policy.Listed
+		var out []api.PolicyDocument
 		for _, l := range a.pol.Policies() {
 			if l.Policy.Metadata.Name == r.PathValue("name") {
-				out = append(out, l)
+				doc, err := json.Marshal(&l.Policy)
+				if err != nil {
+					return nil, fmt.Errorf("encode policy %s: %w", r.PathValue("name"), err)
+				}
+				out = append(out, api.PolicyDocument{Source: l.Source, Policy: doc})
 			}
 		}
 		if len(out) == 0 {
@@ -31,17 +36,17 @@ func (a *agent) policyRoutes(h route) {
 		return out, nil
 	})
 	h("POST /v1/policies", func(r *http.Request) (any, error) {
-		var in struct {
-			File string `json:"file"`
-			Data string `json:"data"`
-		}
+		var in api.PolicyImport
 		if err := api.DecodeBody(r, &in); err != nil {
 			return nil, err
 		}
 		return a.importPolicies(r.Context(), in.File, []byte(in.Data))
 	})
 	h("DELETE /v1/policies/{name}", func(r *http.Request) (any, error) {
-		return a.deletePolicy(r.Context(), r.PathValue("name"))
+		if _, err := a.deletePolicy(r.Context(), r.PathValue("name")); err != nil {
+			return nil, err
+		}
+		return api.Deleted{Deleted: r.PathValue("name")}, nil
 	})
 	h("POST /v1/policy/trace", func(r *http.Request) (any, error) {
 		var in api.TraceRequest
@@ -53,7 +58,7 @@ func (a *agent) policyRoutes(h route) {
 
 }
 
-func (a *agent) trace(in api.TraceRequest) (any, error) {
+func (a *agent) trace(in api.TraceRequest) (api.TraceResult, error) {
 	subject := func(side string, s api.TraceSubject) (policy.Subject, error) {
 		n := 0
 		var out policy.Subject
@@ -88,19 +93,33 @@ func (a *agent) trace(in api.TraceRequest) (any, error) {
 	}
 	src, err := subject("src", in.Src)
 	if err != nil {
-		return nil, api.Errorf(http.StatusBadRequest, "", "source: %v", err)
+		return api.TraceResult{}, api.Errorf(http.StatusBadRequest, "", "source: %v", err)
 	}
 	dst, err := subject("dst", in.Dst)
 	if err != nil {
-		return nil, api.Errorf(http.StatusBadRequest, "", "destination: %v", err)
+		return api.TraceResult{}, api.Errorf(http.StatusBadRequest, "", "destination: %v", err)
 	}
 	port, proto, err := policy.ParsePortProto(in.DPort)
 	if err != nil {
-		return nil, api.Errorf(http.StatusBadRequest, "write --dport 80/tcp", "%v", err)
+		return api.TraceResult{}, api.Errorf(http.StatusBadRequest, "write --dport 80/tcp", "%v", err)
 	}
 	res, err := a.pol.Trace(src, dst, port, proto)
 	if err != nil {
-		return nil, api.Errorf(http.StatusBadRequest, "", "%v", err)
+		return api.TraceResult{}, api.Errorf(http.StatusBadRequest, "", "%v", err)
 	}
-	return res, nil
+	return toAPITrace(res), nil
+}
+
+// toAPITrace converts a trace result to its wire type, the same JSON.
+func toAPITrace(res policy.TraceResult) api.TraceResult {
+	subject := func(s policy.ResolvedSubject) api.TraceResolved {
+		return api.TraceResolved{Kind: s.Kind, Identity: s.Identity, Labels: s.Labels, Endpoint: s.Endpoint, IP: s.IP}
+	}
+	side := func(s policy.SideResult) api.TraceSide {
+		return api.TraceSide{Verdict: s.Verdict, Source: s.Source, Policy: s.Policy, Rule: s.Rule, RuleIndex: s.RuleIndex, Audit: s.Audit, Reason: s.Reason}
+	}
+	return api.TraceResult{
+		Verdict: res.Verdict, Src: subject(res.Src), Dst: subject(res.Dst), DPort: res.DPort, Proto: res.Proto,
+		Egress: side(res.Egress), Ingress: side(res.Ingress),
+	}
 }

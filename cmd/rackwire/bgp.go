@@ -1,10 +1,11 @@
 package main
 
 import (
-	"encoding/json"
 	"flag"
 	"fmt"
 	"strconv"
+
+	"github.com/rackwire/rackwire/daemon/api"
 )
 
 func init() {
@@ -13,44 +14,20 @@ func init() {
 		{
 			name: "status", summary: "BGP sessions, BFD, announcements, VIP health",
 			run: func(e *env, fs *flag.FlagSet) error {
-				var raw json.RawMessage
-				if err := e.get("/v1/bgp/status", &raw); err != nil {
+				var st api.BGPStatus
+				if err := e.get("/v1/bgp/status", &st); err != nil {
 					return err
 				}
 				if e.json {
-					var v any
-					_ = json.Unmarshal(raw, &v)
-					return printJSON(e.stdout, v)
-				}
-				var st struct {
-					BirdRunning bool     `json:"bird_running"`
-					BirdError   string   `json:"bird_error"`
-					Drained     bool     `json:"drained"`
-					Announced   []string `json:"announced"`
-					Protocols   []struct {
-						Name          string  `json:"name"`
-						Proto         string  `json:"proto"`
-						State         string  `json:"state"`
-						Info          string  `json:"info"`
-						UptimeSeconds float64 `json:"uptime_seconds"`
-						Reason        string  `json:"reason"`
-						Imported      *int    `json:"routes_imported"`
-						Exported      *int    `json:"routes_exported"`
-					} `json:"protocols"`
-					BFDSessions []map[string]any `json:"bfd_sessions"`
-					LastApply   map[string]any   `json:"last_apply"`
-					VIPs        []map[string]any `json:"vips"`
-				}
-				if err := json.Unmarshal(raw, &st); err != nil {
-					return err
+					return printJSON(e.stdout, st)
 				}
 				bird := "running"
 				if !st.BirdRunning {
 					bird = "not reachable: " + st.BirdError
 				}
 				fmt.Fprintf(e.stdout, "BIRD: %s\nDrained: %v\nAnnounced: %v\n", bird, st.Drained, st.Announced)
-				if le, ok := st.LastApply["error"]; ok && le != "" {
-					fmt.Fprintf(e.stdout, "Last apply error: %v\n", le)
+				if st.LastApply.Error != "" {
+					fmt.Fprintf(e.stdout, "Last apply error: %s\n", st.LastApply.Error)
 				}
 				rows := [][]string{{"PROTOCOL", "TYPE", "STATE", "UPTIME", "IMPORTED", "EXPORTED", "INFO"}}
 				for _, p := range st.Protocols {
@@ -58,17 +35,17 @@ func init() {
 					if p.Reason != "" {
 						info = p.Reason
 					}
-					rows = append(rows, []string{p.Name, p.Proto, p.State, strconv.FormatFloat(p.UptimeSeconds, 'f', 0, 64) + "s", intp(p.Imported), intp(p.Exported), info})
+					rows = append(rows, []string{p.Name, p.Proto, p.State, strconv.FormatFloat(p.UptimeSeconds, 'f', 0, 64) + "s", strconv.Itoa(p.RoutesImported), strconv.Itoa(p.RoutesExported), info})
 				}
 				table(e.stdout, rows)
 				if len(st.BFDSessions) > 0 {
 					fmt.Fprintln(e.stdout, "BFD sessions:")
 					for _, b := range st.BFDSessions {
-						fmt.Fprintf(e.stdout, "  %v %v %v\n", b["address"], b["interface"], b["state"])
+						fmt.Fprintf(e.stdout, "  %s %s %s\n", b.Address, b.Interface, b.State)
 					}
 				}
 				for _, v := range st.VIPs {
-					fmt.Fprintf(e.stdout, "VIP %v: healthy=%v announced=%v\n", v["vip"], v["healthy"], v["announced"])
+					fmt.Fprintf(e.stdout, "VIP %s: healthy=%v announced=%v\n", v.VIP, v.Healthy, v.Announced)
 				}
 				return nil
 			},
@@ -76,14 +53,14 @@ func init() {
 		{
 			name: "render", summary: "print the BIRD config the agent would write",
 			run: func(e *env, fs *flag.FlagSet) error {
-				var out map[string]string
+				var out api.BGPRender
 				if err := e.get("/v1/bgp/render", &out); err != nil {
 					return err
 				}
 				if e.json {
 					return printJSON(e.stdout, out)
 				}
-				fmt.Fprint(e.stdout, out["config"])
+				fmt.Fprint(e.stdout, out.Config)
 				return nil
 			},
 		},
@@ -93,7 +70,8 @@ func init() {
 				fs.BoolVar(&withdrawAll, "all", false, "withdraw drain_keep prefixes too")
 			},
 			run: func(e *env, fs *flag.FlagSet) error {
-				if err := e.call("POST", "/v1/bgp/drain?keep="+strconv.FormatBool(!withdrawAll), nil, nil); err != nil {
+				var out api.BGPDrain
+				if err := e.call("POST", "/v1/bgp/drain?keep="+strconv.FormatBool(!withdrawAll), nil, &out); err != nil {
 					return err
 				}
 				fmt.Fprintln(e.stdout, "drained: announcements withdrawn; `rackwire bgp undrain` restores them")
@@ -103,7 +81,8 @@ func init() {
 		{
 			name: "undrain", summary: "announce again after a drain",
 			run: func(e *env, fs *flag.FlagSet) error {
-				if err := e.call("POST", "/v1/bgp/undrain", nil, nil); err != nil {
+				var out api.BGPUndrain
+				if err := e.call("POST", "/v1/bgp/undrain", nil, &out); err != nil {
 					return err
 				}
 				fmt.Fprintln(e.stdout, "undrained: announcements restored")
@@ -111,11 +90,4 @@ func init() {
 			},
 		},
 	}})
-}
-
-func intp(p *int) string {
-	if p == nil {
-		return "-"
-	}
-	return strconv.Itoa(*p)
 }

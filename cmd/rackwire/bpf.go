@@ -1,12 +1,12 @@
 package main
 
 import (
-	"encoding/json"
 	"flag"
 	"fmt"
 	"net/url"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/rackwire/rackwire/daemon/api"
 )
@@ -126,14 +126,14 @@ func init() {
 					if err != nil {
 						return err
 					}
-					var out map[string]string
+					var out api.AllowAll
 					if err := e.call("POST", "/v1/bpf/policy/"+ep+"/allow-all?revert="+strconv.FormatBool(revert), nil, &out); err != nil {
 						return err
 					}
 					if e.json {
 						return printJSON(e.stdout, out)
 					}
-					fmt.Fprintf(e.stdout, "endpoint %s %s\n", out["endpoint"], out["result"])
+					fmt.Fprintf(e.stdout, "endpoint %s %s\n", out.Endpoint, out.Result)
 					return nil
 				},
 			},
@@ -175,7 +175,7 @@ func init() {
 			{
 				name: "list", summary: "tracked connections",
 				run: func(e *env, fs *flag.FlagSet) error {
-					var es []map[string]any
+					var es []api.CTEntry
 					if err := e.get("/v1/bpf/ct", &es); err != nil {
 						return err
 					}
@@ -184,8 +184,9 @@ func init() {
 					}
 					rows := [][]string{{"ENDPOINT", "DIRECTION", "PROTO", "SRC", "DST", "REMOTE-ID", "PACKETS", "BYTES", "LAST-SEEN"}}
 					for _, x := range es {
-						rows = append(rows, []string{str(x["endpoint"]), str(x["direction"]), protoStr(x["proto"]), str(x["src"]), str(x["dst"]),
-							str(x["remote_identity"]), str(x["packets"]), str(x["bytes"]), str(x["last_seen"])})
+						rows = append(rows, []string{strconv.Itoa(int(x.Endpoint)), x.Direction, api.ProtoName(x.Proto), x.Src, x.Dst,
+							strconv.FormatUint(uint64(x.RemoteIdentity), 10), strconv.FormatUint(x.Packets, 10), strconv.FormatUint(x.Bytes, 10),
+							x.LastSeen.Format(time.RFC3339Nano)})
 					}
 					table(e.stdout, rows)
 					return nil
@@ -195,7 +196,7 @@ func init() {
 		{
 			name: "metrics", summary: "datapath counters by reason and direction",
 			run: func(e *env, fs *flag.FlagSet) error {
-				var ms []map[string]any
+				var ms []api.Metric
 				if err := e.get("/v1/bpf/metrics", &ms); err != nil {
 					return err
 				}
@@ -204,7 +205,7 @@ func init() {
 				}
 				rows := [][]string{{"REASON", "DIRECTION", "PACKETS", "BYTES"}}
 				for _, m := range ms {
-					rows = append(rows, []string{str(m["reason"]), str(m["direction"]), str(m["packets"]), str(m["bytes"])})
+					rows = append(rows, []string{m.Reason, m.Direction, strconv.FormatUint(m.Packets, 10), strconv.FormatUint(m.Bytes, 10)})
 				}
 				table(e.stdout, rows)
 				return nil
@@ -219,24 +220,4 @@ func ipcacheTable(e *env, es []api.IPCacheEntry) {
 		rows = append(rows, []string{x.Prefix, strconv.FormatUint(uint64(x.Identity), 10), dash(x.Labels), dash(x.HostIP)})
 	}
 	table(e.stdout, rows)
-}
-
-func str(v any) string {
-	switch x := v.(type) {
-	case nil:
-		return "-"
-	case float64:
-		return strconv.FormatFloat(x, 'f', -1, 64)
-	case string:
-		return x
-	}
-	b, _ := json.Marshal(v)
-	return string(b)
-}
-
-func protoStr(v any) string {
-	if f, ok := v.(float64); ok && f >= 0 && f < 256 {
-		return api.ProtoName(uint8(f))
-	}
-	return str(v)
 }

@@ -83,7 +83,7 @@ func init() {
 					return usagef("give an endpoint and on or off")
 				}
 				var ep api.Endpoint
-				if err := e.call("POST", "/v1/endpoints/"+url.PathEscape(fs.Arg(0))+"/audit", map[string]bool{"enabled": fs.Arg(1) == "on"}, &ep); err != nil {
+				if err := e.call("POST", "/v1/endpoints/"+url.PathEscape(fs.Arg(0))+"/audit", api.EndpointAudit{Enabled: fs.Arg(1) == "on"}, &ep); err != nil {
 					return err
 				}
 				if e.json {
@@ -103,13 +103,14 @@ func init() {
 				if fs.NArg() != 1 {
 					return usagef("give one endpoint name or id")
 				}
-				if err := e.call("DELETE", "/v1/endpoints/"+url.PathEscape(fs.Arg(0)), nil, nil); err != nil {
+				var out api.Deleted
+				if err := e.call("DELETE", "/v1/endpoints/"+url.PathEscape(fs.Arg(0)), nil, &out); err != nil {
 					return err
 				}
 				if e.json {
-					return printJSON(e.stdout, map[string]string{"deleted": fs.Arg(0)})
+					return printJSON(e.stdout, out)
 				}
-				fmt.Fprintf(e.stdout, "endpoint %s deleted\n", fs.Arg(0))
+				fmt.Fprintf(e.stdout, "endpoint %s deleted\n", out.Deleted)
 				return nil
 			},
 		},

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"flag"
 	"fmt"
 	"net/url"
@@ -25,7 +24,7 @@ func init() {
 					return fmt.Errorf("read %s: %w", fs.Arg(0), err)
 				}
 				var out []api.PolicySummary
-				if err := e.call("POST", "/v1/policies", map[string]string{"file": fs.Arg(0), "data": string(data)}, &out); err != nil {
+				if err := e.call("POST", "/v1/policies", api.PolicyImport{File: fs.Arg(0), Data: string(data)}, &out); err != nil {
 					return err
 				}
 				if e.json {
@@ -61,13 +60,11 @@ func init() {
 				if fs.NArg() != 1 {
 					return usagef("give one policy name")
 				}
-				var raw json.RawMessage
-				if err := e.get("/v1/policies/"+url.PathEscape(fs.Arg(0)), &raw); err != nil {
+				var docs []api.PolicyDocument
+				if err := e.get("/v1/policies/"+url.PathEscape(fs.Arg(0)), &docs); err != nil {
 					return err
 				}
-				var v any
-				_ = json.Unmarshal(raw, &v)
-				return printJSON(e.stdout, v)
+				return printJSON(e.stdout, docs)
 			},
 		},
 		{
@@ -76,10 +73,11 @@ func init() {
 				if fs.NArg() != 1 {
 					return usagef("give one policy name")
 				}
-				if err := e.call("DELETE", "/v1/policies/"+url.PathEscape(fs.Arg(0)), nil, nil); err != nil {
+				var out api.Deleted
+				if err := e.call("DELETE", "/v1/policies/"+url.PathEscape(fs.Arg(0)), nil, &out); err != nil {
 					return err
 				}
-				fmt.Fprintf(e.stdout, "policy %s deleted\n", fs.Arg(0))
+				fmt.Fprintf(e.stdout, "policy %s deleted\n", out.Deleted)
 				return nil
 			},
 		},
@@ -104,37 +102,17 @@ func init() {
 					Dst:   api.TraceSubject{Labels: tr.dst, IP: tr.dstIP, Endpoint: tr.dstEP},
 					DPort: tr.dport,
 				}
-				var res struct {
-					Verdict string `json:"verdict"`
-					Src     struct {
-						Kind     string `json:"kind"`
-						Identity uint32 `json:"identity"`
-						Labels   string `json:"labels"`
-					} `json:"src"`
-					Dst struct {
-						Kind     string `json:"kind"`
-						Identity uint32 `json:"identity"`
-						Labels   string `json:"labels"`
-					} `json:"dst"`
-					Egress  traceSide `json:"egress"`
-					Ingress traceSide `json:"ingress"`
-				}
-				var raw json.RawMessage
-				if err := e.call("POST", "/v1/policy/trace", req, &raw); err != nil {
+				var res api.TraceResult
+				if err := e.call("POST", "/v1/policy/trace", req, &res); err != nil {
 					return err
 				}
 				if e.json {
-					var v any
-					_ = json.Unmarshal(raw, &v)
-					return printJSON(e.stdout, v)
-				}
-				if err := json.Unmarshal(raw, &res); err != nil {
-					return err
+					return printJSON(e.stdout, res)
 				}
 				fmt.Fprintf(e.stdout, "%s -> %s on %s: %s\n", res.Src.Labels, res.Dst.Labels, tr.dport, upper(res.Verdict))
 				table(e.stdout, [][]string{
-					{"  egress of source:", res.Egress.line()},
-					{"  ingress of destination:", res.Ingress.line()},
+					{"  egress of source:", traceLine(res.Egress)},
+					{"  ingress of destination:", traceLine(res.Ingress)},
 				})
 				return nil
 			},
@@ -142,16 +120,8 @@ func init() {
 	}})
 }
 
-type traceSide struct {
-	Verdict string `json:"verdict"`
-	Policy  string `json:"policy"`
-	Source  string `json:"source"`
-	Rule    string `json:"rule"`
-	Reason  string `json:"reason"`
-	Audit   bool   `json:"audit"`
-}
-
-func (s traceSide) line() string {
+// traceLine says one side of a trace in words.
+func traceLine(s api.TraceSide) string {
 	out := s.Verdict
 	if s.Policy != "" {
 		out += fmt.Sprintf(" by %s %s", s.Policy, s.Rule)

@@ -91,6 +91,18 @@ type EndpointAdd struct {
 	IPv6   string `json:"ipv6,omitempty"`
 }
 
+// EndpointAudit is the body of POST /v1/endpoints/{ep}/audit; the reply
+// is the Endpoint.
+type EndpointAudit struct {
+	Enabled bool `json:"enabled"`
+}
+
+// Deleted is the reply of DELETE /v1/endpoints/{ep} and
+// DELETE /v1/policies/{name}: the name (or id) deleted, as given.
+type Deleted struct {
+	Deleted string `json:"deleted"`
+}
+
 // PolicyEntry is one entry of an endpoint's BPF policy map, decoded.
 type PolicyEntry struct {
 	Identity       uint32 `json:"identity"`

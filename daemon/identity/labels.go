@@ -127,12 +127,12 @@ func checkLabel(k, v string) error {
 	}
 	for _, r := range k {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("._-/:", r)) {
-			return fmt.Errorf("%w: key %q has %q; use letters, digits and . _ - / :", ErrBadLabels, truncate(k), r)
+			return fmt.Errorf("%w: key %q has %q; only letters, digits and the characters . _ - / : are allowed", ErrBadLabels, truncate(k), r)
 		}
 	}
 	for _, r := range v {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("._-/:", r)) {
-			return fmt.Errorf("%w: value %q of %q has %q; use letters, digits and . _ - / :", ErrBadLabels, truncate(v), truncate(k), r)
+			return fmt.Errorf("%w: value %q of %q has %q; only letters, digits and the characters . _ - / : are allowed", ErrBadLabels, truncate(v), truncate(k), r)
 		}
 	}
 	return nil

@@ -36,6 +36,10 @@ var (
 	ErrClosed = errors.New("store closed")
 	// ErrTooLarge: the value exceeds MaxValueSize.
 	ErrTooLarge = errors.New("value too large")
+	// ErrFiltered: the store left keys out of a list because this agent
+	// may not read them (Consul ACLs filter silently). A filtered list is
+	// not a complete one, and is never used as if it were.
+	ErrFiltered = errors.New("list filtered by the store's access rules")
 )
 
 // MaxValueSize bounds one value (Consul's default KV limit is 512 KiB).

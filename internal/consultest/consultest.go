@@ -403,6 +403,9 @@ type Options struct {
 	Persistent bool
 	// HCL are extra -hcl snippets (telemetry, limits).
 	HCL []string
+	// ACL, when set, turns ACLs on (default deny) with this initial
+	// management token, which Client then uses.
+	ACL string
 }
 
 // StartWith starts one server as Start does, tuned by o, and waits for it
@@ -425,6 +428,11 @@ func StartWith(t testing.TB, o Options) *Agent {
 	}
 	for _, h := range o.HCL {
 		a.args = append(a.args, "-hcl", h)
+	}
+	if o.ACL != "" {
+		a.args = append(a.args, "-hcl",
+			`acl { enabled = true, default_policy = "deny", tokens { initial_management = "`+o.ACL+`", agent = "`+o.ACL+`" } }`)
+		a.token = o.ACL
 	}
 	a.start()
 	t.Cleanup(a.Kill)

@@ -382,3 +382,85 @@ func TestStalledStoreAPI(t *testing.T) {
 	f.consul.Continue()
 	paused = false
 }
+
+// TestPoliciesUnlistable restarts an agent whose Consul token may read the
+// identities and the ipcache but not the policies: the identities load,
+// the policy list fails every time. A failed list is not an empty one: the
+// endpoint that only a store policy selects keeps its map as it was (read
+// every 10 ms), the denied peer stays denied, and status says what the
+// agent waits for.
+func TestPoliciesUnlistable(t *testing.T) {
+	const mgmt = "6c0f3e1a-5b7d-4e92-8a41-0d2f9c7b3e55"
+	f := newFabric(t, fabricOptions{hosts: 1, acl: mgmt})
+	a := f.hosts[0]
+	c := f.consul.Client(t)
+	token := func(name, rules string) string {
+		t.Helper()
+		pol, _, err := c.ACL().PolicyCreate(&api.ACLPolicy{Name: name, Rules: rules}, nil)
+		if err != nil {
+			t.Fatalf("create ACL policy %s: %v", name, err)
+		}
+		tok, _, err := c.ACL().TokenCreate(&api.ACLToken{Policies: []*api.ACLTokenPolicyLink{{ID: pol.ID}}}, nil)
+		if err != nil {
+			t.Fatalf("create token: %v", err)
+		}
+		return tok.SecretID
+	}
+	full := token("rackwire-full", `key_prefix "rackwire/" { policy = "write" }
+session_prefix "" { policy = "write" }`)
+	noPolicies := token("rackwire-no-policies", `key_prefix "rackwire/" { policy = "write" }
+key_prefix "rackwire/policies/" { policy = "deny" }
+session_prefix "" { policy = "write" }`)
+	a.tokenFile = filepath.Join(f.dir, "token")
+	if err := os.WriteFile(a.tokenFile, []byte(full+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a.start(t)
+	client := a.addEndpoint(t, "client", "app=client")
+	other := a.addEndpoint(t, "other", "app=other")
+	web := a.addEndpoint(t, "web", "app=web")
+	web.serve(t)
+	importPolicy(t, f, a)
+	if d, ok := client.waitProbe(web, true, 30*time.Second); !ok {
+		t.Fatalf("client -> web not allowed after %s", d)
+	}
+	if other.probe(web, 2*time.Second) {
+		t.Fatalf("other -> web allowed before the restart")
+	}
+	id := a.epID(t, "web")
+	before, err := a.policyKeys(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	wait := a.watchPolicyMap(id, before, stop)
+
+	a.stop()
+	if err := os.WriteFile(a.tokenFile, []byte(noPolicies+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a.start(t)
+	// Long enough for the identity list, several policy list retries and
+	// many sync passes.
+	time.Sleep(15 * time.Second)
+	st, err := a.status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s without the right to list policies: policy %s: %s", a.name, st.Policy.State, st.Policy.Message)
+	if st.Policy.State == rwapi.StateOK || !strings.Contains(st.Policy.Message, "policies") {
+		t.Errorf("policy status %s %q; want it to say the store's policies are not loaded", st.Policy.State, st.Policy.Message)
+	}
+	if other.probe(web, 2*time.Second) {
+		t.Errorf("other -> web allowed while the store's policies cannot be listed")
+	}
+	close(stop)
+	bad, reads := wait()
+	t.Logf("web's policy map read %d times", reads)
+	if reads < 100 {
+		t.Errorf("only %d reads of the policy map; the check saw too little", reads)
+	}
+	if len(bad) > 0 {
+		t.Errorf("web's policy map held %d keys it did not hold before the restart (first: %v)", len(bad), bad[:min(5, len(bad))])
+	}
+}

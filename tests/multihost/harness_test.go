@@ -121,11 +121,16 @@ type host struct {
 	env []string
 	// nodeName overrides [node] name (default: name).
 	nodeName string
+	// tokenFile is [store] token_file (fabrics with ACLs).
+	tokenFile string
 }
 
 type fabricOptions struct {
 	hosts      int
 	persistent bool // Consul keeps its data over Kill/Restart
+	// acl turns Consul's ACLs on; the fabric's Consul client uses the
+	// management token and hosts use host.tokenFile.
+	acl string
 }
 
 func newFabric(t *testing.T, o fabricOptions) *fabric {
@@ -173,6 +178,7 @@ func newFabric(t *testing.T, o fabricOptions) *fabric {
 	f.consul = consultest.StartWith(t, consultest.Options{
 		ClientAddrs: []string{consulIP},
 		Persistent:  o.persistent,
+		ACL:         o.acl,
 		// Values up to 4 MiB, so that oversized records (a node with
 		// 100,000 addresses) can be written to test that agents refuse them.
 		HCL: []string{`telemetry { prometheus_retention_time = "1h" disable_hostname = true }`, `limits { kv_max_value_size = 4194304 }`},
@@ -260,6 +266,7 @@ cidrs = [%q]
 [store]
 backend = "consul"
 address = %q
+token_file = %q
 [datapath]
 pin_dir = %q
 policy_dir = %q
@@ -270,7 +277,7 @@ jitter_window = "0s"
 listen = ""
 [log]
 format = "text"
-`, cmp.Or(h.nodeName, h.name), h.uplink, filepath.Join(h.dir, "state"), h.socket, h.cidr, h.f.addr, h.pinDir, filepath.Join(h.dir, "policies.d"), h.datapathExtra)
+`, cmp.Or(h.nodeName, h.name), h.uplink, filepath.Join(h.dir, "state"), h.socket, h.cidr, h.f.addr, h.tokenFile, h.pinDir, filepath.Join(h.dir, "policies.d"), h.datapathExtra)
 	if err := os.WriteFile(h.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -317,8 +317,30 @@ func (s *Store) List(ctx context.Context, prefix string) ([]store.KV, uint64, er
 	if err != nil {
 		return nil, 0, s.noteErr("list "+prefix, err)
 	}
+	if err := s.checkFiltered("list "+prefix, meta); err != nil {
+		return nil, 0, err
+	}
 	s.noteOK()
 	return s.toKVs(ps), nonZero(meta.LastIndex), nil
+}
+
+// checkFiltered refuses a list that Consul filtered by ACLs: with a token
+// that may not read some keys, Consul answers 200 with those keys left out,
+// which would read as "deleted" (a policy gone, an endpoint gone). The
+// store is marked degraded with what to do.
+func (s *Store) checkFiltered(step string, meta *api.QueryMeta) error {
+	if meta == nil || !meta.ResultsFilteredByACLs {
+		return nil
+	}
+	msg := "the ACL token may not read every key under " + s.opts.Prefix + "; grant it read (and write) on the whole prefix (docs/consul.md)"
+	s.mu.Lock()
+	if s.state != store.StateDegraded {
+		s.state = store.StateDegraded
+		s.since = time.Now()
+	}
+	s.lastErr = step + ": " + msg
+	s.mu.Unlock()
+	return fmt.Errorf("%s: %w: %s", step, store.ErrFiltered, msg)
 }
 
 func (s *Store) toKVs(ps api.KVPairs) []store.KV {
@@ -356,6 +378,9 @@ func (s *Store) Watch(ctx context.Context, prefix string, index uint64, wait tim
 	ps, meta, err := s.kv.List(s.full(prefix), q)
 	if err != nil {
 		return nil, 0, s.noteErr("watch "+prefix, err)
+	}
+	if err := s.checkFiltered("watch "+prefix, meta); err != nil {
+		return nil, 0, err
 	}
 	s.noteOK()
 	return s.toKVs(ps), nonZero(meta.LastIndex), nil

@@ -44,6 +44,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 
 	"github.com/rackwire/rackwire/daemon/store"
 )
@@ -124,9 +125,9 @@ func OpenWith(path string, opts Options) (s *Store, err error) {
 	}()
 	db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: opts.LockTimeout})
 	switch {
-	case errors.Is(err, bolt.ErrTimeout):
+	case errors.Is(err, bolterrors.ErrTimeout):
 		return nil, fmt.Errorf("lock %s: still held by another process after %s; is another rackwired (or a tool) using the same [store] path or [agent] state_dir? stop it or give this agent its own state_dir: %w", path, opts.LockTimeout, err)
-	case errors.Is(err, bolt.ErrInvalid), errors.Is(err, bolt.ErrChecksum), errors.Is(err, bolt.ErrVersionMismatch), errors.Is(err, bolt.ErrInvalidMapping):
+	case errors.Is(err, bolterrors.ErrInvalid), errors.Is(err, bolterrors.ErrChecksum), errors.Is(err, bolterrors.ErrVersionMismatch), errors.Is(err, bolterrors.ErrInvalidMapping):
 		return nil, corrupt(path, err)
 	case err != nil:
 		return nil, fmt.Errorf("open %s: %w", path, err)
@@ -144,7 +145,7 @@ func OpenWith(path string, opts Options) (s *Store, err error) {
 	})
 	if err != nil {
 		db.Close()
-		if errors.Is(err, bolt.ErrIncompatibleValue) || errors.Is(err, bolt.ErrBucketExists) {
+		if errors.Is(err, bolterrors.ErrIncompatibleValue) || errors.Is(err, bolterrors.ErrBucketExists) {
 			return nil, corrupt(path, err)
 		}
 		return nil, fmt.Errorf("initialise %s: %w", path, err)
@@ -404,7 +405,7 @@ func (s *Store) tx(writable bool, fn func(*bolt.Tx) error) (err error) {
 	} else {
 		err = s.db.View(fn)
 	}
-	if errors.Is(err, bolt.ErrDatabaseNotOpen) {
+	if errors.Is(err, bolterrors.ErrDatabaseNotOpen) {
 		return store.ErrClosed
 	}
 	return err

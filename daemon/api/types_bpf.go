@@ -1,0 +1,38 @@
+package api
+
+import "time"
+
+// CTEntry is one tracked flow (GET /v1/bpf/ct): the tuple of its first
+// packet, the local endpoint and the direction that packet had. It mirrors
+// the JSON of daemon/datapath.CTEntry.
+type CTEntry struct {
+	Src            string    `json:"src"` // "ADDR:PORT"
+	Dst            string    `json:"dst"`
+	Proto          uint8     `json:"proto"`     // IP protocol number; ProtoName names it
+	Direction      string    `json:"direction"` // ingress, egress
+	Endpoint       uint16    `json:"endpoint"`
+	RemoteIdentity uint32    `json:"remote_identity"`
+	Packets        uint64    `json:"packets"`
+	Bytes          uint64    `json:"bytes"`
+	TCPFlags       uint8     `json:"tcp_flags,omitempty"`
+	Audit          bool      `json:"audit,omitempty"` // created by audit mode
+	Created        time.Time `json:"created"`
+	LastSeen       time.Time `json:"last_seen"`
+}
+
+// Metric is one datapath counter (GET /v1/bpf/metrics), summed over CPUs.
+// It mirrors the JSON of daemon/datapath.Metric.
+type Metric struct {
+	Reason    string `json:"reason"`    // "forwarded", "policy denied", ...
+	Direction string `json:"direction"` // ingress, egress
+	Packets   uint64 `json:"packets"`
+	Bytes     uint64 `json:"bytes"`
+}
+
+// AllowAll is the reply of POST /v1/bpf/policy/{ep}/allow-all.
+type AllowAll struct {
+	Endpoint string `json:"endpoint"`
+	// Result says what happened, e.g. "opened (all traffic allowed in both
+	// directions)" or "closed again (policy enforced)".
+	Result string `json:"result"`
+}
