@@ -43,7 +43,7 @@ func (a *agent) policyRoutes(h route) {
 		return a.importPolicies(r.Context(), in.File, []byte(in.Data))
 	})
 	h("DELETE /v1/policies/{name}", func(r *http.Request) (any, error) {
-		if _, err := a.deletePolicy(r.Context(), r.PathValue("name")); err != nil {
+		if err := a.deletePolicy(r.Context(), r.PathValue("name")); err != nil {
 			return nil, err
 		}
 		return api.Deleted{Deleted: r.PathValue("name")}, nil

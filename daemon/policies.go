@@ -83,20 +83,20 @@ func (a *agent) applyStorePoliciesNow(ctx context.Context) {
 	a.sync.Sync()
 }
 
-func (a *agent) deletePolicy(ctx context.Context, name string) (any, error) {
+func (a *agent) deletePolicy(ctx context.Context, name string) error {
 	for _, l := range a.pol.Policies() {
 		if l.Policy.Metadata.Name == name && strings.HasPrefix(l.Source, "file:") {
-			return nil, api.Errorf(http.StatusConflict, "remove it from that file and reload (systemctl reload rackwired)", "policy %q comes from %s, not from the store", name, strings.TrimPrefix(l.Source, "file:"))
+			return api.Errorf(http.StatusConflict, "remove it from that file and reload (systemctl reload rackwired)", "policy %q comes from %s, not from the store", name, strings.TrimPrefix(l.Source, "file:"))
 		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if _, err := a.st.Get(ctx, store.PolicyKey(name)); errors.Is(err, store.ErrNotFound) {
-		return nil, api.Errorf(http.StatusNotFound, "list them with `rackwire policy list`", "no store policy named %q", name)
+		return api.Errorf(http.StatusNotFound, "list them with `rackwire policy list`", "no store policy named %q", name)
 	}
 	if err := a.st.Delete(ctx, store.PolicyKey(name)); err != nil {
-		return nil, err
+		return err
 	}
 	a.applyStorePoliciesNow(ctx)
-	return map[string]string{"deleted": name}, nil
+	return nil
 }
