@@ -5,9 +5,17 @@
 //
 // Only Manager changes endpoints, and only through Add, Delete and Restore;
 // the API server, the CLI (through the API) and the CNI plugin call those.
-// The package reaches the eBPF datapath and the identity allocator through
-// two small interfaces (Datapath, Identities) defined here, so that it never
-// imports BPF code and can be tested with fakes.
+// The package reaches the eBPF datapath, the identity allocator and the
+// agent's policy enforcement through three small interfaces (Datapath,
+// Identities, Enforcer) defined here, so that it never imports BPF code or
+// the concrete allocator (TestPureGo) and can be tested with fakes; the
+// adapters live in the wiring (daemon/adapters.go).
+//
+// Fail closed: Add creates the veth with its host side down, attaches the
+// datapath (which creates the policy map closed), lets the Enforcer write
+// the endpoint's policy and addresses (Admit), and only then brings the
+// host side up with its routes. Nothing reaches or leaves a new endpoint
+// before its policy is in force (docs/enforcement.md).
 //
 // On restart, New reads the state files (a corrupt one is moved aside and
 // logged, never fatal) and Restore re-adopts every endpoint whose host-side

@@ -492,10 +492,11 @@ type RestoreReport struct {
 // Restore re-adopts the endpoints read by New, at agent start. For each one
 // whose host-side veth exists it re-takes the identity reference (keeping
 // the stored identity if the store does not answer: a store outage never
-// stops forwarding), ensures the host routes and neighbours, and calls the
-// datapath's idempotent AttachEndpoint and UpsertIPCache, which re-adopt
-// pinned maps and links instead of re-creating them. Nothing is deleted or
-// re-created for a working endpoint. Endpoints whose veth vanished are
+// stops forwarding), ensures the host routes and neighbours, calls the
+// datapath's idempotent AttachEndpoint, which re-adopts pinned maps and
+// links instead of re-creating them, and tells the Enforcer (Readopt),
+// which must not widen the map. Nothing is deleted or re-created for a
+// working endpoint. Endpoints whose veth vanished are
 // marked lost. Restore returns an error only for endpoints that could not be
 // re-adopted; the others are restored regardless.
 func (m *Manager) Restore(ctx context.Context) (RestoreReport, error) {
