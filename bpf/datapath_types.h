@@ -89,7 +89,7 @@ struct endpoint_info {
 	__u8 node_mac[6];  /* host-side MAC */
 };
 
-/* rw_policy_NNNNN key: exactly 8 bytes (DESIGN.md). */
+/* rw_policy_NNNNN key: exactly 8 bytes (docs/datapath.md "Policy map: key and value"). */
 struct policy_key {
 	__u32 identity;  /* remote identity, host order; 0 = any */
 	__be16 dport;    /* network order; ICMP/ICMPv6 type; 0 = any */

@@ -40,7 +40,7 @@ const (
 	AttachTC   = "tc"
 )
 
-// Options configure Open. Zero sizes take the defaults of DESIGN.md.
+// Options configure Open. Zero sizes take the defaults in docs/datapath.md "Maps".
 type Options struct {
 	PinDir      string // default /sys/fs/bpf/rackwire
 	Attach      string // "auto" (tcx when the kernel has it), "tcx" or "tc"

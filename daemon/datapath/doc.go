@@ -3,8 +3,7 @@
 // (default /sys/fs/bpf/rackwire) and turns the desired state the daemon
 // computes (endpoints, policy entries, ipcache) into map updates and
 // tc/tcx attachments. The daemon wiring calls it; policy and identity never
-// import it. The contracts it implements are DESIGN.md "The datapath" and
-// docs/datapath.md.
+// import it. The contracts it implements are in docs/datapath.md.
 //
 // API in short:
 //
@@ -76,9 +75,9 @@
 //     DeleteEntry and AllowAll (edit the map in force in place, one entry
 //     at a time); operators with bpftool on the pin (edits the map in
 //     force). d.mu serialises all of them within the agent. Entries written
-//     by PutEntry or bpftool are gone after the next SetPolicy that changes
-//     something; AllowAll's state survives every SetPolicy until
-//     AllowAll(id, true).
+//     by PutEntry or bpftool are gone after the next SetPolicy (the map then
+//     differs from the desired set, so even an unchanged policy swaps);
+//     AllowAll's state survives every SetPolicy until AllowAll(id, true).
 //   - Crash and restart: before the rename nothing visible has changed (a
 //     leftover rw_policy_NNNNN_new is removed when the endpoint's map is
 //     next adopted). After the rename and before the outer update the old

@@ -167,10 +167,6 @@ func (lp *localPair) fromA(t *testing.T, p pkt) (uint32, []byte) {
 	return lp.runOn(t, lp.d.from, lp.ifA, frame(p, lp.nodeA, lp.macA))
 }
 
-func (lp *localPair) fromB(t *testing.T, p pkt) (uint32, []byte) {
-	return lp.runOn(t, lp.d.from, lp.ifB, frame(p, lp.nodeB, lp.macB))
-}
-
 // nextEvent waits briefly for the next event.
 func (lp *localPair) nextEvent(t *testing.T) (Event, bool) {
 	t.Helper()
@@ -579,7 +575,7 @@ func TestLocalRedirectTraffic(t *testing.T) {
 				}
 			}
 			for _, dst := range []netip.Addr{tp.ipB, tp.ip6B} {
-				if !tp.ping(t, tp.a, dst) && !tp.ping(t, tp.a, dst) && !tp.ping(t, tp.a, dst) {
+				if !tp.pingRetry(t, tp.a, dst, 3) {
 					ms, _ := d.Metrics()
 					t.Fatalf("ping A->%v with open endpoints failed; metrics %+v", dst, ms)
 				}

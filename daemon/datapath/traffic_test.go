@@ -70,7 +70,6 @@ type topo struct {
 	ifA, ifB     int
 	ipA, ipB     netip.Addr
 	ip6A, ip6B   netip.Addr
-	macA, macB   net.HardwareAddr
 }
 
 func newTopo(t *testing.T, tag string) *topo {
@@ -131,6 +130,18 @@ func newTopoPrefix(t *testing.T, prefix, tag string) *topo {
 func (tp *topo) ping(t *testing.T, from string, dst netip.Addr) bool {
 	t.Helper()
 	return exec.Command("ip", "netns", "exec", from, "ping", "-c1", "-W1", "-q", dst.String()).Run() == nil
+}
+
+// pingRetry pings up to n times (the first IPv6 ping may wait for
+// neighbour discovery) and reports whether one was answered.
+func (tp *topo) pingRetry(t *testing.T, from string, dst netip.Addr, n int) bool {
+	t.Helper()
+	for range n {
+		if tp.ping(t, from, dst) {
+			return true
+		}
+	}
+	return false
 }
 
 // tcp reports whether a TCP exchange from namespace a to b's port works.
@@ -270,7 +281,7 @@ func TestRealTraffic(t *testing.T) {
 			}
 			for _, dst := range []netip.Addr{tp.ipB, tp.ip6B} {
 				// The first IPv6 ping may wait for neighbour discovery.
-				if !tp.ping(t, tp.a, dst) && !tp.ping(t, tp.a, dst) && !tp.ping(t, tp.a, dst) {
+				if !tp.pingRetry(t, tp.a, dst, 3) {
 					ms, _ := d.Metrics()
 					t.Fatalf("ping A->%v with open endpoints failed; metrics %+v", dst, ms)
 				}

@@ -79,13 +79,3 @@ func (l *LocalAllocator) Lookup(id ID) (string, bool) {
 	p, ok := l.byID[id]
 	return p, ok
 }
-
-// LookupPrefix returns the identity of prefix.
-func (l *LocalAllocator) LookupPrefix(prefix string) (ID, bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if u := l.byPrefix[prefix]; u != nil {
-		return u.id, true
-	}
-	return 0, false
-}

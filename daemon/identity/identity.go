@@ -19,9 +19,8 @@ import (
 // ID is a numeric security identity as it appears in every BPF map.
 type ID uint32
 
-// Reserved identities (DESIGN.md "Identities").
+// Reserved identities and the number ranges (docs/identities.md).
 const (
-	Unknown    ID = 0
 	Host       ID = 1
 	World      ID = 2
 	Unmanaged  ID = 3

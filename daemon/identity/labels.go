@@ -168,15 +168,6 @@ func (ls Labels) Get(key string) (string, bool) {
 	return "", false
 }
 
-// Map returns the labels as a map.
-func (ls Labels) Map() map[string]string {
-	m := make(map[string]string, len(ls))
-	for _, l := range ls {
-		m[l.Key] = l.Value
-	}
-	return m
-}
-
 // Equal reports whether two label sets are the same.
 func (ls Labels) Equal(o Labels) bool { return ls.String() == o.String() }
 

@@ -66,8 +66,9 @@ func doc(name, spec string) string {
 
 const sel = "endpointSelector: {matchLabels: {app: web}}"
 
-// lookup is the datapath's decision over an entry list (DESIGN.md): any
-// matching deny drops, else any matching allow passes, else drop.
+// lookup is the datapath's decision over an entry list (docs/datapath.md
+// "Lookup order"): any matching deny drops, else any matching allow
+// passes, else drop.
 func lookup(es []Entry, id uint32, dir uint8, dport uint16, proto uint8) bool {
 	allow, deny := false, false
 	for _, e := range es {

@@ -127,9 +127,6 @@ const (
 // 1,000 hosts, 60 min at 5,000.
 var windowExp = math.Log(3) / math.Log(5)
 
-// Formula describes WindowFor for documentation and `--help` text.
-const Formula = "window = 20m × (fleet_size / 1000)^(ln 3 / ln 5), clamped to [30s, 4h], rounded to the second"
-
 // WindowFor is the jitter window derived from the fleet size:
 // 20m × (n/1000)^0.6826, clamped to [MinWindow, MaxWindow]. The exponent
 // makes 5,000 hosts get exactly 60 min; the rate of starts the store sees

@@ -6,15 +6,13 @@ import (
 	"strings"
 )
 
-// Key prefixes under the configured store prefix (DESIGN.md).
+// Key prefixes under the configured store prefix (docs/consul.md "Keys").
 const (
 	IdentityIDPrefix    = "state/identities/v1/id/"
 	IdentityValuePrefix = "state/identities/v1/value/"
 	IPPrefix            = "state/ip/v1/"
 	NodePrefix          = "state/nodes/v1/"
 	PolicyPrefix        = "policies/v1/"
-	ServicePrefix       = "state/services/v1/"
-	ExternalPrefix      = "state/external/v1/"
 )
 
 // IdentityIDKey is the source-of-truth key of an identity.
@@ -41,17 +39,9 @@ func NodeKey(cluster, node string) string { return NodePrefix + cluster + "/" + 
 // PolicyKey is the key of a cluster-wide policy.
 func PolicyKey(name string) string { return PolicyPrefix + name }
 
-// ExternalKey is the key of an external workload.
-func ExternalKey(cluster, name string) string { return ExternalPrefix + cluster + "/" + name }
-
 // EscapeSegment makes s safe as one path segment.
 func EscapeSegment(s string) string {
 	return strings.NewReplacer("%", "%25", "/", "%2F").Replace(s)
-}
-
-// UnescapeSegment reverses EscapeSegment.
-func UnescapeSegment(s string) string {
-	return strings.NewReplacer("%2F", "/", "%25", "%").Replace(s)
 }
 
 // IPEntry is the JSON value of an ipcache key.

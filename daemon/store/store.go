@@ -1,6 +1,6 @@
 // Package store is the key-value store behind rackwire's shared state:
 // identities, the ipcache, nodes and cluster-wide policies, laid out as in
-// DESIGN.md "Consul key layout". It defines the small interface that both
+// docs/consul.md "Keys". It defines the small interface that both
 // backends implement — the embedded local store (store/local, the default,
 // one host, no Consul) and Consul (store/consul) — and the key layout.
 //

@@ -337,12 +337,6 @@ func (a *Agent) Restart() {
 	}
 }
 
-// Log returns the agent's log (for failure messages).
-func (a *Agent) Log() string {
-	b, _ := os.ReadFile(filepath.Join(a.dir, "consul.log"))
-	return string(b)
-}
-
 // WaitLeader waits until the agent reports a raft leader.
 func WaitLeader(t testing.TB, c *api.Client, timeout time.Duration) string {
 	t.Helper()

@@ -266,3 +266,15 @@ func unitEnv(t *testing.T) []string {
 	}
 	return env
 }
+
+// countEntries counts the keys of m.
+func countEntries(m *ebpf.Map) int {
+	n := 0
+	k := make([]byte, m.KeySize())
+	v := make([]byte, m.ValueSize())
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	return n
+}

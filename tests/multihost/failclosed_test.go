@@ -341,8 +341,7 @@ func TestStalledStoreAPI(t *testing.T) {
 	f := newFabric(t, fabricOptions{hosts: 1})
 	a := f.hosts[0]
 	a.start(t)
-	web := a.addEndpoint(t, "web", "app=web")
-	_ = web
+	a.addEndpoint(t, "web", "app=web")
 	importPolicy(t, f, a)
 	f.consul.Pause()
 	paused := true

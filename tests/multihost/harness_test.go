@@ -572,15 +572,3 @@ func hasIP(m *ebpf.Map, a netip.Addr) bool {
 	v := make([]byte, m.ValueSize())
 	return m.Lookup(ipKey(a), &v) == nil
 }
-
-// countEntries counts the keys of m.
-func countEntries(m *ebpf.Map) int {
-	n := 0
-	k := make([]byte, m.KeySize())
-	v := make([]byte, m.ValueSize())
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		n++
-	}
-	return n
-}

@@ -118,14 +118,13 @@ func TestOutage(t *testing.T) {
 
 	for _, h := range f.hosts {
 		var st rwapi.Status
-		d := waitFor(t, 45*time.Second, h.name+" reports the store degraded", func() bool {
+		waitFor(t, 45*time.Second, h.name+" reports the store degraded", func() bool {
 			s, err := h.status()
 			st = s
 			return err == nil && s.Store.State == rwapi.StateDegraded && s.Store.Since != nil
 		})
 		t.Logf("%s: store %s since %s (noticed %s after the kill): %s", h.name, st.Store.State,
 			st.Store.Since.Format(time.RFC3339), time.Since(down).Truncate(100*time.Millisecond), st.Store.Message)
-		_ = d
 	}
 	// A new endpoint whose label set is known locally gets its identity
 	// without Consul.

@@ -167,9 +167,6 @@ func corrupt(path string, err error) error {
 		path, err, path, path, ErrCorrupt)
 }
 
-// Path is the store file.
-func (s *Store) Path() string { return s.path }
-
 // Get returns key, or store.ErrNotFound.
 func (s *Store) Get(ctx context.Context, key string) (store.KV, error) {
 	if err := s.check(ctx); err != nil {

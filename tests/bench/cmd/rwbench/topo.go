@@ -358,6 +358,11 @@ func (t *topo) setAttached(on bool) error {
 			return err
 		}
 	}
+	// A re-attached endpoint's map is created closed: the client is open
+	// (no policy selects it), the server holds the benchmark's policy.
+	if err := t.d.SetPolicy(t.client.ID, datapath.OpenEntries()); err != nil {
+		return fmt.Errorf("open client policy: %w", err)
+	}
 	if err := t.d.SetPolicy(t.server.ID, t.policy); err != nil {
 		return fmt.Errorf("set server policy: %w", err)
 	}
