@@ -1,0 +1,102 @@
+package publish
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/daemon/store/local"
+)
+
+// flaky wraps a store and fails every Put while down is set.
+type flaky struct {
+	store.Store
+	down atomic.Bool
+	puts atomic.Int64
+}
+
+func (f *flaky) Put(ctx context.Context, k string, v []byte, o store.PutOptions) error {
+	f.puts.Add(1)
+	if f.down.Load() {
+		return store.ErrUnavailable
+	}
+	return f.Store.Put(ctx, k, v, o)
+}
+
+func newStore(t *testing.T) *flaky {
+	t.Helper()
+	s, err := local.Open(filepath.Join(t.TempDir(), "store.db"), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return &flaky{Store: s}
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within 5s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func value(st store.Store, k string) string {
+	kv, err := st.Get(context.Background(), k)
+	if err != nil {
+		return ""
+	}
+	return string(kv.Value)
+}
+
+func TestPublisher(t *testing.T) {
+	st := newStore(t)
+	p := New(st, time.Second, slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { p.Run(ctx, time.Hour); close(done) }()
+	defer func() { cancel(); <-done }()
+
+	// Set writes; a group's Set replaces that group only.
+	p.Set("a", map[string][]byte{"k/1": []byte("one"), "k/2": []byte("two")})
+	p.Set("b", map[string][]byte{"k/3": []byte("three")})
+	eventually(t, "first writes", func() bool { return value(st, "k/1") == "one" && value(st, "k/3") == "three" && p.Pending() == 0 })
+	p.Set("a", map[string][]byte{"k/1": []byte("uno")})
+	eventually(t, "group a replaced", func() bool {
+		_, err := st.Get(context.Background(), "k/2")
+		return value(st, "k/1") == "uno" && errors.Is(err, store.ErrNotFound) && value(st, "k/3") == "three"
+	})
+
+	// A lost key is written again; an overwritten one only with reassert.
+	if err := st.Delete(context.Background(), "k/3"); err != nil {
+		t.Fatal(err)
+	}
+	p.Seen("k/", map[string][]byte{"k/1": []byte("uno")}, false)
+	eventually(t, "lost key republished", func() bool { return value(st, "k/3") == "three" })
+	if err := st.Put(context.Background(), "k/1", []byte("evil"), store.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p.Seen("k/", map[string][]byte{"k/1": []byte("evil"), "k/3": []byte("three")}, false)
+	time.Sleep(100 * time.Millisecond)
+	if v := value(st, "k/1"); v != "evil" {
+		t.Fatalf("without reassert an overwritten key was rewritten: %q", v)
+	}
+	p.Seen("k/", map[string][]byte{"k/1": []byte("evil"), "k/3": []byte("three")}, true)
+	eventually(t, "overwritten key reasserted", func() bool { return value(st, "k/1") == "uno" })
+
+	// While the store fails, nothing is lost; it converges once it works.
+	st.down.Store(true)
+	p.Set("c", map[string][]byte{"k/4": []byte("four")})
+	eventually(t, "a failed attempt", func() bool { return p.Pending() == 1 && st.puts.Load() > 0 })
+	st.down.Store(false)
+	p.Kick()
+	eventually(t, "written after the store came back", func() bool { return value(st, "k/4") == "four" && p.Pending() == 0 })
+}
