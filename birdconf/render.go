@@ -264,9 +264,29 @@ func ms(d time.Duration) string {
 	return fmt.Sprintf("%d ms", v)
 }
 
+// Redacted stands for a peer's password in the text RenderRedacted returns.
+const Redacted = "<redacted>"
+
+// RenderRedacted returns the text Render returns with every peer password
+// replaced by Redacted (`password "<redacted>";`): the text to show (API,
+// logs, diffs), never the one to give BIRD. It fails where Render fails.
+func RenderRedacted(c Config) (string, error) {
+	if err := c.check(); err != nil {
+		return "", err
+	}
+	c.Peers = slices.Clone(c.Peers)
+	for i := range c.Peers {
+		if c.Peers[i].Password != "" {
+			c.Peers[i].Password = Redacted
+		}
+	}
+	return Render(c)
+}
+
 // Render returns the BIRD 2 configuration text for c. The same Config
 // always renders the same text, so callers can compare texts to find out
-// whether anything changed.
+// whether anything changed. The text holds the peers' passwords: it is for
+// BIRD's file only; show RenderRedacted's instead.
 func Render(c Config) (string, error) {
 	if err := c.check(); err != nil {
 		return "", err

@@ -193,3 +193,44 @@ func TestRenderBadInput(t *testing.T) {
 		})
 	}
 }
+
+// TestRenderRedacted: the display text has no password, the text for
+// BIRD has it, and both are the same otherwise.
+func TestRenderRedacted(t *testing.T) {
+	var c Config
+	for _, tc := range goldenCases() {
+		if tc.name == "two_tor_bfd_ecmp" {
+			c = tc.cfg
+		}
+	}
+	const pw = "s3cret"
+	if c.Peers[0].Password != pw {
+		t.Fatalf("test setup: peer password %q", c.Peers[0].Password)
+	}
+	file, err := Render(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	shown, err := RenderRedacted(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(file, `password "`+pw+`";`) {
+		t.Errorf("Render() lacks the password BIRD needs:\n%s", file)
+	}
+	if strings.Contains(shown, pw) || !strings.Contains(shown, `password "<redacted>";`) {
+		t.Errorf("RenderRedacted() shows the password or lacks the placeholder:\n%s", shown)
+	}
+	if c.Peers[0].Password != pw {
+		t.Errorf("RenderRedacted() changed its input's password to %q", c.Peers[0].Password)
+	}
+	if got := strings.Replace(shown, Redacted, pw, 1); got != file {
+		t.Errorf("RenderRedacted() differs from Render() beyond the password:\n%s", cmp.Diff(file, got))
+	}
+	bad := c
+	bad.Peers = slicesClone(c.Peers)
+	bad.Peers[0].Password = `a"b`
+	if _, err := RenderRedacted(bad); !errors.Is(err, ErrBadConfig) {
+		t.Errorf("RenderRedacted() with a password BIRD cannot take = %v, want ErrBadConfig", err)
+	}
+}

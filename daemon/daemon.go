@@ -20,7 +20,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -113,7 +112,6 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger, opts Options)
 	d.metrics.MustRegister(newAgentCollector(ag))
 
 	d.mux = http.NewServeMux()
-	d.routes()
 	d.agentRoutes()
 	return d, nil
 }
@@ -138,7 +136,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: d.mux, ReadHeaderTimeout: 5 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	// Timeouts, header and body limits: see api.NewServer.
+	srv := api.NewServer(d.mux, ctx)
+	srv.ConnContext = api.ConnContext
 	wg.Add(1)
 	go func() {
 		defer wg.Done()

@@ -9,20 +9,23 @@ import (
 )
 
 func (a *agent) bgpRoutes(h route) {
-	h("GET /v1/bgp/status", func(r *http.Request) (any, error) {
+	h(api.Read, "GET /v1/bgp/status", func(r *http.Request) (any, error) {
 		if a.bgp == nil {
 			return nil, api.Errorf(http.StatusConflict, "set [bgp] enabled = true and restart the agent", "BGP is disabled on this host")
 		}
 		return toAPIBGPStatus(a.bgp.Status(r.Context())), nil
 	})
-	h("GET /v1/bgp/render", func(r *http.Request) (any, error) {
+	// Admin although a GET: it shows the BIRD config the agent writes
+	// (peers, addresses, filters, password directives). Configuration, even
+	// with its secrets redacted, is for those who may change it.
+	h(api.Admin, "GET /v1/bgp/render", func(r *http.Request) (any, error) {
 		if a.bgp == nil {
 			return nil, api.Errorf(http.StatusConflict, "set [bgp] enabled = true and restart the agent", "BGP is disabled on this host")
 		}
 		text, err := a.bgp.Render()
 		return api.BGPRender{Config: text}, err
 	})
-	h("POST /v1/bgp/drain", func(r *http.Request) (any, error) {
+	h(api.Admin, "POST /v1/bgp/drain", func(r *http.Request) (any, error) {
 		if a.bgp == nil {
 			return nil, api.Errorf(http.StatusConflict, "", "BGP is disabled on this host")
 		}
@@ -30,7 +33,7 @@ func (a *agent) bgpRoutes(h route) {
 		a.bgp.Drain(keep)
 		return api.BGPDrain{Drained: true, Keep: keep}, a.bgp.ApplyNow(r.Context())
 	})
-	h("POST /v1/bgp/undrain", func(r *http.Request) (any, error) {
+	h(api.Admin, "POST /v1/bgp/undrain", func(r *http.Request) (any, error) {
 		if a.bgp == nil {
 			return nil, api.Errorf(http.StatusConflict, "", "BGP is disabled on this host")
 		}

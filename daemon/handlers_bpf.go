@@ -13,7 +13,7 @@ import (
 )
 
 func (a *agent) bpfRoutes(h route) {
-	h("GET /v1/bpf/policy/{ep}", func(r *http.Request) (any, error) {
+	h(api.Read, "GET /v1/bpf/policy/{ep}", func(r *http.Request) (any, error) {
 		ep, err := a.endpoint(r.PathValue("ep"))
 		if err != nil {
 			return nil, err
@@ -24,9 +24,9 @@ func (a *agent) bpfRoutes(h route) {
 		}
 		return a.toAPIEntries(es), nil
 	})
-	h("POST /v1/bpf/policy/{ep}", func(r *http.Request) (any, error) { return a.rawEntry(r, true) })
-	h("DELETE /v1/bpf/policy/{ep}", func(r *http.Request) (any, error) { return a.rawEntry(r, false) })
-	h("POST /v1/bpf/policy/{ep}/allow-all", func(r *http.Request) (any, error) {
+	h(api.Admin, "POST /v1/bpf/policy/{ep}", func(r *http.Request) (any, error) { return a.rawEntry(r, true) })
+	h(api.Admin, "DELETE /v1/bpf/policy/{ep}", func(r *http.Request) (any, error) { return a.rawEntry(r, false) })
+	h(api.Admin, "POST /v1/bpf/policy/{ep}/allow-all", func(r *http.Request) (any, error) {
 		ep, err := a.endpoint(r.PathValue("ep"))
 		if err != nil {
 			return nil, err
@@ -42,7 +42,7 @@ func (a *agent) bpfRoutes(h route) {
 		a.log.Warn("emergency allow-all", "endpoint_id", ep.ID, "endpoint", ep.Name, "revert", revert)
 		return api.AllowAll{Endpoint: ep.Name, Result: verb}, nil
 	})
-	h("GET /v1/bpf/ipcache", func(r *http.Request) (any, error) {
+	h(api.Read, "GET /v1/bpf/ipcache", func(r *http.Request) (any, error) {
 		es, err := a.dp.IPCache()
 		if err != nil {
 			return nil, err
@@ -53,7 +53,7 @@ func (a *agent) bpfRoutes(h route) {
 		}
 		return out, nil
 	})
-	h("GET /v1/bpf/ipcache/{ip}", func(r *http.Request) (any, error) {
+	h(api.Read, "GET /v1/bpf/ipcache/{ip}", func(r *http.Request) (any, error) {
 		ip, err := netip.ParseAddr(r.PathValue("ip"))
 		if err != nil {
 			return nil, api.Errorf(http.StatusBadRequest, "", "%q is not an IP address", r.PathValue("ip"))
@@ -67,7 +67,7 @@ func (a *agent) bpfRoutes(h route) {
 		}
 		return a.toAPIIPCache(e), nil
 	})
-	h("GET /v1/bpf/ct", func(r *http.Request) (any, error) {
+	h(api.Read, "GET /v1/bpf/ct", func(r *http.Request) (any, error) {
 		es, err := a.dp.CT()
 		if err != nil {
 			return nil, err
@@ -78,7 +78,7 @@ func (a *agent) bpfRoutes(h route) {
 		}
 		return out, nil
 	})
-	h("GET /v1/bpf/metrics", func(r *http.Request) (any, error) {
+	h(api.Read, "GET /v1/bpf/metrics", func(r *http.Request) (any, error) {
 		ms, err := a.dp.Metrics()
 		if err != nil {
 			return nil, err

@@ -13,28 +13,28 @@ import (
 )
 
 func (a *agent) endpointRoutes(h route) {
-	h("GET /v1/endpoints", func(r *http.Request) (any, error) {
+	h(api.Read, "GET /v1/endpoints", func(r *http.Request) (any, error) {
 		var out []api.Endpoint
 		for _, ep := range a.eps.List() {
 			out = append(out, a.toAPIEndpoint(ep))
 		}
 		return nonNil(out), nil
 	})
-	h("GET /v1/endpoints/{ep}", func(r *http.Request) (any, error) {
+	h(api.Read, "GET /v1/endpoints/{ep}", func(r *http.Request) (any, error) {
 		ep, err := a.endpoint(r.PathValue("ep"))
 		if err != nil {
 			return nil, err
 		}
 		return a.toAPIEndpoint(ep), nil
 	})
-	h("POST /v1/endpoints", func(r *http.Request) (any, error) {
+	h(api.Admin, "POST /v1/endpoints", func(r *http.Request) (any, error) {
 		var in api.EndpointAdd
 		if err := api.DecodeBody(r, &in); err != nil {
 			return nil, err
 		}
 		return a.addEndpoint(r.Context(), in)
 	})
-	h("DELETE /v1/endpoints/{ep}", func(r *http.Request) (any, error) {
+	h(api.Admin, "DELETE /v1/endpoints/{ep}", func(r *http.Request) (any, error) {
 		if _, err := a.endpoint(r.PathValue("ep")); err != nil {
 			return nil, err
 		}
@@ -43,7 +43,7 @@ func (a *agent) endpointRoutes(h route) {
 		}
 		return api.Deleted{Deleted: r.PathValue("ep")}, nil
 	})
-	h("POST /v1/endpoints/{ep}/audit", func(r *http.Request) (any, error) {
+	h(api.Admin, "POST /v1/endpoints/{ep}/audit", func(r *http.Request) (any, error) {
 		var in api.EndpointAudit
 		if err := api.DecodeBody(r, &in); err != nil {
 			return nil, err
@@ -78,10 +78,27 @@ func endpointErr(err error) error {
 	return err
 }
 
+// maxLabelsText bounds an endpoint's labels as the API receives them
+// ("k1=v1,k2=v2"): room for 64 labels of 253-byte keys and values, the
+// most identity.ParseLabels accepts.
+const maxLabelsText = 32 << 10
+
 // addEndpoint plugs a workload in. The endpoint manager calls Admit before
 // the veth goes up, so when this returns the endpoint's map holds its
 // policy (or its directions are closed and its state says why).
 func (a *agent) addEndpoint(ctx context.Context, in api.EndpointAdd) (api.Endpoint, error) {
+	// The caller's strings are checked before anything else uses them: the
+	// name (it reaches file names and logs), the size of the labels, the
+	// netns path's form (length, absolute). The manager checks again.
+	if err := endpoint.CheckName(in.Name); err != nil {
+		return api.Endpoint{}, endpointErr(err)
+	}
+	if len(in.Labels) > maxLabelsText {
+		return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "write --labels k1=v1,k2=v2", "--labels is %d bytes, at most %d", len(in.Labels), maxLabelsText)
+	}
+	if err := endpoint.CheckNetnsPath(in.Netns); err != nil {
+		return api.Endpoint{}, endpointErr(err)
+	}
 	ls, err := identity.ParseLabels(in.Labels)
 	if err != nil {
 		return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "write --labels k1=v1,k2=v2", "%v", err)
@@ -93,6 +110,9 @@ func (a *agent) addEndpoint(ctx context.Context, in api.EndpointAdd) (api.Endpoi
 		}
 		ip, err := netip.ParseAddr(s)
 		if err != nil {
+			if len(s) > 64 {
+				s = s[:64] + "..."
+			}
 			return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "", "%q is not an IP address", s)
 		}
 		if ip.Is4() {

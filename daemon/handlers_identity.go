@@ -13,8 +13,8 @@ import (
 )
 
 func (a *agent) identityRoutes(h route) {
-	h("GET /v1/identities", func(r *http.Request) (any, error) { return a.identities(), nil })
-	h("GET /v1/identities/{id}", func(r *http.Request) (any, error) {
+	h(api.Read, "GET /v1/identities", func(r *http.Request) (any, error) { return a.identities(), nil })
+	h(api.Read, "GET /v1/identities/{id}", func(r *http.Request) (any, error) {
 		id, err := identity.ParseID(r.PathValue("id"))
 		if err != nil {
 			return nil, api.Errorf(http.StatusBadRequest, "", "%v", err)
@@ -27,7 +27,7 @@ func (a *agent) identityRoutes(h route) {
 		return nil, api.Errorf(http.StatusNotFound, "list them with `rackwire identity list`", "identity %d is not known to this agent", id)
 	})
 
-	h("GET /v1/nodes", func(r *http.Request) (any, error) { return a.nodes(r.Context()) })
+	h(api.Read, "GET /v1/nodes", func(r *http.Request) (any, error) { return a.nodes(r.Context()) })
 
 }
 

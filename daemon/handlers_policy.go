@@ -12,14 +12,14 @@ import (
 )
 
 func (a *agent) policyRoutes(h route) {
-	h("GET /v1/policies", func(r *http.Request) (any, error) {
+	h(api.Read, "GET /v1/policies", func(r *http.Request) (any, error) {
 		var out []api.PolicySummary
 		for _, l := range a.pol.Policies() {
 			out = append(out, api.PolicySummary{Name: l.Policy.Metadata.Name, Source: l.Source, Rules: len(l.Policy.Rules())})
 		}
 		return nonNil(out), nil
 	})
-	h("GET /v1/policies/{name}", func(r *http.Request) (any, error) {
+	h(api.Read, "GET /v1/policies/{name}", func(r *http.Request) (any, error) {
 		var out []api.PolicyDocument
 		for _, l := range a.pol.Policies() {
 			if l.Policy.Metadata.Name == r.PathValue("name") {
@@ -35,20 +35,24 @@ func (a *agent) policyRoutes(h route) {
 		}
 		return out, nil
 	})
-	h("POST /v1/policies", func(r *http.Request) (any, error) {
+	h(api.Admin, "POST /v1/policies", func(r *http.Request) (any, error) {
 		var in api.PolicyImport
 		if err := api.DecodeBody(r, &in); err != nil {
 			return nil, err
 		}
 		return a.importPolicies(r.Context(), in.File, []byte(in.Data))
 	})
-	h("DELETE /v1/policies/{name}", func(r *http.Request) (any, error) {
+	h(api.Admin, "DELETE /v1/policies/{name}", func(r *http.Request) (any, error) {
 		if err := a.deletePolicy(r.Context(), r.PathValue("name")); err != nil {
 			return nil, err
 		}
 		return api.Deleted{Deleted: r.PathValue("name")}, nil
 	})
-	h("POST /v1/policy/trace", func(r *http.Request) (any, error) {
+	// Admin although it changes nothing: it is a POST (the query is a
+	// body), and the rule is "only GET reads" (api.Router enforces it), so
+	// that no route's method and decision can disagree. Readers can still
+	// see every policy (GET /v1/policies/{name}).
+	h(api.Admin, "POST /v1/policy/trace", func(r *http.Request) (any, error) {
 		var in api.TraceRequest
 		if err := api.DecodeBody(r, &in); err != nil {
 			return nil, err

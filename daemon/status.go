@@ -15,10 +15,6 @@ import (
 	"github.com/rackwire/rackwire/internal/version"
 )
 
-func (d *Daemon) routes() {
-	d.mux.Handle("GET /v1/status", api.Handle(func(r *http.Request) (any, error) { return d.status(r), nil }))
-}
-
 func (d *Daemon) status(r *http.Request) api.Status {
 	cfg := d.config()
 	d.mu.Lock()

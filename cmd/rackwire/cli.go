@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -109,6 +110,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "rackwire %s: %s\n", strings.Join(path, " "), ue.msg)
 			fs.Usage()
 			return 2
+		}
+		var ae *api.Error
+		if errors.As(err, &ae) && ae.Code == http.StatusForbidden {
+			// Refused by the agent's access check (docs/security.md): what
+			// was refused, then on its own line what to do.
+			fmt.Fprintf(stderr, "rackwire %s: %s\n", strings.Join(path, " "), ae.ErrorBody.Error)
+			if ae.Hint != "" {
+				fmt.Fprintf(stderr, "rackwire %s: %s\n", strings.Join(path, " "), ae.Hint)
+			}
+			return 1
 		}
 		fmt.Fprintf(stderr, "rackwire %s: %s\n", strings.Join(path, " "), err)
 		return 1

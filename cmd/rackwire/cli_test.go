@@ -111,3 +111,22 @@ func TestGroupHelp(t *testing.T) {
 		}
 	}
 }
+
+// TestForbiddenSaysWhatToDo: a call the agent refuses (403) prints what was
+// refused and, on its own line, the agent's hint.
+func TestForbiddenSaysWhatToDo(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("DELETE /v1/endpoints/{ep}", func(w http.ResponseWriter, r *http.Request) {
+		api.WriteJSON(w, 403, api.ErrorBody{
+			Error: "permission denied: this call (DELETE /v1/endpoints/{ep}) changes the agent, and uid 1001 may only read",
+			Hint:  "run it as root or as a member of the admin group netadm ([agent] admin_group)",
+		})
+	})
+	sock := fakeAgent(t, mux)
+	code, out, se := runCLI(t, "--socket", sock, "endpoint", "delete", "web")
+	want := "rackwire endpoint delete: permission denied: this call (DELETE /v1/endpoints/{ep}) changes the agent, and uid 1001 may only read\n" +
+		"rackwire endpoint delete: run it as root or as a member of the admin group netadm ([agent] admin_group)\n"
+	if code != 1 || out != "" || se != want {
+		t.Errorf("got exit %d, stdout %q, stderr\n%s\nwant exit 1 and stderr\n%s", code, out, se, want)
+	}
+}

@@ -129,6 +129,76 @@ func TestCheckConfig(t *testing.T) {
 	}
 }
 
+// TestCheckConfigHidesSecrets: with token_file and password_file set,
+// check-config prints their paths and never what they hold, whether the
+// config is valid or refused.
+func TestCheckConfigHidesSecrets(t *testing.T) {
+	bin := binary(t)
+	dir := t.TempDir()
+	const token, password = "5e1f0c2a-consul-token-secret", "bgp-md5-secret-77"
+	tokenFile, pwFile := filepath.Join(dir, "consul.token"), filepath.Join(dir, "tor_a.pw")
+	if err := os.WriteFile(tokenFile, []byte(token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(pwFile, []byte(password+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	extra := fmt.Sprintf(`[store]
+backend = "consul"
+address = "127.0.0.1:8500"
+token_file = %q
+[bgp]
+enabled = true
+[[bgp.peers]]
+name = "tor_a"
+address = "10.1.1.1"
+asn = 65001
+password_file = %q
+`, tokenFile, pwFile)
+	check := func(cfgPath string) (int, string, string) {
+		cmd := exec.Command(bin, "check-config", "--config", cfgPath)
+		var so, se bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &so, &se
+		err := cmd.Run()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		return code, so.String(), se.String()
+	}
+
+	code, out, errOut := check(testConfig(t, dir, extra))
+	if code != 0 {
+		t.Fatalf("check-config exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	for _, want := range []string{fmt.Sprintf("token_file = %q", tokenFile), fmt.Sprintf("password_file = %q", pwFile), "allow_insecure = false"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("check-config output lacks %q:\n%s", want, out)
+		}
+	}
+	for _, secret := range []string{token, password} {
+		if strings.Contains(out+errOut, secret) {
+			t.Errorf("check-config output shows a secret (%q):\n%s%s", secret, out, errOut)
+		}
+	}
+
+	// Refused: the token file is open to others.
+	if err := os.Chmod(tokenFile, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut = check(testConfig(t, dir, extra))
+	if code != 1 || !strings.Contains(errOut, "store.token_file") || !strings.Contains(errOut, "chmod 600 "+tokenFile) {
+		t.Errorf("check-config with a 0644 token file: exit %d, stderr %q; want 1 and the chmod to run", code, errOut)
+	}
+	for _, secret := range []string{token, password} {
+		if strings.Contains(out+errOut, secret) {
+			t.Errorf("check-config output shows a secret (%q):\n%s%s", secret, out, errOut)
+		}
+	}
+}
+
 func writeTemp(t *testing.T, body string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "c.toml")

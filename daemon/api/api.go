@@ -74,16 +74,6 @@ func Handle(f func(r *http.Request) (any, error)) http.Handler {
 	})
 }
 
-// DecodeBody decodes a JSON request body strictly, bounded to 4 MiB.
-func DecodeBody(r *http.Request, v any) error {
-	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 4<<20))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		return Errorf(http.StatusBadRequest, "", "bad request body: %v", err)
-	}
-	return nil
-}
-
 // Listen creates the unix socket at path: the directory if needed, a stale
 // socket replaced, mode 0660, group `group` when that group exists.
 func Listen(path, group string) (net.Listener, error) {

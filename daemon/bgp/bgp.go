@@ -16,6 +16,11 @@
 // Manager keeps running, reports it in Status, and retries. Bad input is
 // refused by config validation; what slips through (an unreadable password
 // file at render time) fails the render, and the previous file stays.
+//
+// The peers' passwords (read from password_file at every render) go into
+// BIRD's file and nowhere else: Render, which the API serves, shows
+// `password "<redacted>"`, and errors, log lines and Status have every
+// password replaced the same way.
 package bgp
 
 import (
@@ -294,19 +299,78 @@ func buildInput(cfg config.BGP, cidrs []netip.Prefix, version string, drained, k
 	return out, nil
 }
 
-// Render returns the config text the Manager would write now. It holds
-// the peers' passwords, as the file does.
+// Render returns the config text the Manager would write now, for
+// display (GET /v1/bgp/render): every peer password is replaced by
+// birdconf.Redacted. The file written for BIRD holds the real ones
+// (renderFile).
 func (m *Manager) Render() (string, error) {
 	in, err := m.input()
 	if err != nil {
 		return "", fmt.Errorf("build BIRD config input: %w", err)
 	}
-	text, err := birdconf.Render(in)
+	text, err := birdconf.RenderRedacted(in)
 	if err != nil {
-		return "", fmt.Errorf("render BIRD config: %w", err)
+		return "", redact(fmt.Errorf("render BIRD config: %w", err), passwords(in))
 	}
 	return text, nil
 }
+
+// renderFile returns the text for BIRD's file, passwords included, with
+// the input it was rendered from. Never show or log the text.
+func (m *Manager) renderFile() (string, birdconf.Config, error) {
+	in, err := m.input()
+	if err != nil {
+		return "", in, fmt.Errorf("build BIRD config input: %w", err)
+	}
+	text, err := birdconf.Render(in)
+	if err != nil {
+		return "", in, redact(fmt.Errorf("render BIRD config: %w", err), passwords(in))
+	}
+	return text, in, nil
+}
+
+// passwords returns the peers' passwords in in.
+func passwords(in birdconf.Config) []string {
+	var out []string
+	for _, p := range in.Peers {
+		if p.Password != "" {
+			out = append(out, p.Password)
+		}
+	}
+	return out
+}
+
+// redact returns err with every secret in its text replaced by
+// birdconf.Redacted (BIRD's messages may quote the file); err itself when
+// its text holds none. errors.Is and errors.As still see the original.
+func redact(err error, secrets []string) error {
+	if err == nil {
+		return nil
+	}
+	msg := err.Error()
+	clean := redactText(msg, secrets)
+	if clean == msg {
+		return err
+	}
+	return &redactedError{msg: clean, err: err}
+}
+
+func redactText(s string, secrets []string) string {
+	for _, sec := range secrets {
+		if sec != "" {
+			s = strings.ReplaceAll(s, sec, birdconf.Redacted)
+		}
+	}
+	return s
+}
+
+type redactedError struct {
+	msg string
+	err error
+}
+
+func (e *redactedError) Error() string { return e.msg }
+func (e *redactedError) Unwrap() error { return e.err }
 
 // ApplyStatus is the outcome of the last apply.
 type ApplyStatus struct {
@@ -332,13 +396,7 @@ func (m *Manager) ApplyNow(ctx context.Context) error {
 	st := ApplyStatus{Time: time.Now()}
 	var res birdconf.Result
 	var announced []string
-	var text string
-	in, err := m.input()
-	if err != nil {
-		err = fmt.Errorf("build BIRD config input: %w", err)
-	} else if text, err = birdconf.Render(in); err != nil {
-		err = fmt.Errorf("render BIRD config: %w", err)
-	}
+	text, in, err := m.renderFile()
 	if err == nil {
 		for _, r := range in.Announced() {
 			announced = append(announced, r.Prefix.String())
@@ -349,6 +407,8 @@ func (m *Manager) ApplyNow(ctx context.Context) error {
 			Client: &birdconf.Client{Socket: cfg.BirdSocket},
 		}
 		res, err = a.Apply(ctx, text, force)
+		// What BIRD says about the file may quote it.
+		err = redact(err, passwords(in))
 	}
 	st.Written, st.Reconfigured, st.RolledBack = res.Written, res.Reconfigured, res.RolledBack
 	if err != nil {

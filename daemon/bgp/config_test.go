@@ -93,14 +93,21 @@ func TestBadInputRefusedAtValidation(t *testing.T) {
 			t.Fatalf("Resolve() error: %v", err)
 		}
 		m := New(cfg.BGP, cfg.Prefixes(), "test", nil)
-		out, err := m.Render()
+		out, _, err := m.renderFile()
 		if err != nil {
-			t.Fatalf("Render() error: %v", err)
+			t.Fatalf("renderFile() error: %v", err)
 		}
 		for _, want := range []string{"router id 10.1.1.10;", `password "secret";`, "route 10.250.1.0/24 blackhole;", "route 10.96.100.10/32 blackhole;", "bfd on;"} {
 			if !strings.Contains(out, want) {
-				t.Errorf("Render() lacks %q", want)
+				t.Errorf("renderFile() lacks %q", want)
 			}
+		}
+		shown, err := m.Render()
+		if err != nil {
+			t.Fatalf("Render() error: %v", err)
+		}
+		if strings.Contains(shown, "secret") || !strings.Contains(shown, `password "<redacted>";`) {
+			t.Errorf("Render() shows the password or lacks the placeholder:\n%s", shown)
 		}
 	})
 }

@@ -125,9 +125,9 @@ func startHost(t *testing.T, name, ns string, cfg config.BGP, cidr string) *host
 	// BIRD starts with what the Manager renders before any health check:
 	// the CIDR, and no VIP.
 	pre := New(cfg, cidrs, "e2e", log)
-	text, err := pre.Render()
+	text, _, err := pre.renderFile()
 	if err != nil {
-		t.Fatalf("%s: Render() error: %v", name, err)
+		t.Fatalf("%s: renderFile() error: %v", name, err)
 	}
 	if strings.Contains(text, "route "+vip) {
 		t.Fatalf("%s: VIP announced before any health check:\n%s", name, text)

@@ -71,7 +71,7 @@ func TestManagerWaitsForBird(t *testing.T) {
 	if !strings.Contains(st.BirdError, "not running") || !strings.Contains(st.LastApply.Error, "not running") {
 		t.Errorf("Status() bird error %q, last apply %q; want both to say BIRD is not running", st.BirdError, st.LastApply.Error)
 	}
-	want, err := m.Render()
+	want, _, err := m.renderFile()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -52,6 +52,9 @@ type Agent struct {
 	StateDir    string `toml:"state_dir" json:"state_dir"`
 	Socket      string `toml:"socket" json:"socket"`
 	SocketGroup string `toml:"socket_group" json:"socket_group"`
+	// AdminGroup's members may change the agent through the API, like
+	// root; "" = only root (docs/security.md).
+	AdminGroup string `toml:"admin_group" json:"admin_group"`
 }
 
 // IPAM holds the workload CIDRs this host hands out addresses from.
@@ -59,7 +62,9 @@ type IPAM struct {
 	CIDRs []string `toml:"cidrs" json:"cidrs"`
 }
 
-// Store selects and configures the key-value store.
+// Store selects and configures the key-value store. Secrets are never
+// in it: TokenFile names the file that holds the ACL token, so printing or
+// serving a Config shows the path, never the token.
 type Store struct {
 	Backend       string   `toml:"backend" json:"backend"`
 	Path          string   `toml:"path" json:"path"`
@@ -74,6 +79,9 @@ type Store struct {
 	Prefix        string   `toml:"prefix" json:"prefix"`
 	SessionTTL    Duration `toml:"session_ttl" json:"session_ttl"`
 	ListTimeout   Duration `toml:"list_timeout" json:"list_timeout"`
+	// AllowInsecure allows the ACL token over plain http to a Consul
+	// agent that is not on loopback (a trusted network only).
+	AllowInsecure bool `toml:"allow_insecure" json:"allow_insecure"`
 }
 
 // Datapath configures the eBPF datapath.

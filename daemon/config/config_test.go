@@ -81,6 +81,7 @@ func TestProblems(t *testing.T) {
 		{"duration", "version = 1\n[store]\nsession_ttl = \"soon\"\n", []string{":3:", "not a duration"}},
 		{"attach", "version = 1\n[datapath]\nattach = \"xdp\"\n", []string{"datapath.attach"}},
 		{"relative path", "version = 1\n[agent]\nstate_dir = \"var/lib\"\n", []string{"agent.state_dir", "absolute"}},
+		{"admin group", "version = 1\n[agent]\nadmin_group = \"rw-no-such-group\"\n", []string{":3: agent.admin_group", "does not exist", "groupadd rw-no-such-group"}},
 		{"asn zero", "version = 1\n[bgp]\nlocal_asn = 0\n", []string{":3: bgp.local_asn", "not an ASN"}},
 		{"asn big", "version = 1\n[bgp]\nlocal_asn = 4294967296\n", []string{"bgp.local_asn", "not an ASN"}},
 		{"peer address", "version = 1\n[[bgp.peers]]\nname = \"a\"\naddress = \"tor\"\nasn = 65001\n", []string{":4: bgp.peers[0].address", "not an IP"}},
@@ -250,6 +251,96 @@ func TestPeerChecks(t *testing.T) {
 	for _, want := range []string{"bgp.peers[0].password_file", "quote", "bgp.peers[1].source_address"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+}
+
+// writeSecret writes a secret file with exactly mode perm.
+func writeSecret(t *testing.T, name, secret string, perm os.FileMode) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(secret+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(p, perm); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestConsulTransport: the ACL token never crosses the network in clear
+// text unless allow_insecure says so, TLS files need https, and the token
+// file is private.
+func TestConsulTransport(t *testing.T) {
+	tok := writeSecret(t, "consul.token", "s3cr3t-token", 0o600)
+	open := writeSecret(t, "open.token", "s3cr3t-token", 0o644)
+	group := writeSecret(t, "group.token", "s3cr3t-token", 0o640)
+	store := func(lines ...string) string {
+		return "version = 1\n[store]\nbackend = \"consul\"\n" + strings.Join(lines, "\n") + "\n"
+	}
+	tests := []struct {
+		name string
+		body string
+		want []string // nil: valid
+	}{
+		{"token over http to 10.1.2.3", store(`address = "10.1.2.3:8500"`, `token_file = "`+tok+`"`),
+			[]string{":5: store.token_file:", "clear text", "10.1.2.3:8500", `set scheme = "https"`, "allow_insecure = true"}},
+		{"token over http to a name", store(`address = "consul.example:8500"`, `scheme = "http"`, `token_file = "`+tok+`"`),
+			[]string{":6: store.token_file:", "allow_insecure = true"}},
+		{"token over http to 127.0.0.1", store(`address = "127.0.0.1:8500"`, `token_file = "`+tok+`"`), nil},
+		{"token over http to ::1", store(`address = "[::1]:8500"`, `token_file = "`+tok+`"`), nil},
+		{"token over http to localhost", store(`address = "localhost:8500"`, `token_file = "`+tok+`"`), nil},
+		{"token over http to the default address", store(`token_file = "` + tok + `"`), nil},
+		{"allow_insecure", store(`address = "10.1.2.3:8500"`, `token_file = "`+tok+`"`, `allow_insecure = true`), nil},
+		{"token over https", store(`address = "10.1.2.3:8500"`, `scheme = "https"`, `tls_ca_file = "/etc/rackwire/consul-ca.pem"`, `token_file = "`+tok+`"`), nil},
+		{"no token over http", store(`address = "10.1.2.3:8500"`), nil},
+		{"TLS with http", store(`address = "10.1.2.3:8500"`, `scheme = "http"`, `tls_ca_file = "/etc/rackwire/consul-ca.pem"`),
+			[]string{":6: store.tls_ca_file:", `set scheme = "https"`}},
+		{"TLS with the default scheme", store(`tls_cert_file = "/etc/rackwire/c.pem"`, `tls_key_file = "/etc/rackwire/k.pem"`),
+			[]string{":4: store.tls_cert_file:", `set scheme = "https"`}},
+		{"token file 0644", store(`token_file = "` + open + `"`),
+			[]string{":4: store.token_file:", "mode 0644", "run `chmod 600 " + open + "`"}},
+		{"token file 0640", store(`token_file = "` + group + `"`),
+			[]string{":4: store.token_file:", "run `chmod 600 " + group + "`"}},
+		{"token file missing", store(`token_file = "/nonexistent/consul.token"`),
+			[]string{":4: store.token_file:", "cannot read /nonexistent/consul.token"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := writeFile(t, tt.body)
+			cfg, err := Load(p)
+			if tt.want == nil {
+				if err != nil {
+					t.Fatalf("Load(%q) = %v, want no error", tt.body, err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("Load(%q) = %+v, want an error", tt.body, cfg.Store)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), p+w) && !strings.Contains(err.Error(), w) {
+					t.Errorf("Load error = %q, want it to contain %q", err, w)
+				}
+			}
+			if !strings.HasPrefix(err.Error(), p+":") {
+				t.Errorf("error %q does not start with FILE:", err)
+			}
+			if strings.Contains(err.Error(), "s3cr3t-token") {
+				t.Errorf("error shows the token: %q", err)
+			}
+		})
+	}
+}
+
+func TestLoopbackAddress(t *testing.T) {
+	for addr, want := range map[string]bool{
+		"127.0.0.1:8500": true, "127.1.2.3:1": true, "[::1]:8500": true, "localhost:8500": true,
+		"[::ffff:127.0.0.1]:8500": true, "10.1.2.3:8500": false, "0.0.0.0:8500": false,
+		"consul:8500": false, "127.0.0.1": false, "": false,
+	} {
+		if got := LoopbackAddress(addr); got != want {
+			t.Errorf("LoopbackAddress(%q) = %v, want %v", addr, got, want)
 		}
 	}
 }

@@ -194,11 +194,12 @@ func known() []string {
 	return []string{
 		"version",
 		"node.name", "node.cluster", "node.cluster_id", "node.addresses",
-		"agent.state_dir", "agent.socket", "agent.socket_group",
+		"agent.state_dir", "agent.socket", "agent.socket_group", "agent.admin_group",
 		"ipam.cidrs",
 		"store.backend", "store.path", "store.address", "store.scheme", "store.datacenter",
 		"store.token_file", "store.tls_ca_file", "store.tls_cert_file", "store.tls_key_file",
 		"store.tls_server_name", "store.prefix", "store.session_ttl", "store.list_timeout",
+		"store.allow_insecure",
 		"datapath.pin_dir", "datapath.attach", "datapath.policy_audit_mode", "datapath.identity_labels",
 		"datapath.ct_max_entries", "datapath.policy_max_entries", "datapath.ipcache_max_entries", "datapath.policy_dir",
 		"bgp.enabled", "bgp.bird_config", "bgp.bird_socket", "bgp.bird_binary", "bgp.router_id", "bgp.local_asn",

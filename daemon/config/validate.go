@@ -1,10 +1,12 @@
 package config
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"os/user"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -64,6 +66,14 @@ func (c *Config) validate() []Problem {
 	}
 	checkAbs("agent.state_dir", c.Agent.StateDir, true)
 	checkAbs("agent.socket", c.Agent.Socket, true)
+	if g := c.Agent.AdminGroup; g != "" {
+		var unknown user.UnknownGroupError
+		if _, err := user.LookupGroup(g); errors.As(err, &unknown) {
+			bad("agent.admin_group", "group %q does not exist on this host; create it (groupadd %s) or leave admin_group empty (then only root may change the agent)", g, g)
+		} else if err != nil {
+			bad("agent.admin_group", "cannot look up group %q: %v", g, err)
+		}
+	}
 
 	// [ipam]
 	if len(c.IPAM.CIDRs) == 0 {
@@ -110,6 +120,7 @@ func (c *Config) validate() []Problem {
 		if (c.Store.TLSCertFile == "") != (c.Store.TLSKeyFile == "") {
 			bad("store.tls_cert_file", "tls_cert_file and tls_key_file go together; set both or neither")
 		}
+		c.validateConsulTransport(bad)
 	default:
 		bad("store.backend", "%q is not a store backend; write \"local\" (embedded, one host) or \"consul\"", c.Store.Backend)
 	}

@@ -29,6 +29,38 @@
 // kernel. Any later failure rolls back everything Add already did (veth,
 // routes, datapath entries, state file, identity reference): nothing is ever
 // left half-created. docs/endpoints.md describes the addressing design.
+//
+// # Network namespace paths
+//
+// The agent opens Request.NetnsPath as root on behalf of its API callers,
+// so the path is checked before the file is used for anything (setns, a
+// netlink handle), and the open itself can have no side effect:
+//
+//   - The path must be absolute, at most MaxNetnsPath (4095) bytes, without
+//     NUL: anything else is refused before a system call.
+//   - It is first opened with O_PATH|O_NOFOLLOW, which neither blocks on a
+//     FIFO nor reaches a device driver (no /dev/watchdog arming, no tape
+//     rewind, no controlling terminal), and does not follow a final symlink.
+//   - A final symlink is refused, except one on procfs: measured on Linux
+//     6.x, /proc/PID/ns/net (a magic link) opened with O_NOFOLLOW fails with
+//     ELOOP, and O_PATH|O_NOFOLLOW gets the link itself, on procfs; so a
+//     symlink on procfs is opened again with O_PATH, following it. Whatever that
+//     lands on must pass the checks below: /proc/PID/ns/net and
+//     /proc/PID/task/TID/ns/net work, /proc/PID/ns/mnt or /proc/PID/fd/N of
+//     a FIFO do not. A symlink on any other file system (even one to
+//     /run/netns/NAME) is refused. Directories on the way may be symlinks
+//     (/var/run -> /run): they are resolved without opening anything.
+//   - The file must be on nsfs (fstatfs: NSFS_MAGIC). /run/netns/NAME, a
+//     bind mount of an nsfs file made by `ip netns add`, is one; its mount
+//     is crossed with O_NOFOLLOW as any mount is.
+//   - Only then is it opened for real (O_RDONLY|O_NONBLOCK|O_NOCTTY) through
+//     /proc/self/fd/N of the O_PATH descriptor, which reopens the very file
+//     checked even if the path was swapped meanwhile, and
+//     ioctl(NS_GET_NSTYPE) must say CLONE_NEWNET.
+//
+// Every refusal is the same error, NetnsMsg (errors.Is ErrNoNetns), which
+// does not say what the path is or whether it exists; the reason goes to
+// the agent's log.
 package endpoint
 
 import (

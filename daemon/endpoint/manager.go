@@ -134,7 +134,23 @@ func (m *Manager) HostIfName(id uint16) string { return fmt.Sprintf("%s%05d", m.
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 
+// CheckName checks an endpoint name: 1..63 letters, digits, '.', '_' or
+// '-', starting with a letter or digit, not all digits. The API checks it
+// before anything else; Add checks it again.
+func CheckName(n string) error { return checkName(n) }
+
+// truncPath shortens a caller's path for the log.
+func truncPath(p string) string {
+	if len(p) > 256 {
+		return fmt.Sprintf("%s... (%d bytes)", p[:256], len(p))
+	}
+	return p
+}
+
 func checkName(n string) error {
+	if len(n) > 63 {
+		return fmt.Errorf("%w: %d bytes long; use 1..63 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrBadName, len(n))
+	}
 	if !nameRE.MatchString(n) {
 		return fmt.Errorf("%w: %q; use 1..63 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrBadName, n)
 	}
@@ -214,6 +230,10 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 	}
 	epNs, err := openNetns(req.NetnsPath)
 	if err != nil {
+		if why := NetnsReason(err); why != "" {
+			// The caller gets NetnsMsg only; the reason is for the operator.
+			m.log.Info("endpoint add: netns refused", "endpoint", req.Name, "netns", truncPath(req.NetnsPath), "reason", why)
+		}
 		return Endpoint{}, err
 	}
 	defer epNs.Close()

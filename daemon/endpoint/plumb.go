@@ -35,7 +35,12 @@ func openHost(path string) (*host, error) {
 	} else {
 		h.ns, err = openNetns(path)
 		if err != nil {
-			return nil, fmt.Errorf("open host namespace: %w", err)
+			// The host namespace comes from the operator's config, not
+			// from a caller: say why it was refused.
+			if why := NetnsReason(err); why != "" {
+				err = fmt.Errorf("%w (%s)", err, why)
+			}
+			return nil, fmt.Errorf("open host namespace %s: %w", path, err)
 		}
 		h.nl, err = netlink.NewHandleAt(h.ns)
 	}
@@ -49,26 +54,6 @@ func openHost(path string) (*host, error) {
 func (h *host) close() {
 	h.nl.Close()
 	h.ns.Close()
-}
-
-// openNetns opens path and checks that it is a network namespace.
-func openNetns(path string) (netns.NsHandle, error) {
-	if path == "" {
-		return netns.None(), fmt.Errorf("%w: no netns path given; pass /run/netns/NAME or /proc/PID/ns/net", ErrNoNetns)
-	}
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return netns.None(), fmt.Errorf("%w: %s does not exist; create it (ip netns add NAME) or pass /proc/PID/ns/net of a running workload", ErrNoNetns, path)
-		}
-		return netns.None(), fmt.Errorf("%w: open %s: %v", ErrNoNetns, path, err)
-	}
-	t, err := unix.IoctlRetInt(fd, unix.NS_GET_NSTYPE)
-	if err != nil || t != unix.CLONE_NEWNET {
-		unix.Close(fd)
-		return netns.None(), fmt.Errorf("%w: %s is not a network namespace file; pass /run/netns/NAME or /proc/PID/ns/net", ErrNoNetns, path)
-	}
-	return netns.NsHandle(fd), nil
 }
 
 // sysctl sets /proc/sys/<key> to val in the host namespace (/proc/sys/net

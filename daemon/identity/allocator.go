@@ -741,9 +741,8 @@ func (a *Allocator) watchLoop(ctx context.Context) {
 func (a *Allocator) apply(kvs []store.KV) {
 	ids := make(map[ID]idEntry, len(kvs))
 	for _, kv := range kvs {
-		rest := strings.TrimPrefix(kv.Key, store.IdentityIDPrefix)
-		v, err := strconv.ParseUint(rest, 10, 32)
-		if err != nil || !ID(v).IsCluster() {
+		v, ok := idOfKey(kv.Key)
+		if !ok || !v.IsCluster() {
 			a.skip(kv, "key is not a cluster identity")
 			continue
 		}
@@ -773,6 +772,21 @@ func (a *Allocator) apply(kvs []store.KV) {
 		close(a.synced)
 	}
 	a.mu.Unlock()
+}
+
+// idOfKey parses the id of an id key. Only the form IdentityIDKey writes
+// is an id: "0256" or "256 " is not 256, so that two keys never name one
+// identity.
+func idOfKey(key string) (ID, bool) {
+	rest, ok := strings.CutPrefix(key, store.IdentityIDPrefix)
+	if !ok {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(rest, 10, 32)
+	if err != nil || strconv.FormatUint(v, 10) != rest {
+		return 0, false
+	}
+	return ID(v), true
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) error {

@@ -129,11 +129,10 @@ func (g *GC) Round(ctx context.Context) ([]ID, error) {
 	next := map[ID]uint64{}
 	var deleted []ID
 	for _, kv := range ids {
-		v, err := strconv.ParseUint(strings.TrimPrefix(kv.Key, store.IdentityIDPrefix), 10, 32)
-		if err != nil {
+		id, ok := idOfKey(kv.Key)
+		if !ok {
 			continue // not ours to judge; an operator's mistake, logged by the allocators
 		}
-		id := ID(v)
 		if used[id] {
 			continue
 		}

@@ -286,7 +286,7 @@ func (g *Gate) Decide() (Decision, error) {
 	// A previous attempt that never got ready is a failed start.
 	failures := st.Failures
 	if st.AttemptPending {
-		failures++
+		failures = min(failures+1, maxFailures)
 	}
 	d.Failures = failures
 	st.Version = stateVersion

@@ -14,6 +14,10 @@ import (
 // maxStateSize bounds what load reads; the real file is a few hundred bytes.
 const maxStateSize = 64 * 1024
 
+// maxFailures is the largest failure count load accepts; the count
+// saturates there, so that the gate never writes a state it then refuses.
+const maxFailures = 1_000_000
+
 // load reads and checks the state file. A missing file returns an error
 // matching fs.ErrNotExist.
 func load(path string) (state, error) {
@@ -36,7 +40,7 @@ func load(path string) (state, error) {
 	if st.Version != stateVersion {
 		return state{}, fmt.Errorf("parse %s: unknown version %d (want %d)", path, st.Version, stateVersion)
 	}
-	if st.Failures < 0 || st.Failures > 1_000_000 {
+	if st.Failures < 0 || st.Failures > maxFailures {
 		return state{}, fmt.Errorf("parse %s: failures %d out of range", path, st.Failures)
 	}
 	return st, nil

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -54,6 +55,10 @@ type agentOpts struct {
 	audit  bool     // [datapath] policy_audit_mode
 	// policyMax is [datapath] policy_max_entries (default 1024).
 	policyMax int
+	// socketGroup and adminGroup are [agent] socket_group and admin_group
+	// (default ""). With a socketGroup, the agent's directory is made
+	// root:<socketGroup> 0750 so that the group can reach the socket.
+	socketGroup, adminGroup string
 }
 
 // agent is one rackwired process plus everything a test created around it.
@@ -98,7 +103,8 @@ name = "rwg-%s"
 [agent]
 state_dir = %q
 socket = %q
-socket_group = ""
+socket_group = %q
+admin_group = %q
 [ipam]
 cidrs = [%s]
 [datapath]
@@ -116,9 +122,22 @@ listen = ""
 [log]
 format = "text"
 level = "debug"
-`, o.tag, filepath.Join(dir, "state"), a.sock, quoteList(o.cidrs), a.pinDir, a.polDir, o.attach, o.audit, o.policyMax)
+`, o.tag, filepath.Join(dir, "state"), a.sock, o.socketGroup, o.adminGroup, quoteList(o.cidrs), a.pinDir, a.polDir, o.attach, o.audit, o.policyMax)
 	if err := os.WriteFile(a.cfg, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
+	}
+	if o.socketGroup != "" {
+		g, err := user.LookupGroup(o.socketGroup)
+		if err != nil {
+			t.Fatal(err)
+		}
+		gid, _ := strconv.Atoi(g.Gid)
+		if err := os.Chown(dir, 0, gid); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(dir, 0o750); err != nil {
+			t.Fatal(err)
+		}
 	}
 	t.Cleanup(func() {
 		a.kill(syscall.SIGKILL)

@@ -267,6 +267,8 @@ cidrs = [%q]
 backend = "consul"
 address = %q
 token_file = %q
+# The fabric's Consul speaks plain http on a non-loopback test address.
+allow_insecure = true
 [datapath]
 pin_dir = %q
 policy_dir = %q

@@ -101,10 +101,9 @@ func listing(out string) map[string]string {
 			continue
 		}
 		p := ""
-		for i, x := range f {
+		for _, x := range f {
 			if strings.HasPrefix(x, "/") || strings.HasPrefix(x, "./") {
 				p = x
-				_ = i
 				break
 			}
 		}

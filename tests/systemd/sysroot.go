@@ -247,9 +247,6 @@ func (r *Root) Must(args ...string) string {
 	return out
 }
 
-// Sh runs a shell command line inside the root.
-func (r *Root) Sh(line string) (string, error) { return r.Exec("/bin/sh", "-c", line) }
-
 // WriteFile writes a file inside the root (path as seen inside).
 func (r *Root) WriteFile(path string, data []byte, mode os.FileMode) {
 	r.t.Helper()

@@ -24,6 +24,10 @@
 //     degraded and since when. Nothing local is flushed.
 //   - Values are opaque bytes: the backend never parses them, so malformed
 //     data cannot break it; writes over store.MaxValueSize are refused.
+//   - Only Options decide how Consul is reached: the environment's
+//     CONSUL_HTTP_* variables (token, token file, address, TLS, verify,
+//     namespace, partition) and HTTP(S)_PROXY are ignored, and the ACL token
+//     (read from TokenFile) is never logged.
 package consul
 
 import (
@@ -31,6 +35,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"net/url"
 	"os"
 	"sort"
@@ -52,13 +57,16 @@ type Options struct {
 	Address       string // host:port of a Consul agent's HTTP API
 	Scheme        string // "http" or "https"
 	Datacenter    string
-	TokenFile     string // ACL token file; the token never lives in config
+	TokenFile     string // ACL token file (mode 0600); the token never lives in config
 	TLSCAFile     string
 	TLSCertFile   string
 	TLSKeyFile    string
 	TLSServerName string
 	Prefix        string // e.g. "rackwire/"
 	Node          string // this host's name; names the session
+	// AllowInsecure allows the token over plain http to an address that
+	// is not loopback ([store] allow_insecure).
+	AllowInsecure bool
 
 	SessionTTL time.Duration // default 24h, at most 24h (Consul's 86400s)
 	// RenewInterval is how often the session is renewed and checked; it
@@ -82,6 +90,7 @@ func FromConfig(c config.Store, node string) Options {
 		TokenFile: c.TokenFile, TLSCAFile: c.TLSCAFile, TLSCertFile: c.TLSCertFile,
 		TLSKeyFile: c.TLSKeyFile, TLSServerName: c.TLSServerName,
 		Prefix: c.Prefix, Node: node, SessionTTL: c.SessionTTL.Duration,
+		AllowInsecure: c.AllowInsecure,
 	}
 }
 
@@ -158,28 +167,15 @@ func New(opts Options, log *slog.Logger) (*Store, error) {
 	if opts.CallTimeout <= 0 {
 		opts.CallTimeout = 10 * time.Second
 	}
-	cfg := api.DefaultNonPooledConfig()
-	cfg.Address = opts.Address
-	if opts.Scheme != "" {
-		cfg.Scheme = opts.Scheme
+	if opts.Address == "" {
+		opts.Address = config.Default().Store.Address
 	}
-	cfg.Datacenter = opts.Datacenter
-	cfg.TLSConfig = api.TLSConfig{
-		Address: opts.TLSServerName, CAFile: opts.TLSCAFile,
-		CertFile: opts.TLSCertFile, KeyFile: opts.TLSKeyFile,
+	if opts.Scheme == "" {
+		opts.Scheme = "http"
 	}
-	cfg.Token = ""
-	cfg.TokenFile = ""
-	if opts.TokenFile != "" {
-		b, err := os.ReadFile(opts.TokenFile)
-		if err != nil {
-			return nil, fmt.Errorf("read consul token file: %w", err)
-		}
-		cfg.Token = strings.TrimSpace(string(b))
-	}
-	client, err := api.NewClient(cfg)
+	client, hasToken, err := newClient(opts)
 	if err != nil {
-		return nil, fmt.Errorf("build consul client for %s: %w", opts.Address, err)
+		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Store{
@@ -194,15 +190,111 @@ func New(opts Options, log *slog.Logger) (*Store, error) {
 		state:     store.StateConnecting,
 		since:     time.Now(),
 	}
+	s.log.Debug("consul client configured", "address", opts.Address, "scheme", opts.Scheme,
+		"datacenter", opts.Datacenter, "token_file", opts.TokenFile, "token_set", hasToken,
+		"tls_ca_file", opts.TLSCAFile, "tls_server_name", opts.TLSServerName)
 	go s.sessionLoop(ctx)
 	return s, nil
 }
 
-// Client returns the underlying Consul client (for the GC lock and tests).
-func (s *Store) Client() *api.Client { return s.client }
+// newClient builds the Consul API client from opts alone. api.NewClient
+// reads the environment (CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE,
+// CONSUL_HTTP_SSL_VERIFY, CONSUL_CACERT, CONSUL_NAMESPACE, ...) and fills
+// every field left empty from it, so nothing is left to it: the HTTP
+// client, with its TLS settings, is built here; the token file it would
+// read is /dev/null; and every request goes through pinnedAuth, which
+// puts back the token from opts (or none) whatever the library set. It
+// reports whether a token is configured; the token itself is not
+// returned, logged or kept outside the HTTP client.
+func newClient(opts Options) (*api.Client, bool, error) {
+	if opts.Scheme != "http" && opts.Scheme != "https" {
+		return nil, false, fmt.Errorf("consul scheme %q: write \"http\" or \"https\"", opts.Scheme)
+	}
+	if strings.Contains(opts.Address, "://") {
+		// api.NewClient would take a scheme (or a unix socket) from it.
+		return nil, false, fmt.Errorf("consul address %q: write host:port and set the scheme on its own", opts.Address)
+	}
+	if opts.Scheme == "http" && (opts.TLSCAFile != "" || opts.TLSCertFile != "" || opts.TLSKeyFile != "") {
+		return nil, false, errors.New(`consul TLS files are set but scheme = "http" ignores them; set scheme = "https"`)
+	}
+	token := ""
+	if opts.TokenFile != "" {
+		if err := config.CheckTokenFile(opts.TokenFile); err != nil {
+			return nil, false, fmt.Errorf("consul token file: %w", err)
+		}
+		b, err := os.ReadFile(opts.TokenFile)
+		if err != nil {
+			return nil, false, fmt.Errorf("read consul token file %s: %w", opts.TokenFile, unwrapPath(err))
+		}
+		if token = strings.TrimSpace(string(b)); token == "" {
+			return nil, false, fmt.Errorf("consul token file %s is empty; write the ACL token in it, or remove token_file", opts.TokenFile)
+		}
+		if opts.Scheme == "http" && !opts.AllowInsecure && !config.LoopbackAddress(opts.Address) {
+			return nil, false, fmt.Errorf("consul at %s over plain http: the ACL token would cross the network in clear text; "+
+				"use scheme = \"https\", the local agent, or allow_insecure = true", opts.Address)
+		}
+	}
+	// The non-pooled transport the backend always used (a connection per
+	// request), without a proxy: HTTP(S)_PROXY are environment too.
+	tr := api.DefaultNonPooledConfig().Transport
+	tr.Proxy = nil
+	tlsConf, err := api.SetupTLSConfig(&api.TLSConfig{
+		Address: opts.TLSServerName, CAFile: opts.TLSCAFile,
+		CertFile: opts.TLSCertFile, KeyFile: opts.TLSKeyFile,
+	})
+	if err != nil {
+		return nil, false, fmt.Errorf("consul TLS settings: %w", err)
+	}
+	tr.TLSClientConfig = tlsConf
+	cfg := &api.Config{
+		Address:    opts.Address,
+		Scheme:     opts.Scheme,
+		Datacenter: opts.Datacenter,
+		Transport:  tr,
+		HttpClient: &http.Client{Transport: &pinnedAuth{base: tr, token: token}},
+		Token:      token,
+		// Set, so that NewClient reads this (empty) file instead of
+		// CONSUL_HTTP_TOKEN_FILE's, which could also fail the start.
+		TokenFile: os.DevNull,
+	}
+	client, err := api.NewClient(cfg)
+	if err != nil {
+		return nil, false, fmt.Errorf("build consul client for %s: %w", opts.Address, err)
+	}
+	return client, token != "", nil
+}
 
-// Prefix returns the configured key prefix.
-func (s *Store) Prefix() string { return s.prefix }
+// pinnedAuth makes every request carry exactly the configured token (or
+// none) and no namespace or partition: what api.NewClient took from the
+// environment never reaches Consul.
+type pinnedAuth struct {
+	base  http.RoundTripper
+	token string
+}
+
+func (p *pinnedAuth) RoundTrip(req *http.Request) (*http.Response, error) {
+	r := req.Clone(req.Context())
+	r.Header.Del("X-Consul-Token")
+	r.Header.Del("Authorization")
+	if p.token != "" {
+		r.Header.Set("X-Consul-Token", p.token)
+	}
+	if q := r.URL.Query(); q.Has("ns") || q.Has("partition") || q.Has("token") {
+		q.Del("ns")
+		q.Del("partition")
+		q.Del("token")
+		r.URL.RawQuery = q.Encode()
+	}
+	return p.base.RoundTrip(r)
+}
+
+func unwrapPath(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
 
 // Session returns the current session id, "" while there is none.
 func (s *Store) Session() string {

@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/consul/api"
-
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/internal/consultest"
 )
@@ -230,15 +228,22 @@ func TestElector(t *testing.T) {
 		t.Fatalf("e2 did not lead after e1 resigned")
 	}
 	_ = e2.Resign()
-	_ = api.ErrLockHeld
 }
 
 // TestTLS talks HTTPS to Consul with the CA and server name from Options,
-// and fails against the wrong server name.
+// and fails against the wrong server name, a CA that did not sign the
+// server's certificate, and no CA (the system roots). The environment says
+// the opposite each time (CONSUL_CACERT, CONSUL_HTTP_SSL_VERIFY,
+// CONSUL_TLS_SERVER_NAME, CONSUL_HTTP_ADDR): only Options count.
 func TestTLS(t *testing.T) {
 	a, ca := consultest.StartTLS(t)
+	other := writeUntrustedCA(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	t.Setenv("CONSUL_HTTP_ADDR", "127.0.0.1:1")
+	t.Setenv("CONSUL_HTTP_SSL", "false")
+	t.Setenv("CONSUL_CACERT", other)
+	t.Setenv("CONSUL_TLS_SERVER_NAME", "wrong.rwd.test")
 	s, err := New(Options{Address: a.HTTPAddr, Scheme: "https", TLSCAFile: ca, TLSServerName: "server.rwd.test",
 		Prefix: "rwd-test/", Node: "host-tls", RenewInterval: time.Second}, nil)
 	if err != nil {
@@ -248,14 +253,33 @@ func TestTLS(t *testing.T) {
 	if err := s.Put(ctx, "k", []byte("v"), store.PutOptions{Owned: true}); err != nil {
 		t.Fatalf("Put over TLS: %v", err)
 	}
-	bad, err := New(Options{Address: a.HTTPAddr, Scheme: "https", TLSCAFile: ca, TLSServerName: "wrong.rwd.test",
-		Prefix: "rwd-test/", Node: "host-bad"}, nil)
-	if err != nil {
-		t.Fatal(err)
+
+	t.Setenv("CONSUL_CACERT", ca)
+	t.Setenv("CONSUL_HTTP_SSL_VERIFY", "false")
+	t.Setenv("CONSUL_TLS_SERVER_NAME", "server.rwd.test")
+	refused := []struct {
+		name string
+		opts Options
+		want string
+	}{
+		{"wrong server name", Options{TLSCAFile: ca, TLSServerName: "wrong.rwd.test"}, "certificate"},
+		{"untrusted CA", Options{TLSCAFile: other, TLSServerName: "server.rwd.test"}, "certificate"},
+		{"no CA", Options{TLSServerName: "server.rwd.test"}, "certificate"},
 	}
-	defer bad.Stop()
-	if _, err := bad.Get(ctx, "k"); err == nil {
-		t.Fatalf("Get with the wrong TLS server name succeeded")
+	for _, tc := range refused {
+		o := tc.opts
+		o.Address, o.Scheme, o.Prefix, o.Node = a.HTTPAddr, "https", "rwd-test/", "host-bad"
+		bad, err := New(o, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = bad.Get(ctx, "k")
+		bad.Stop()
+		if err == nil {
+			t.Errorf("%s: Get succeeded, want a TLS refusal", tc.name)
+		} else if !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Get error = %v, want it to mention %q", tc.name, err, tc.want)
+		}
 	}
 }
 
