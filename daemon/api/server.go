@@ -83,12 +83,38 @@ func bounded(h http.Handler, l limits) http.Handler {
 		// reply; this one starts with none until it writes.
 		_ = rc.SetWriteDeadline(time.Time{})
 		if r.Body != nil && r.Body != http.NoBody {
-			// With w, an oversized body also closes the connection after
-			// the reply instead of reading the rest.
-			r.Body = http.MaxBytesReader(w, r.Body, l.maxBody)
+			r.Body = &boundedBody{w: w, orig: r.Body, r: http.MaxBytesReader(w, r.Body, l.maxBody)}
 		}
 		h.ServeHTTP(&stallWriter{ResponseWriter: w, rc: rc, d: l.writeStall}, r)
 	})
+}
+
+// boundedBody is a request body cut at the server's maximum, or at the
+// tighter limit DecodeBody sets before reading. It cuts with
+// http.MaxBytesReader on the ResponseWriter: the server then marks the
+// reply "Connection: close", half-closes and waits before closing, so that
+// a client still sending its oversized body reads the 413 instead of
+// failing on EPIPE (measured: with a limit that does not know the
+// ResponseWriter, a client sending "Connection: close" often gets
+// "broken pipe" and no reply).
+type boundedBody struct {
+	w    http.ResponseWriter
+	orig io.ReadCloser
+	r    io.ReadCloser
+	read bool
+}
+
+func (b *boundedBody) Read(p []byte) (int, error) { b.read = true; return b.r.Read(p) }
+
+func (b *boundedBody) Close() error { return b.r.Close() }
+
+// limit lowers the cut to n bytes; it cannot once the body was read.
+func (b *boundedBody) limit(n int64) bool {
+	if b.read {
+		return false
+	}
+	b.r = http.MaxBytesReader(b.w, b.orig, n)
+	return true
 }
 
 // stallWriter moves the connection's write deadline to d ahead before a
@@ -129,7 +155,11 @@ func DecodeBody(r *http.Request, v any) error {
 	if _, ok := v.(*PolicyImport); ok {
 		limit = MaxPolicyBody
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, limit))
+	body := r.Body
+	if b, ok := body.(*boundedBody); !ok || !b.limit(limit) {
+		body = http.MaxBytesReader(nil, body, limit)
+	}
+	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
 	err := dec.Decode(v)
 	if err == nil {

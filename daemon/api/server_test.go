@@ -248,7 +248,10 @@ func TestBodyLimits(t *testing.T) {
 		}
 		WriteJSON(w, 200, struct{}{})
 	}), defaultLimits)
-	hc := unixClient(sock)
+	// Both with keep-alive and with "Connection: close": a client still
+	// sending an oversized body must read the 413, not fail on EPIPE.
+	hc, hcClose := unixClient(sock), unixClient(sock)
+	hcClose.Transport.(*http.Transport).DisableKeepAlives = true
 	post := func(path string, body []byte) (int, string) {
 		t.Helper()
 		resp, err := hc.Post("http://x"+path, "application/json", bytes.NewReader(body))
@@ -269,6 +272,8 @@ func TestBodyLimits(t *testing.T) {
 		{"endpoint 120 KiB", "/v1/endpoints", name(120 << 10), 200},
 		{"endpoint 200 KiB", "/v1/endpoints", name(200 << 10), 413},
 		{"endpoint 5 MiB", "/v1/endpoints", name(5 << 20), 413},
+		{"endpoint 1 MiB", "/v1/endpoints", name(1 << 20), 413},
+		{"endpoint 400 KiB", "/v1/endpoints", name(400 << 10), 413},
 		{"policy 3 MiB", "/v1/policies", str(3 << 20), 200},
 		{"policy 5 MiB", "/v1/policies", str(5 << 20), 413},
 		{"trailing data", "/v1/endpoints", []byte(`{"name":"a"} {}`), 400},
@@ -276,12 +281,18 @@ func TestBodyLimits(t *testing.T) {
 		{"unknown field", "/v1/endpoints", []byte(`{"nope":1}`), 400},
 		{"empty", "/v1/endpoints", nil, 400},
 	}
-	for _, c := range cases {
-		code, body := post(c.path, c.body)
-		if code != c.want {
-			t.Errorf("%s: %d %.200s, want %d", c.what, code, body, c.want)
-		} else if code == 413 {
-			t.Logf("%s: %d %s", c.what, code, strings.TrimSpace(body))
+	for _, client := range []struct {
+		name string
+		c    *http.Client
+	}{{"keep-alive", hc}, {"connection close", hcClose}} {
+		hc = client.c
+		for _, c := range cases {
+			code, body := post(c.path, c.body)
+			if code != c.want {
+				t.Errorf("%s, %s: %d %.200s, want %d", client.name, c.what, code, body, c.want)
+			} else if code == 413 {
+				t.Logf("%s, %s: %d %s", client.name, c.what, code, strings.Join(strings.Fields(body), " "))
+			}
 		}
 	}
 }

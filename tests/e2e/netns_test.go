@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -109,6 +110,16 @@ func noGoroutineLeft(t *testing.T, addr string, base int) {
 	t.Logf("goroutines: %d at rest before, %d after", base, n)
 }
 
+// unixHTTP is an HTTP client of the agent's socket that keeps no idle
+// connection (which would hold a goroutine in the agent).
+func unixHTTP(sock string) *http.Client {
+	return &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		}}}
+}
+
 // TestEndpointNetnsInput: `endpoint add --netns X` of anything but a network
 // namespace fails at once with the one message, which says nothing of
 // what X is; the agent keeps serving and keeps no goroutine.
@@ -173,6 +184,26 @@ func TestEndpointNetnsInput(t *testing.T) {
 				t.Errorf("status took %v after the refusal", d)
 			}
 		})
+	}
+	// Each case 10 more times, straight to the API: a goroutine left per
+	// request by any one case would show as 10 more.
+	hc := unixHTTP(a.sock)
+	for _, c := range cases {
+		body, _ := json.Marshal(api.EndpointAdd{Name: "bad", Labels: "app=bad", Netns: c.path})
+		for i := 0; i < 10; i++ {
+			t0 := time.Now()
+			resp, err := hc.Post("http://rackwired/v1/endpoints", "application/json", bytes.NewReader(body))
+			if err != nil {
+				t.Fatalf("%s: %v", c.what, err)
+			}
+			rb, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if d := time.Since(t0); resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(rb), epkg.NetnsMsg) || d > 5*time.Second {
+				t.Errorf("%s: %s in %v: %s", c.what, resp.Status, d, rb)
+			} else if i == 0 {
+				t.Logf("%s: API answered %d in %v", c.what, resp.StatusCode, d.Round(time.Microsecond))
+			}
+		}
 	}
 	var eps []api.Endpoint
 	a.rwJSON(&eps, "endpoint", "list")
@@ -284,11 +315,7 @@ func TestAPISlowClients(t *testing.T) {
 	go func() { d, err := closedAfter(hdr, 20*time.Second); res <- result{"partial headers", d, err} }()
 	go func() { d, err := closedAfter(body, 30*time.Second); res <- result{"partial body", d, err} }()
 
-	hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", a.sock)
-		}}}
+	hc := unixHTTP(a.sock)
 	post := func(path string, b []byte) (int, string) {
 		t.Helper()
 		resp, err := hc.Post("http://rackwired"+path, "application/json", bytes.NewReader(b))
@@ -309,7 +336,7 @@ func TestAPISlowClients(t *testing.T) {
 		{"policy import, 8 MiB", "/v1/policies", []byte(`{"file":"x","data":"` + strings.Repeat("a", 8<<20) + `"}`)},
 	} {
 		code, msg := post(c.path, c.body)
-		t.Logf("%s: %d %.120s", c.what, code, msg)
+		t.Logf("%s: %d %.120s", c.what, code, strings.Join(strings.Fields(msg), " "))
 		if code != http.StatusRequestEntityTooLarge && code != http.StatusBadRequest {
 			t.Errorf("%s: %d %.200s, want 413 (or 400)", c.what, code, msg)
 		}
