@@ -35,6 +35,41 @@ rw_first_config() {
 	fi
 }
 
+# The BIRD integration's drop-in (packaging/systemd/rackwired-bgp.conf):
+# CAP_DAC_OVERRIDE and a writable /etc/bird, which the unit alone does not
+# grant. rw_bgp_dropin links it when the config enables BGP, so a host that
+# used BGP before the unit was hardened keeps it across the upgrade; an
+# operator's own file of that name is left alone.
+RW_BGP_SRC=/usr/share/rackwire/systemd/rackwired-bgp.conf
+RW_BGP_DROPIN=/etc/systemd/system/rackwired.service.d/bgp.conf
+
+# rw_bgp_enabled reports whether /etc/rackwire/rackwire.toml sets [bgp]
+# enabled = true: the effective config as the agent reads it, or the file
+# itself when it does not load.
+rw_bgp_enabled() {
+	[ -f /etc/rackwire/rackwire.toml ] || return 1
+	{ /usr/sbin/rackwired check-config --config /etc/rackwire/rackwire.toml 2>/dev/null ||
+		cat /etc/rackwire/rackwire.toml; } | awk '
+		/^[[:space:]]*\[/ { sec = $0; sub(/#.*/, "", sec); gsub(/[[:space:]]/, "", sec) }
+		sec == "[bgp]" && /^[[:space:]]*enabled[[:space:]]*=[[:space:]]*true[[:space:]]*(#.*)?$/ { on = 1 }
+		END { exit !on }'
+}
+
+rw_bgp_dropin() {
+	if rw_bgp_enabled && [ ! -e "$RW_BGP_DROPIN" ] && [ ! -L "$RW_BGP_DROPIN" ]; then
+		mkdir -p "${RW_BGP_DROPIN%/*}" && ln -s "$RW_BGP_SRC" "$RW_BGP_DROPIN" || true
+	fi
+}
+
+# rw_bgp_dropin_remove removes that link (never the operator's own file)
+# when the package goes: its target goes with it.
+rw_bgp_dropin_remove() {
+	if [ -L "$RW_BGP_DROPIN" ] && [ "$(readlink "$RW_BGP_DROPIN")" = "$RW_BGP_SRC" ]; then
+		rm -f "$RW_BGP_DROPIN"
+		rmdir "${RW_BGP_DROPIN%/*}" 2>/dev/null || true
+	fi
+}
+
 rw_daemon_reload() {
 	if rw_systemd_running; then systemctl daemon-reload >/dev/null 2>&1 || true; fi
 }

@@ -22,6 +22,23 @@ rackwire-start-now:
       - service: rackwire-service
 {%- endif %}
 
+{%- if rackwire.config.get('bgp', {}).get('enabled') %}
+# With BGP the agent writes BIRD's config: the package's drop-in grants the
+# unit that (CAP_DAC_OVERRIDE, /etc/bird writable; docs/packaging.md). It is
+# linked before the first start; enabling BGP on a running host needs a
+# restart for the capability to apply (a reload keeps the process).
+rackwire-bgp-dropin:
+  file.symlink:
+    - name: /etc/systemd/system/{{ rackwire.service.name }}.d/bgp.conf
+    - target: /usr/share/rackwire/systemd/rackwired-bgp.conf
+    - makedirs: True
+    - require:
+      - pkg: rackwire-package
+    # The service state reloads systemd when a unit's files changed.
+    - require_in:
+      - service: rackwire-service
+{%- endif %}
+
 rackwire-service:
   service.running:
     - name: {{ rackwire.service.name }}

@@ -71,6 +71,8 @@ var files = []want{
 	{"/usr/sbin/rackwired", "-rwxr-xr-x"},
 	{"/usr/bin/rackwire", "-rwxr-xr-x"},
 	{"/usr/lib/systemd/system/rackwired.service", "-rw-r--r--"},
+	// The BGP drop-in, inactive until linked (docs/packaging.md).
+	{"/usr/share/rackwire/systemd/rackwired-bgp.conf", "-rw-r--r--"},
 	{"/usr/lib/tmpfiles.d/rackwire.conf", "-rw-r--r--"},
 	{"/usr/lib/sysusers.d/rackwire.conf", "-rw-r--r--"},
 	{"/usr/share/doc/rackwire/rackwire.toml.example", "-rw-r--r--"},
@@ -177,11 +179,13 @@ func TestDeb(t *testing.T) {
 		// first install; try-restart (only if running) on upgrade, not
 		// waiting for the restart gate.
 		"postinst": {`[ -d /run/systemd/system ]`, `systemctl daemon-reload`, `systemctl enable rackwired.service`,
-			`systemctl --no-block try-restart rackwired.service`, `if [ -z "$2" ]`},
+			`systemctl --no-block try-restart rackwired.service`, `if [ -z "$2" ]`,
+			// the BGP drop-in follows the config, linked before the reload.
+			"rw_bgp_dropin\n\trw_daemon_reload"},
 		// stop and disable on removal only.
 		"prerm": {`remove | deconfigure) rw_stop_disable`, `systemctl stop rackwired.service`, `systemctl disable rackwired.service`},
 		// purge removes state.
-		"postrm": {`purge)`, `rm -rf /var/lib/rackwire`},
+		"postrm": {`purge)`, `rm -rf /var/lib/rackwire`, "rw_bgp_dropin_remove\n"},
 	}
 	for name, needles := range scripts {
 		p := filepath.Join(ctl, name)
@@ -269,6 +273,7 @@ func TestRPM(t *testing.T) {
 		"postinstall scriptlet", "preuninstall scriptlet", "postuninstall scriptlet",
 		`if [ "$1" -eq 1 ]`, `systemctl enable rackwired.service`, `systemctl --no-block try-restart rackwired.service`,
 		`if [ "$1" -eq 0 ]`, `systemctl stop rackwired.service`,
+		"rw_bgp_dropin\nrw_daemon_reload", "rw_bgp_dropin_remove\n",
 	} {
 		if !strings.Contains(scripts, n) {
 			t.Errorf("rpm scripts lack %q", n)

@@ -62,17 +62,19 @@ var newerThan239 = map[string]int{
 }
 
 func TestUnitOnlySystemd239Directives(t *testing.T) {
-	b, err := os.ReadFile(filepath.Join(RepoRoot(t), "packaging", "systemd", "rackwired.service"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	re := regexp.MustCompile(`(?m)^([A-Za-z]+)=`)
-	for _, m := range re.FindAllStringSubmatch(string(b), -1) {
-		if v, ok := newerThan239[m[1]]; ok {
-			t.Errorf("%s= needs systemd %d; EL8 has 239", m[1], v)
+	for _, f := range []string{"rackwired.service", "rackwired-bgp.conf"} {
+		b, err := os.ReadFile(filepath.Join(RepoRoot(t), "packaging", "systemd", f))
+		if err != nil {
+			t.Fatal(err)
 		}
-		if m[1] == "Type" && strings.Contains(string(b), "Type=notify-reload") {
-			t.Errorf("Type=notify-reload needs systemd 253")
+		re := regexp.MustCompile(`(?m)^([A-Za-z]+)=`)
+		for _, m := range re.FindAllStringSubmatch(string(b), -1) {
+			if v, ok := newerThan239[m[1]]; ok {
+				t.Errorf("%s: %s= needs systemd %d; EL8 has 239", f, m[1], v)
+			}
+			if m[1] == "Type" && strings.Contains(string(b), "Type=notify-reload") {
+				t.Errorf("%s: Type=notify-reload needs systemd 253", f)
+			}
 		}
 	}
 }
@@ -106,6 +108,15 @@ func TestSystemdLifecycle(t *testing.T) {
 	}
 	if got := r.Must("cat", "/etc/rackwire/rackwire.toml"); got != testConfig {
 		t.Errorf("install changed the existing config:\n%s", got)
+	}
+	// The BGP drop-in is linked only for a config that enables BGP.
+	if _, err := r.Exec("test", "-e", bgpDropin); err == nil {
+		t.Errorf("postinst linked the BGP drop-in for a config without [bgp]")
+	}
+	score, line := exposure(t, r)
+	t.Logf("systemd-analyze security rackwired.service: %s", line)
+	if score > exposureMax {
+		t.Errorf("exposure %.1f is worse than the %.1f docs/packaging.md records", score, exposureMax)
 	}
 
 	// Start: the notify handshake completes, STATUS shows.
@@ -325,6 +336,13 @@ func TestRPMScriptlets(t *testing.T) {
 	if got := r.Show("rackwired", "ActiveState"); got != "inactive" {
 		t.Errorf("%%post 2 on a stopped agent: ActiveState = %q, want inactive", got)
 	}
+	// An upgrade over a config that enables BGP links the BGP drop-in.
+	r.WriteFile("/etc/rackwire/rackwire.toml", []byte(bgpConfig("auto", "")), 0o644)
+	scriptlet("postin", "2")
+	if got, err := r.Exec("readlink", bgpDropin); err != nil || strings.TrimSpace(got) != "/usr/share/rackwire/systemd/rackwired-bgp.conf" {
+		t.Errorf("%%post 2 with [bgp] enabled: drop-in %s not linked: %v %s", bgpDropin, err, got)
+	}
+	r.WriteFile("/etc/rackwire/rackwire.toml", []byte(testConfig), 0o644)
 	// Upgrade with the agent running: restarted.
 	r.Must("systemctl", "start", "rackwired")
 	pid := r.Show("rackwired", "MainPID")
@@ -351,4 +369,10 @@ func TestRPMScriptlets(t *testing.T) {
 		t.Errorf("%%preun 0: UnitFileState = %q, want disabled", got)
 	}
 	scriptlet("postun", "0")
+	if _, err := r.Exec("test", "-L", bgpDropin); err == nil {
+		t.Errorf("%%postun 0 left the BGP drop-in link %s", bgpDropin)
+	}
 }
+
+// bgpDropin is where the maintainer scripts link rackwired-bgp.conf.
+const bgpDropin = "/etc/systemd/system/rackwired.service.d/bgp.conf"
