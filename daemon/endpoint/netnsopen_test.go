@@ -35,7 +35,7 @@ func inode(t *testing.T, path string) uint64 {
 }
 
 // openTimed runs openNetns with a deadline: a FIFO must not hang it.
-func openTimed(t *testing.T, path string) (int, error, time.Duration) {
+func openTimed(t *testing.T, path string) (int, time.Duration, error) {
 	t.Helper()
 	type res struct {
 		fd  int
@@ -49,10 +49,10 @@ func openTimed(t *testing.T, path string) (int, error, time.Duration) {
 	}()
 	select {
 	case r := <-done:
-		return r.fd, r.err, time.Since(t0)
+		return r.fd, time.Since(t0), r.err
 	case <-time.After(5 * time.Second):
 		t.Fatalf("openNetns(%.60q) still blocked after 5s", path)
-		return -1, nil, 0
+		return -1, 0, nil
 	}
 }
 
@@ -142,7 +142,7 @@ func TestOpenNetns(t *testing.T) {
 
 	before := openFDs(t)
 	for _, p := range good {
-		fd, err, took := openTimed(t, p)
+		fd, took, err := openTimed(t, p)
 		if err != nil {
 			t.Errorf("openNetns(%s) = %v (%s), want a handle", p, err, NetnsReason(err))
 			continue
@@ -155,7 +155,7 @@ func TestOpenNetns(t *testing.T) {
 		unix.Close(fd)
 	}
 	for what, p := range bad {
-		_, err, took := openTimed(t, p)
+		_, took, err := openTimed(t, p)
 		if err == nil {
 			t.Errorf("%s: openNetns(%.60q) succeeded", what, p)
 			continue
