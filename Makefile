@@ -49,9 +49,45 @@ lint:
 test-unit:
 	$(GO) test -count=1 -p 1 -timeout 40m ./...
 
+# The fuzz targets besides FuzzParse and FuzzLoad, as package:Target (go
+# test -fuzz takes one target of one package per run): store values, state
+# files, API bodies, BIRD replies and rendered configs (FuzzRenderBird runs
+# `bird -p` per input), monitor events, the store file. `make fuzz` gives
+# each FUZZTIME_SHORT, `make fuzz-long` gives every target, FuzzParse and
+# FuzzLoad included, FUZZTIME_LONG. Crashers are written to the package's
+# testdata/fuzz/.
+FUZZTIME_SHORT ?= 4s
+FUZZTIME_LONG ?= 5m
+FUZZMINIMIZETIME ?= 2s
+FUZZ_TARGETS := \
+	./daemon/ipcache:FuzzNodes ./daemon/ipcache:FuzzRemote \
+	./daemon/identity:FuzzIdentityIDKeys ./daemon/identity:FuzzIdentityClaims \
+	./daemon/policy:FuzzDecodeStoreValue ./daemon/endpoint:FuzzStateFile ./daemon/restart:FuzzStateFile \
+	./daemon:FuzzEndpointAdd ./daemon:FuzzTraceRequest ./daemon:FuzzPolicyImport \
+	./daemon/api:FuzzRawEntry ./daemon/api:FuzzDecodeBody \
+	./birdconf:FuzzReadReply ./birdconf:FuzzRenderBird \
+	./daemon/datapath:FuzzDecodeEvent ./daemon/store/local:FuzzStoreFile
+# A run that fails without writing a reproducer is the engine's own flake
+# at the -fuzztime boundary (golang/go#51484, #56238): it is run once more.
+fuzz-each = set -e; for t in $(1); do \
+		p="$${t%%:*}"; n="$${t\#*:}"; \
+		cmd="$(GO) test -run='^$$' -fuzz='^$$n$$' -fuzztime=$(2) -fuzzminimizetime=$(FUZZMINIMIZETIME) $$p"; \
+		echo "$$cmd"; \
+		before=$$(ls "$$p/testdata/fuzz/$$n" 2>/dev/null | wc -l); \
+		if ! eval "$$cmd"; then \
+			if [ "$$(ls "$$p/testdata/fuzz/$$n" 2>/dev/null | wc -l)" != "$$before" ]; then exit 1; fi; \
+			echo "$$n failed without a reproducer (fuzzing engine flake); once more:"; \
+			eval "$$cmd"; \
+		fi; \
+	done
+
 fuzz:
-	$(GO) test -run='^$$' -fuzz=FuzzParse -fuzztime=$(FUZZTIME) ./daemon/config
-	$(GO) test -run='^$$' -fuzz=FuzzLoad -fuzztime=$(FUZZTIME) ./daemon/policy
+	@$(call fuzz-each,./daemon/config:FuzzParse ./daemon/policy:FuzzLoad,$(FUZZTIME))
+	@$(call fuzz-each,$(FUZZ_TARGETS),$(FUZZTIME_SHORT))
+
+.PHONY: fuzz-long
+fuzz-long:
+	@$(call fuzz-each,./daemon/config:FuzzParse ./daemon/policy:FuzzLoad $(FUZZ_TARGETS),$(FUZZTIME_LONG))
 
 # Every suite under tests/ is a Go package, so test-unit runs them all.
 # generate-check needs clang (make deps).

@@ -107,12 +107,24 @@ func (c *Client) ioErr(ctx context.Context, step string, err error) error {
 	return fmt.Errorf("%s on %s: %w", step, c.Socket, err)
 }
 
-// readReply reads the lines of one reply.
+// maxReplySize bounds one reply. The replies the agent reads (configure,
+// show protocols [all], show bfd sessions) are a few KiB per protocol; a
+// peer that sends more, or a line that never ends, is cut off with an
+// error instead of being read into memory until the request times out.
+const maxReplySize = 16 << 20
+
+var errReplyTooLong = fmt.Errorf("reply longer than %d bytes", maxReplySize)
+
+// readReply reads the lines of one reply, at most maxReplySize bytes.
 func readReply(r *bufio.Reader) (Reply, error) {
 	var out Reply
 	code := 0
+	budget := maxReplySize
 	for {
-		s, err := r.ReadString('\n')
+		s, err := readLine(r, &budget)
+		if errors.Is(err, errReplyTooLong) {
+			return out, fmt.Errorf("%w after %d lines", err, len(out))
+		}
 		if err != nil {
 			return out, fmt.Errorf("reply cut short after %d lines: %w", len(out), err)
 		}
@@ -132,6 +144,25 @@ func readReply(r *bufio.Reader) (Reply, error) {
 		out = append(out, Line{Code: code, Text: s[5:]})
 		if s[4] == ' ' {
 			return out, nil
+		}
+	}
+}
+
+// readLine reads one line, '\n' included, and takes its length from
+// *budget; a line that would overdraw it is errReplyTooLong.
+func readLine(r *bufio.Reader, budget *int) (string, error) {
+	var line []byte
+	for {
+		frag, err := r.ReadSlice('\n')
+		if *budget -= len(frag); *budget < 0 {
+			return "", errReplyTooLong
+		}
+		line = append(line, frag...)
+		if err == nil {
+			return string(line), nil
+		}
+		if !errors.Is(err, bufio.ErrBufferFull) {
+			return "", err
 		}
 	}
 }
@@ -401,9 +432,15 @@ func parseBFDSessions(rep Reply) []BFDSession {
 	return out
 }
 
+// maxBFDSeconds is the longest BFD interval BIRD can show: it keeps them
+// in microseconds, in 32 bits.
+const maxBFDSeconds = float64(1<<32-1) / 1e6
+
+// seconds reads a BFD interval ("0.100"); 0 when it is not one (not a
+// number, NaN, negative, longer than BIRD can hold), never a wrapped value.
 func seconds(s string) time.Duration {
 	v, err := strconv.ParseFloat(s, 64)
-	if err != nil {
+	if err != nil || !(v >= 0 && v <= maxBFDSeconds) {
 		return 0
 	}
 	return time.Duration(v * float64(time.Second))

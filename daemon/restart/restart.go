@@ -349,6 +349,13 @@ func (g *Gate) Decide() (Decision, error) {
 				start, d.Reason = b, ReasonBackoff
 			}
 		}
+		// A window opens at most max(W, backoff_max) from now, so that the
+		// start drawn in it stays within MaxDelay: a window end that is
+		// further ahead (the clock went back by less than the horizon)
+		// is not waited for in full.
+		if limit := now.Add(MaxDelay(g.Cfg) - w); start.After(limit) {
+			start = limit
+		}
 		st.WindowStart, st.WindowEnd = start, start.Add(w)
 		st.Slot, st.SlotUsed = start.Add(time.Duration(g.rand()*float64(w))).Truncate(time.Second), false
 	}

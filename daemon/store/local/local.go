@@ -40,6 +40,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/debug"
+	"strings"
 	"sync"
 	"time"
 
@@ -115,6 +117,7 @@ func OpenWith(path string, opts Options) (s *Store, err error) {
 		return nil, fmt.Errorf("open %s: not a regular file; point [store] path at a file", path)
 	}
 	var db *bolt.DB
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true)) // see tx
 	defer func() {
 		if r := recover(); r != nil {
 			if db != nil {
@@ -127,7 +130,10 @@ func OpenWith(path string, opts Options) (s *Store, err error) {
 	switch {
 	case errors.Is(err, bolterrors.ErrTimeout):
 		return nil, fmt.Errorf("lock %s: still held by another process after %s; is another rackwired (or a tool) using the same [store] path or [agent] state_dir? stop it or give this agent its own state_dir: %w", path, opts.LockTimeout, err)
-	case errors.Is(err, bolterrors.ErrInvalid), errors.Is(err, bolterrors.ErrChecksum), errors.Is(err, bolterrors.ErrVersionMismatch), errors.Is(err, bolterrors.ErrInvalidMapping):
+	case errors.Is(err, bolterrors.ErrInvalid), errors.Is(err, bolterrors.ErrChecksum), errors.Is(err, bolterrors.ErrVersionMismatch), errors.Is(err, bolterrors.ErrInvalidMapping),
+		// A file cut short (less than two pages); bbolt has no sentinel
+		// error for it.
+		err != nil && strings.Contains(err.Error(), "file size too small"):
 		return nil, corrupt(path, err)
 	case err != nil:
 		return nil, fmt.Errorf("open %s: %w", path, err)
@@ -199,6 +205,11 @@ func (s *Store) List(ctx context.Context, prefix string) ([]store.KV, uint64, er
 		p := []byte(prefix)
 		c := tx.Bucket(bucketKV).Cursor()
 		for k, v := c.Seek(p); k != nil && bytes.HasPrefix(k, p); k, v = c.Next() {
+			if len(k) > MaxKeySize {
+				// Not a key this store wrote: a damaged page. Checked
+				// before the key is copied, which could ask for gigabytes.
+				return fmt.Errorf("key of %d bytes under %q: %w", len(k), prefix, ErrCorrupt)
+			}
 			kv, err := decode(string(k), v)
 			if err != nil {
 				return err
@@ -392,6 +403,11 @@ func (s *Store) update(fn func(*bolt.Tx) error) error { return s.tx(true, fn) }
 // tx runs fn in a transaction, mapping a closed database to store.ErrClosed
 // and a bbolt panic (a damaged page) to ErrCorrupt.
 func (s *Store) tx(writable bool, fn func(*bolt.Tx) error) (err error) {
+	// A damaged page can make bbolt read outside its mapping. That fault
+	// is fatal to the process unless it is turned into a panic, which the
+	// recover below turns into ErrCorrupt. (Deferred first, so restored
+	// after the recover.)
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if r := recover(); r != nil {
 			err = corrupt(s.path, fmt.Errorf("%v", r))
@@ -432,9 +448,12 @@ func checkKey(op, key string) error {
 }
 
 // decode copies a record out of bbolt's memory, valid only inside the tx.
+// A record that no write of this store can have made (shorter than its
+// index, longer than the largest value) is ErrCorrupt; the size is checked
+// before the copy.
 func decode(key string, v []byte) (store.KV, error) {
-	if len(v) < 8 {
-		return store.KV{}, fmt.Errorf("record of %q has %d bytes, want at least 8: %w", key, len(v), ErrCorrupt)
+	if len(v) < 8 || len(v) > 8+store.MaxValueSize {
+		return store.KV{}, fmt.Errorf("record of %q has %d bytes, want 8 to %d: %w", key, len(v), 8+store.MaxValueSize, ErrCorrupt)
 	}
 	return store.KV{Key: key, Value: bytes.Clone(v[8:]), ModifyIndex: binary.BigEndian.Uint64(v)}, nil
 }
