@@ -33,6 +33,9 @@ func decodeEvent(b []byte, wall func(uint64) time.Time) (Event, error) {
 	if _, err := binary.Decode(b, binary.NativeEndian, &r); err != nil {
 		return Event{}, fmt.Errorf("decode event: %w", err)
 	}
+	if r.Family != 4 && r.Family != 6 {
+		return Event{}, fmt.Errorf("decode event: address family %d", r.Family)
+	}
 	return Event{
 		Time:        wall(r.TsNS),
 		Endpoint:    r.Endpoint,

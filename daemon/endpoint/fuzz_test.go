@@ -8,15 +8,12 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/rackwire/rackwire/daemon/identity"
 )
-
-// knownBugs turns on the checks of bugs that were reported but are not
-// fixed yet (RACKWIRE_FUZZ_KNOWN_BUGS=1 go test -run FuzzStateFile .).
-var knownBugs = os.Getenv("RACKWIRE_FUZZ_KNOWN_BUGS") != ""
 
 // FuzzStateFile feeds arbitrary bytes as <state_dir>/endpoints/NNNNN.json
 // to loadStates, the reader of the endpoint state files at start. A file
@@ -93,10 +90,8 @@ func FuzzStateFile(f *testing.F) {
 		if err != nil {
 			t.Fatalf("restored labels %v: %v", ep.Labels, err)
 		}
-		if knownBugs {
-			// Known bug (reported, not fixed here: state.go is not this
-			// change's to edit): parseState checks Labels but keeps them in
-			// the file's order, and does not check IdentityLabels at all,
+		{
+			// parseState canonicalises Labels and checks IdentityLabels,
 			// which Restore hands to the identity allocator.
 			if !canon.Equal(ep.Labels) || len(canon) != len(ep.Labels) || canon.String() != ep.Labels.String() {
 				t.Fatalf("restored labels %q are not canonical (%q)", ep.Labels.String(), canon.String())
@@ -125,11 +120,23 @@ func FuzzStateFile(f *testing.F) {
 }
 
 // fuzzDir is a fresh directory for one fuzz input: on tmpfs when there is
-// one, so that the fsyncs of the code under test cost nothing.
+// one, so that the fsyncs of the code under test cost nothing. A fuzz
+// worker stopped at the end of -fuzztime skips its cleanups: directories
+// of earlier runs older than ten minutes are removed on the first call.
 func fuzzDir(t *testing.T) string {
+	sweepOnce.Do(func() {
+		old, _ := filepath.Glob("/dev/shm/rackwire-fuzz-*")
+		for _, d := range old {
+			if fi, err := os.Stat(d); err == nil && time.Since(fi.ModTime()) > 10*time.Minute {
+				os.RemoveAll(d)
+			}
+		}
+	})
 	if d, err := os.MkdirTemp("/dev/shm", "rackwire-fuzz-"); err == nil {
 		t.Cleanup(func() { os.RemoveAll(d) })
 		return d
 	}
 	return t.TempDir()
 }
+
+var sweepOnce sync.Once

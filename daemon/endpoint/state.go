@@ -130,8 +130,14 @@ func parseState(path, idStr string) (Endpoint, error) {
 	if err := checkName(ep.Name); err != nil {
 		return Endpoint{}, err
 	}
-	if _, err := checkLabels(ep.Labels); err != nil {
+
+	if ep.Labels, err = checkLabels(ep.Labels); err != nil {
 		return Endpoint{}, err
+	}
+	// Identity labels go to the allocator at Restore: the same checks as
+	// Add's (canonical order, no reserved: keys).
+	if ep.IdentityLabels, err = checkLabels(ep.IdentityLabels); err != nil {
+		return Endpoint{}, fmt.Errorf("identity labels: %w", err)
 	}
 	switch ep.State {
 	case StateCreating, StateReady, StateLost:

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -112,11 +113,23 @@ func isZeroState(st state) bool {
 }
 
 // fuzzDir is a fresh directory for one fuzz input: on tmpfs when there is
-// one, so that the fsyncs of the code under test cost nothing.
+// one, so that the fsyncs of the code under test cost nothing. A fuzz
+// worker stopped at the end of -fuzztime skips its cleanups: directories
+// of earlier runs older than ten minutes are removed on the first call.
 func fuzzDir(t *testing.T) string {
+	sweepOnce.Do(func() {
+		old, _ := filepath.Glob("/dev/shm/rackwire-fuzz-*")
+		for _, d := range old {
+			if fi, err := os.Stat(d); err == nil && time.Since(fi.ModTime()) > 10*time.Minute {
+				os.RemoveAll(d)
+			}
+		}
+	})
 	if d, err := os.MkdirTemp("/dev/shm", "rackwire-fuzz-"); err == nil {
 		t.Cleanup(func() { os.RemoveAll(d) })
 		return d
 	}
 	return t.TempDir()
 }
+
+var sweepOnce sync.Once

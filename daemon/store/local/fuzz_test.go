@@ -8,21 +8,34 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/rackwire/rackwire/daemon/store"
 )
 
-// fuzzDir is a fresh directory for one fuzz input, on tmpfs when there is
-// one (the store fsyncs every write).
+// fuzzDir is a fresh directory for one fuzz input: on tmpfs when there is
+// one, so that the fsyncs of the code under test cost nothing. A fuzz
+// worker stopped at the end of -fuzztime skips its cleanups: directories
+// of earlier runs older than ten minutes are removed on the first call.
 func fuzzDir(t testing.TB) string {
+	sweepOnce.Do(func() {
+		old, _ := filepath.Glob("/dev/shm/rackwire-fuzz-*")
+		for _, d := range old {
+			if fi, err := os.Stat(d); err == nil && time.Since(fi.ModTime()) > 10*time.Minute {
+				os.RemoveAll(d)
+			}
+		}
+	})
 	if d, err := os.MkdirTemp("/dev/shm", "rackwire-fuzz-"); err == nil {
 		t.Cleanup(func() { os.RemoveAll(d) })
 		return d
 	}
 	return t.TempDir()
 }
+
+var sweepOnce sync.Once
 
 // storeTemplate is a store file with a few hundred keys of the real
 // layout, over several pages.
