@@ -13,9 +13,11 @@
 package birdconf
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -159,10 +161,42 @@ func (c *Config) check() error {
 	if err := checkCommunities(c.Communities); err != nil {
 		return bad("%v", err)
 	}
+	if c.ScanTime > maxWait {
+		return bad("scan time %v is longer than a day", c.ScanTime)
+	}
 	names := map[string]bool{}
 	for _, p := range c.Peers {
 		if !validName(p.Name) || strings.HasPrefix(p.Name, "rw_") {
 			return bad("peer name %q is not a usable BIRD protocol name (letters, digits, '_'; not starting with rw_)", p.Name)
+		}
+		if IsBirdWord(p.Name) {
+			return bad("peer name %q is a word BIRD reserves; pick another (e.g. %s_1 or %s)", p.Name, p.Name, strings.ToUpper(p.Name))
+		}
+		if len(p.Name) > maxPeerName {
+			return bad("peer name %q is longer than %d characters (BIRD's symbols hold 64, and rackwire prefixes filter names)", p.Name, maxPeerName)
+		}
+		for _, a := range []netip.Addr{p.Address, p.SourceAddress} {
+			if z := a.Zone(); z != "" && !reZone.MatchString(z) {
+				return bad("peer %s: zone %q of %v: BIRD takes only letters, digits and '_' there; use a peer address without the zone or an interface name of those characters", p.Name, z, a)
+			}
+		}
+		if p.Multihop < 0 || p.Multihop > 255 {
+			return bad("peer %s: multihop %d is out of range 0..255", p.Name, p.Multihop)
+		}
+		if p.HoldTime != 0 && (p.HoldTime < 3 || p.HoldTime > 65535) {
+			return bad("peer %s: hold time %d is out of range (0 or 3..65535)", p.Name, p.HoldTime)
+		}
+		if hold := cmp.Or(p.HoldTime, birdHoldTime); p.KeepaliveTime < 0 || p.KeepaliveTime > hold {
+			return bad("peer %s: keepalive time %d must be between 0 and the hold time (%d)", p.Name, p.KeepaliveTime, hold)
+		}
+		if p.BFDMinRx > maxBFDInterval || p.BFDMinTx > maxBFDInterval {
+			return bad("peer %s: BFD intervals must be below %v", p.Name, maxBFDInterval)
+		}
+		if p.BFDMultiplier < 0 || p.BFDMultiplier > 255 {
+			return bad("peer %s: BFD multiplier %d is out of range 0..255", p.Name, p.BFDMultiplier)
+		}
+		if p.ErrorWait > maxWait {
+			return bad("peer %s: error wait %v is longer than a day", p.Name, p.ErrorWait)
 		}
 		if names[p.Name] {
 			return bad("peer name %q is used twice", p.Name)
@@ -183,8 +217,8 @@ func (c *Config) check() error {
 		if strings.ContainsAny(p.Password, "\"\\\n\r") {
 			return bad("peer %s: the password contains a quote, a backslash or a line break, which BIRD cannot quote", p.Name)
 		}
-		if p.Interface != "" && strings.ContainsAny(p.Interface, "\"*?\\ ") {
-			return bad("peer %s: interface %q is not an interface name", p.Name, p.Interface)
+		if p.Interface != "" && !reIfName.MatchString(p.Interface) {
+			return bad("peer %s: interface %q is not an interface name (1..15 of letters, digits, '.', '_', '-')", p.Name, p.Interface)
 		}
 		if err := checkCommunities(p.Communities); err != nil {
 			return bad("peer %s: %v", p.Name, err)
@@ -192,6 +226,28 @@ func (c *Config) check() error {
 	}
 	return nil
 }
+
+// Limits of what BIRD accepts, so that Render never writes a file that
+// `bird -p` refuses (FuzzRenderBird checks it against the real bird).
+const (
+	// maxPeerName: BIRD symbols hold 64 characters and the longest name
+	// derived from a peer's is rw_export_NAME.
+	maxPeerName = 64 - len("rw_export_")
+	// birdHoldTime is BIRD's default hold time, the bound of keepalive
+	// when no hold time is set.
+	birdHoldTime = 240
+	// maxBFDInterval: BIRD keeps BFD intervals in 32-bit microseconds.
+	maxBFDInterval = time.Duration(1<<32-1) * time.Microsecond
+	// maxWait bounds scan and error wait times, written in seconds.
+	maxWait = 24 * time.Hour
+)
+
+var (
+	// reZone: BIRD reads an address's zone as a plain word.
+	reZone = regexp.MustCompile(`^[A-Za-z0-9_]+$`)
+	// reIfName is a Linux interface name BIRD can take in a string.
+	reIfName = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}$`)
+)
 
 func validName(s string) bool {
 	if s == "" || len(s) > 64 {
@@ -293,7 +349,14 @@ func Render(c Config) (string, error) {
 	}
 	var b strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
-	version := c.Version
+	// The version goes into a comment line: no control character may
+	// start another line.
+	version := strings.Map(func(r rune) rune {
+		if r < ' ' || r == 0x7f {
+			return '?'
+		}
+		return r
+	}, c.Version)
 	if version == "" {
 		version = "unknown"
 	}

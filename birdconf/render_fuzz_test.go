@@ -5,8 +5,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -161,59 +159,6 @@ func fuzzConfig(sh []byte, name, password, iface, version, community string) Con
 	return c
 }
 
-var reBirdErr = regexp.MustCompile(`\.conf:(\d+):\d+ ([^\n]*)`)
-
-// knownRefusal names the known gap a BIRD refusal of Render's text falls
-// in, "" for a refusal of another kind. Each gap is a config Render
-// accepts and BIRD refuses that was reported and is not fixed yet
-// (render.go is not this change's to edit); the refusal is classified by
-// BIRD's own message and the line it points at, so that a new kind of
-// refusal still fails. RACKWIRE_FUZZ_KNOWN_BUGS=1 turns the list off.
-func knownRefusal(c Config, text string, err error) string {
-	m := reBirdErr.FindStringSubmatch(err.Error())
-	if m == nil {
-		return ""
-	}
-	n, _ := strconv.Atoi(m[1])
-	lines := strings.Split(text, "\n")
-	line := ""
-	if n >= 1 && n <= len(lines) {
-		line = strings.TrimSpace(lines[n-1])
-	}
-	msg := m[2]
-	switch {
-	case n <= 3 && strings.Contains(c.Version, "\n"):
-		// Version is written into the header comment unchecked: a line
-		// break in it starts a config line.
-		return "version with a line break"
-	case strings.HasPrefix(msg, "syntax error, unexpected") && (strings.HasPrefix(line, "protocol bgp ") || strings.HasPrefix(line, "filter rw_")):
-		// validName allows BIRD keywords (bgp, filter, rr, route,
-		// internal, gateway, ...) as peer names; they are not symbols.
-		return "peer name is a BIRD keyword"
-	case msg == "Symbol too long":
-		// validName allows 64 characters; rw_export_NAME must fit in 64.
-		return "peer name too long for rw_export_NAME"
-	case (strings.HasPrefix(line, "neighbor ") || strings.HasPrefix(line, "local ")) && strings.Contains(line, "%"):
-		// A zoned address is written as ADDR%ZONE; BIRD reads only a
-		// plain word as the zone (eth0.100, br-ext, ... are refused).
-		return "peer address with a zone"
-	case strings.HasPrefix(line, "interface \""):
-		// Interface names are checked for quotes but not line breaks or
-		// other characters BIRD's strings refuse.
-		return "interface name BIRD cannot quote"
-	case strings.HasPrefix(msg, "Multihop must be in range"),
-		strings.HasPrefix(msg, "Hold time must be in range"),
-		strings.HasPrefix(msg, "Keepalive time"),
-		msg == "Number out of range" && (strings.Contains(line, "interval") || strings.HasPrefix(line, "error wait time") ||
-			strings.HasPrefix(line, "scan time") || strings.HasPrefix(line, "multiplier")):
-		// Timers and counts are not checked against BIRD's ranges
-		// (multihop 1..255, hold 3..65535 or 0, keepalive <= hold, which
-		// defaults to 240, intervals and waits below 2^32).
-		return "timer or count out of BIRD's range"
-	}
-	return ""
-}
-
 // FuzzRenderBird: whatever Render accepts, the real BIRD accepts
 // (`bird -p -c FILE`), and the same Config renders the same text. Every
 // input starts a bird process: run it with a short -fuzztime.
@@ -275,17 +220,10 @@ func FuzzRenderBird(f *testing.F) {
 		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
 		defer cancel()
 		if err := ParseCheck(ctx, bird, file); err != nil {
-			if gap := knownRefusal(c, text, err); gap != "" && !knownBugs {
-				t.Skipf("known gap (reported): %s", gap)
-			}
 			t.Fatalf("Render accepted a config BIRD refuses: %v\nconfig: %+v\n--- text:\n%s", err, c, text)
 		}
 	})
 }
-
-// knownBugs turns on the checks of bugs that were reported but are not
-// fixed yet (RACKWIRE_FUZZ_KNOWN_BUGS=1).
-var knownBugs = os.Getenv("RACKWIRE_FUZZ_KNOWN_BUGS") != ""
 
 // fuzzDir is a fresh directory for one fuzz input: on tmpfs when there is
 // one, so that the fsyncs of the code under test cost nothing. A fuzz

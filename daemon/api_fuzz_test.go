@@ -73,7 +73,7 @@ func fuzzManager(t testing.TB) *endpoint.Manager {
 	dir := t.TempDir()
 	m, err := endpoint.New(endpoint.Options{StateDir: dir}, nil, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
-		t.Skipf("endpoint manager: %v", err)
+		t.Fatalf("endpoint manager: %v", err)
 	}
 	t.Cleanup(func() { m.Close() })
 	return m

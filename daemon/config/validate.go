@@ -1,6 +1,7 @@
 package config
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -12,12 +13,16 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/rackwire/rackwire/birdconf"
 )
 
 var (
 	reNodeName  = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 	reCluster   = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$`)
 	reProtoName = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_]{0,31}$`)
+	// reZoneWord: BIRD reads an address's zone as a plain word.
+	reZoneWord  = regexp.MustCompile(`^[A-Za-z0-9_]+$`)
 	reCommunity = regexp.MustCompile(`^\d+:\d+(:\d+)?$`)
 	reLabelKey  = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._/:-]{0,252}\*?$`)
 )
@@ -263,13 +268,17 @@ func (c *Config) validateBGP(bad func(key, format string, args ...any), cidrs []
 		}
 		if !reProtoName.MatchString(p.Name) {
 			bad(key+".name", "%q is not usable as a BIRD protocol name; use letters, digits and '_' starting with a letter, e.g. \"tor_a\"", p.Name)
+		} else if birdconf.IsBirdWord(p.Name) {
+			bad(key+".name", "%q is a word BIRD reserves (a keyword or predefined symbol); pick another, e.g. \"%s_1\"", p.Name, p.Name)
 		}
 		if names[p.Name] {
 			bad(key+".name", "%q is used by another peer; peer names must be unique", p.Name)
 		}
 		names[p.Name] = true
-		if _, err := netip.ParseAddr(p.Address); err != nil {
+		if a, err := netip.ParseAddr(p.Address); err != nil {
 			bad(key+".address", "%q is not an IP address; write the router's address, e.g. \"10.1.1.1\"", p.Address)
+		} else if z := a.Zone(); z != "" && !reZoneWord.MatchString(z) {
+			bad(key+".address", "zone %q: BIRD takes only letters, digits and '_' after the %%; name the link so, or give a global address", z)
 		}
 		checkASN(key+".asn", p.ASN)
 		if p.SourceAddress != "" {
@@ -301,8 +310,8 @@ func (c *Config) validateBGP(bad func(key, format string, args ...any), cidrs []
 		if p.HoldTime != 0 && (p.HoldTime < 3 || p.HoldTime > 65535) {
 			bad(key+".hold_time", "%d is out of range; write 0 (BIRD's default) or 3..65535 seconds", p.HoldTime)
 		}
-		if p.KeepaliveTime != 0 && (p.KeepaliveTime < 1 || (p.HoldTime != 0 && p.KeepaliveTime*3 > p.HoldTime)) {
-			bad(key+".keepalive_time", "%d is out of range; write 1 second or more and at most a third of hold_time", p.KeepaliveTime)
+		if p.KeepaliveTime != 0 && (p.KeepaliveTime < 1 || p.KeepaliveTime*3 > cmp.Or(p.HoldTime, 240)) {
+			bad(key+".keepalive_time", "%d is out of range; write 1 second or more and at most a third of hold_time (BIRD's default hold time is 240)", p.KeepaliveTime)
 		}
 		if p.LocalPref < 0 || p.LocalPref > maxASN {
 			bad(key+".local_pref", "%d is out of range; write 0..4294967295", p.LocalPref)
