@@ -80,6 +80,37 @@ func (h *host) watchPolicyMap(id uint16, allowed map[string]bool, stop <-chan st
 	return func() ([]string, int) { wg.Wait(); return bad, reads }
 }
 
+// clientWeb plugs client and other into ch and web (serving) into wh,
+// imports the test policies and checks their verdicts: client -> web
+// allowed, other -> web dropped.
+func clientWeb(t *testing.T, f *fabric, ch, wh *host) (client, other, web *endpoint) {
+	t.Helper()
+	client = ch.addEndpoint(t, "client", "app=client")
+	other = ch.addEndpoint(t, "other", "app=other")
+	web = wh.addEndpoint(t, "web", "app=web")
+	web.serve(t)
+	importPolicy(t, f, ch)
+	if d, ok := client.waitProbe(web, true, 30*time.Second); !ok {
+		t.Fatalf("client -> web not allowed after %s", d)
+	}
+	if other.probe(web, 2*time.Second) {
+		t.Fatalf("other -> web allowed with the policy in force")
+	}
+	return client, other, web
+}
+
+// watchWeb starts watchPolicyMap on h's endpoint web with the keys its map
+// holds now; close stop, then wait for the violations and the read count.
+func (h *host) watchWeb(t *testing.T, stop <-chan struct{}) (wait func() ([]string, int)) {
+	t.Helper()
+	id := h.epID(t, "web")
+	before, err := h.policyKeys(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h.watchPolicyMap(id, before, stop)
+}
+
 // TestStoreDownAtStart restarts host B's agent while Consul is down, with
 // B's endpoint selected only by a policy that lives in Consul: at no instant
 // (read every 10 ms, from before the restart until well after Consul is
@@ -90,24 +121,9 @@ func TestStoreDownAtStart(t *testing.T) {
 	a, b := f.hosts[0], f.hosts[1]
 	a.start(t)
 	b.start(t)
-	client := a.addEndpoint(t, "client", "app=client")
-	other := a.addEndpoint(t, "other", "app=other")
-	web := b.addEndpoint(t, "web", "app=web")
-	web.serve(t)
-	importPolicy(t, f, a)
-	if d, ok := client.waitProbe(web, true, 30*time.Second); !ok {
-		t.Fatalf("client -> web not allowed after %s", d)
-	}
-	if other.probe(web, 2*time.Second) {
-		t.Fatalf("other -> web allowed before the restart")
-	}
-	id := b.epID(t, "web")
-	before, err := b.policyKeys(id)
-	if err != nil {
-		t.Fatal(err)
-	}
+	client, other, web := clientWeb(t, f, a, b)
 	stop := make(chan struct{})
-	wait := b.watchPolicyMap(id, before, stop)
+	wait := b.watchWeb(t, stop)
 
 	b.stop()
 	f.consul.Kill()
@@ -171,14 +187,7 @@ func TestHostileStoreData(t *testing.T) {
 	a, b := f.hosts[0], f.hosts[1]
 	a.start(t)
 	b.start(t)
-	client := a.addEndpoint(t, "client", "app=client")
-	other := a.addEndpoint(t, "other", "app=other")
-	web := b.addEndpoint(t, "web", "app=web")
-	web.serve(t)
-	importPolicy(t, f, a)
-	if d, ok := client.waitProbe(web, true, 30*time.Second); !ok {
-		t.Fatalf("client -> web not allowed after %s", d)
-	}
+	client, other, web := clientWeb(t, f, a, b)
 	var webEP rwapi.Endpoint
 	b.cliJSON(t, &webEP, "endpoint", "get", "web")
 	ipcacheOf := map[string]string{}
@@ -415,24 +424,9 @@ session_prefix "" { policy = "write" }`)
 		t.Fatal(err)
 	}
 	a.start(t)
-	client := a.addEndpoint(t, "client", "app=client")
-	other := a.addEndpoint(t, "other", "app=other")
-	web := a.addEndpoint(t, "web", "app=web")
-	web.serve(t)
-	importPolicy(t, f, a)
-	if d, ok := client.waitProbe(web, true, 30*time.Second); !ok {
-		t.Fatalf("client -> web not allowed after %s", d)
-	}
-	if other.probe(web, 2*time.Second) {
-		t.Fatalf("other -> web allowed before the restart")
-	}
-	id := a.epID(t, "web")
-	before, err := a.policyKeys(id)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, other, web := clientWeb(t, f, a, a)
 	stop := make(chan struct{})
-	wait := a.watchPolicyMap(id, before, stop)
+	wait := a.watchWeb(t, stop)
 
 	a.stop()
 	if err := os.WriteFile(a.tokenFile, []byte(noPolicies+"\n"), 0o600); err != nil {
