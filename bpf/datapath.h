@@ -2,8 +2,9 @@
 /*
  * The per-packet decision shared by both attach points of an endpoint's
  * host-side veth: parse, find the local endpoint and the remote identity,
- * let connection tracking pass established flows and replies, ask the
- * endpoint's policy map about new flows, count and report the verdict.
+ * let connection tracking pass replies, ask the endpoint's policy map about
+ * every other packet (cached per CT entry by policy revision), count and
+ * report the verdict.
  *
  * With rw_redirect_peer set, a packet an endpoint sends to another local
  * endpoint is also decided for the receiver (its ingress, exactly as
@@ -47,32 +48,73 @@ static __always_inline int __rw_drop(struct __sk_buff *skb, struct flow *f, __u8
 }
 
 /*
+ * rw_policy_verdict asks endpoint ep's policy map about a packet from or to
+ * remote_id; pkt packs the policy port (host order, bits 0-15), the
+ * protocol (16-23) and the direction (24-31). Returns 0 (allow), a policy
+ * drop reason, or RW_DROP_NO_POLICY_MAP.
+ *
+ * A global function: the verifier checks it once, not once per path that
+ * reaches it (both rw_enforce calls of rw_from_endpoint, established and
+ * new flows), which keeps the programs far below its complexity limit.
+ * Global functions need kernel 5.6 (below the ring buffer's 5.8).
+ */
+__attribute__((noinline)) int rw_policy_verdict(struct __sk_buff *skb, __u32 ep, __u32 remote_id,
+						__u32 pkt)
+{
+	__u32 epid = ep & 0xffff;
+	void *pmap;
+
+	if (!skb)
+		return RW_DROP_INVALID_PACKET;
+	pmap = bpf_map_lookup_elem(&rw_policy_maps, &epid);
+	if (!pmap)
+		return RW_DROP_NO_POLICY_MAP;
+	return policy_lookup(pmap, remote_id, bpf_htons(pkt & 0xffff), (pkt >> 16) & 0xff,
+			     (pkt >> 24) & 1, skb->len);
+}
+
+/*
  * rw_enforce decides a parsed packet for the local endpoint epi in dir:
  * connection tracking, ICMP errors, identity, policy, audit, CT entry,
  * counters and events. ifindex is epi's host-side veth, for the events.
  * Returns RW_PASS or RW_DROP.
+ *
+ * Replies and related ICMP errors pass on connection tracking alone. Every
+ * other packet is decided by the current policy: an established packet
+ * whose CT entry was checked at the current rw_verdict_rev passes at the
+ * cost of one array lookup; otherwise identity and policy are looked up
+ * again. If policy now refuses the flow, the packet is dropped and the
+ * entry deleted, so the replies stop too (audit mode forwards, reports and
+ * keeps the entry).
  */
 static __always_inline int rw_enforce(struct __sk_buff *skb, struct flow *f, __u8 dir,
 				      struct endpoint_info *epi, __u32 ifindex)
 {
-	__u32 remote_id, src_id, dst_id, epid;
+	__u32 remote_id, src_id, dst_id, rev;
 	__u16 ep = epi->endpoint;
+	struct ct_entry *e = 0;
+	union ct_key key = {};
 	__u8 audit;
-	void *pmap;
 	int ret;
 
-	/* Established flows and replies need neither identity nor policy. */
-	if (ct_lookup(f, dir, ep, skb->len) != RW_CT_NEW) {
+	ret = ct_lookup(f, dir, ep, skb->len, &key, &e);
+	if (ret == RW_CT_REPLY) {
 		metrics_count(RW_REASON_FORWARDED, dir, skb->len);
 		return RW_PASS;
 	}
-
-	/*
-	 * An ICMP error about a tracked flow (packet too big, unreachable,
-	 * time exceeded) is related: it passes like a reply. The quoted
-	 * packet went the other way.
-	 */
-	if (f->inner_off) {
+	/* Read before the policy lookup: a change after it bumps it again. */
+	rev = verdict_rev();
+	if (ret == RW_CT_ESTABLISHED) {
+		if (e && e->rev == rev) {
+			metrics_count(RW_REASON_FORWARDED, dir, skb->len);
+			return RW_PASS;
+		}
+	} else if (f->inner_off) {
+		/*
+		 * An ICMP error about a tracked flow (packet too big,
+		 * unreachable, time exceeded) is related: it passes like a
+		 * reply. The quoted packet went the other way.
+		 */
 		struct flow inner = {};
 
 		if (parse_inner(skb, f, &inner) == 0 && inner.family == f->family &&
@@ -82,6 +124,11 @@ static __always_inline int rw_enforce(struct __sk_buff *skb, struct flow *f, __u
 		}
 	}
 
+	/*
+	 * A new flow, or an established one checked at an older revision:
+	 * the same decision for both (one path keeps the verifier's work
+	 * small); ct_allow tells them apart again by the entry.
+	 */
 	remote_id = ipcache_lookup(dir == RW_DIR_EGRESS ? f->daddr : f->saddr, f->family);
 	src_id = dir == RW_DIR_EGRESS ? epi->identity : remote_id;
 	dst_id = dir == RW_DIR_EGRESS ? remote_id : epi->identity;
@@ -89,25 +136,24 @@ static __always_inline int rw_enforce(struct __sk_buff *skb, struct flow *f, __u
 	    (f->tcp_flags & (TCP_FLAG_RST | TCP_FLAG_FIN)))
 		return __rw_drop(skb, f, dir, ep, src_id, dst_id, RW_DROP_CT_INVALID, ifindex);
 
-	epid = ep;
-	pmap = bpf_map_lookup_elem(&rw_policy_maps, &epid);
-	if (!pmap)
-		return __rw_drop(skb, f, dir, ep, src_id, dst_id, RW_DROP_NO_POLICY_MAP, ifindex);
-
+	ret = rw_policy_verdict(skb, ep, remote_id,
+				bpf_ntohs(f->policy_port) | (__u32)f->proto << 16 | (__u32)dir << 24);
 	audit = rw_audit_mode || (epi->flags & RW_EP_F_AUDIT);
-	ret = policy_lookup(pmap, remote_id, f->policy_port, f->proto, dir, skb->len);
+	if (ret < 0 && (!audit || ret == RW_DROP_NO_POLICY_MAP)) {
+		/* Revoked (or never allowed): the flow stops in both directions. */
+		ct_delete(f, &key);
+		return __rw_drop(skb, f, dir, ep, src_id, dst_id, ret, ifindex);
+	}
 	if (ret < 0) {
-		if (!audit)
-			return __rw_drop(skb, f, dir, ep, src_id, dst_id, ret, ifindex);
 		metrics_count(RW_AUDIT_WOULD_DENY, dir, skb->len);
 		event_emit(skb, f, dir, ep, src_id, dst_id, RW_VERDICT_AUDIT, ret, ifindex);
-		ct_create(f, dir, ep, skb->len, remote_id, 1);
+		ct_allow(f, &key, skb->len, remote_id, 1, rev);
 		return RW_PASS;
 	}
 
-	ct_create(f, dir, ep, skb->len, remote_id, 0);
 	metrics_count(RW_REASON_FORWARDED, dir, skb->len);
-	if (rw_trace_sample && bpf_get_prandom_u32() % rw_trace_sample == 0)
+	if (ct_allow(f, &key, skb->len, remote_id, 0, rev) && rw_trace_sample &&
+	    bpf_get_prandom_u32() % rw_trace_sample == 0)
 		event_emit(skb, f, dir, ep, src_id, dst_id,
 			   RW_VERDICT_FORWARDED, RW_REASON_FORWARDED, ifindex);
 	return RW_PASS;

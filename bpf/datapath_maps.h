@@ -56,21 +56,42 @@ struct {
 	__array(values, struct rw_policy_map);
 } rw_policy_maps SEC(".maps");
 
-/* rw_ct4: IPv4 connection tracking. */
-struct {
+/*
+ * Connection tracking: TCP and everything else in separate LRU maps per
+ * family, so churn of short UDP/ICMP flows never evicts TCP connections.
+ */
+struct rw_ct4_map {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 524288);
 	__type(key, struct ct4_key);
 	__type(value, struct ct_entry);
-} rw_ct4 SEC(".maps");
+};
 
-/* rw_ct6: IPv6 connection tracking. */
-struct {
+struct rw_ct6_map {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 524288);
 	__type(key, struct ct6_key);
 	__type(value, struct ct_entry);
-} rw_ct6 SEC(".maps");
+};
+
+struct rw_ct4_map rw_ct4_tcp SEC(".maps");
+struct rw_ct4_map rw_ct4_other SEC(".maps");
+struct rw_ct6_map rw_ct6_tcp SEC(".maps");
+struct rw_ct6_map rw_ct6_other SEC(".maps");
+
+/*
+ * rw_verdict_rev: slot 0 holds the policy revision. The agent bumps it after
+ * every change that can alter a verdict (policy maps, allow-all, audit flag,
+ * ipcache, endpoints); a CT entry remembers the revision its flow was last
+ * allowed at, and a non-reply packet of an entry with an older one is
+ * decided by policy again.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} rw_verdict_rev SEC(".maps");
 
 /* rw_events: drop, audit and sampled trace events. */
 struct {

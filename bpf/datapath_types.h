@@ -108,7 +108,7 @@ struct policy_value {
 	__u64 bytes;
 };
 
-/* rw_ct4 key: the tuple of the first packet of a flow, per endpoint and direction. */
+/* rw_ct4_tcp / rw_ct4_other key: the tuple of the first packet of a flow, per endpoint and direction. */
 struct ct4_key {
 	__be32 saddr;
 	__be32 daddr;
@@ -119,7 +119,7 @@ struct ct4_key {
 	__u16 endpoint;
 };
 
-/* rw_ct6 key: as ct4_key for IPv6. */
+/* rw_ct6_tcp / rw_ct6_other key: as ct4_key for IPv6. */
 struct ct6_key {
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -130,16 +130,28 @@ struct ct6_key {
 	__u16 endpoint;
 };
 
-/* rw_ct4 / rw_ct6 value. */
+/* ct_entry.flags */
+#define RW_CT_F_AUDIT        0x01 /* forwarded by audit mode: policy would drop it */
+#define RW_CT_F_SEEN_NON_SYN 0x02 /* TCP: a packet without SYN was seen (established) */
+#define RW_CT_F_FIN_FWD      0x04 /* TCP: FIN seen in the first packet's direction */
+#define RW_CT_F_FIN_REV      0x08 /* TCP: FIN seen in the reply direction */
+#define RW_CT_F_RST          0x10 /* TCP: RST seen */
+
+/*
+ * rw_ct{4,6}_{tcp,other} value, 48 bytes (layout version 2; version 1 had
+ * 40 bytes without rev in the single maps rw_ct4 / rw_ct6).
+ */
 struct ct_entry {
 	__u64 created_ns;   /* CLOCK_MONOTONIC */
 	__u64 last_seen_ns; /* CLOCK_MONOTONIC */
 	__u64 packets;      /* both directions */
 	__u64 bytes;
 	__u32 remote_identity;
+	__u32 rev;          /* rw_verdict_rev when policy last allowed (or audited) the flow */
 	__u8 tcp_flags;     /* union of flags seen */
-	__u8 flags;         /* 1 = created in audit mode */
-	__u16 pad;
+	__u8 flags;         /* RW_CT_F_* */
+	__u16 pad1;
+	__u32 pad2;
 };
 
 /* rw_metrics value, per CPU; key = -reason * 2 + direction. */

@@ -16,21 +16,25 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	FromEndpointMapRwCt4            = "rw_ct4"
-	FromEndpointMapRwCt6            = "rw_ct6"
-	FromEndpointMapRwEndpoints      = "rw_endpoints"
-	FromEndpointMapRwEvents         = "rw_events"
-	FromEndpointMapRwIpcache        = "rw_ipcache"
-	FromEndpointMapRwIpcacheLpm     = "rw_ipcache_lpm"
-	FromEndpointMapRwMetrics        = "rw_metrics"
-	FromEndpointMapRwPolicyMaps     = "rw_policy_maps"
-	FromEndpointProgRwFromEndpoint  = "rw_from_endpoint"
-	FromEndpointVarRwAuditMode      = "rw_audit_mode"
-	FromEndpointVarRwCtTimeoutClose = "rw_ct_timeout_close"
-	FromEndpointVarRwCtTimeoutOther = "rw_ct_timeout_other"
-	FromEndpointVarRwCtTimeoutTcp   = "rw_ct_timeout_tcp"
-	FromEndpointVarRwRedirectPeer   = "rw_redirect_peer"
-	FromEndpointVarRwTraceSample    = "rw_trace_sample"
+	FromEndpointMapRwCt4Other        = "rw_ct4_other"
+	FromEndpointMapRwCt4Tcp          = "rw_ct4_tcp"
+	FromEndpointMapRwCt6Other        = "rw_ct6_other"
+	FromEndpointMapRwCt6Tcp          = "rw_ct6_tcp"
+	FromEndpointMapRwEndpoints       = "rw_endpoints"
+	FromEndpointMapRwEvents          = "rw_events"
+	FromEndpointMapRwIpcache         = "rw_ipcache"
+	FromEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
+	FromEndpointMapRwMetrics         = "rw_metrics"
+	FromEndpointMapRwPolicyMaps      = "rw_policy_maps"
+	FromEndpointMapRwVerdictRev      = "rw_verdict_rev"
+	FromEndpointProgRwFromEndpoint   = "rw_from_endpoint"
+	FromEndpointVarRwAuditMode       = "rw_audit_mode"
+	FromEndpointVarRwCtTimeoutClose  = "rw_ct_timeout_close"
+	FromEndpointVarRwCtTimeoutOther  = "rw_ct_timeout_other"
+	FromEndpointVarRwCtTimeoutTcp    = "rw_ct_timeout_tcp"
+	FromEndpointVarRwCtTimeoutTcpSyn = "rw_ct_timeout_tcp_syn"
+	FromEndpointVarRwRedirectPeer    = "rw_redirect_peer"
+	FromEndpointVarRwTraceSample     = "rw_trace_sample"
 )
 
 // LoadFromEndpoint returns the embedded CollectionSpec for FromEndpoint.
@@ -82,26 +86,30 @@ type FromEndpointProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type FromEndpointMapSpecs struct {
-	RwCt4        *ebpf.MapSpec `ebpf:"rw_ct4"`
-	RwCt6        *ebpf.MapSpec `ebpf:"rw_ct6"`
+	RwCt4Other   *ebpf.MapSpec `ebpf:"rw_ct4_other"`
+	RwCt4Tcp     *ebpf.MapSpec `ebpf:"rw_ct4_tcp"`
+	RwCt6Other   *ebpf.MapSpec `ebpf:"rw_ct6_other"`
+	RwCt6Tcp     *ebpf.MapSpec `ebpf:"rw_ct6_tcp"`
 	RwEndpoints  *ebpf.MapSpec `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.MapSpec `ebpf:"rw_events"`
 	RwIpcache    *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.MapSpec `ebpf:"rw_metrics"`
 	RwPolicyMaps *ebpf.MapSpec `ebpf:"rw_policy_maps"`
+	RwVerdictRev *ebpf.MapSpec `ebpf:"rw_verdict_rev"`
 }
 
 // FromEndpointVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type FromEndpointVariableSpecs struct {
-	RwAuditMode      *ebpf.VariableSpec `ebpf:"rw_audit_mode"`
-	RwCtTimeoutClose *ebpf.VariableSpec `ebpf:"rw_ct_timeout_close"`
-	RwCtTimeoutOther *ebpf.VariableSpec `ebpf:"rw_ct_timeout_other"`
-	RwCtTimeoutTcp   *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp"`
-	RwRedirectPeer   *ebpf.VariableSpec `ebpf:"rw_redirect_peer"`
-	RwTraceSample    *ebpf.VariableSpec `ebpf:"rw_trace_sample"`
+	RwAuditMode       *ebpf.VariableSpec `ebpf:"rw_audit_mode"`
+	RwCtTimeoutClose  *ebpf.VariableSpec `ebpf:"rw_ct_timeout_close"`
+	RwCtTimeoutOther  *ebpf.VariableSpec `ebpf:"rw_ct_timeout_other"`
+	RwCtTimeoutTcp    *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp"`
+	RwCtTimeoutTcpSyn *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp_syn"`
+	RwRedirectPeer    *ebpf.VariableSpec `ebpf:"rw_redirect_peer"`
+	RwTraceSample     *ebpf.VariableSpec `ebpf:"rw_trace_sample"`
 }
 
 // FromEndpointObjects contains all objects after they have been loaded into the kernel.
@@ -124,26 +132,32 @@ func (o *FromEndpointObjects) Close() error {
 //
 // It can be passed to LoadFromEndpointObjects or ebpf.CollectionSpec.LoadAndAssign.
 type FromEndpointMaps struct {
-	RwCt4        *ebpf.Map `ebpf:"rw_ct4"`
-	RwCt6        *ebpf.Map `ebpf:"rw_ct6"`
+	RwCt4Other   *ebpf.Map `ebpf:"rw_ct4_other"`
+	RwCt4Tcp     *ebpf.Map `ebpf:"rw_ct4_tcp"`
+	RwCt6Other   *ebpf.Map `ebpf:"rw_ct6_other"`
+	RwCt6Tcp     *ebpf.Map `ebpf:"rw_ct6_tcp"`
 	RwEndpoints  *ebpf.Map `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.Map `ebpf:"rw_events"`
 	RwIpcache    *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.Map `ebpf:"rw_metrics"`
 	RwPolicyMaps *ebpf.Map `ebpf:"rw_policy_maps"`
+	RwVerdictRev *ebpf.Map `ebpf:"rw_verdict_rev"`
 }
 
 func (m *FromEndpointMaps) Close() error {
 	return _FromEndpointClose(
-		m.RwCt4,
-		m.RwCt6,
+		m.RwCt4Other,
+		m.RwCt4Tcp,
+		m.RwCt6Other,
+		m.RwCt6Tcp,
 		m.RwEndpoints,
 		m.RwEvents,
 		m.RwIpcache,
 		m.RwIpcacheLpm,
 		m.RwMetrics,
 		m.RwPolicyMaps,
+		m.RwVerdictRev,
 	)
 }
 
@@ -151,12 +165,13 @@ func (m *FromEndpointMaps) Close() error {
 //
 // It can be passed to LoadFromEndpointObjects or ebpf.CollectionSpec.LoadAndAssign.
 type FromEndpointVariables struct {
-	RwAuditMode      *ebpf.Variable `ebpf:"rw_audit_mode"`
-	RwCtTimeoutClose *ebpf.Variable `ebpf:"rw_ct_timeout_close"`
-	RwCtTimeoutOther *ebpf.Variable `ebpf:"rw_ct_timeout_other"`
-	RwCtTimeoutTcp   *ebpf.Variable `ebpf:"rw_ct_timeout_tcp"`
-	RwRedirectPeer   *ebpf.Variable `ebpf:"rw_redirect_peer"`
-	RwTraceSample    *ebpf.Variable `ebpf:"rw_trace_sample"`
+	RwAuditMode       *ebpf.Variable `ebpf:"rw_audit_mode"`
+	RwCtTimeoutClose  *ebpf.Variable `ebpf:"rw_ct_timeout_close"`
+	RwCtTimeoutOther  *ebpf.Variable `ebpf:"rw_ct_timeout_other"`
+	RwCtTimeoutTcp    *ebpf.Variable `ebpf:"rw_ct_timeout_tcp"`
+	RwCtTimeoutTcpSyn *ebpf.Variable `ebpf:"rw_ct_timeout_tcp_syn"`
+	RwRedirectPeer    *ebpf.Variable `ebpf:"rw_redirect_peer"`
+	RwTraceSample     *ebpf.Variable `ebpf:"rw_trace_sample"`
 }
 
 // FromEndpointPrograms contains all programs after they have been loaded into the kernel.

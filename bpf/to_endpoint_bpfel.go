@@ -16,21 +16,25 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	ToEndpointMapRwCt4            = "rw_ct4"
-	ToEndpointMapRwCt6            = "rw_ct6"
-	ToEndpointMapRwEndpoints      = "rw_endpoints"
-	ToEndpointMapRwEvents         = "rw_events"
-	ToEndpointMapRwIpcache        = "rw_ipcache"
-	ToEndpointMapRwIpcacheLpm     = "rw_ipcache_lpm"
-	ToEndpointMapRwMetrics        = "rw_metrics"
-	ToEndpointMapRwPolicyMaps     = "rw_policy_maps"
-	ToEndpointProgRwToEndpoint    = "rw_to_endpoint"
-	ToEndpointVarRwAuditMode      = "rw_audit_mode"
-	ToEndpointVarRwCtTimeoutClose = "rw_ct_timeout_close"
-	ToEndpointVarRwCtTimeoutOther = "rw_ct_timeout_other"
-	ToEndpointVarRwCtTimeoutTcp   = "rw_ct_timeout_tcp"
-	ToEndpointVarRwRedirectPeer   = "rw_redirect_peer"
-	ToEndpointVarRwTraceSample    = "rw_trace_sample"
+	ToEndpointMapRwCt4Other        = "rw_ct4_other"
+	ToEndpointMapRwCt4Tcp          = "rw_ct4_tcp"
+	ToEndpointMapRwCt6Other        = "rw_ct6_other"
+	ToEndpointMapRwCt6Tcp          = "rw_ct6_tcp"
+	ToEndpointMapRwEndpoints       = "rw_endpoints"
+	ToEndpointMapRwEvents          = "rw_events"
+	ToEndpointMapRwIpcache         = "rw_ipcache"
+	ToEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
+	ToEndpointMapRwMetrics         = "rw_metrics"
+	ToEndpointMapRwPolicyMaps      = "rw_policy_maps"
+	ToEndpointMapRwVerdictRev      = "rw_verdict_rev"
+	ToEndpointProgRwToEndpoint     = "rw_to_endpoint"
+	ToEndpointVarRwAuditMode       = "rw_audit_mode"
+	ToEndpointVarRwCtTimeoutClose  = "rw_ct_timeout_close"
+	ToEndpointVarRwCtTimeoutOther  = "rw_ct_timeout_other"
+	ToEndpointVarRwCtTimeoutTcp    = "rw_ct_timeout_tcp"
+	ToEndpointVarRwCtTimeoutTcpSyn = "rw_ct_timeout_tcp_syn"
+	ToEndpointVarRwRedirectPeer    = "rw_redirect_peer"
+	ToEndpointVarRwTraceSample     = "rw_trace_sample"
 )
 
 // LoadToEndpoint returns the embedded CollectionSpec for ToEndpoint.
@@ -82,26 +86,30 @@ type ToEndpointProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ToEndpointMapSpecs struct {
-	RwCt4        *ebpf.MapSpec `ebpf:"rw_ct4"`
-	RwCt6        *ebpf.MapSpec `ebpf:"rw_ct6"`
+	RwCt4Other   *ebpf.MapSpec `ebpf:"rw_ct4_other"`
+	RwCt4Tcp     *ebpf.MapSpec `ebpf:"rw_ct4_tcp"`
+	RwCt6Other   *ebpf.MapSpec `ebpf:"rw_ct6_other"`
+	RwCt6Tcp     *ebpf.MapSpec `ebpf:"rw_ct6_tcp"`
 	RwEndpoints  *ebpf.MapSpec `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.MapSpec `ebpf:"rw_events"`
 	RwIpcache    *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.MapSpec `ebpf:"rw_metrics"`
 	RwPolicyMaps *ebpf.MapSpec `ebpf:"rw_policy_maps"`
+	RwVerdictRev *ebpf.MapSpec `ebpf:"rw_verdict_rev"`
 }
 
 // ToEndpointVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ToEndpointVariableSpecs struct {
-	RwAuditMode      *ebpf.VariableSpec `ebpf:"rw_audit_mode"`
-	RwCtTimeoutClose *ebpf.VariableSpec `ebpf:"rw_ct_timeout_close"`
-	RwCtTimeoutOther *ebpf.VariableSpec `ebpf:"rw_ct_timeout_other"`
-	RwCtTimeoutTcp   *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp"`
-	RwRedirectPeer   *ebpf.VariableSpec `ebpf:"rw_redirect_peer"`
-	RwTraceSample    *ebpf.VariableSpec `ebpf:"rw_trace_sample"`
+	RwAuditMode       *ebpf.VariableSpec `ebpf:"rw_audit_mode"`
+	RwCtTimeoutClose  *ebpf.VariableSpec `ebpf:"rw_ct_timeout_close"`
+	RwCtTimeoutOther  *ebpf.VariableSpec `ebpf:"rw_ct_timeout_other"`
+	RwCtTimeoutTcp    *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp"`
+	RwCtTimeoutTcpSyn *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp_syn"`
+	RwRedirectPeer    *ebpf.VariableSpec `ebpf:"rw_redirect_peer"`
+	RwTraceSample     *ebpf.VariableSpec `ebpf:"rw_trace_sample"`
 }
 
 // ToEndpointObjects contains all objects after they have been loaded into the kernel.
@@ -124,26 +132,32 @@ func (o *ToEndpointObjects) Close() error {
 //
 // It can be passed to LoadToEndpointObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ToEndpointMaps struct {
-	RwCt4        *ebpf.Map `ebpf:"rw_ct4"`
-	RwCt6        *ebpf.Map `ebpf:"rw_ct6"`
+	RwCt4Other   *ebpf.Map `ebpf:"rw_ct4_other"`
+	RwCt4Tcp     *ebpf.Map `ebpf:"rw_ct4_tcp"`
+	RwCt6Other   *ebpf.Map `ebpf:"rw_ct6_other"`
+	RwCt6Tcp     *ebpf.Map `ebpf:"rw_ct6_tcp"`
 	RwEndpoints  *ebpf.Map `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.Map `ebpf:"rw_events"`
 	RwIpcache    *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.Map `ebpf:"rw_metrics"`
 	RwPolicyMaps *ebpf.Map `ebpf:"rw_policy_maps"`
+	RwVerdictRev *ebpf.Map `ebpf:"rw_verdict_rev"`
 }
 
 func (m *ToEndpointMaps) Close() error {
 	return _ToEndpointClose(
-		m.RwCt4,
-		m.RwCt6,
+		m.RwCt4Other,
+		m.RwCt4Tcp,
+		m.RwCt6Other,
+		m.RwCt6Tcp,
 		m.RwEndpoints,
 		m.RwEvents,
 		m.RwIpcache,
 		m.RwIpcacheLpm,
 		m.RwMetrics,
 		m.RwPolicyMaps,
+		m.RwVerdictRev,
 	)
 }
 
@@ -151,12 +165,13 @@ func (m *ToEndpointMaps) Close() error {
 //
 // It can be passed to LoadToEndpointObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ToEndpointVariables struct {
-	RwAuditMode      *ebpf.Variable `ebpf:"rw_audit_mode"`
-	RwCtTimeoutClose *ebpf.Variable `ebpf:"rw_ct_timeout_close"`
-	RwCtTimeoutOther *ebpf.Variable `ebpf:"rw_ct_timeout_other"`
-	RwCtTimeoutTcp   *ebpf.Variable `ebpf:"rw_ct_timeout_tcp"`
-	RwRedirectPeer   *ebpf.Variable `ebpf:"rw_redirect_peer"`
-	RwTraceSample    *ebpf.Variable `ebpf:"rw_trace_sample"`
+	RwAuditMode       *ebpf.Variable `ebpf:"rw_audit_mode"`
+	RwCtTimeoutClose  *ebpf.Variable `ebpf:"rw_ct_timeout_close"`
+	RwCtTimeoutOther  *ebpf.Variable `ebpf:"rw_ct_timeout_other"`
+	RwCtTimeoutTcp    *ebpf.Variable `ebpf:"rw_ct_timeout_tcp"`
+	RwCtTimeoutTcpSyn *ebpf.Variable `ebpf:"rw_ct_timeout_tcp_syn"`
+	RwRedirectPeer    *ebpf.Variable `ebpf:"rw_redirect_peer"`
+	RwTraceSample     *ebpf.Variable `ebpf:"rw_trace_sample"`
 }
 
 // ToEndpointPrograms contains all programs after they have been loaded into the kernel.

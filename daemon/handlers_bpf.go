@@ -68,15 +68,33 @@ func (a *agent) bpfRoutes(h route) {
 		return a.toAPIIPCache(e), nil
 	})
 	h(api.Read, "GET /v1/bpf/ct", func(r *http.Request) (any, error) {
+		id, _, err := a.ctEndpoint(r)
+		if err != nil {
+			return nil, err
+		}
 		es, err := a.dp.CT()
 		if err != nil {
 			return nil, err
 		}
 		out := make([]api.CTEntry, 0, len(es))
 		for _, e := range es {
-			out = append(out, toAPICT(e))
+			if id == 0 || e.Endpoint == id {
+				out = append(out, toAPICT(e))
+			}
 		}
 		return out, nil
+	})
+	h(api.Admin, "POST /v1/bpf/ct/flush", func(r *http.Request) (any, error) {
+		id, name, err := a.ctEndpoint(r)
+		if err != nil {
+			return nil, err
+		}
+		n, err := a.dp.FlushCT(id)
+		if err != nil {
+			return nil, err
+		}
+		a.log.Warn("connection tracking flushed", "endpoint_id", id, "endpoint", name, "deleted", n)
+		return api.CTFlushed{Endpoint: name, Deleted: n}, nil
 	})
 	h(api.Read, "GET /v1/bpf/metrics", func(r *http.Request) (any, error) {
 		ms, err := a.dp.Metrics()
@@ -96,8 +114,23 @@ func toAPICT(e datapath.CTEntry) api.CTEntry {
 	return api.CTEntry{
 		Src: addrPortText(e.Src), Dst: addrPortText(e.Dst), Proto: e.Proto, Direction: e.Direction.String(),
 		Endpoint: e.Endpoint, RemoteIdentity: e.RemoteIdentity, Packets: e.Packets, Bytes: e.Bytes,
-		TCPFlags: e.TCPFlags, Audit: e.Audit, Created: e.Created, LastSeen: e.LastSeen,
+		TCPFlags: e.TCPFlags, Audit: e.Audit, State: e.State, FINOrig: e.FINOrig, FINReply: e.FINReply, RST: e.RST,
+		Revision: e.Revision, Created: e.Created, LastSeen: e.LastSeen, ExpiresIn: e.ExpiresIn,
 	}
+}
+
+// ctEndpoint resolves the optional ?endpoint= (name or id) of the CT
+// routes: id 0 and name "" when absent.
+func (a *agent) ctEndpoint(r *http.Request) (uint16, string, error) {
+	v := r.URL.Query().Get("endpoint")
+	if v == "" {
+		return 0, "", nil
+	}
+	ep, err := a.endpoint(v)
+	if err != nil {
+		return 0, "", err
+	}
+	return ep.ID, ep.Name, nil
 }
 
 // addrPortText writes an address and port as their JSON text does: "" for

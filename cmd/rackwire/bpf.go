@@ -43,7 +43,19 @@ func init() {
 		}
 		return r, nil
 	}
-	var revert bool
+	var (
+		revert     bool
+		ctEndpoint string
+	)
+	ctQuery := func() string {
+		if ctEndpoint == "" {
+			return ""
+		}
+		return "?endpoint=" + url.QueryEscape(ctEndpoint)
+	}
+	ctFlags := func(fs *flag.FlagSet) {
+		fs.StringVar(&ctEndpoint, "endpoint", "", "only this endpoint's entries (name or id)")
+	}
 	epArg := func(fs *flag.FlagSet) (string, error) {
 		if fs.NArg() != 1 {
 			return "", usagef("give one endpoint name or id")
@@ -173,22 +185,42 @@ func init() {
 		}},
 		{name: "ct", summary: "connection tracking", subs: []*command{
 			{
-				name: "list", summary: "tracked connections",
+				name: "list", summary: "tracked connections: state, flags (fin-orig, fin-reply, rst, audit), lifetime left", usage: "[--endpoint ENDPOINT]",
+				flags: ctFlags,
 				run: func(e *env, fs *flag.FlagSet) error {
 					var es []api.CTEntry
-					if err := e.get("/v1/bpf/ct", &es); err != nil {
+					if err := e.get("/v1/bpf/ct"+ctQuery(), &es); err != nil {
 						return err
 					}
 					if e.json {
 						return printJSON(e.stdout, es)
 					}
-					rows := [][]string{{"ENDPOINT", "DIRECTION", "PROTO", "SRC", "DST", "REMOTE-ID", "PACKETS", "BYTES", "LAST-SEEN"}}
+					rows := [][]string{{"ENDPOINT", "DIRECTION", "PROTO", "SRC", "DST", "REMOTE-ID", "STATE", "FLAGS", "EXPIRES-IN", "PACKETS", "BYTES", "LAST-SEEN"}}
 					for _, x := range es {
 						rows = append(rows, []string{strconv.Itoa(int(x.Endpoint)), x.Direction, api.ProtoName(x.Proto), x.Src, x.Dst,
-							strconv.FormatUint(uint64(x.RemoteIdentity), 10), strconv.FormatUint(x.Packets, 10), strconv.FormatUint(x.Bytes, 10),
-							x.LastSeen.Format(time.RFC3339Nano)})
+							strconv.FormatUint(uint64(x.RemoteIdentity), 10), dash(x.State), dash(ctFlagText(x)), x.ExpiresIn.Round(time.Second).String(),
+							strconv.FormatUint(x.Packets, 10), strconv.FormatUint(x.Bytes, 10), x.LastSeen.Format(time.RFC3339Nano)})
 					}
 					table(e.stdout, rows)
+					return nil
+				},
+			},
+			{
+				name: "flush", summary: "delete tracked connections (all, or one endpoint's); their next packets are new flows", usage: "[--endpoint ENDPOINT]",
+				flags: ctFlags,
+				run: func(e *env, fs *flag.FlagSet) error {
+					var out api.CTFlushed
+					if err := e.call("POST", "/v1/bpf/ct/flush"+ctQuery(), nil, &out); err != nil {
+						return err
+					}
+					if e.json {
+						return printJSON(e.stdout, out)
+					}
+					if out.Endpoint != "" {
+						fmt.Fprintf(e.stdout, "deleted %d connection-tracking entries of endpoint %s\n", out.Deleted, out.Endpoint)
+					} else {
+						fmt.Fprintf(e.stdout, "deleted %d connection-tracking entries\n", out.Deleted)
+					}
 					return nil
 				},
 			},
@@ -220,4 +252,18 @@ func ipcacheTable(e *env, es []api.IPCacheEntry) {
 		rows = append(rows, []string{x.Prefix, strconv.FormatUint(uint64(x.Identity), 10), dash(x.Labels), dash(x.HostIP)})
 	}
 	table(e.stdout, rows)
+}
+
+// ctFlagText names a CT entry's flags: fin-orig, fin-reply, rst, audit.
+func ctFlagText(x api.CTEntry) string {
+	var fs []string
+	for _, f := range []struct {
+		on   bool
+		name string
+	}{{x.FINOrig, "fin-orig"}, {x.FINReply, "fin-reply"}, {x.RST, "rst"}, {x.Audit, "audit"}} {
+		if f.on {
+			fs = append(fs, f.name)
+		}
+	}
+	return strings.Join(fs, ",")
 }

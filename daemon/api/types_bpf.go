@@ -6,18 +6,32 @@ import "time"
 // packet, the local endpoint and the direction that packet had. It mirrors
 // the JSON of daemon/datapath.CTEntry.
 type CTEntry struct {
-	Src            string    `json:"src"` // "ADDR:PORT"
-	Dst            string    `json:"dst"`
-	Proto          uint8     `json:"proto"`     // IP protocol number; ProtoName names it
-	Direction      string    `json:"direction"` // ingress, egress
-	Endpoint       uint16    `json:"endpoint"`
-	RemoteIdentity uint32    `json:"remote_identity"`
-	Packets        uint64    `json:"packets"`
-	Bytes          uint64    `json:"bytes"`
-	TCPFlags       uint8     `json:"tcp_flags,omitempty"`
-	Audit          bool      `json:"audit,omitempty"` // created by audit mode
-	Created        time.Time `json:"created"`
-	LastSeen       time.Time `json:"last_seen"`
+	Src            string `json:"src"` // "ADDR:PORT"
+	Dst            string `json:"dst"`
+	Proto          uint8  `json:"proto"`     // IP protocol number; ProtoName names it
+	Direction      string `json:"direction"` // ingress, egress
+	Endpoint       uint16 `json:"endpoint"`
+	RemoteIdentity uint32 `json:"remote_identity"`
+	Packets        uint64 `json:"packets"`
+	Bytes          uint64 `json:"bytes"`
+	TCPFlags       uint8  `json:"tcp_flags,omitempty"`
+	Audit          bool   `json:"audit,omitempty"` // forwarded by audit mode
+	// State: "syn-only", "established" or "closing" (TCP), "open" (others).
+	State    string    `json:"state"`
+	FINOrig  bool      `json:"fin_orig,omitempty"`  // FIN from the first packet's sender
+	FINReply bool      `json:"fin_reply,omitempty"` // FIN from the other side
+	RST      bool      `json:"rst,omitempty"`
+	Revision uint32    `json:"revision"` // policy revision the flow was last checked at
+	Created  time.Time `json:"created"`
+	LastSeen time.Time `json:"last_seen"`
+	// ExpiresIn is the lifetime left without traffic, in nanoseconds.
+	ExpiresIn time.Duration `json:"expires_in"`
+}
+
+// CTFlushed is the reply of POST /v1/bpf/ct/flush.
+type CTFlushed struct {
+	Endpoint string `json:"endpoint,omitempty"` // "" = every endpoint
+	Deleted  int    `json:"deleted"`
 }
 
 // Metric is one datapath counter (GET /v1/bpf/metrics), summed over CPUs.

@@ -40,7 +40,8 @@ var wireGolden = map[string][]string{
 		"protocols", "protocols[].bgp_state", "protocols[].channels", "protocols[].channels.k", "protocols[].info", "protocols[].last_error", "protocols[].name", "protocols[].neighbor_address", "protocols[].neighbor_as", "protocols[].proto", "protocols[].reason", "protocols[].routes_exported", "protocols[].routes_filtered", "protocols[].routes_imported", "protocols[].since", "protocols[].since_text", "protocols[].state", "protocols[].table", "protocols[].uptime_seconds",
 		"vips", "vips[].announced", "vips[].checked", "vips[].consecutive_fail", "vips[].consecutive_ok", "vips[].healthy", "vips[].last_check", "vips[].last_error", "vips[].target", "vips[].type", "vips[].vip"},
 	"BGPUndrain":     {"drained"},
-	"CTEntry":        {"audit", "bytes", "created", "direction", "dst", "endpoint", "last_seen", "packets", "proto", "remote_identity", "src", "tcp_flags"},
+	"CTEntry":        {"audit", "bytes", "created", "direction", "dst", "endpoint", "expires_in", "fin_orig", "fin_reply", "last_seen", "packets", "proto", "remote_identity", "revision", "rst", "src", "state", "tcp_flags"},
+	"CTFlushed":      {"deleted", "endpoint"},
 	"Component":      {"detail", "detail.k", "message", "since", "state"},
 	"Deleted":        {"deleted"},
 	"Endpoint":       {"audit", "created", "host_ifindex", "host_ifname", "id", "identity", "identity_labels", "ipv4", "ipv6", "labels", "mac", "name", "netns", "policy_reason", "state"},
@@ -80,7 +81,7 @@ var wireGolden = map[string][]string{
 // wireTypes are the values the test encodes, one per wire type.
 var wireTypes = []any{
 	api.AgentStatus{}, api.AllowAll{}, api.BFDSession{}, api.BGPApply{}, api.BGPDrain{}, api.BGPProtocol{},
-	api.BGPRender{}, api.BGPStatus{}, api.BGPUndrain{}, api.CTEntry{}, api.Component{}, api.Deleted{},
+	api.BGPRender{}, api.BGPStatus{}, api.BGPUndrain{}, api.CTEntry{}, api.CTFlushed{}, api.Component{}, api.Deleted{},
 	api.Endpoint{}, api.EndpointAdd{}, api.EndpointAudit{}, api.ErrorBody{}, api.Event{}, api.IPCacheEntry{},
 	api.Identity{}, api.KernelFeature{}, api.Metric{}, api.Node{}, api.PolicyDocument{}, api.PolicyEntry{},
 	api.PolicyImport{}, api.PolicySummary{}, api.RawEntry{}, api.Status{}, api.TraceRequest{},

@@ -86,11 +86,17 @@ type Store struct {
 
 // Datapath configures the eBPF datapath.
 type Datapath struct {
-	PinDir            string   `toml:"pin_dir" json:"pin_dir"`
-	Attach            string   `toml:"attach" json:"attach"`
-	PolicyAuditMode   bool     `toml:"policy_audit_mode" json:"policy_audit_mode"`
-	IdentityLabels    []string `toml:"identity_labels" json:"identity_labels"`
-	CTMaxEntries      int      `toml:"ct_max_entries" json:"ct_max_entries"`
+	PinDir          string   `toml:"pin_dir" json:"pin_dir"`
+	Attach          string   `toml:"attach" json:"attach"`
+	PolicyAuditMode bool     `toml:"policy_audit_mode" json:"policy_audit_mode"`
+	IdentityLabels  []string `toml:"identity_labels" json:"identity_labels"`
+	CTMaxEntries    int      `toml:"ct_max_entries" json:"ct_max_entries"`
+	// Connection tracking: non-TCP map size and idle lifetimes.
+	CTOtherMaxEntries int      `toml:"ct_other_max_entries" json:"ct_other_max_entries"`
+	CTTimeoutTCP      Duration `toml:"ct_timeout_tcp" json:"ct_timeout_tcp"`
+	CTTimeoutTCPSYN   Duration `toml:"ct_timeout_tcp_syn" json:"ct_timeout_tcp_syn"`
+	CTTimeoutTCPClose Duration `toml:"ct_timeout_tcp_close" json:"ct_timeout_tcp_close"`
+	CTTimeoutOther    Duration `toml:"ct_timeout_other" json:"ct_timeout_other"`
 	PolicyMaxEntries  int      `toml:"policy_max_entries" json:"policy_max_entries"`
 	IPCacheMaxEntries int      `toml:"ipcache_max_entries" json:"ipcache_max_entries"`
 	PolicyDir         string   `toml:"policy_dir" json:"policy_dir"`
@@ -230,6 +236,11 @@ func Default() Config {
 			Attach:            "auto",
 			IdentityLabels:    []string{},
 			CTMaxEntries:      524288,
+			CTOtherMaxEntries: 262144,
+			CTTimeoutTCP:      D(6 * time.Hour),
+			CTTimeoutTCPSYN:   D(60 * time.Second),
+			CTTimeoutTCPClose: D(10 * time.Second),
+			CTTimeoutOther:    D(60 * time.Second),
 			PolicyMaxEntries:  16384,
 			IPCacheMaxEntries: 524288,
 			PolicyDir:         "/etc/rackwire/policies.d",

@@ -161,6 +161,8 @@ func (c *Config) validate() []Problem {
 		}
 	}
 	checkRange("datapath.ct_max_entries", c.Datapath.CTMaxEntries, 1024, 1<<26)
+	checkRange("datapath.ct_other_max_entries", c.Datapath.CTOtherMaxEntries, 1024, 1<<26)
+	c.validateCTTimeouts(bad)
 	checkRange("datapath.policy_max_entries", c.Datapath.PolicyMaxEntries, 16, 1<<20)
 	checkRange("datapath.ipcache_max_entries", c.Datapath.IPCacheMaxEntries, 1024, 1<<24)
 
@@ -404,4 +406,33 @@ func unwrapPathErr(err error) error {
 		return pe.Err
 	}
 	return err
+}
+
+// validateCTTimeouts checks the connection-tracking lifetimes: each within
+// its range, and a closing or SYN-only connection never outliving an
+// established one.
+func (c *Config) validateCTTimeouts(bad func(key, format string, args ...any)) {
+	d := c.Datapath
+	for _, t := range []struct {
+		key    string
+		v      Duration
+		lo, hi time.Duration
+	}{
+		{"datapath.ct_timeout_tcp", d.CTTimeoutTCP, time.Minute, 7 * 24 * time.Hour},
+		{"datapath.ct_timeout_tcp_syn", d.CTTimeoutTCPSYN, time.Second, time.Hour},
+		{"datapath.ct_timeout_tcp_close", d.CTTimeoutTCPClose, time.Second, time.Hour},
+		{"datapath.ct_timeout_other", d.CTTimeoutOther, time.Second, 24 * time.Hour},
+	} {
+		if t.v.Duration < t.lo || t.v.Duration > t.hi {
+			bad(t.key, "%s is out of range; write a duration from %s to %s (e.g. \"%s\")", t.v.Duration, t.lo, t.hi, t.lo)
+		}
+	}
+	for _, t := range []struct {
+		key string
+		v   Duration
+	}{{"datapath.ct_timeout_tcp_syn", d.CTTimeoutTCPSYN}, {"datapath.ct_timeout_tcp_close", d.CTTimeoutTCPClose}} {
+		if t.v.Duration > d.CTTimeoutTCP.Duration {
+			bad(t.key, "%s is longer than datapath.ct_timeout_tcp %s; a SYN-only or closing connection must not outlive an established one", t.v.Duration, d.CTTimeoutTCP.Duration)
+		}
+	}
 }

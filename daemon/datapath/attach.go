@@ -78,6 +78,10 @@ func (d *Datapath) AttachEndpoint(ep EndpointSpec) error {
 		}
 	}
 	d.log.Info("endpoint attached", "endpoint_id", ep.ID, "ifindex", ep.IfIndex, "identity", ep.Identity, "attach", d.mode)
+	// Identity, audit flag or programs may have changed.
+	if err := d.bumpRev(); err != nil {
+		return fmt.Errorf("attach endpoint %d: %w", ep.ID, err)
+	}
 	return nil
 }
 
@@ -238,6 +242,7 @@ func (d *Datapath) DetachEndpoint(id uint16, ifindex int) error {
 		errs = append(errs, fmt.Errorf("unpin policy map: %w", err))
 	}
 	errs = append(errs, d.removeTempPin(id))
+	errs = append(errs, d.bumpRev())
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("detach endpoint %d: %w", id, err)
 	}
@@ -373,6 +378,9 @@ func (d *Datapath) SetAudit(id uint16, on bool) error {
 		if err := d.maps["rw_endpoints"].Put(keys[i], infos[i]); err != nil {
 			return fmt.Errorf("set audit of endpoint %d: %w", id, err)
 		}
+	}
+	if err := d.bumpRev(); err != nil {
+		return fmt.Errorf("set audit of endpoint %d: %w", id, err)
 	}
 	return nil
 }

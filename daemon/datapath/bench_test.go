@@ -28,7 +28,7 @@ func (c benchCase) newFlowCost(b *testing.B, n int) time.Duration {
 	data := c.p.bytes()
 	var total time.Duration
 	for range n {
-		if err := c.d.maps["rw_ct4"].Delete(c.ct); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := c.d.maps["rw_ct4_tcp"].Delete(c.ct); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			b.Fatal(err)
 		}
 		ret, dur, err := c.d.to.Benchmark(data, 1, nil)

@@ -1,11 +1,24 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+)
+
+// CT maps: TCP and everything else apart, per family.
+var ctMaps = []string{"rw_ct4_tcp", "rw_ct4_other", "rw_ct6_tcp", "rw_ct6_other"}
+
+// CT states of a TCP entry (CTEntry.State); other protocols are "open".
+const (
+	CTStateSYN         = "syn-only"    // only SYNs seen: the SYN lifetime
+	CTStateEstablished = "established" // a packet without SYN seen (half-closed too)
+	CTStateClosing     = "closing"     // FIN both ways or RST: the close lifetime
+	CTStateOpen        = "open"        // not TCP
 )
 
 // CTEntry is one tracked flow: the tuple of its first packet, the local
@@ -20,9 +33,17 @@ type CTEntry struct {
 	Packets        uint64         `json:"packets"`
 	Bytes          uint64         `json:"bytes"`
 	TCPFlags       uint8          `json:"tcp_flags,omitempty"`
-	Audit          bool           `json:"audit,omitempty"` // created by audit mode
+	Audit          bool           `json:"audit,omitempty"`     // forwarded by audit mode
+	State          string         `json:"state"`               // CTState*
+	FINOrig        bool           `json:"fin_orig,omitempty"`  // FIN from the first packet's sender
+	FINReply       bool           `json:"fin_reply,omitempty"` // FIN from the other side
+	RST            bool           `json:"rst,omitempty"`
+	Revision       uint32         `json:"revision"` // policy revision the flow was last checked at
 	Created        time.Time      `json:"created"`
 	LastSeen       time.Time      `json:"last_seen"`
+	// ExpiresIn is the lifetime left if no packet comes; 0 = expired (the
+	// next packet is a new flow, or the LRU reuses the slot).
+	ExpiresIn time.Duration `json:"expires_in"`
 }
 
 // bootTime converts CLOCK_MONOTONIC nanoseconds to wall-clock time.
@@ -33,52 +54,140 @@ func bootTime() func(ns uint64) time.Time {
 	return func(ns uint64) time.Time { return base.Add(time.Duration(ns)) }
 }
 
-func (v ctEntry) fill(e *CTEntry, wall func(uint64) time.Time) {
+func monoNow() uint64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return uint64(ts.Nano())
+}
+
+// ctLifetime is the idle lifetime the programs give an entry (bpf/ct.h
+// __ct_expired), with the defaults they use for zero timeouts.
+func (o Options) ctLifetime(v ctEntry, tcp bool) (string, time.Duration) {
+	or := func(d, def time.Duration) time.Duration {
+		if d > 0 {
+			return d
+		}
+		return def
+	}
+	switch {
+	case !tcp:
+		return CTStateOpen, or(o.CTTimeoutOther, 60*time.Second)
+	case v.Flags&ctFlagRST != 0 || v.Flags&(ctFlagFINFwd|ctFlagFINRev) == ctFlagFINFwd|ctFlagFINRev:
+		return CTStateClosing, or(o.CTTimeoutClose, 10*time.Second)
+	case v.Flags&ctFlagSeenNonSYN == 0:
+		return CTStateSYN, or(o.CTTimeoutTCPSYN, 60*time.Second)
+	}
+	return CTStateEstablished, or(o.CTTimeoutTCP, 6*time.Hour)
+}
+
+func (d *Datapath) fillCT(e *CTEntry, v ctEntry, wall func(uint64) time.Time, now uint64) {
 	e.RemoteIdentity = v.RemoteIdentity
 	e.Packets, e.Bytes = v.Packets, v.Bytes
 	e.TCPFlags = v.TCPFlags
-	e.Audit = v.Flags != 0
+	e.Audit = v.Flags&ctFlagAudit != 0
+	e.FINOrig, e.FINReply, e.RST = v.Flags&ctFlagFINFwd != 0, v.Flags&ctFlagFINRev != 0, v.Flags&ctFlagRST != 0
+	e.Revision = v.Rev
 	e.Created, e.LastSeen = wall(v.CreatedNS), wall(v.LastSeenNS)
+	var life time.Duration
+	e.State, life = d.opts.ctLifetime(v, e.Proto == unix.IPPROTO_TCP)
+	if idle := time.Duration(now - v.LastSeenNS); now > v.LastSeenNS && idle < life {
+		e.ExpiresIn = life - idle
+	} else if now <= v.LastSeenNS {
+		e.ExpiresIn = life
+	}
 }
 
-// CT lists both connection-tracking tables.
+func ct4Entry(k ct4Key) CTEntry {
+	return CTEntry{
+		Src:       netip.AddrPortFrom(netip.AddrFrom4(k.SAddr), k.SPort.uint16()),
+		Dst:       netip.AddrPortFrom(netip.AddrFrom4(k.DAddr), k.DPort.uint16()),
+		Proto:     k.Proto,
+		Direction: Direction(k.Direction),
+		Endpoint:  k.Endpoint,
+	}
+}
+
+func ct6Entry(k ct6Key) CTEntry {
+	return CTEntry{
+		Src:       netip.AddrPortFrom(netip.AddrFrom16(k.SAddr), k.SPort.uint16()),
+		Dst:       netip.AddrPortFrom(netip.AddrFrom16(k.DAddr), k.DPort.uint16()),
+		Proto:     k.Proto,
+		Direction: Direction(k.Direction),
+		Endpoint:  k.Endpoint,
+	}
+}
+
+// walkCT calls fn with every entry of the four CT maps: its map, raw key
+// and decoded entry.
+func (d *Datapath) walkCT(fn func(m *ebpf.Map, key any, e CTEntry)) error {
+	wall, now := bootTime(), monoNow()
+	var v ctEntry
+	for _, name := range ctMaps {
+		m := d.maps[name]
+		if name == "rw_ct4_tcp" || name == "rw_ct4_other" {
+			var k ct4Key
+			it := m.Iterate()
+			for it.Next(&k, &v) {
+				e := ct4Entry(k)
+				d.fillCT(&e, v, wall, now)
+				fn(m, k, e)
+			}
+			if err := it.Err(); err != nil {
+				return fmt.Errorf("list %s: %w", name, err)
+			}
+			continue
+		}
+		var k ct6Key
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			e := ct6Entry(k)
+			d.fillCT(&e, v, wall, now)
+			fn(m, k, e)
+		}
+		if err := it.Err(); err != nil {
+			return fmt.Errorf("list %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// CT lists the connection-tracking maps (TCP first, IPv4 first).
 func (d *Datapath) CT() ([]CTEntry, error) {
-	wall := bootTime()
-	var (
-		out []CTEntry
-		k4  ct4Key
-		k6  ct6Key
-		v   ctEntry
-	)
-	it := d.maps["rw_ct4"].Iterate()
-	for it.Next(&k4, &v) {
-		e := CTEntry{
-			Src:       netip.AddrPortFrom(netip.AddrFrom4(k4.SAddr), k4.SPort.uint16()),
-			Dst:       netip.AddrPortFrom(netip.AddrFrom4(k4.DAddr), k4.DPort.uint16()),
-			Proto:     k4.Proto,
-			Direction: Direction(k4.Direction),
-			Endpoint:  k4.Endpoint,
-		}
-		v.fill(&e, wall)
-		out = append(out, e)
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list rw_ct4: %w", err)
-	}
-	it = d.maps["rw_ct6"].Iterate()
-	for it.Next(&k6, &v) {
-		e := CTEntry{
-			Src:       netip.AddrPortFrom(netip.AddrFrom16(k6.SAddr), k6.SPort.uint16()),
-			Dst:       netip.AddrPortFrom(netip.AddrFrom16(k6.DAddr), k6.DPort.uint16()),
-			Proto:     k6.Proto,
-			Direction: Direction(k6.Direction),
-			Endpoint:  k6.Endpoint,
-		}
-		v.fill(&e, wall)
-		out = append(out, e)
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list rw_ct6: %w", err)
+	var out []CTEntry
+	err := d.walkCT(func(_ *ebpf.Map, _ any, e CTEntry) { out = append(out, e) })
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
+}
+
+// FlushCT deletes the CT entries of one endpoint (endpoint > 0) or all of
+// them (endpoint 0) and returns how many it deleted. The flows' next
+// packets are new flows: policy decides them, and a reply whose entry is
+// gone is decided as a packet in its own direction.
+func (d *Datapath) FlushCT(endpoint uint16) (int, error) {
+	type del struct {
+		m *ebpf.Map
+		k any
+	}
+	var dels []del
+	if err := d.walkCT(func(m *ebpf.Map, k any, e CTEntry) {
+		if endpoint == 0 || e.Endpoint == endpoint {
+			dels = append(dels, del{m, k})
+		}
+	}); err != nil {
+		return 0, fmt.Errorf("flush CT: %w", err)
+	}
+	n := 0
+	for _, x := range dels {
+		err := x.m.Delete(x.k)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue // expired and reused meanwhile
+		}
+		if err != nil {
+			return n, fmt.Errorf("flush CT: deleted %d, then: %w", n, err)
+		}
+		n++
+	}
+	return n, nil
 }

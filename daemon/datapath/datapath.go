@@ -52,11 +52,13 @@ type Options struct {
 	// program and redirected straight into the receiver's namespace.
 	NoRedirectPeer bool
 	// Idle time after which a CT entry no longer counts and policy decides
-	// again; zero takes the default (TCP 6h, TCP after FIN/RST 10s, other 60s).
-	CTTimeoutTCP, CTTimeoutClose, CTTimeoutOther time.Duration
-	CTMaxEntries                                 int
-	PolicyMaxEntries                             int
-	IPCacheMaxEntries                            int
+	// again; zero takes the default: established TCP 6h, TCP that saw only
+	// SYNs 60s, TCP after a FIN both ways or an RST 10s, other 60s.
+	CTTimeoutTCP, CTTimeoutTCPSYN, CTTimeoutClose, CTTimeoutOther time.Duration
+	CTMaxEntries                                                  int // each TCP CT map (rw_ct4_tcp, rw_ct6_tcp)
+	CTOtherMaxEntries                                             int // each non-TCP CT map (rw_ct4_other, rw_ct6_other)
+	PolicyMaxEntries                                              int
+	IPCacheMaxEntries                                             int
 }
 
 // OptionsFromConfig maps the [datapath] config section to Options.
@@ -66,6 +68,11 @@ func OptionsFromConfig(c config.Datapath) Options {
 		Attach:            c.Attach,
 		Audit:             c.PolicyAuditMode,
 		CTMaxEntries:      c.CTMaxEntries,
+		CTOtherMaxEntries: c.CTOtherMaxEntries,
+		CTTimeoutTCP:      c.CTTimeoutTCP.Duration,
+		CTTimeoutTCPSYN:   c.CTTimeoutTCPSYN.Duration,
+		CTTimeoutClose:    c.CTTimeoutTCPClose.Duration,
+		CTTimeoutOther:    c.CTTimeoutOther.Duration,
 		PolicyMaxEntries:  c.PolicyMaxEntries,
 		IPCacheMaxEntries: c.IPCacheMaxEntries,
 	}
@@ -85,6 +92,9 @@ func (o *Options) defaults() error {
 	}
 	if o.CTMaxEntries <= 0 {
 		o.CTMaxEntries = 524288
+	}
+	if o.CTOtherMaxEntries <= 0 {
+		o.CTOtherMaxEntries = 262144
 	}
 	if o.PolicyMaxEntries <= 0 {
 		o.PolicyMaxEntries = 16384
@@ -110,6 +120,9 @@ type Datapath struct {
 	// read-modify-write of their meta entries.
 	mu     sync.Mutex
 	policy map[uint16]*ebpf.Map
+
+	// revMu serialises bumps of rw_verdict_rev (see bumpRev).
+	revMu sync.Mutex
 }
 
 // Open mounts bpffs if needed, creates or re-uses the pinned maps under
@@ -183,9 +196,10 @@ func (d *Datapath) sharedSpecs() (from, to *ebpf.CollectionSpec, err error) {
 			}
 		}
 		for name, v := range map[string]time.Duration{
-			"rw_ct_timeout_tcp":   d.opts.CTTimeoutTCP,
-			"rw_ct_timeout_close": d.opts.CTTimeoutClose,
-			"rw_ct_timeout_other": d.opts.CTTimeoutOther,
+			"rw_ct_timeout_tcp":     d.opts.CTTimeoutTCP,
+			"rw_ct_timeout_tcp_syn": d.opts.CTTimeoutTCPSYN,
+			"rw_ct_timeout_close":   d.opts.CTTimeoutClose,
+			"rw_ct_timeout_other":   d.opts.CTTimeoutOther,
 		} {
 			if err := s.Variables[name].Set(uint64(max(v, 0))); err != nil {
 				return nil, nil, fmt.Errorf("set %s: %w", name, err)
@@ -207,33 +221,56 @@ func boolByte(b bool) uint8 {
 	return 0
 }
 
+// configuredSizes are the maps whose size the config sets; a pinned map of
+// another size is kept (cleanup re-creates it). Every other map has the
+// size the object gives it, and a pinned one that differs is re-created
+// (layout.go).
+func (d *Datapath) configuredSizes() map[string]int {
+	return map[string]int{
+		"rw_ct4_tcp":     d.opts.CTMaxEntries,
+		"rw_ct6_tcp":     d.opts.CTMaxEntries,
+		"rw_ct4_other":   d.opts.CTOtherMaxEntries,
+		"rw_ct6_other":   d.opts.CTOtherMaxEntries,
+		"rw_ipcache":     d.opts.IPCacheMaxEntries,
+		"rw_ipcache_lpm": max(d.opts.IPCacheMaxEntries/8, 1024),
+	}
+}
+
+// load checks the layout version of the pin directory, opens (adopting,
+// creating or re-creating) every map, loads both programs, migrates an
+// older layout (layout.go) and bumps the policy revision.
 func (d *Datapath) load() error {
 	from, to, err := d.sharedSpecs()
 	if err != nil {
 		return err
 	}
-	sizes := map[string]int{
-		"rw_ct4":         d.opts.CTMaxEntries,
-		"rw_ct6":         d.opts.CTMaxEntries,
-		"rw_ipcache":     d.opts.IPCacheMaxEntries,
-		"rw_ipcache_lpm": max(d.opts.IPCacheMaxEntries/8, 1024),
+	ver, err := d.checkLayout()
+	if err != nil {
+		return err
 	}
+	sizes := d.configuredSizes()
 	outer := from.Maps["rw_policy_maps"]
 	outer.InnerMap.MaxEntries = uint32(d.opts.PolicyMaxEntries)
 	d.inner = outer.InnerMap.Copy()
 
+	mig := &migration{from: ver}
 	for name, ms := range from.Maps {
 		if !strings.HasPrefix(name, "rw_") {
 			continue
 		}
-		if n, ok := sizes[name]; ok {
-			ms.MaxEntries = uint32(n)
+		_, configured := sizes[name]
+		if configured {
+			ms.MaxEntries = uint32(sizes[name])
 		}
-		m, err := d.openPinned(name, ms)
+		m, old, err := d.openPinned(name, ms, configured)
 		if err != nil {
+			mig.close()
 			return err
 		}
 		d.maps[name] = m
+		if old != nil {
+			mig.recreated = append(mig.recreated, recreatedMap{name: name, old: old, new: m})
+		}
 		// Both objects must accept the map as it is, even if its size
 		// differs from the config (the pinned map wins).
 		for _, s := range []*ebpf.CollectionSpec{from, to} {
@@ -241,45 +278,84 @@ func (d *Datapath) load() error {
 			s.Maps[name].Flags = m.Flags()
 		}
 	}
+	defer mig.close()
+	if err := d.openRetired(mig); err != nil {
+		return err
+	}
+	if err := d.migrateBefore(mig); err != nil {
+		return err
+	}
 	d.from, err = loadProgram(from, d.maps, "rw_from_endpoint")
 	if err != nil {
 		return err
 	}
 	d.to, err = loadProgram(to, d.maps, "rw_to_endpoint")
-	return err
+	if err != nil {
+		return err
+	}
+	if err := d.migrateAfter(mig); err != nil {
+		return err
+	}
+	if err := d.writeLayout(); err != nil {
+		return err
+	}
+	// Programs loaded now may decide otherwise (audit mode, a new
+	// release): every flow is checked again on its next packet.
+	return d.bumpRev()
 }
 
-// openPinned re-uses the map pinned under name or creates and pins it.
-func (d *Datapath) openPinned(name string, ms *ebpf.MapSpec) (*ebpf.Map, error) {
+// openPinned re-uses the map pinned under name or creates and pins it. A
+// pinned map this build cannot use as it is but whose contents it can
+// carry over (same type and key/value sizes, another fixed size; or a ring
+// buffer, which holds nothing to keep) is re-created: the new map is
+// returned unpinned, with the pinned one as old, and layout.go copies the
+// contents and moves the pin once the programs use the new map. Anything
+// else incompatible is refused with ErrIncompatibleMap.
+func (d *Datapath) openPinned(name string, ms *ebpf.MapSpec, configuredSize bool) (m, old *ebpf.Map, err error) {
 	path := filepath.Join(d.opts.PinDir, name)
-	m, err := ebpf.LoadPinnedMap(path, nil)
-	if err == nil {
-		if m.Type() != ms.Type || m.KeySize() != ms.KeySize || m.ValueSize() != ms.ValueSize {
-			m.Close()
-			return nil, fmt.Errorf("map %s: %v %d/%d pinned, %v %d/%d wanted: %w", path,
-				m.Type(), m.KeySize(), m.ValueSize(), ms.Type, ms.KeySize, ms.ValueSize, ErrIncompatibleMap)
+	pinned, err := ebpf.LoadPinnedMap(path, nil)
+	switch {
+	case err == nil:
+		sameLayout := pinned.Type() == ms.Type && pinned.KeySize() == ms.KeySize && pinned.ValueSize() == ms.ValueSize
+		sameSize := pinned.MaxEntries() == ms.MaxEntries || configuredSize || ms.Type == ebpf.RingBuf
+		if sameLayout && sameSize {
+			if pinned.MaxEntries() != ms.MaxEntries && ms.Type != ebpf.RingBuf {
+				d.log.Warn("pinned map keeps its size; cleanup re-creates it with the configured one",
+					"map", name, "pinned", pinned.MaxEntries(), "configured", ms.MaxEntries)
+			}
+			return pinned, nil, nil
 		}
-		if m.MaxEntries() != ms.MaxEntries && ms.Type != ebpf.RingBuf {
-			d.log.Warn("pinned map keeps its size; cleanup re-creates it with the configured one",
-				"map", name, "pinned", m.MaxEntries(), "configured", ms.MaxEntries)
+		contentless := ms.Type == ebpf.RingBuf || ms.Type == ebpf.PerfEventArray
+		if !(sameLayout && ms.Type != ebpf.HashOfMaps && ms.Type != ebpf.ArrayOfMaps) && !contentless {
+			pinned.Close()
+			return nil, nil, fmt.Errorf("map %s: %v %d/%d pinned, %v %d/%d wanted: %w", path,
+				pinned.Type(), pinned.KeySize(), pinned.ValueSize(), ms.Type, ms.KeySize, ms.ValueSize, ErrIncompatibleMap)
 		}
-		return m, nil
-	}
-	if !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("load pinned map %s: %w", path, err)
+		spec := ms.Copy()
+		spec.Pinning = ebpf.PinNone
+		m, err = ebpf.NewMap(spec)
+		if err != nil {
+			pinned.Close()
+			return nil, nil, fmt.Errorf("re-create map %s: %w", name, err)
+		}
+		d.log.Info("re-creating map with this release's spec", "map", name,
+			"pinned_max_entries", pinned.MaxEntries(), "max_entries", m.MaxEntries())
+		return m, pinned, nil
+	case !errors.Is(err, os.ErrNotExist):
+		return nil, nil, fmt.Errorf("load pinned map %s: %w", path, err)
 	}
 	spec := ms.Copy()
 	spec.Pinning = ebpf.PinNone
 	m, err = ebpf.NewMap(spec)
 	if err != nil {
-		return nil, fmt.Errorf("create map %s: %w", name, err)
+		return nil, nil, fmt.Errorf("create map %s: %w", name, err)
 	}
 	if err := m.Pin(path); err != nil {
 		m.Close()
-		return nil, fmt.Errorf("pin map %s: %w", path, err)
+		return nil, nil, fmt.Errorf("pin map %s: %w", path, err)
 	}
 	d.log.Info("created map", "map", name, "max_entries", m.MaxEntries())
-	return m, nil
+	return m, nil, nil
 }
 
 func loadProgram(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map, prog string) (*ebpf.Program, error) {

@@ -2,7 +2,6 @@ package datapath
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -75,24 +74,8 @@ func run(t testing.TB, prog *ebpf.Program, p pkt) uint32 {
 
 func flushCT(t testing.TB, d *Datapath) {
 	t.Helper()
-	for _, name := range []string{"rw_ct4", "rw_ct6"} {
-		m := d.maps[name]
-		var (
-			keys [][]byte
-			k, v []byte
-		)
-		it := m.Iterate()
-		for it.Next(&k, &v) {
-			keys = append(keys, append([]byte(nil), k...))
-		}
-		if err := it.Err(); err != nil {
-			t.Fatalf("iterate %s: %v", name, err)
-		}
-		for _, k := range keys {
-			if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				t.Fatalf("flush %s: %v", name, err)
-			}
-		}
+	if _, err := d.FlushCT(0); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -318,17 +301,13 @@ func TestCTReplyAndPolicyChange(t *testing.T) {
 			t.Errorf("new inbound %+v = %#x, want drop", fresh, got)
 		}
 	}
-	// The established flow survives a policy that no longer allows it.
-	if err := d.SetPolicy(epID, nil); err != nil {
-		t.Fatal(err)
-	}
+	// Policy decides every packet that is not a reply: once the policy no
+	// longer allows the established flow, its next packet is dropped and
+	// its entry deleted, so the replies stop too.
 	p := out(peerV4, protoTCP, 80)
 	p.tcpFlags = tcpACK
 	if got := run(t, d.from, p); got != passRet {
-		t.Errorf("established %+v after policy removal = %#x, want pass", p, got)
-	}
-	if got := run(t, d.from, out(peerV4, protoTCP, 81)); got != dropRet {
-		t.Errorf("new flow after policy removal = %#x, want drop", got)
+		t.Errorf("established %+v = %#x, want pass", p, got)
 	}
 	ct, err := d.CT()
 	if err != nil {
@@ -337,12 +316,25 @@ func TestCTReplyAndPolicyChange(t *testing.T) {
 	found := false
 	for _, e := range ct {
 		if e.Src == netip.AddrPortFrom(epV4, 40001) && e.Dst == netip.AddrPortFrom(peerV4, 80) &&
-			e.Endpoint == epID && e.Direction == Egress && e.RemoteIdentity == peerID && e.Packets >= 3 {
+			e.Endpoint == epID && e.Direction == Egress && e.RemoteIdentity == peerID && e.Packets >= 3 &&
+			e.State == CTStateEstablished {
 			found = true
 		}
 	}
 	if !found {
-		t.Errorf("CT() = %+v, want the egress flow to %v:80 with 3+ packets", ct, peerV4)
+		t.Errorf("CT() = %+v, want the established egress flow to %v:80 with 3+ packets", ct, peerV4)
+	}
+	if err := d.SetPolicy(epID, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := run(t, d.from, p); got != dropRet {
+		t.Errorf("established %+v after policy removal = %#x, want drop", p, got)
+	}
+	if got := run(t, d.to, p.reply()); got != dropRet {
+		t.Errorf("reply of the revoked flow = %#x, want drop", got)
+	}
+	if got := run(t, d.from, out(peerV4, protoTCP, 81)); got != dropRet {
+		t.Errorf("new flow after policy removal = %#x, want drop", got)
 	}
 }
 

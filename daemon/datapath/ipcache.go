@@ -64,7 +64,7 @@ func (d *Datapath) UpsertIPCache(prefix netip.Prefix, identity uint32, hostIP ne
 	if err != nil {
 		return fmt.Errorf("upsert ipcache %v: %w", p, err)
 	}
-	return nil
+	return d.bumpRev()
 }
 
 // DeleteIPCache removes prefix; a missing prefix is not an error.
@@ -81,7 +81,7 @@ func (d *Datapath) DeleteIPCache(prefix netip.Prefix) error {
 	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete ipcache %v: %w", p, err)
 	}
-	return nil
+	return d.bumpRev()
 }
 
 func (v ipcacheValue) entry(p netip.Prefix) IPCacheEntry {

@@ -74,8 +74,8 @@ func TestPinReuse(t *testing.T) {
 	if len(eps) != 2 || eps[0].ID != epID || eps[0].Identity != epIdentity {
 		t.Errorf("Endpoints() after reopen = %+v, want the two addresses of endpoint %d", eps, epID)
 	}
-	if n := d2.maps["rw_ct4"].MaxEntries(); n != 4096 {
-		t.Errorf("rw_ct4 max entries after reopen = %d, want the pinned 4096", n)
+	if n := d2.maps["rw_ct4_tcp"].MaxEntries(); n != 4096 {
+		t.Errorf("rw_ct4_tcp max entries after reopen = %d, want the pinned 4096", n)
 	}
 }
 
@@ -151,8 +151,8 @@ func TestCleanupRemovesPins(t *testing.T) {
 	}
 	d2 := openTest(t, Options{PinDir: dir})
 	after := mapIDs(t, d2)
-	if after["rw_ct4"] == before["rw_ct4"] {
-		t.Errorf("rw_ct4 id %d survived Cleanup", after["rw_ct4"])
+	if after["rw_ct4_tcp"] == before["rw_ct4_tcp"] {
+		t.Errorf("rw_ct4_tcp id %d survived Cleanup", after["rw_ct4_tcp"])
 	}
 	if _, err := d2.Policy(epID); !errors.Is(err, ErrUnknownEndpoint) {
 		t.Errorf("Policy(%d) after Cleanup error = %v, want ErrUnknownEndpoint", epID, err)

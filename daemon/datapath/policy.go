@@ -268,6 +268,9 @@ func (d *Datapath) SetPolicy(id uint16, desired []Entry) error {
 	if err := d.swapPolicyLocked(id, m, next); err != nil {
 		return fmt.Errorf("set policy of endpoint %d: %w; the previous policy stays", id, err)
 	}
+	if err := d.bumpRev(); err != nil {
+		return fmt.Errorf("set policy of endpoint %d: %w", id, err)
+	}
 	return nil
 }
 
@@ -350,7 +353,10 @@ func (d *Datapath) PutEntry(id uint16, e Entry) error {
 		}
 		done = append(done, prior{k, old, had})
 	}
-	return writeMeta(m)
+	if err := writeMeta(m); err != nil {
+		return err
+	}
+	return d.bumpRev()
 }
 
 // DeleteEntry removes one entry (all keys of its range); missing keys are
@@ -371,7 +377,10 @@ func (d *Datapath) DeleteEntry(id uint16, e Entry) error {
 			return fmt.Errorf("delete entry on endpoint %d: %v: %w", id, e, err)
 		}
 	}
-	return writeMeta(m)
+	if err := writeMeta(m); err != nil {
+		return err
+	}
+	return d.bumpRev()
 }
 
 // AllowAll is the emergency open: it flags both directions open (deny
@@ -420,6 +429,9 @@ func (d *Datapath) AllowAll(id uint16, revert bool) error {
 		return fmt.Errorf("allow-all on endpoint %d: %w", id, err)
 	}
 	d.log.Warn("emergency allow-all", "endpoint_id", id, "revert", revert)
+	if err := d.bumpRev(); err != nil {
+		return fmt.Errorf("allow-all on endpoint %d: %w", id, err)
+	}
 	return nil
 }
 

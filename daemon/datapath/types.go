@@ -194,17 +194,48 @@ type ct6Key struct {
 	Endpoint  uint16
 }
 
-// ctEntry mirrors struct ct_entry.
+// ctEntry mirrors struct ct_entry (layout version 2).
 type ctEntry struct {
 	CreatedNS      uint64
 	LastSeenNS     uint64
 	Packets        uint64
 	Bytes          uint64
 	RemoteIdentity uint32
+	Rev            uint32
 	TCPFlags       uint8
 	Flags          uint8
+	Pad1           uint16
+	Pad2           uint32
+}
+
+// ctEntryV1 is struct ct_entry of layout version 1 (rw_ct4 / rw_ct6), read
+// only by the migration.
+type ctEntryV1 struct {
+	CreatedNS      uint64
+	LastSeenNS     uint64
+	Packets        uint64
+	Bytes          uint64
+	RemoteIdentity uint32
+	TCPFlags       uint8
+	Flags          uint8 // 1 = created in audit mode
 	Pad            uint16
 }
+
+// ct_entry.flags, mirroring RW_CT_F_*.
+const (
+	ctFlagAudit      = 0x01
+	ctFlagSeenNonSYN = 0x02
+	ctFlagFINFwd     = 0x04
+	ctFlagFINRev     = 0x08
+	ctFlagRST        = 0x10
+)
+
+// TCP header flags.
+const (
+	tcpFlagFIN = 0x01
+	tcpFlagRST = 0x04
+	tcpFlagACK = 0x10
+)
 
 // metricsValue mirrors struct metrics_value.
 type metricsValue struct {
