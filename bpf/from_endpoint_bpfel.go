@@ -20,6 +20,7 @@ const (
 	FromEndpointMapRwCt6            = "rw_ct6"
 	FromEndpointMapRwEndpoints      = "rw_endpoints"
 	FromEndpointMapRwEvents         = "rw_events"
+	FromEndpointMapRwFrag           = "rw_frag"
 	FromEndpointMapRwIpcache        = "rw_ipcache"
 	FromEndpointMapRwIpcacheLpm     = "rw_ipcache_lpm"
 	FromEndpointMapRwMetrics        = "rw_metrics"
@@ -86,6 +87,7 @@ type FromEndpointMapSpecs struct {
 	RwCt6        *ebpf.MapSpec `ebpf:"rw_ct6"`
 	RwEndpoints  *ebpf.MapSpec `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.MapSpec `ebpf:"rw_events"`
+	RwFrag       *ebpf.MapSpec `ebpf:"rw_frag"`
 	RwIpcache    *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.MapSpec `ebpf:"rw_metrics"`
@@ -128,6 +130,7 @@ type FromEndpointMaps struct {
 	RwCt6        *ebpf.Map `ebpf:"rw_ct6"`
 	RwEndpoints  *ebpf.Map `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.Map `ebpf:"rw_events"`
+	RwFrag       *ebpf.Map `ebpf:"rw_frag"`
 	RwIpcache    *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.Map `ebpf:"rw_metrics"`
@@ -140,6 +143,7 @@ func (m *FromEndpointMaps) Close() error {
 		m.RwCt6,
 		m.RwEndpoints,
 		m.RwEvents,
+		m.RwFrag,
 		m.RwIpcache,
 		m.RwIpcacheLpm,
 		m.RwMetrics,

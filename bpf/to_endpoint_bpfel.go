@@ -20,6 +20,7 @@ const (
 	ToEndpointMapRwCt6            = "rw_ct6"
 	ToEndpointMapRwEndpoints      = "rw_endpoints"
 	ToEndpointMapRwEvents         = "rw_events"
+	ToEndpointMapRwFrag           = "rw_frag"
 	ToEndpointMapRwIpcache        = "rw_ipcache"
 	ToEndpointMapRwIpcacheLpm     = "rw_ipcache_lpm"
 	ToEndpointMapRwMetrics        = "rw_metrics"
@@ -86,6 +87,7 @@ type ToEndpointMapSpecs struct {
 	RwCt6        *ebpf.MapSpec `ebpf:"rw_ct6"`
 	RwEndpoints  *ebpf.MapSpec `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.MapSpec `ebpf:"rw_events"`
+	RwFrag       *ebpf.MapSpec `ebpf:"rw_frag"`
 	RwIpcache    *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.MapSpec `ebpf:"rw_metrics"`
@@ -128,6 +130,7 @@ type ToEndpointMaps struct {
 	RwCt6        *ebpf.Map `ebpf:"rw_ct6"`
 	RwEndpoints  *ebpf.Map `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.Map `ebpf:"rw_events"`
+	RwFrag       *ebpf.Map `ebpf:"rw_frag"`
 	RwIpcache    *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.Map `ebpf:"rw_metrics"`
@@ -140,6 +143,7 @@ func (m *ToEndpointMaps) Close() error {
 		m.RwCt6,
 		m.RwEndpoints,
 		m.RwEvents,
+		m.RwFrag,
 		m.RwIpcache,
 		m.RwIpcacheLpm,
 		m.RwMetrics,

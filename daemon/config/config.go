@@ -93,6 +93,7 @@ type Datapath struct {
 	CTMaxEntries      int      `toml:"ct_max_entries" json:"ct_max_entries"`
 	PolicyMaxEntries  int      `toml:"policy_max_entries" json:"policy_max_entries"`
 	IPCacheMaxEntries int      `toml:"ipcache_max_entries" json:"ipcache_max_entries"`
+	FragMaxEntries    int      `toml:"frag_max_entries" json:"frag_max_entries"`
 	PolicyDir         string   `toml:"policy_dir" json:"policy_dir"`
 }
 
@@ -232,6 +233,7 @@ func Default() Config {
 			CTMaxEntries:      524288,
 			PolicyMaxEntries:  16384,
 			IPCacheMaxEntries: 524288,
+			FragMaxEntries:    8192,
 			PolicyDir:         "/etc/rackwire/policies.d",
 		},
 		BGP: BGP{

@@ -163,6 +163,7 @@ func (c *Config) validate() []Problem {
 	checkRange("datapath.ct_max_entries", c.Datapath.CTMaxEntries, 1024, 1<<26)
 	checkRange("datapath.policy_max_entries", c.Datapath.PolicyMaxEntries, 16, 1<<20)
 	checkRange("datapath.ipcache_max_entries", c.Datapath.IPCacheMaxEntries, 1024, 1<<24)
+	checkRange("datapath.frag_max_entries", c.Datapath.FragMaxEntries, 256, 1<<20)
 
 	// [bgp]
 	c.validateBGP(bad, cidrs)

@@ -57,6 +57,9 @@ type Options struct {
 	CTMaxEntries                                 int
 	PolicyMaxEntries                             int
 	IPCacheMaxEntries                            int
+	// FragMaxEntries sizes rw_frag, the first fragments whose later
+	// fragments may still come (default 8192).
+	FragMaxEntries int
 }
 
 // OptionsFromConfig maps the [datapath] config section to Options.
@@ -68,6 +71,7 @@ func OptionsFromConfig(c config.Datapath) Options {
 		CTMaxEntries:      c.CTMaxEntries,
 		PolicyMaxEntries:  c.PolicyMaxEntries,
 		IPCacheMaxEntries: c.IPCacheMaxEntries,
+		FragMaxEntries:    c.FragMaxEntries,
 	}
 }
 
@@ -91,6 +95,9 @@ func (o *Options) defaults() error {
 	}
 	if o.IPCacheMaxEntries <= 0 {
 		o.IPCacheMaxEntries = 524288
+	}
+	if o.FragMaxEntries <= 0 {
+		o.FragMaxEntries = 8192
 	}
 	return nil
 }
@@ -217,6 +224,7 @@ func (d *Datapath) load() error {
 		"rw_ct6":         d.opts.CTMaxEntries,
 		"rw_ipcache":     d.opts.IPCacheMaxEntries,
 		"rw_ipcache_lpm": max(d.opts.IPCacheMaxEntries/8, 1024),
+		"rw_frag":        d.opts.FragMaxEntries,
 	}
 	outer := from.Maps["rw_policy_maps"]
 	outer.InnerMap.MaxEntries = uint32(d.opts.PolicyMaxEntries)
