@@ -13,6 +13,7 @@ type pkt struct {
 	sport      uint16
 	dport      uint16 // ICMP: the type
 	icmpID     uint16
+	icmpCode   uint8
 	tcpFlags   uint8
 	payloadLen int
 	inner      *pkt // ICMP error: the quoted packet
@@ -54,6 +55,7 @@ func (p pkt) l4() []byte {
 	case protoICMP, protoICMPv6:
 		h = make([]byte, 8)
 		h[0] = uint8(p.dport)
+		h[1] = p.icmpCode
 		binary.BigEndian.PutUint16(h[4:], p.icmpID)
 	}
 	if p.fragment && p.fragOff > 0 {
