@@ -24,6 +24,7 @@
 #include "ipcache.h"
 #include "policy.h"
 #include "ct.h"
+#include "frag.h"
 #include "events.h"
 
 /* Per-load settings, written by the agent before the programs load. */
@@ -113,7 +114,9 @@ static __always_inline int rw_enforce(struct __sk_buff *skb, struct flow *f, __u
 		/*
 		 * An ICMP error about a tracked flow (packet too big,
 		 * unreachable, time exceeded) is related: it passes like a
-		 * reply. The quoted packet went the other way.
+		 * reply, whatever the policy, so path MTU discovery works
+		 * under default-deny. The quoted packet went the other way;
+		 * only the 8 L4 bytes RFC 792 guarantees are read.
 		 */
 		struct flow inner = {};
 
@@ -270,8 +273,14 @@ static __always_inline int rw_handle(struct __sk_buff *skb, __u8 dir)
 	if (dir == RW_DIR_EGRESS && epi->ifindex && epi->ifindex != skb->ifindex)
 		return __rw_drop(skb, &f, dir, epi->endpoint, 0, 0, RW_DROP_SPOOFED_SOURCE,
 				 skb->ifindex);
+	/* A later fragment is decided on its first fragment's ports (frag.h). */
+	if (f.frag == RW_FRAG_TAIL && frag_resolve(&f) < 0)
+		return __rw_drop(skb, &f, dir, epi->endpoint, 0, 0, RW_DROP_FRAG_NO_HEAD,
+				 skb->ifindex);
 
 	ret = rw_enforce(skb, &f, dir, epi, skb->ifindex);
+	if (ret == RW_PASS)
+		frag_remember(skb, &f);
 	if (dir == RW_DIR_EGRESS && rw_redirect_peer && ret == RW_PASS)
 		return rw_local_deliver(skb, &f, epi);
 	return ret;

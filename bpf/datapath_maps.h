@@ -93,6 +93,14 @@ struct {
 	__type(value, __u32);
 } rw_verdict_rev SEC(".maps");
 
+/* rw_frag: first fragments that passed, so the later ones get their ports. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct frag_key);
+	__type(value, struct frag_value);
+} rw_frag SEC(".maps");
+
 /* rw_events: drop, audit and sampled trace events. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -122,6 +130,8 @@ struct rw_btf_types {
 	struct ct4_key ct4_key;
 	struct ct6_key ct6_key;
 	struct ct_entry ct_entry;
+	struct frag_key frag_key;
+	struct frag_value frag_value;
 	struct metrics_value metrics_value;
 	struct event event;
 	enum rw_reason reason;

@@ -50,8 +50,9 @@ enum rw_reason {
 	RW_DROP_NO_POLICY_MAP    = -8,  /* endpoint has no policy map */
 	RW_DROP_SPOOFED_SOURCE   = -9,  /* source address not owned by this veth */
 	RW_DROP_INVALID_PACKET   = -10, /* truncated or malformed headers */
-	RW_DROP_FRAGMENT         = -11, /* non-first fragment: no ports to check */
-	RW_REASON_COUNT          = 12,  /* metrics slots: -reason */
+	RW_DROP_FRAGMENT         = -11, /* fragment that could change the L4 header it was decided on */
+	RW_DROP_FRAG_NO_HEAD     = -12, /* later fragment whose first fragment was not seen or passed */
+	RW_REASON_COUNT          = 13,  /* metrics slots: -reason */
 };
 
 /* IP address as a map key (rw_endpoints, rw_ipcache): IPv4 in the first 4 bytes. */
@@ -152,6 +153,26 @@ struct ct_entry {
 	__u8 flags;         /* RW_CT_F_* */
 	__u16 pad1;
 	__u32 pad2;
+};
+
+/* rw_frag key: one fragmented datagram. */
+struct frag_key {
+	__u8 saddr[16]; /* network order; IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+	__u32 id;       /* IPv4 identification (16 bits) or IPv6 fragment id, host order */
+	__u8 proto;     /* IPv4 protocol; IPv6: the fragment header's next header */
+	__u8 family;    /* 4 or 6 */
+	__u16 pad;
+};
+
+/* rw_frag value: what the first fragment was decided on. */
+struct frag_value {
+	__u64 created_ns;    /* CLOCK_MONOTONIC, when the first fragment passed */
+	__be16 sport;        /* network order; ICMP echo: id */
+	__be16 dport;        /* network order */
+	__be16 policy_port;  /* dport or ICMP type, network order */
+	__u8 proto;          /* L4 protocol */
+	__u8 pad;
 };
 
 /* rw_metrics value, per CPU; key = -reason * 2 + direction. */

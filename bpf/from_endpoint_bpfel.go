@@ -22,6 +22,7 @@ const (
 	FromEndpointMapRwCt6Tcp          = "rw_ct6_tcp"
 	FromEndpointMapRwEndpoints       = "rw_endpoints"
 	FromEndpointMapRwEvents          = "rw_events"
+	FromEndpointMapRwFrag            = "rw_frag"
 	FromEndpointMapRwIpcache         = "rw_ipcache"
 	FromEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
 	FromEndpointMapRwMetrics         = "rw_metrics"
@@ -92,6 +93,7 @@ type FromEndpointMapSpecs struct {
 	RwCt6Tcp     *ebpf.MapSpec `ebpf:"rw_ct6_tcp"`
 	RwEndpoints  *ebpf.MapSpec `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.MapSpec `ebpf:"rw_events"`
+	RwFrag       *ebpf.MapSpec `ebpf:"rw_frag"`
 	RwIpcache    *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.MapSpec `ebpf:"rw_metrics"`
@@ -138,6 +140,7 @@ type FromEndpointMaps struct {
 	RwCt6Tcp     *ebpf.Map `ebpf:"rw_ct6_tcp"`
 	RwEndpoints  *ebpf.Map `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.Map `ebpf:"rw_events"`
+	RwFrag       *ebpf.Map `ebpf:"rw_frag"`
 	RwIpcache    *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.Map `ebpf:"rw_metrics"`
@@ -153,6 +156,7 @@ func (m *FromEndpointMaps) Close() error {
 		m.RwCt6Tcp,
 		m.RwEndpoints,
 		m.RwEvents,
+		m.RwFrag,
 		m.RwIpcache,
 		m.RwIpcacheLpm,
 		m.RwMetrics,

@@ -22,6 +22,7 @@ const (
 	ToEndpointMapRwCt6Tcp          = "rw_ct6_tcp"
 	ToEndpointMapRwEndpoints       = "rw_endpoints"
 	ToEndpointMapRwEvents          = "rw_events"
+	ToEndpointMapRwFrag            = "rw_frag"
 	ToEndpointMapRwIpcache         = "rw_ipcache"
 	ToEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
 	ToEndpointMapRwMetrics         = "rw_metrics"
@@ -92,6 +93,7 @@ type ToEndpointMapSpecs struct {
 	RwCt6Tcp     *ebpf.MapSpec `ebpf:"rw_ct6_tcp"`
 	RwEndpoints  *ebpf.MapSpec `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.MapSpec `ebpf:"rw_events"`
+	RwFrag       *ebpf.MapSpec `ebpf:"rw_frag"`
 	RwIpcache    *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.MapSpec `ebpf:"rw_metrics"`
@@ -138,6 +140,7 @@ type ToEndpointMaps struct {
 	RwCt6Tcp     *ebpf.Map `ebpf:"rw_ct6_tcp"`
 	RwEndpoints  *ebpf.Map `ebpf:"rw_endpoints"`
 	RwEvents     *ebpf.Map `ebpf:"rw_events"`
+	RwFrag       *ebpf.Map `ebpf:"rw_frag"`
 	RwIpcache    *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics    *ebpf.Map `ebpf:"rw_metrics"`
@@ -153,6 +156,7 @@ func (m *ToEndpointMaps) Close() error {
 		m.RwCt6Tcp,
 		m.RwEndpoints,
 		m.RwEvents,
+		m.RwFrag,
 		m.RwIpcache,
 		m.RwIpcacheLpm,
 		m.RwMetrics,

@@ -99,6 +99,7 @@ type Datapath struct {
 	CTTimeoutOther    Duration `toml:"ct_timeout_other" json:"ct_timeout_other"`
 	PolicyMaxEntries  int      `toml:"policy_max_entries" json:"policy_max_entries"`
 	IPCacheMaxEntries int      `toml:"ipcache_max_entries" json:"ipcache_max_entries"`
+	FragMaxEntries    int      `toml:"frag_max_entries" json:"frag_max_entries"`
 	PolicyDir         string   `toml:"policy_dir" json:"policy_dir"`
 }
 
@@ -243,6 +244,7 @@ func Default() Config {
 			CTTimeoutOther:    D(60 * time.Second),
 			PolicyMaxEntries:  16384,
 			IPCacheMaxEntries: 524288,
+			FragMaxEntries:    8192,
 			PolicyDir:         "/etc/rackwire/policies.d",
 		},
 		BGP: BGP{

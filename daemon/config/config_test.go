@@ -80,6 +80,7 @@ func TestProblems(t *testing.T) {
 		{"ttl", "version = 1\n[store]\nsession_ttl = \"48h\"\n", []string{"store.session_ttl", "24h"}},
 		{"duration", "version = 1\n[store]\nsession_ttl = \"soon\"\n", []string{":3:", "not a duration"}},
 		{"attach", "version = 1\n[datapath]\nattach = \"xdp\"\n", []string{"datapath.attach"}},
+		{"frag map too small", "version = 1\n[datapath]\nfrag_max_entries = 10\n", []string{":3: datapath.frag_max_entries", "256..1048576"}},
 		{"relative path", "version = 1\n[agent]\nstate_dir = \"var/lib\"\n", []string{"agent.state_dir", "absolute"}},
 		{"admin group", "version = 1\n[agent]\nadmin_group = \"rw-no-such-group\"\n", []string{":3: agent.admin_group", "does not exist", "groupadd rw-no-such-group"}},
 		{"asn zero", "version = 1\n[bgp]\nlocal_asn = 0\n", []string{":3: bgp.local_asn", "not an ASN"}},

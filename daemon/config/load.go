@@ -204,6 +204,7 @@ func known() []string {
 		"datapath.ct_max_entries", "datapath.ct_other_max_entries",
 		"datapath.ct_timeout_tcp", "datapath.ct_timeout_tcp_syn", "datapath.ct_timeout_tcp_close", "datapath.ct_timeout_other",
 		"datapath.policy_max_entries", "datapath.ipcache_max_entries", "datapath.policy_dir",
+		"datapath.frag_max_entries",
 		"bgp.enabled", "bgp.bird_config", "bgp.bird_socket", "bgp.bird_binary", "bgp.router_id", "bgp.local_asn",
 		"bgp.vips", "bgp.vip_ranges", "bgp.import", "bgp.drain_keep", "bgp.communities",
 		"bgp.peers.name", "bgp.peers.address", "bgp.peers.asn", "bgp.peers.source_address", "bgp.peers.multihop",

@@ -165,6 +165,7 @@ func (c *Config) validate() []Problem {
 	c.validateCTTimeouts(bad)
 	checkRange("datapath.policy_max_entries", c.Datapath.PolicyMaxEntries, 16, 1<<20)
 	checkRange("datapath.ipcache_max_entries", c.Datapath.IPCacheMaxEntries, 1024, 1<<24)
+	checkRange("datapath.frag_max_entries", c.Datapath.FragMaxEntries, 256, 1<<20)
 
 	// [bgp]
 	c.validateBGP(bad, cidrs)

@@ -59,6 +59,9 @@ type Options struct {
 	CTOtherMaxEntries                                             int // each non-TCP CT map (rw_ct4_other, rw_ct6_other)
 	PolicyMaxEntries                                              int
 	IPCacheMaxEntries                                             int
+	// FragMaxEntries sizes rw_frag, the first fragments whose later
+	// fragments may still come (default 8192).
+	FragMaxEntries int
 }
 
 // OptionsFromConfig maps the [datapath] config section to Options.
@@ -75,6 +78,7 @@ func OptionsFromConfig(c config.Datapath) Options {
 		CTTimeoutOther:    c.CTTimeoutOther.Duration,
 		PolicyMaxEntries:  c.PolicyMaxEntries,
 		IPCacheMaxEntries: c.IPCacheMaxEntries,
+		FragMaxEntries:    c.FragMaxEntries,
 	}
 }
 
@@ -101,6 +105,9 @@ func (o *Options) defaults() error {
 	}
 	if o.IPCacheMaxEntries <= 0 {
 		o.IPCacheMaxEntries = 524288
+	}
+	if o.FragMaxEntries <= 0 {
+		o.FragMaxEntries = 8192
 	}
 	return nil
 }
@@ -233,6 +240,7 @@ func (d *Datapath) configuredSizes() map[string]int {
 		"rw_ct6_other":   d.opts.CTOtherMaxEntries,
 		"rw_ipcache":     d.opts.IPCacheMaxEntries,
 		"rw_ipcache_lpm": max(d.opts.IPCacheMaxEntries/8, 1024),
+		"rw_frag":        d.opts.FragMaxEntries,
 	}
 }
 

@@ -27,6 +27,8 @@ func TestLayoutMatchesBTF(t *testing.T) {
 		{"ct4_key", ct4Key{}},
 		{"ct6_key", ct6Key{}},
 		{"ct_entry", ctEntry{}},
+		{"frag_key", fragKey{}},
+		{"frag_value", fragValue{}},
 		{"metrics_value", metricsValue{}},
 		{"event", rawEvent{}},
 	}
@@ -78,6 +80,7 @@ func TestLayoutMatchesBTF(t *testing.T) {
 			"RW_DROP_UNSUPPORTED_L4": DropUnsupportedL4, "RW_AUDIT_WOULD_DENY": AuditWouldDeny,
 			"RW_DROP_NO_POLICY_MAP": DropNoPolicyMap, "RW_DROP_SPOOFED_SOURCE": DropSpoofedSource,
 			"RW_DROP_INVALID_PACKET": DropInvalidPacket, "RW_DROP_FRAGMENT": DropFragment,
+			"RW_DROP_FRAG_NO_HEAD": DropFragNoHead,
 		}
 		seen := 0
 		for _, v := range reasons.Values {

@@ -65,8 +65,9 @@ const (
 	DropNoPolicyMap    Reason = -8  // the endpoint has no policy map
 	DropSpoofedSource  Reason = -9  // source address not owned by the veth
 	DropInvalidPacket  Reason = -10 // truncated or malformed headers
-	DropFragment       Reason = -11 // non-first fragment
-	reasonCount               = 12
+	DropFragment       Reason = -11 // fragment that could change the L4 header it was decided on
+	DropFragNoHead     Reason = -12 // later fragment whose first fragment did not pass
+	reasonCount               = 13
 )
 
 var reasonNames = map[Reason]string{
@@ -82,6 +83,7 @@ var reasonNames = map[Reason]string{
 	DropSpoofedSource:  "spoofed source",
 	DropInvalidPacket:  "invalid packet",
 	DropFragment:       "fragment",
+	DropFragNoHead:     "fragment without head",
 }
 
 func (r Reason) String() string {
@@ -236,6 +238,26 @@ const (
 	tcpFlagRST = 0x04
 	tcpFlagACK = 0x10
 )
+
+// fragKey mirrors struct frag_key.
+type fragKey struct {
+	SAddr  [16]byte
+	DAddr  [16]byte
+	ID     uint32
+	Proto  uint8
+	Family uint8
+	Pad    uint16
+}
+
+// fragValue mirrors struct frag_value.
+type fragValue struct {
+	CreatedNS  uint64
+	SPort      be16
+	DPort      be16
+	PolicyPort be16
+	Proto      uint8
+	Pad        uint8
+}
 
 // metricsValue mirrors struct metrics_value.
 type metricsValue struct {
