@@ -19,6 +19,7 @@ const (
 	FromEndpointMapRwCt4            = "rw_ct4"
 	FromEndpointMapRwCt6            = "rw_ct6"
 	FromEndpointMapRwEndpoints      = "rw_endpoints"
+	FromEndpointMapRwEventLimit     = "rw_event_limit"
 	FromEndpointMapRwEvents         = "rw_events"
 	FromEndpointMapRwIpcache        = "rw_ipcache"
 	FromEndpointMapRwIpcacheLpm     = "rw_ipcache_lpm"
@@ -29,6 +30,9 @@ const (
 	FromEndpointVarRwCtTimeoutClose = "rw_ct_timeout_close"
 	FromEndpointVarRwCtTimeoutOther = "rw_ct_timeout_other"
 	FromEndpointVarRwCtTimeoutTcp   = "rw_ct_timeout_tcp"
+	FromEndpointVarRwEventBurst     = "rw_event_burst"
+	FromEndpointVarRwEventRate      = "rw_event_rate"
+	FromEndpointVarRwEventsPerf     = "rw_events_perf"
 	FromEndpointVarRwRedirectPeer   = "rw_redirect_peer"
 	FromEndpointVarRwTraceSample    = "rw_trace_sample"
 )
@@ -85,6 +89,7 @@ type FromEndpointMapSpecs struct {
 	RwCt4        *ebpf.MapSpec `ebpf:"rw_ct4"`
 	RwCt6        *ebpf.MapSpec `ebpf:"rw_ct6"`
 	RwEndpoints  *ebpf.MapSpec `ebpf:"rw_endpoints"`
+	RwEventLimit *ebpf.MapSpec `ebpf:"rw_event_limit"`
 	RwEvents     *ebpf.MapSpec `ebpf:"rw_events"`
 	RwIpcache    *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
@@ -100,6 +105,9 @@ type FromEndpointVariableSpecs struct {
 	RwCtTimeoutClose *ebpf.VariableSpec `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther *ebpf.VariableSpec `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp   *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp"`
+	RwEventBurst     *ebpf.VariableSpec `ebpf:"rw_event_burst"`
+	RwEventRate      *ebpf.VariableSpec `ebpf:"rw_event_rate"`
+	RwEventsPerf     *ebpf.VariableSpec `ebpf:"rw_events_perf"`
 	RwRedirectPeer   *ebpf.VariableSpec `ebpf:"rw_redirect_peer"`
 	RwTraceSample    *ebpf.VariableSpec `ebpf:"rw_trace_sample"`
 }
@@ -127,6 +135,7 @@ type FromEndpointMaps struct {
 	RwCt4        *ebpf.Map `ebpf:"rw_ct4"`
 	RwCt6        *ebpf.Map `ebpf:"rw_ct6"`
 	RwEndpoints  *ebpf.Map `ebpf:"rw_endpoints"`
+	RwEventLimit *ebpf.Map `ebpf:"rw_event_limit"`
 	RwEvents     *ebpf.Map `ebpf:"rw_events"`
 	RwIpcache    *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm *ebpf.Map `ebpf:"rw_ipcache_lpm"`
@@ -139,6 +148,7 @@ func (m *FromEndpointMaps) Close() error {
 		m.RwCt4,
 		m.RwCt6,
 		m.RwEndpoints,
+		m.RwEventLimit,
 		m.RwEvents,
 		m.RwIpcache,
 		m.RwIpcacheLpm,
@@ -155,6 +165,9 @@ type FromEndpointVariables struct {
 	RwCtTimeoutClose *ebpf.Variable `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther *ebpf.Variable `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp   *ebpf.Variable `ebpf:"rw_ct_timeout_tcp"`
+	RwEventBurst     *ebpf.Variable `ebpf:"rw_event_burst"`
+	RwEventRate      *ebpf.Variable `ebpf:"rw_event_rate"`
+	RwEventsPerf     *ebpf.Variable `ebpf:"rw_events_perf"`
 	RwRedirectPeer   *ebpf.Variable `ebpf:"rw_redirect_peer"`
 	RwTraceSample    *ebpf.Variable `ebpf:"rw_trace_sample"`
 }

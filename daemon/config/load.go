@@ -202,6 +202,7 @@ func known() []string {
 		"store.allow_insecure",
 		"datapath.pin_dir", "datapath.attach", "datapath.policy_audit_mode", "datapath.identity_labels",
 		"datapath.ct_max_entries", "datapath.policy_max_entries", "datapath.ipcache_max_entries", "datapath.policy_dir",
+		"datapath.events", "datapath.events_rate", "datapath.events_burst",
 		"bgp.enabled", "bgp.bird_config", "bgp.bird_socket", "bgp.bird_binary", "bgp.router_id", "bgp.local_asn",
 		"bgp.vips", "bgp.vip_ranges", "bgp.import", "bgp.drain_keep", "bgp.communities",
 		"bgp.peers.name", "bgp.peers.address", "bgp.peers.asn", "bgp.peers.source_address", "bgp.peers.multihop",

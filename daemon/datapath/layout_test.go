@@ -29,6 +29,7 @@ func TestLayoutMatchesBTF(t *testing.T) {
 		{"ct_entry", ctEntry{}},
 		{"metrics_value", metricsValue{}},
 		{"event", rawEvent{}},
+		{"event_limit", eventLimit{}},
 	}
 	for _, load := range []func() (*ebpf.CollectionSpec, error){bpf.LoadFromEndpoint, bpf.LoadToEndpoint} {
 		spec, err := load()
