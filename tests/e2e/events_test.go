@@ -100,13 +100,8 @@ func TestEventFlood(t *testing.T) {
 	servers(t, web.ns, web.IPv4, 8080)
 	for _, app := range []string{"flood", "quiet"} {
 		a.importPolicy(t, "rwg-ev-"+app, cnp("rwg-ev-"+app, app, `  egress:
-    - toEndpoints:
-        - matchLabels:
-            app: web
-      toPorts:
-        - ports:
-            - port: "8080"
-              protocol: TCP
+    - toEndpoints: [{matchLabels: {app: web}}]
+      toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
 `))
 	}
 	a.waitPolicies(t, "rwg-ev-flood", "rwg-ev-quiet")
@@ -164,7 +159,9 @@ func TestEventFlood(t *testing.T) {
 
 	after := scrape(t, maddr)
 	delta := func(series string) float64 { return after[series] - before[series] }
-	epSeries := func(name string, id uint16) string { return fmt.Sprintf("rackwire_events_%s_total{endpoint=\"%d\"}", name, id) }
+	epSeries := func(name string, id uint16) string {
+		return fmt.Sprintf("rackwire_events_%s_total{endpoint=\"%d\"}", name, id)
+	}
 	var floodEvents, quietEvents int
 	var noticed uint64
 	mon.mu.Lock()
