@@ -53,20 +53,21 @@ func (m *monitor) broadcast(it monitorItem) {
 }
 
 // notices reports, every interval, each endpoint whose suppressed or lost
-// counter grew. A counter below its previous value (the endpoint was
-// removed and its id reused) counts from zero.
-func (m *monitor) notices(ctx context.Context, interval time.Duration) {
+// counter (read with counts) grew. The first read is the baseline; a
+// counter below its previous value (the endpoint was removed and its id
+// reused) counts from zero.
+func (m *monitor) notices(ctx context.Context, interval time.Duration, counts func() ([]datapath.EventCount, error)) {
 	prev := map[uint16]datapath.EventCount{}
 	first := true
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
-		counts, err := m.dp.EventCounts()
+		cs, err := counts()
 		if err != nil {
 			m.log.Warn("cannot read the datapath's event counters", "err", err)
 		}
 		now := time.Now()
-		for _, c := range counts {
+		for _, c := range cs {
 			p := prev[c.Endpoint]
 			if c.Suppressed < p.Suppressed || c.Lost < p.Lost {
 				p = datapath.EventCount{}
@@ -88,7 +89,7 @@ func (m *monitor) notices(ctx context.Context, interval time.Duration) {
 }
 
 func (m *monitor) run(ctx context.Context) {
-	go m.notices(ctx, noticeInterval)
+	go m.notices(ctx, noticeInterval, m.dp.EventCounts)
 	for ctx.Err() == nil {
 		evs, err := m.dp.Events(ctx)
 		if err != nil {
