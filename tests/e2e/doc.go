@@ -15,7 +15,6 @@
 // other: endpoint veth names (rwNNNNN) are per host, not per agent.
 //
 // RACKWIRE_TEST_EVENTS=perf (or ringbuf, auto) sets [datapath] events in
-// every test agent's config; `make test` runs the tests that read events
-// (E2E_EVENT_TESTS in the Makefile) once more with perf, the transport of
-// kernels before 5.8.
+// every test agent's config; `make test` runs the whole suite once more
+// with perf (test-e2e-perf), the transport of kernels before 5.8.
 package e2e
