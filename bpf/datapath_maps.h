@@ -101,11 +101,25 @@ struct {
 	__type(value, struct frag_value);
 } rw_frag SEC(".maps");
 
-/* rw_events: drop, audit and sampled trace events. */
+/*
+ * rw_events: drop, audit and sampled trace events. A ring buffer; the agent
+ * turns it into a perf event array (one ring per CPU, max_entries = CPUs)
+ * before loading when the kernel has no ring buffer or the config says
+ * events = "perf" (events.h).
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } rw_events SEC(".maps");
+
+/* rw_event_limit: endpoint id (u32) -> its event budget and counters. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct event_limit);
+} rw_event_limit SEC(".maps");
 
 /* rw_metrics: per-CPU packet and byte counters by reason and direction. */
 struct {
@@ -134,6 +148,7 @@ struct rw_btf_types {
 	struct frag_value frag_value;
 	struct metrics_value metrics_value;
 	struct event event;
+	struct event_limit event_limit;
 	enum rw_reason reason;
 };
 struct rw_btf_types rw_btf_types SEC(".rw_btf") __attribute__((used));

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <linux/types.h>
+#include <linux/bpf.h> /* struct bpf_spin_lock */
 
 /* Direction relative to the endpoint: what is delivered to it is ingress. */
 #define RW_DIR_INGRESS 0
@@ -199,4 +200,19 @@ struct event {
 	__s32 reason;       /* enum rw_reason */
 	__u32 ifindex;
 	__u32 len;          /* packet length */
+};
+
+/*
+ * rw_event_limit value: one endpoint's event token bucket (events.h) and
+ * what became of its events. allowed counts events that got a token, lost
+ * those of them the transport refused; the agent reads it with BPF_F_LOCK.
+ */
+struct event_limit {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	__u64 tokens;     /* RW_EVENT_TOKEN per event */
+	__u64 last_ns;    /* CLOCK_MONOTONIC of the last refill */
+	__u64 allowed;
+	__u64 suppressed;
+	__u64 lost;
 };

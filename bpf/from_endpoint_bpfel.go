@@ -21,6 +21,7 @@ const (
 	FromEndpointMapRwCt6Other        = "rw_ct6_other"
 	FromEndpointMapRwCt6Tcp          = "rw_ct6_tcp"
 	FromEndpointMapRwEndpoints       = "rw_endpoints"
+	FromEndpointMapRwEventLimit      = "rw_event_limit"
 	FromEndpointMapRwEvents          = "rw_events"
 	FromEndpointMapRwFrag            = "rw_frag"
 	FromEndpointMapRwIpcache         = "rw_ipcache"
@@ -34,6 +35,9 @@ const (
 	FromEndpointVarRwCtTimeoutOther  = "rw_ct_timeout_other"
 	FromEndpointVarRwCtTimeoutTcp    = "rw_ct_timeout_tcp"
 	FromEndpointVarRwCtTimeoutTcpSyn = "rw_ct_timeout_tcp_syn"
+	FromEndpointVarRwEventBurst      = "rw_event_burst"
+	FromEndpointVarRwEventRate       = "rw_event_rate"
+	FromEndpointVarRwEventsPerf      = "rw_events_perf"
 	FromEndpointVarRwRedirectPeer    = "rw_redirect_peer"
 	FromEndpointVarRwTraceSample     = "rw_trace_sample"
 )
@@ -92,6 +96,7 @@ type FromEndpointMapSpecs struct {
 	RwCt6Other   *ebpf.MapSpec `ebpf:"rw_ct6_other"`
 	RwCt6Tcp     *ebpf.MapSpec `ebpf:"rw_ct6_tcp"`
 	RwEndpoints  *ebpf.MapSpec `ebpf:"rw_endpoints"`
+	RwEventLimit *ebpf.MapSpec `ebpf:"rw_event_limit"`
 	RwEvents     *ebpf.MapSpec `ebpf:"rw_events"`
 	RwFrag       *ebpf.MapSpec `ebpf:"rw_frag"`
 	RwIpcache    *ebpf.MapSpec `ebpf:"rw_ipcache"`
@@ -110,6 +115,9 @@ type FromEndpointVariableSpecs struct {
 	RwCtTimeoutOther  *ebpf.VariableSpec `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp    *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp"`
 	RwCtTimeoutTcpSyn *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp_syn"`
+	RwEventBurst      *ebpf.VariableSpec `ebpf:"rw_event_burst"`
+	RwEventRate       *ebpf.VariableSpec `ebpf:"rw_event_rate"`
+	RwEventsPerf      *ebpf.VariableSpec `ebpf:"rw_events_perf"`
 	RwRedirectPeer    *ebpf.VariableSpec `ebpf:"rw_redirect_peer"`
 	RwTraceSample     *ebpf.VariableSpec `ebpf:"rw_trace_sample"`
 }
@@ -139,6 +147,7 @@ type FromEndpointMaps struct {
 	RwCt6Other   *ebpf.Map `ebpf:"rw_ct6_other"`
 	RwCt6Tcp     *ebpf.Map `ebpf:"rw_ct6_tcp"`
 	RwEndpoints  *ebpf.Map `ebpf:"rw_endpoints"`
+	RwEventLimit *ebpf.Map `ebpf:"rw_event_limit"`
 	RwEvents     *ebpf.Map `ebpf:"rw_events"`
 	RwFrag       *ebpf.Map `ebpf:"rw_frag"`
 	RwIpcache    *ebpf.Map `ebpf:"rw_ipcache"`
@@ -155,6 +164,7 @@ func (m *FromEndpointMaps) Close() error {
 		m.RwCt6Other,
 		m.RwCt6Tcp,
 		m.RwEndpoints,
+		m.RwEventLimit,
 		m.RwEvents,
 		m.RwFrag,
 		m.RwIpcache,
@@ -174,6 +184,9 @@ type FromEndpointVariables struct {
 	RwCtTimeoutOther  *ebpf.Variable `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp    *ebpf.Variable `ebpf:"rw_ct_timeout_tcp"`
 	RwCtTimeoutTcpSyn *ebpf.Variable `ebpf:"rw_ct_timeout_tcp_syn"`
+	RwEventBurst      *ebpf.Variable `ebpf:"rw_event_burst"`
+	RwEventRate       *ebpf.Variable `ebpf:"rw_event_rate"`
+	RwEventsPerf      *ebpf.Variable `ebpf:"rw_events_perf"`
 	RwRedirectPeer    *ebpf.Variable `ebpf:"rw_redirect_peer"`
 	RwTraceSample     *ebpf.Variable `ebpf:"rw_trace_sample"`
 }

@@ -280,6 +280,10 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 		old.Datapath.PinDir != next.Datapath.PinDir || old.Datapath.IdentityLabels != nil && fmt.Sprint(old.Datapath.IdentityLabels) != fmt.Sprint(next.Datapath.IdentityLabels) {
 		a.log.Warn("[datapath] attach, pin_dir, policy_audit_mode and identity_labels change only on restart (systemctl restart rackwired; forwarding continues)")
 	}
+	if old.Datapath.Events != next.Datapath.Events || old.Datapath.EventsRate != next.Datapath.EventsRate ||
+		old.Datapath.EventsBurst != next.Datapath.EventsBurst {
+		a.log.Warn("[datapath] events, events_rate and events_burst change only on restart (systemctl restart rackwired; forwarding continues)")
+	}
 	switch {
 	case a.bgp != nil && next.BGP.Enabled:
 		a.bgp.Reload(next.BGP, next.Prefixes())

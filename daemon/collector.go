@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -22,6 +23,7 @@ type agentCollector struct {
 
 	epPolicy, polLoaded, polWrites, polWriteErrs, syncAge *prometheus.Desc
 	ipcEntries, ipcFailing, refused, dupNode              *prometheus.Desc
+	evReported, evSuppressed, evLost                      *prometheus.Desc
 }
 
 func newAgentCollector(a *agent) *agentCollector {
@@ -50,13 +52,18 @@ func newAgentCollector(a *agent) *agentCollector {
 		ipcFailing:   d("ipcache_writes_failing", "Ipcache prefixes whose last map write failed, retried every second."),
 		refused:      d("store_records_refused", "Store records of other hosts refused by the checks, by reason.", "reason"),
 		dupNode:      d("node_name_duplicate", "1 while another host publishes under this host's node name."),
+
+		evReported:   d("events_reported_total", "Datapath events (drops, audit, traces) of the endpoint written for `rackwire monitor`.", "endpoint"),
+		evSuppressed: d("events_suppressed_total", "Datapath events of the endpoint not reported because they exceeded its rate limit ([datapath] events_rate, events_burst); the packets were not affected.", "endpoint"),
+		evLost:       d("events_lost_total", "Datapath events of the endpoint within its rate limit that the transport refused (full, or a perf array without a reader).", "endpoint"),
 	}
 }
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.dpPackets, c.dpBytes, c.endpoints, c.identities, c.policies,
 		c.bgpUp, c.bgpExported, c.bgpImported, c.bgpDrained, c.vipUp,
-		c.epPolicy, c.polLoaded, c.polWrites, c.polWriteErrs, c.syncAge, c.ipcEntries, c.ipcFailing, c.refused, c.dupNode} {
+		c.epPolicy, c.polLoaded, c.polWrites, c.polWriteErrs, c.syncAge, c.ipcEntries, c.ipcFailing, c.refused, c.dupNode,
+		c.evReported, c.evSuppressed, c.evLost} {
 		ch <- d
 	}
 }
@@ -74,6 +81,14 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		for _, m := range ms {
 			ch <- prometheus.MustNewConstMetric(c.dpPackets, prometheus.CounterValue, float64(m.Packets), m.Reason.String(), m.Direction.String())
 			ch <- prometheus.MustNewConstMetric(c.dpBytes, prometheus.CounterValue, float64(m.Bytes), m.Reason.String(), m.Direction.String())
+		}
+	}
+	if evs, err := a.dp.EventCounts(); err == nil {
+		for _, e := range evs {
+			ep := strconv.Itoa(int(e.Endpoint))
+			ch <- prometheus.MustNewConstMetric(c.evReported, prometheus.CounterValue, float64(e.Reported), ep)
+			ch <- prometheus.MustNewConstMetric(c.evSuppressed, prometheus.CounterValue, float64(e.Suppressed), ep)
+			ch <- prometheus.MustNewConstMetric(c.evLost, prometheus.CounterValue, float64(e.Lost), ep)
 		}
 	}
 	counts := map[endpoint.State]int{endpoint.StateReady: 0}

@@ -42,12 +42,19 @@ func (a *agent) serveMonitor(w http.ResponseWriter, r *http.Request) {
 		case <-keep.C:
 			_, _ = w.Write([]byte("\n"))
 			fl.Flush()
-		case ev := <-evs:
-			v := eventVerdict(ev)
-			if typ != "" && typ != v {
-				continue
+		case it := <-evs:
+			var out api.Event
+			if it.notice {
+				// Suppressed events may be of any type: always shown.
+				out = a.toAPINotice(it)
+			} else {
+				v := eventVerdict(it.ev)
+				if typ != "" && typ != v {
+					continue
+				}
+				out = a.toAPIEvent(it.ev, v)
 			}
-			if err := enc.Encode(a.toAPIEvent(ev, v)); err != nil {
+			if err := enc.Encode(out); err != nil {
 				return
 			}
 			fl.Flush()
@@ -65,6 +72,23 @@ func eventVerdict(ev datapath.Event) string {
 	return "trace"
 }
 
+// toAPINotice describes the events of one endpoint the rate limit
+// suppressed (and the transport lost) in the last interval.
+func (a *agent) toAPINotice(it monitorItem) api.Event {
+	out := api.Event{Time: it.ev.Time, Type: api.EventSuppressed, Endpoint: it.ev.Endpoint,
+		Suppressed: it.suppressed, Lost: it.lost, Limit: eventLimitText(a.dp.EventLimit())}
+	out.EndpointName = a.endpointName(it.ev.Endpoint)
+	return out
+}
+
+// endpointName is the name of endpoint id, or "" when there is none.
+func (a *agent) endpointName(id uint16) string {
+	if ep, err := a.eps.Get(strconv.Itoa(int(id))); err == nil {
+		return ep.Name
+	}
+	return ""
+}
+
 func (a *agent) toAPIEvent(ev datapath.Event, typ string) api.Event {
 	out := api.Event{
 		Time: ev.Time, Type: typ, Endpoint: ev.Endpoint, Direction: ev.Direction.String(),
@@ -79,8 +103,6 @@ func (a *agent) toAPIEvent(ev datapath.Event, typ string) api.Event {
 	if typ == "audit" {
 		out.Verdict = "audit: would deny"
 	}
-	if ep, err := a.eps.Get(strconv.Itoa(int(ev.Endpoint))); err == nil {
-		out.EndpointName = ep.Name
-	}
+	out.EndpointName = a.endpointName(ev.Endpoint)
 	return out
 }

@@ -62,11 +62,17 @@ func (d *Daemon) status(r *http.Request) api.Status {
 	return st
 }
 
+// eventLimitText describes each endpoint's event budget.
+func eventLimitText(rate, burst uint32) string {
+	return fmt.Sprintf("%d/s, burst %d, per endpoint", rate, burst)
+}
+
 // agentStatus fills the components the agent owns.
 func (a *agent) status(ctx context.Context, st *api.Status) {
 	f := a.dp.Features()
 	st.Datapath = api.Component{State: api.StateOK, Detail: map[string]string{
 		"attach": f.AttachMode, "pin_dir": a.dp.PinDir(), "audit": strconv.FormatBool(a.cfg.Datapath.PolicyAuditMode),
+		"events": f.Events, "events_why": f.EventsWhy, "events_limit": eventLimitText(a.dp.EventLimit()),
 	}}
 	if len(f.Fallbacks) > 0 {
 		st.Datapath.State = api.StateDegraded
@@ -74,7 +80,7 @@ func (a *agent) status(ctx context.Context, st *api.Status) {
 	}
 	st.Kernel = []api.KernelFeature{
 		{Name: "tcx", Available: f.TCX, Fallback: fallback(f.TCX, "legacy clsact tc filters")},
-		{Name: "ringbuf", Available: f.RingBuf, Fallback: fallback(f.RingBuf, "no monitor events")},
+		{Name: "ringbuf", Available: f.RingBuf, Fallback: fallback(f.RingBuf, "events on a perf event array")},
 		{Name: "redirect_peer", Available: f.RedirectPeer, Fallback: fallback(f.RedirectPeer, "local delivery through the host stack")},
 		{Name: "lpm_trie", Available: f.LPM, Fallback: fallback(f.LPM, "no CIDR prefixes in the ipcache")},
 		{Name: "btf", Available: f.BTF, Fallback: fallback(f.BTF, "no CO-RE; objects built for this kernel only")},

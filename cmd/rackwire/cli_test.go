@@ -130,3 +130,42 @@ func TestForbiddenSaysWhatToDo(t *testing.T) {
 		t.Errorf("got exit %d, stdout %q, stderr\n%s\nwant exit 1 and stderr\n%s", code, out, se, want)
 	}
 }
+
+// TestMonitorSuppressedLine: a "suppressed" line of the monitor stream is
+// printed as a sentence naming the count, the endpoint and the limit, and
+// passes through unchanged with --json.
+func TestMonitorSuppressedLine(t *testing.T) {
+	lines := []api.Event{
+		{Type: "drop", Endpoint: 7, EndpointName: "web", Direction: "egress", Src: "10.0.0.2:1000", Dst: "10.0.0.3:53",
+			Proto: "udp", Verdict: "dropped", Reason: "policy denied"},
+		{Type: api.EventSuppressed, Endpoint: 7, EndpointName: "web", Suppressed: 12345, Lost: 2, Limit: "100/s, burst 1000, per endpoint"},
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/monitor", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		enc := json.NewEncoder(w)
+		for _, l := range lines {
+			_ = enc.Encode(l)
+		}
+	})
+	sock := fakeAgent(t, mux)
+	_, out, _ := runCLI(t, "--socket", sock, "monitor")
+	for _, want := range []string{"ep=web egress udp 10.0.0.2:1000 -> 10.0.0.3:53",
+		"12345 events of endpoint web suppressed (rate limit 100/s, burst 1000, per endpoint); 2 lost (transport full)"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("monitor output lacks %q:\n%s", want, out)
+		}
+	}
+	_, out, _ = runCLI(t, "--socket", sock, "monitor", "--json")
+	var got []api.Event
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		var ev api.Event
+		if err := json.Unmarshal([]byte(l), &ev); err != nil {
+			t.Fatalf("monitor --json line %q: %v", l, err)
+		}
+		got = append(got, ev)
+	}
+	if len(got) != 2 || got[1] != lines[1] {
+		t.Errorf("monitor --json = %+v, want the suppressed line %+v as sent", got, lines[1])
+	}
+}

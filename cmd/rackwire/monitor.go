@@ -40,6 +40,15 @@ func init() {
 				if ep == "" {
 					ep = fmt.Sprint(ev.Endpoint)
 				}
+				if ev.Type == api.EventSuppressed {
+					lost := ""
+					if ev.Lost > 0 {
+						lost = fmt.Sprintf("; %d lost (transport full)", ev.Lost)
+					}
+					_, err := fmt.Fprintf(e.stdout, "%s %d events of endpoint %s suppressed (rate limit %s)%s\n",
+						ev.Time.Format("15:04:05.000"), ev.Suppressed, ep, ev.Limit, lost)
+					return err
+				}
 				reason := ""
 				if ev.Reason != "" {
 					reason = " (" + ev.Reason + ")"

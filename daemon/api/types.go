@@ -169,7 +169,7 @@ type TraceRequest struct {
 // Event is one datapath event as `rackwire monitor --json` prints it.
 type Event struct {
 	Time         time.Time `json:"time"`
-	Type         string    `json:"type"` // drop, trace, audit
+	Type         string    `json:"type"` // drop, trace, audit; or suppressed (EventSuppressed)
 	Endpoint     uint16    `json:"endpoint"`
 	EndpointName string    `json:"endpoint_name,omitempty"`
 	Direction    string    `json:"direction"`
@@ -183,7 +183,17 @@ type Event struct {
 	Verdict      string    `json:"verdict"`
 	Reason       string    `json:"reason,omitempty"`
 	Len          uint32    `json:"len"`
+	// A "suppressed" line (about once a second per endpoint whose events
+	// were over its rate limit): how many events of Endpoint the limit
+	// suppressed and the transport lost since the previous line, and the
+	// limit in force. The packet fields are empty.
+	Suppressed uint64 `json:"suppressed,omitempty"`
+	Lost       uint64 `json:"lost,omitempty"`
+	Limit      string `json:"limit,omitempty"`
 }
+
+// EventSuppressed is the Type of a monitor line that counts suppressed events.
+const EventSuppressed = "suppressed"
 
 // RawEntry is an operator's raw policy map entry (`rackwire bpf policy add`).
 type RawEntry struct {

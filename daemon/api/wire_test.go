@@ -48,7 +48,7 @@ var wireGolden = map[string][]string{
 	"EndpointAdd":    {"ip", "ipv6", "labels", "name", "netns"},
 	"EndpointAudit":  {"enabled"},
 	"ErrorBody":      {"error", "hint"},
-	"Event":          {"dst", "dst_identity", "dst_labels", "direction", "endpoint", "endpoint_name", "len", "proto", "reason", "src", "src_identity", "src_labels", "time", "type", "verdict"},
+	"Event":          {"dst", "dst_identity", "dst_labels", "direction", "endpoint", "endpoint_name", "len", "limit", "lost", "proto", "reason", "src", "src_identity", "src_labels", "suppressed", "time", "type", "verdict"},
 	"IPCacheEntry":   {"host_ip", "identity", "labels", "prefix"},
 	"Identity":       {"id", "labels", "scope", "users"},
 	"KernelFeature":  {"available", "fallback", "name"},

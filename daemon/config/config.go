@@ -101,6 +101,13 @@ type Datapath struct {
 	IPCacheMaxEntries int      `toml:"ipcache_max_entries" json:"ipcache_max_entries"`
 	FragMaxEntries    int      `toml:"frag_max_entries" json:"frag_max_entries"`
 	PolicyDir         string   `toml:"policy_dir" json:"policy_dir"`
+	// Events is the event transport: "auto" (ring buffer where the kernel
+	// has one, else perf event array), "ringbuf" or "perf".
+	Events string `toml:"events" json:"events"`
+	// EventsRate and EventsBurst limit each endpoint's events (drops,
+	// audit, traces): per second, and bucket size. Packets are not limited.
+	EventsRate  uint32 `toml:"events_rate" json:"events_rate"`
+	EventsBurst uint32 `toml:"events_burst" json:"events_burst"`
 }
 
 // BGP configures the BIRD integration.
@@ -246,6 +253,9 @@ func Default() Config {
 			IPCacheMaxEntries: 524288,
 			FragMaxEntries:    8192,
 			PolicyDir:         "/etc/rackwire/policies.d",
+			Events:            "auto",
+			EventsRate:        100,
+			EventsBurst:       1000,
 		},
 		BGP: BGP{
 			BirdConfig: "/etc/bird/bird.conf",

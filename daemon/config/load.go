@@ -205,6 +205,7 @@ func known() []string {
 		"datapath.ct_timeout_tcp", "datapath.ct_timeout_tcp_syn", "datapath.ct_timeout_tcp_close", "datapath.ct_timeout_other",
 		"datapath.policy_max_entries", "datapath.ipcache_max_entries", "datapath.policy_dir",
 		"datapath.frag_max_entries",
+		"datapath.events", "datapath.events_rate", "datapath.events_burst",
 		"bgp.enabled", "bgp.bird_config", "bgp.bird_socket", "bgp.bird_binary", "bgp.router_id", "bgp.local_asn",
 		"bgp.vips", "bgp.vip_ranges", "bgp.import", "bgp.drain_keep", "bgp.communities",
 		"bgp.peers.name", "bgp.peers.address", "bgp.peers.asn", "bgp.peers.source_address", "bgp.peers.multihop",

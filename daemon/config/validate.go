@@ -166,6 +166,15 @@ func (c *Config) validate() []Problem {
 	checkRange("datapath.policy_max_entries", c.Datapath.PolicyMaxEntries, 16, 1<<20)
 	checkRange("datapath.ipcache_max_entries", c.Datapath.IPCacheMaxEntries, 1024, 1<<24)
 	checkRange("datapath.frag_max_entries", c.Datapath.FragMaxEntries, 256, 1<<20)
+	switch c.Datapath.Events {
+	case "auto", "ringbuf", "perf":
+	default:
+		bad("datapath.events", "%q is not an event transport; write \"auto\", \"ringbuf\" (kernel 5.8+) or \"perf\" (perf event array)", c.Datapath.Events)
+	}
+	// Events per second and burst per endpoint: at least one, and at most
+	// what one reader decodes (a million a second).
+	checkRange("datapath.events_rate", int(c.Datapath.EventsRate), 1, 1_000_000)
+	checkRange("datapath.events_burst", int(c.Datapath.EventsBurst), 1, 1_000_000)
 
 	// [bgp]
 	c.validateBGP(bad, cidrs)

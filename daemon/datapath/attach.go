@@ -234,6 +234,10 @@ func (d *Datapath) DetachEndpoint(id uint16, ifindex int) error {
 	if err := d.maps["rw_policy_maps"].Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		errs = append(errs, fmt.Errorf("delete from rw_policy_maps: %w", err))
 	}
+	// Its event budget and counters (a later endpoint with this id starts afresh).
+	if err := d.maps["rw_event_limit"].Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		errs = append(errs, fmt.Errorf("delete rw_event_limit entry: %w", err))
+	}
 	if m, ok := d.policy[id]; ok {
 		m.Close()
 		delete(d.policy, id)

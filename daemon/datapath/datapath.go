@@ -40,6 +40,19 @@ const (
 	AttachTC   = "tc"
 )
 
+// Event transports ([datapath] events).
+const (
+	EventsAuto    = "auto"
+	EventsRingBuf = "ringbuf"
+	EventsPerf    = "perf"
+)
+
+// Event limiter defaults ([datapath] events_rate, events_burst).
+const (
+	DefaultEventRate  = 100
+	DefaultEventBurst = 1000
+)
+
 // Options configure Open. Zero sizes take the defaults in docs/datapath.md "Maps".
 type Options struct {
 	PinDir      string // default /sys/fs/bpf/rackwire
@@ -62,6 +75,12 @@ type Options struct {
 	// FragMaxEntries sizes rw_frag, the first fragments whose later
 	// fragments may still come (default 8192).
 	FragMaxEntries int
+	// Events is the event transport: "auto" (ring buffer where the kernel
+	// has it, else perf event array), "ringbuf" or "perf".
+	Events string
+	// EventRate and EventBurst are each endpoint's event budget: events
+	// per second and bucket size; zero takes the defaults.
+	EventRate, EventBurst uint32
 }
 
 // OptionsFromConfig maps the [datapath] config section to Options.
@@ -79,6 +98,9 @@ func OptionsFromConfig(c config.Datapath) Options {
 		PolicyMaxEntries:  c.PolicyMaxEntries,
 		IPCacheMaxEntries: c.IPCacheMaxEntries,
 		FragMaxEntries:    c.FragMaxEntries,
+		Events:            c.Events,
+		EventRate:         c.EventsRate,
+		EventBurst:        c.EventsBurst,
 	}
 }
 
@@ -93,6 +115,15 @@ func (o *Options) defaults() error {
 	case AttachAuto, AttachTCX, AttachTC:
 	default:
 		return fmt.Errorf("attach mode %q: want auto, tcx or tc", o.Attach)
+	}
+	if o.Events == "" {
+		o.Events = EventsAuto // chooseEvents refuses unknown modes
+	}
+	if o.EventRate == 0 {
+		o.EventRate = DefaultEventRate
+	}
+	if o.EventBurst == 0 {
+		o.EventBurst = DefaultEventBurst
 	}
 	if o.CTMaxEntries <= 0 {
 		o.CTMaxEntries = 524288
@@ -118,6 +149,9 @@ type Datapath struct {
 	log      *slog.Logger
 	features Features
 	mode     string // attach mode in use: tcx or tc
+	// events is the event transport in force (EventsRingBuf or EventsPerf)
+	// and eventsWhy the reason it was chosen.
+	events, eventsWhy string
 
 	maps     map[string]*ebpf.Map // rw_* maps by name, pinned
 	from, to *ebpf.Program
@@ -142,6 +176,7 @@ func Open(opts Options, log *slog.Logger) (*Datapath, error) {
 	if err := ensureBPFFS(opts.PinDir); err != nil {
 		return nil, err
 	}
+	var err error
 	d := &Datapath{opts: opts, log: log, maps: map[string]*ebpf.Map{}, policy: map[uint16]*ebpf.Map{}}
 	d.features = probeFeatures()
 	d.mode = opts.Attach
@@ -151,11 +186,14 @@ func Open(opts Options, log *slog.Logger) (*Datapath, error) {
 			d.mode = AttachTCX
 		}
 	}
+	if d.events, d.eventsWhy, err = chooseEvents(opts.Events, d.features.RingBuf); err != nil {
+		return nil, err
+	}
 	if err := d.load(); err != nil {
 		d.Close()
 		return nil, err
 	}
-	log.Info("datapath ready", "pin_dir", opts.PinDir, "attach", d.mode)
+	log.Info("datapath ready", "pin_dir", opts.PinDir, "attach", d.mode, "events", d.events, "events_why", d.eventsWhy)
 	return d, nil
 }
 
@@ -195,6 +233,18 @@ func (d *Datapath) sharedSpecs() (from, to *ebpf.CollectionSpec, err error) {
 		}
 		if err := s.Variables["rw_trace_sample"].Set(d.opts.TraceSample); err != nil {
 			return nil, nil, fmt.Errorf("set trace sample: %w", err)
+		}
+		for name, v := range map[string]any{
+			"rw_events_perf": boolByte(d.events == EventsPerf),
+			"rw_event_rate":  uint64(d.opts.EventRate),
+			"rw_event_burst": uint64(d.opts.EventBurst),
+		} {
+			if err := s.Variables[name].Set(v); err != nil {
+				return nil, nil, fmt.Errorf("set %s: %w", name, err)
+			}
+		}
+		if d.events == EventsPerf {
+			perfEvents(s.Maps["rw_events"])
 		}
 		// Only rw_from_endpoint redirects; the other object may not have it.
 		if v, ok := s.Variables["rw_redirect_peer"]; ok {
@@ -270,14 +320,15 @@ func (d *Datapath) load() error {
 		if configured {
 			ms.MaxEntries = uint32(sizes[name])
 		}
-		m, old, err := d.openPinned(name, ms, configured)
+		pin := d.pinName(name)
+		m, old, err := d.openPinned(pin, ms, configured)
 		if err != nil {
 			mig.close()
 			return err
 		}
 		d.maps[name] = m
 		if old != nil {
-			mig.recreated = append(mig.recreated, recreatedMap{name: name, old: old, new: m})
+			mig.recreated = append(mig.recreated, recreatedMap{name: pin, old: old, new: m})
 		}
 		// Both objects must accept the map as it is, even if its size
 		// differs from the config (the pinned map wins).
@@ -309,6 +360,7 @@ func (d *Datapath) load() error {
 	}
 	// Programs loaded now may decide otherwise (audit mode, a new
 	// release): every flow is checked again on its next packet.
+	d.unpinOtherEvents()
 	return d.bumpRev()
 }
 
@@ -325,9 +377,9 @@ func (d *Datapath) openPinned(name string, ms *ebpf.MapSpec, configuredSize bool
 	switch {
 	case err == nil:
 		sameLayout := pinned.Type() == ms.Type && pinned.KeySize() == ms.KeySize && pinned.ValueSize() == ms.ValueSize
-		sameSize := pinned.MaxEntries() == ms.MaxEntries || configuredSize || ms.Type == ebpf.RingBuf
+		sameSize := pinned.MaxEntries() == ms.MaxEntries || configuredSize || ms.Type == ebpf.RingBuf || ms.Type == ebpf.PerfEventArray
 		if sameLayout && sameSize {
-			if pinned.MaxEntries() != ms.MaxEntries && ms.Type != ebpf.RingBuf {
+			if pinned.MaxEntries() != ms.MaxEntries && ms.Type != ebpf.RingBuf && ms.Type != ebpf.PerfEventArray {
 				d.log.Warn("pinned map keeps its size; cleanup re-creates it with the configured one",
 					"map", name, "pinned", pinned.MaxEntries(), "configured", ms.MaxEntries)
 			}
@@ -394,6 +446,7 @@ func (d *Datapath) Features() Features {
 	f := d.features
 	f.AttachMode = d.mode
 	f.LocalRedirect = d.localRedirect()
+	f.Events, f.EventsWhy = d.events, d.eventsWhy
 	return f
 }
 

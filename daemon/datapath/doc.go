@@ -107,6 +107,35 @@
 // AttachEndpoint that fails half way is rolled back by DetachEndpoint, which
 // tolerates missing pieces.
 //
+// Events (bpf/events.h, events.go). Every drop, audit verdict and sampled
+// trace goes through one per-endpoint token bucket in rw_event_limit
+// (rate and burst are [datapath] events_rate / events_burst, load-time
+// constants); over budget the event is counted as suppressed and not
+// written, so a flood costs a map lookup and a spin lock per packet instead
+// of a record in the transport and a decode in the agent. The verdict is
+// made before and never depends on the limiter. The entry is the
+// program's: it creates it on an endpoint's first event; the agent only
+// reads it (EventCounts, with BPF_F_LOCK) and it is pinned, so counters
+// survive restarts. Endpoint 0 is every packet no endpoint was found for.
+//
+// Transport: one compiled object per program, not two variants. Open
+// chooses ("auto": the ring buffer where features.HaveMapType(RingBuf)
+// succeeds, else the perf event array; "ringbuf" and "perf" force one) and,
+// for perf, rewrites the rw_events spec into a PERF_EVENT_ARRAY (one entry
+// per possible CPU) and sets the constant rw_events_perf before loading.
+// events.h branches on that constant; the constant lives in the frozen
+// .rodata, so the verifier knows the branch and removes the other one
+// before it resolves helper calls: a kernel before 5.8 never meets
+// bpf_ringbuf_output, and the map it would name is a perf array by then.
+// TestEventTransports checks the program the kernel kept (bpftool's
+// xlated dump) calls only its own transport's helper. Two variants would
+// double the generated objects and every map-compatibility check for no
+// gain. The map is pinned as rw_events (ring buffer) or rw_events_perf, so
+// switching transports never meets a pinned map of the other type; Open
+// unpins the other one (programs still attached keep it until replaced).
+// Events reads either with the matching cilium/ebpf reader into the same
+// Event.
+//
 // All methods are safe for concurrent use, except Close, which must be
 // the last call.
 package datapath

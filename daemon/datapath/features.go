@@ -13,7 +13,7 @@ import (
 // Features is what the kernel offers the datapath and what it falls back to.
 type Features struct {
 	TCX          bool   `json:"tcx"`           // tcx links (6.6+); else legacy clsact tc
-	RingBuf      bool   `json:"ringbuf"`       // ring buffer maps (5.8+); else no events
+	RingBuf      bool   `json:"ringbuf"`       // ring buffer maps (5.8+); else events on a perf event array
 	RedirectPeer bool   `json:"redirect_peer"` // bpf_redirect_peer (5.10+)
 	LPM          bool   `json:"lpm"`           // LPM trie maps; else prefixes are unsupported
 	BTF          bool   `json:"btf"`           // kernel BTF at /sys/kernel/btf/vmlinux
@@ -21,8 +21,12 @@ type Features struct {
 	AttachMode   string `json:"attach_mode"`   // tcx or tc, as chosen by Open
 	// LocalRedirect: Open chose bpf_redirect_peer for local endpoint-to-
 	// endpoint traffic (RedirectPeer and not Options.NoRedirectPeer).
-	LocalRedirect bool     `json:"local_redirect"`
-	Fallbacks     []string `json:"fallbacks,omitempty"`
+	LocalRedirect bool `json:"local_redirect"`
+	// Events is the event transport Open chose ("ringbuf" or "perf") and
+	// EventsWhy the reason ([datapath] events, or what the kernel has).
+	Events    string   `json:"events"`
+	EventsWhy string   `json:"events_why"`
+	Fallbacks []string `json:"fallbacks,omitempty"`
 }
 
 func probeFeatures() Features {
@@ -43,7 +47,7 @@ func probeFeatures() Features {
 		f.Fallbacks = append(f.Fallbacks, "legacy clsact tc filters instead of tcx links")
 	}
 	if !f.RingBuf {
-		f.Fallbacks = append(f.Fallbacks, "no ring buffer: programs fail to load (kernel 5.8+ required)")
+		f.Fallbacks = append(f.Fallbacks, "no ring buffer (5.8+): events on a perf event array")
 	}
 	if !f.RedirectPeer {
 		f.Fallbacks = append(f.Fallbacks, "local delivery through the host stack")

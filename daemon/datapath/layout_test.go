@@ -31,6 +31,7 @@ func TestLayoutMatchesBTF(t *testing.T) {
 		{"frag_value", fragValue{}},
 		{"metrics_value", metricsValue{}},
 		{"event", rawEvent{}},
+		{"event_limit", eventLimit{}},
 	}
 	for _, load := range []func() (*ebpf.CollectionSpec, error){bpf.LoadFromEndpoint, bpf.LoadToEndpoint} {
 		spec, err := load()

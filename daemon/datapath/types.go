@@ -265,6 +265,17 @@ type metricsValue struct {
 	Bytes   uint64
 }
 
+// eventLimit mirrors struct event_limit (Lock is struct bpf_spin_lock).
+type eventLimit struct {
+	Lock       uint32
+	Pad        uint32
+	Tokens     uint64
+	LastNS     uint64
+	Allowed    uint64
+	Suppressed uint64
+	Lost       uint64
+}
+
 // rawEvent mirrors struct event.
 type rawEvent struct {
 	TsNS        uint64

@@ -13,4 +13,8 @@
 // namespaces are deleted. A restart test kills the agent with SIGKILL on
 // purpose and checks that the traffic never notices. Tests run one after the
 // other: endpoint veth names (rwNNNNN) are per host, not per agent.
+//
+// RACKWIRE_TEST_EVENTS=perf (or ringbuf, auto) sets [datapath] events in
+// every test agent's config; `make test` runs the whole suite once more
+// with perf (test-e2e-perf), the transport of kernels before 5.8.
 package e2e

@@ -59,6 +59,33 @@ type agentOpts struct {
 	// (default ""). With a socketGroup, the agent's directory is made
 	// root:<socketGroup> 0750 so that the group can reach the socket.
 	socketGroup, adminGroup string
+	// events is [datapath] events; "" takes $RACKWIRE_TEST_EVENTS (CI
+	// runs the event tests once more with "perf"), else "auto".
+	events string
+	// eventRate and eventBurst are [datapath] events_rate and
+	// events_burst; 0 leaves the agent's default.
+	eventRate, eventBurst int
+}
+
+// testEventsEnv names the variable that sets every test agent's
+// [datapath] events (auto, ringbuf or perf) unless the test sets it.
+const testEventsEnv = "RACKWIRE_TEST_EVENTS"
+
+// eventsMode is the [datapath] events value for o.
+func eventsMode(t *testing.T, o agentOpts) string {
+	t.Helper()
+	mode := o.events
+	if mode == "" {
+		mode = os.Getenv(testEventsEnv)
+	}
+	switch mode {
+	case "":
+		return "auto"
+	case "auto", "ringbuf", "perf":
+		return mode
+	}
+	t.Fatalf("%s=%q: write auto, ringbuf or perf", testEventsEnv, mode)
+	return ""
 }
 
 // agent is one rackwired process plus everything a test created around it.
@@ -97,6 +124,13 @@ func newAgent(t *testing.T, o agentOpts) *agent {
 	if o.policyMax == 0 {
 		o.policyMax = 1024
 	}
+	events := fmt.Sprintf("events = %q\n", eventsMode(t, o))
+	if o.eventRate > 0 {
+		events += fmt.Sprintf("events_rate = %d\n", o.eventRate)
+	}
+	if o.eventBurst > 0 {
+		events += fmt.Sprintf("events_burst = %d\n", o.eventBurst)
+	}
 	cfg := fmt.Sprintf(`version = 1
 [node]
 name = "rwg-%s"
@@ -115,14 +149,14 @@ policy_audit_mode = %t
 ct_max_entries = 4096
 policy_max_entries = %d
 ipcache_max_entries = 4096
-[restart]
+%s[restart]
 jitter_window = "0s"
 [metrics]
 listen = ""
 [log]
 format = "text"
 level = "debug"
-`, o.tag, filepath.Join(dir, "state"), a.sock, o.socketGroup, o.adminGroup, quoteList(o.cidrs), a.pinDir, a.polDir, o.attach, o.audit, o.policyMax)
+`, o.tag, filepath.Join(dir, "state"), a.sock, o.socketGroup, o.adminGroup, quoteList(o.cidrs), a.pinDir, a.polDir, o.attach, o.audit, o.policyMax, events)
 	if err := os.WriteFile(a.cfg, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
