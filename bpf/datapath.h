@@ -27,6 +27,18 @@
 #include "frag.h"
 #include "events.h"
 
+/*
+ * rw_flow_scratch: one struct flow per CPU for the packet an ICMP error
+ * quotes; on the stack it would cost 56 of the 512 bytes, twice (rw_enforce
+ * is inlined in both paths).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flow);
+} rw_flow_scratch SEC(".maps");
+
 /* Per-load settings, written by the agent before the programs load. */
 volatile const __u8 rw_audit_mode = 0;    /* forward what policy would drop */
 volatile const __u32 rw_trace_sample = 0; /* report 1 in N new flows; 0 = none */
@@ -118,10 +130,13 @@ static __always_inline int rw_enforce(struct __sk_buff *skb, struct flow *f, __u
 		 * under default-deny. The quoted packet went the other way;
 		 * only the 8 L4 bytes RFC 792 guarantees are read.
 		 */
-		struct flow inner = {};
+		__u32 zero = 0;
+		struct flow *inner = bpf_map_lookup_elem(&rw_flow_scratch, &zero);
 
-		if (parse_inner(skb, f, &inner) == 0 && inner.family == f->family &&
-		    ct_related(&inner, dir ^ 1, ep)) {
+		if (inner)
+			__builtin_memset(inner, 0, sizeof(*inner));
+		if (inner && parse_inner(skb, f, inner) == 0 && inner->family == f->family &&
+		    ct_related(inner, dir ^ 1, ep)) {
 			metrics_count(RW_REASON_FORWARDED, dir, skb->len);
 			return RW_PASS;
 		}

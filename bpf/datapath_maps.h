@@ -121,6 +121,17 @@ struct {
 	__type(value, struct event_limit);
 } rw_event_limit SEC(".maps");
 
+/*
+ * rw_event_scratch: one struct event per CPU, where event_emit builds the
+ * record. On the stack it would cost the programs 80 of their 512 bytes.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct event);
+} rw_event_scratch SEC(".maps");
+
 /* rw_metrics: per-CPU packet and byte counters by reason and direction. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -106,32 +106,38 @@ static __always_inline void event_emit(struct __sk_buff *skb, struct flow *f, __
 				       __u8 verdict, int reason, __u32 ifindex)
 {
 	struct event_limit *l = event_budget(ep);
-	struct event e;
+	__u32 zero = 0;
+	struct event *e;
 	long err;
 
 	if (!l)
 		return;
-	e.ts_ns = bpf_ktime_get_ns();
-	e.src_identity = src_id;
-	e.dst_identity = dst_id;
-	__builtin_memcpy(e.saddr, f->saddr, 16);
-	__builtin_memcpy(e.daddr, f->daddr, 16);
-	e.sport = f->sport;
-	e.dport = f->proto == IPPROTO_ICMP || f->proto == IPPROTO_ICMPV6 ?
+	e = bpf_map_lookup_elem(&rw_event_scratch, &zero);
+	if (!e) {
+		__sync_fetch_and_add(&l->lost, 1);
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->src_identity = src_id;
+	e->dst_identity = dst_id;
+	__builtin_memcpy(e->saddr, f->saddr, 16);
+	__builtin_memcpy(e->daddr, f->daddr, 16);
+	e->sport = f->sport;
+	e->dport = f->proto == IPPROTO_ICMP || f->proto == IPPROTO_ICMPV6 ?
 		f->policy_port : f->dport;
-	e.endpoint = ep;
-	e.family = f->family;
-	e.proto = f->proto;
-	e.direction = dir;
-	e.verdict = verdict;
-	e.pad = 0;
-	e.reason = reason;
-	e.ifindex = ifindex;
-	e.len = skb->len;
+	e->endpoint = ep;
+	e->family = f->family;
+	e->proto = f->proto;
+	e->direction = dir;
+	e->verdict = verdict;
+	e->pad = 0;
+	e->reason = reason;
+	e->ifindex = ifindex;
+	e->len = skb->len;
 	if (rw_events_perf)
-		err = bpf_perf_event_output(skb, &rw_events, BPF_F_CURRENT_CPU, &e, sizeof(e));
+		err = bpf_perf_event_output(skb, &rw_events, BPF_F_CURRENT_CPU, e, sizeof(*e));
 	else
-		err = bpf_ringbuf_output(&rw_events, &e, sizeof(e), 0);
+		err = bpf_ringbuf_output(&rw_events, e, sizeof(*e), 0);
 	if (err)
 		__sync_fetch_and_add(&l->lost, 1);
 }

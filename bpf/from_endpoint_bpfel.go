@@ -22,7 +22,9 @@ const (
 	FromEndpointMapRwCt6Tcp          = "rw_ct6_tcp"
 	FromEndpointMapRwEndpoints       = "rw_endpoints"
 	FromEndpointMapRwEventLimit      = "rw_event_limit"
+	FromEndpointMapRwEventScratch    = "rw_event_scratch"
 	FromEndpointMapRwEvents          = "rw_events"
+	FromEndpointMapRwFlowScratch     = "rw_flow_scratch"
 	FromEndpointMapRwFrag            = "rw_frag"
 	FromEndpointMapRwIpcache         = "rw_ipcache"
 	FromEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
@@ -91,19 +93,21 @@ type FromEndpointProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type FromEndpointMapSpecs struct {
-	RwCt4Other   *ebpf.MapSpec `ebpf:"rw_ct4_other"`
-	RwCt4Tcp     *ebpf.MapSpec `ebpf:"rw_ct4_tcp"`
-	RwCt6Other   *ebpf.MapSpec `ebpf:"rw_ct6_other"`
-	RwCt6Tcp     *ebpf.MapSpec `ebpf:"rw_ct6_tcp"`
-	RwEndpoints  *ebpf.MapSpec `ebpf:"rw_endpoints"`
-	RwEventLimit *ebpf.MapSpec `ebpf:"rw_event_limit"`
-	RwEvents     *ebpf.MapSpec `ebpf:"rw_events"`
-	RwFrag       *ebpf.MapSpec `ebpf:"rw_frag"`
-	RwIpcache    *ebpf.MapSpec `ebpf:"rw_ipcache"`
-	RwIpcacheLpm *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
-	RwMetrics    *ebpf.MapSpec `ebpf:"rw_metrics"`
-	RwPolicyMaps *ebpf.MapSpec `ebpf:"rw_policy_maps"`
-	RwVerdictRev *ebpf.MapSpec `ebpf:"rw_verdict_rev"`
+	RwCt4Other     *ebpf.MapSpec `ebpf:"rw_ct4_other"`
+	RwCt4Tcp       *ebpf.MapSpec `ebpf:"rw_ct4_tcp"`
+	RwCt6Other     *ebpf.MapSpec `ebpf:"rw_ct6_other"`
+	RwCt6Tcp       *ebpf.MapSpec `ebpf:"rw_ct6_tcp"`
+	RwEndpoints    *ebpf.MapSpec `ebpf:"rw_endpoints"`
+	RwEventLimit   *ebpf.MapSpec `ebpf:"rw_event_limit"`
+	RwEventScratch *ebpf.MapSpec `ebpf:"rw_event_scratch"`
+	RwEvents       *ebpf.MapSpec `ebpf:"rw_events"`
+	RwFlowScratch  *ebpf.MapSpec `ebpf:"rw_flow_scratch"`
+	RwFrag         *ebpf.MapSpec `ebpf:"rw_frag"`
+	RwIpcache      *ebpf.MapSpec `ebpf:"rw_ipcache"`
+	RwIpcacheLpm   *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
+	RwMetrics      *ebpf.MapSpec `ebpf:"rw_metrics"`
+	RwPolicyMaps   *ebpf.MapSpec `ebpf:"rw_policy_maps"`
+	RwVerdictRev   *ebpf.MapSpec `ebpf:"rw_verdict_rev"`
 }
 
 // FromEndpointVariableSpecs contains global variables before they are loaded into the kernel.
@@ -142,19 +146,21 @@ func (o *FromEndpointObjects) Close() error {
 //
 // It can be passed to LoadFromEndpointObjects or ebpf.CollectionSpec.LoadAndAssign.
 type FromEndpointMaps struct {
-	RwCt4Other   *ebpf.Map `ebpf:"rw_ct4_other"`
-	RwCt4Tcp     *ebpf.Map `ebpf:"rw_ct4_tcp"`
-	RwCt6Other   *ebpf.Map `ebpf:"rw_ct6_other"`
-	RwCt6Tcp     *ebpf.Map `ebpf:"rw_ct6_tcp"`
-	RwEndpoints  *ebpf.Map `ebpf:"rw_endpoints"`
-	RwEventLimit *ebpf.Map `ebpf:"rw_event_limit"`
-	RwEvents     *ebpf.Map `ebpf:"rw_events"`
-	RwFrag       *ebpf.Map `ebpf:"rw_frag"`
-	RwIpcache    *ebpf.Map `ebpf:"rw_ipcache"`
-	RwIpcacheLpm *ebpf.Map `ebpf:"rw_ipcache_lpm"`
-	RwMetrics    *ebpf.Map `ebpf:"rw_metrics"`
-	RwPolicyMaps *ebpf.Map `ebpf:"rw_policy_maps"`
-	RwVerdictRev *ebpf.Map `ebpf:"rw_verdict_rev"`
+	RwCt4Other     *ebpf.Map `ebpf:"rw_ct4_other"`
+	RwCt4Tcp       *ebpf.Map `ebpf:"rw_ct4_tcp"`
+	RwCt6Other     *ebpf.Map `ebpf:"rw_ct6_other"`
+	RwCt6Tcp       *ebpf.Map `ebpf:"rw_ct6_tcp"`
+	RwEndpoints    *ebpf.Map `ebpf:"rw_endpoints"`
+	RwEventLimit   *ebpf.Map `ebpf:"rw_event_limit"`
+	RwEventScratch *ebpf.Map `ebpf:"rw_event_scratch"`
+	RwEvents       *ebpf.Map `ebpf:"rw_events"`
+	RwFlowScratch  *ebpf.Map `ebpf:"rw_flow_scratch"`
+	RwFrag         *ebpf.Map `ebpf:"rw_frag"`
+	RwIpcache      *ebpf.Map `ebpf:"rw_ipcache"`
+	RwIpcacheLpm   *ebpf.Map `ebpf:"rw_ipcache_lpm"`
+	RwMetrics      *ebpf.Map `ebpf:"rw_metrics"`
+	RwPolicyMaps   *ebpf.Map `ebpf:"rw_policy_maps"`
+	RwVerdictRev   *ebpf.Map `ebpf:"rw_verdict_rev"`
 }
 
 func (m *FromEndpointMaps) Close() error {
@@ -165,7 +171,9 @@ func (m *FromEndpointMaps) Close() error {
 		m.RwCt6Tcp,
 		m.RwEndpoints,
 		m.RwEventLimit,
+		m.RwEventScratch,
 		m.RwEvents,
+		m.RwFlowScratch,
 		m.RwFrag,
 		m.RwIpcache,
 		m.RwIpcacheLpm,

@@ -22,7 +22,9 @@ const (
 	ToEndpointMapRwCt6Tcp          = "rw_ct6_tcp"
 	ToEndpointMapRwEndpoints       = "rw_endpoints"
 	ToEndpointMapRwEventLimit      = "rw_event_limit"
+	ToEndpointMapRwEventScratch    = "rw_event_scratch"
 	ToEndpointMapRwEvents          = "rw_events"
+	ToEndpointMapRwFlowScratch     = "rw_flow_scratch"
 	ToEndpointMapRwFrag            = "rw_frag"
 	ToEndpointMapRwIpcache         = "rw_ipcache"
 	ToEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
@@ -91,19 +93,21 @@ type ToEndpointProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ToEndpointMapSpecs struct {
-	RwCt4Other   *ebpf.MapSpec `ebpf:"rw_ct4_other"`
-	RwCt4Tcp     *ebpf.MapSpec `ebpf:"rw_ct4_tcp"`
-	RwCt6Other   *ebpf.MapSpec `ebpf:"rw_ct6_other"`
-	RwCt6Tcp     *ebpf.MapSpec `ebpf:"rw_ct6_tcp"`
-	RwEndpoints  *ebpf.MapSpec `ebpf:"rw_endpoints"`
-	RwEventLimit *ebpf.MapSpec `ebpf:"rw_event_limit"`
-	RwEvents     *ebpf.MapSpec `ebpf:"rw_events"`
-	RwFrag       *ebpf.MapSpec `ebpf:"rw_frag"`
-	RwIpcache    *ebpf.MapSpec `ebpf:"rw_ipcache"`
-	RwIpcacheLpm *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
-	RwMetrics    *ebpf.MapSpec `ebpf:"rw_metrics"`
-	RwPolicyMaps *ebpf.MapSpec `ebpf:"rw_policy_maps"`
-	RwVerdictRev *ebpf.MapSpec `ebpf:"rw_verdict_rev"`
+	RwCt4Other     *ebpf.MapSpec `ebpf:"rw_ct4_other"`
+	RwCt4Tcp       *ebpf.MapSpec `ebpf:"rw_ct4_tcp"`
+	RwCt6Other     *ebpf.MapSpec `ebpf:"rw_ct6_other"`
+	RwCt6Tcp       *ebpf.MapSpec `ebpf:"rw_ct6_tcp"`
+	RwEndpoints    *ebpf.MapSpec `ebpf:"rw_endpoints"`
+	RwEventLimit   *ebpf.MapSpec `ebpf:"rw_event_limit"`
+	RwEventScratch *ebpf.MapSpec `ebpf:"rw_event_scratch"`
+	RwEvents       *ebpf.MapSpec `ebpf:"rw_events"`
+	RwFlowScratch  *ebpf.MapSpec `ebpf:"rw_flow_scratch"`
+	RwFrag         *ebpf.MapSpec `ebpf:"rw_frag"`
+	RwIpcache      *ebpf.MapSpec `ebpf:"rw_ipcache"`
+	RwIpcacheLpm   *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
+	RwMetrics      *ebpf.MapSpec `ebpf:"rw_metrics"`
+	RwPolicyMaps   *ebpf.MapSpec `ebpf:"rw_policy_maps"`
+	RwVerdictRev   *ebpf.MapSpec `ebpf:"rw_verdict_rev"`
 }
 
 // ToEndpointVariableSpecs contains global variables before they are loaded into the kernel.
@@ -142,19 +146,21 @@ func (o *ToEndpointObjects) Close() error {
 //
 // It can be passed to LoadToEndpointObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ToEndpointMaps struct {
-	RwCt4Other   *ebpf.Map `ebpf:"rw_ct4_other"`
-	RwCt4Tcp     *ebpf.Map `ebpf:"rw_ct4_tcp"`
-	RwCt6Other   *ebpf.Map `ebpf:"rw_ct6_other"`
-	RwCt6Tcp     *ebpf.Map `ebpf:"rw_ct6_tcp"`
-	RwEndpoints  *ebpf.Map `ebpf:"rw_endpoints"`
-	RwEventLimit *ebpf.Map `ebpf:"rw_event_limit"`
-	RwEvents     *ebpf.Map `ebpf:"rw_events"`
-	RwFrag       *ebpf.Map `ebpf:"rw_frag"`
-	RwIpcache    *ebpf.Map `ebpf:"rw_ipcache"`
-	RwIpcacheLpm *ebpf.Map `ebpf:"rw_ipcache_lpm"`
-	RwMetrics    *ebpf.Map `ebpf:"rw_metrics"`
-	RwPolicyMaps *ebpf.Map `ebpf:"rw_policy_maps"`
-	RwVerdictRev *ebpf.Map `ebpf:"rw_verdict_rev"`
+	RwCt4Other     *ebpf.Map `ebpf:"rw_ct4_other"`
+	RwCt4Tcp       *ebpf.Map `ebpf:"rw_ct4_tcp"`
+	RwCt6Other     *ebpf.Map `ebpf:"rw_ct6_other"`
+	RwCt6Tcp       *ebpf.Map `ebpf:"rw_ct6_tcp"`
+	RwEndpoints    *ebpf.Map `ebpf:"rw_endpoints"`
+	RwEventLimit   *ebpf.Map `ebpf:"rw_event_limit"`
+	RwEventScratch *ebpf.Map `ebpf:"rw_event_scratch"`
+	RwEvents       *ebpf.Map `ebpf:"rw_events"`
+	RwFlowScratch  *ebpf.Map `ebpf:"rw_flow_scratch"`
+	RwFrag         *ebpf.Map `ebpf:"rw_frag"`
+	RwIpcache      *ebpf.Map `ebpf:"rw_ipcache"`
+	RwIpcacheLpm   *ebpf.Map `ebpf:"rw_ipcache_lpm"`
+	RwMetrics      *ebpf.Map `ebpf:"rw_metrics"`
+	RwPolicyMaps   *ebpf.Map `ebpf:"rw_policy_maps"`
+	RwVerdictRev   *ebpf.Map `ebpf:"rw_verdict_rev"`
 }
 
 func (m *ToEndpointMaps) Close() error {
@@ -165,7 +171,9 @@ func (m *ToEndpointMaps) Close() error {
 		m.RwCt6Tcp,
 		m.RwEndpoints,
 		m.RwEventLimit,
+		m.RwEventScratch,
 		m.RwEvents,
+		m.RwFlowScratch,
 		m.RwFrag,
 		m.RwIpcache,
 		m.RwIpcacheLpm,
