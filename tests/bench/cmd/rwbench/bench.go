@@ -93,7 +93,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (err e
 	fmt.Fprintf(stdout, "  d: rackwire, no policy (both endpoints open), host stack\n")
 	fmt.Fprintf(stdout, "  n: no program; nftables in the host: ct established accept, then a set of %d (address . port) elements\n", fillers*fillerPorts+1)
 	fmt.Fprintf(stdout, "  policy (b, c): %d entries on the server (%d identities x %d ports, the client's entry, egress open); %d extra identities in the ipcache\n",
-		t.policyEntries(), fillers, fillerPorts, fillers)
+		len(t.local.policy), fillers, fillerPorts, fillers)
 	fmt.Fprintf(stdout, "cross-host: client %s on host A -> router namespace -> server %s on host B, one datapath per host\n",
 		t.cross.client.ep.IPv4, t.cross.server.ep.IPv4)
 	fmt.Fprintf(stdout, "  a: no program; c: rackwire with the same policy, host stack\n\n")

@@ -694,15 +694,6 @@ func (p *pair) allowedPackets() (n uint64, ok bool, err error) {
 	return 0, false, errors.New("read server policy: the bench entry is missing")
 }
 
-func (t *topo) policyEntries() int {
-	d := t.local.server.dps[modeHost]
-	es, err := d.Policy(t.local.server.ep.ID)
-	if err != nil {
-		return -1
-	}
-	return len(es)
-}
-
 // close stops the load processes, deletes the endpoints and removes the
 // pins, namespaces and state, whatever state the run is in.
 func (t *topo) close() error {
