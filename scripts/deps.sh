@@ -18,7 +18,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 pkgs=(clang llvm libbpf-dev bpftool bird2 iproute2 iputils-ping netcat-openbsd
-	debootstrap rpm procps psmisc python3-pip python3-venv curl ca-certificates)
+	debootstrap rpm procps psmisc python3-pip python3-venv curl ca-certificates nftables)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

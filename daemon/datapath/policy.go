@@ -408,6 +408,11 @@ func (d *Datapath) AllowAll(id uint16, revert bool) error {
 			err = m.Put(k, policyValue{Flags: flagEmergency})
 		case revert && exists && v.Flags&flagEmergency != 0:
 			err = m.Delete(k)
+		default:
+			// Nothing to add, or nothing of ours to remove (a policy may
+			// have taken the key over and a later one dropped it): the
+			// open flag below still goes.
+			err = nil
 		}
 		if err != nil {
 			return fmt.Errorf("allow-all on endpoint %d %s: %w", id, dir, err)

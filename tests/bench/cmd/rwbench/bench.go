@@ -18,11 +18,31 @@ const (
 	maxCRR = 200_000
 )
 
+// config is one measured configuration: a pair in a mode.
+type config struct {
+	pair *pair
+	mode mode
+}
+
+func (c config) key() string { return c.pair.name + "/" + string(c.mode) }
+
+// probeWant is what a connect to the denied port must do in mode m:
+// dropped (timeout) where something enforces, refused by the server's
+// stack where nothing does.
+func probeWant(m mode) string {
+	switch m {
+	case modeRedirect, modeHost, modeNFT:
+		return "timeout"
+	}
+	return "refused"
+}
+
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (err error) {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	rounds := fs.Int("rounds", 15, "a/b rounds (medians over these); at least 3")
+	rounds := fs.Int("rounds", 11, "rounds (medians over these); at least 3")
 	dur := fs.Duration("dur", time.Second, "duration of each measurement")
+	quick := fs.Bool("quick", false, "a short run while developing: 3 rounds of 200ms (overrides -rounds and -dur)")
 	attach := fs.String("attach", datapath.AttachAuto, "attach mode: auto, tcx or tc")
 	verbose := fs.Bool("v", false, "log the datapath and endpoint steps")
 	if err := fs.Parse(args); err != nil {
@@ -30,6 +50,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (err e
 			return err
 		}
 		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	if *quick {
+		*rounds, *dur = 3, 200*time.Millisecond
 	}
 	if *rounds < 3 || *dur < 100*time.Millisecond || *dur > time.Minute {
 		return fmt.Errorf("%w: want -rounds >= 3 and 100ms <= -dur <= 1m", errUsage)
@@ -49,85 +72,96 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (err e
 			err = errors.Join(err, fmt.Errorf("clean up: %w", cerr))
 		}
 	}()
-	fmt.Fprintf(stdout, "rackwire datapath benchmark: %d rounds, %v per measurement, a and b back to back per test, alternating which goes first\n", *rounds, *dur)
-	fmt.Fprintf(stdout, "  a: veth + routing through a host namespace, no program attached\n")
-	fmt.Fprintf(stdout, "  b: rackwire (%s) on both veths, 1,000 extra identities in the ipcache, %d policy entries on the server\n",
-		t.d.Features().AttachMode, t.policyEntries())
-	fmt.Fprintf(stdout, "  client %s (identity %d) -> server %s:%d (identity %d)\n\n",
-		t.client.IPv4, t.client.Identity, t.server.IPv4, benchPort, t.server.Identity)
+	local := []mode{modeNone, modeRedirect, modeHost, modeOpen, modeNFT}
+	if !t.redirect {
+		local = []mode{modeNone, modeHost, modeOpen, modeNFT}
+	}
+	groups := []group{
+		{pair: t.local, modes: local},
+		{pair: t.cross, modes: []mode{modeNone, modeHost}},
+	}
+	fmt.Fprintf(stdout, "rackwire datapath benchmark: %d rounds, %v per measurement; per test and round every configuration back to back, the order rotating\n", *rounds, *dur)
+	fmt.Fprintf(stdout, "local: client %s -> server %s:%d through one host namespace (%s attach)\n",
+		t.local.client.ep.IPv4, t.local.server.ep.IPv4, benchPort, t.dps[0].Features().AttachMode)
+	fmt.Fprintf(stdout, "  a: no program, veth + routing\n")
+	if t.redirect {
+		fmt.Fprintf(stdout, "  b: rackwire with policy, local delivery by bpf_redirect_peer (host stack skipped)\n")
+	} else {
+		fmt.Fprintf(stdout, "  b: not measured: the kernel has no bpf_redirect_peer\n")
+	}
+	fmt.Fprintf(stdout, "  c: rackwire with policy, delivery through the host stack (NoRedirectPeer)\n")
+	fmt.Fprintf(stdout, "  d: rackwire, no policy (both endpoints open), host stack\n")
+	fmt.Fprintf(stdout, "  n: no program; nftables in the host: ct established accept, then a set of %d (address . port) elements\n", fillers*fillerPorts+1)
+	fmt.Fprintf(stdout, "  policy (b, c): %d entries on the server (%d identities x %d ports, the client's entry, egress open); %d extra identities in the ipcache\n",
+		len(t.local.policy), fillers, fillerPorts, fillers)
+	fmt.Fprintf(stdout, "cross-host: client %s on host A -> router namespace -> server %s on host B, one datapath per host\n",
+		t.cross.client.ep.IPv4, t.cross.server.ep.IPv4)
+	fmt.Fprintf(stdout, "  a: no program; c: rackwire with the same policy, host stack\n\n")
 
-	// The benchmark is only worth its figures if b enforces: a port no
-	// entry allows must be dropped in b and refused by the stack in a.
-	for _, on := range []bool{true, false} {
-		if err := t.setAttached(on); err != nil {
-			return err
-		}
-		r, err := t.load(ctx, kindProbe, deniedPort, 300*time.Millisecond, 1)
-		if err != nil {
-			return err
-		}
-		want := map[bool]string{true: "timeout", false: "refused"}[on]
-		if r.Probe != want {
-			return fmt.Errorf("probe of port %d with rackwire attached=%v: %s, want %s", deniedPort, on, r.Probe, want)
+	// The figures are only worth something if what should enforce does.
+	for _, g := range groups {
+		for _, m := range g.modes {
+			if err := g.pair.setMode(m); err != nil {
+				return err
+			}
+			r, err := g.pair.load(ctx, kindProbe, deniedPort, 300*time.Millisecond, 1)
+			if err != nil {
+				return err
+			}
+			if want := probeWant(m); r.Probe != want {
+				return fmt.Errorf("%s, mode %s: a connect to port %d (no entry allows it): %s, want %s", g.pair.name, m, deniedPort, r.Probe, want)
+			}
 		}
 	}
 
 	// Warm-up (discarded): CT and neighbour entries, the load processes' heaps.
-	for _, on := range []bool{false, true} {
-		if err := t.setAttached(on); err != nil {
-			return err
-		}
-		for _, tc := range tests {
-			if _, err := t.load(ctx, tc.kind, benchPort, *dur/5, maxCRR); err != nil {
+	for _, g := range groups {
+		for _, m := range g.modes {
+			if err := g.pair.setMode(m); err != nil {
 				return err
+			}
+			for _, tc := range tests {
+				if _, err := g.pair.load(ctx, tc.kind, benchPort, *dur/5, maxCRR); err != nil {
+					return err
+				}
 			}
 		}
 	}
 
-	res := map[string]*samples{}
-	for _, tc := range tests {
-		res[tc.kind] = &samples{}
-	}
-	// Each test measures a and b back to back, in the order a b, then b a
-	// in the next round: a machine that drifts during the run shifts both
-	// alike.
-	var flows, conns uint64
+	res := results{}
+	flows := map[string][2]uint64{} // config key: new flows, connections (crr)
 	for round := range *rounds {
 		for i, tc := range tests {
-			order := []bool{false, true}
-			if (round+i)%2 == 1 {
-				order = []bool{true, false}
-			}
-			for _, on := range order {
-				if err := t.setAttached(on); err != nil {
-					return err
-				}
-				r, cpu, newFlows, err := t.measure(ctx, tc.kind, *dur)
-				if err != nil {
-					return err
-				}
-				s := res[tc.kind]
-				if !on {
-					s.a = append(s.a, r.rate())
-					s.cpuA = append(s.cpuA, cpu)
-					continue
-				}
-				s.b = append(s.b, r.rate())
-				s.cpuB = append(s.cpuB, cpu)
-				if tc.kind == kindCRR {
-					flows += newFlows
-					conns += uint64(r.Ops + r.Errors)
+			for _, g := range groups {
+				for j := range g.modes {
+					m := g.modes[(j+round+i)%len(g.modes)]
+					if err := g.pair.setMode(m); err != nil {
+						return err
+					}
+					r, cpu, newFlows, counted, err := g.pair.measure(ctx, tc.kind, *dur)
+					if err != nil {
+						return err
+					}
+					res.add(g.pair.name, tc.kind, m, r.rate(), cpu)
+					if tc.kind == kindCRR && counted {
+						k := config{g.pair, m}.key()
+						f := flows[k]
+						flows[k] = [2]uint64{f[0] + newFlows, f[1] + uint64(r.Ops+r.Errors)}
+					}
 				}
 			}
 		}
 		fmt.Fprintf(stderr, "round %d/%d done\n", round+1, *rounds)
 	}
-	report(stdout, res)
-	if conns > 0 {
-		fmt.Fprintf(stdout, "\nconnect/request/close in b: %d of %d connections (%.1f%%) were new flows decided by the policy lookup\n",
-			flows, conns, 100*float64(flows)/float64(conns))
-		if flows < conns {
-			fmt.Fprintln(stdout, "(the others reused a client port whose closed CT entry had not aged out yet: CT hits)")
+	report(stdout, res, groups)
+	fmt.Fprintln(stdout)
+	for _, g := range groups {
+		for _, m := range g.modes {
+			k := config{g.pair, m}.key()
+			if f := flows[k]; f[1] > 0 {
+				fmt.Fprintf(stdout, "connect/request/close, %s: %d of %d connections (%.1f%%) were new flows decided by the policy lookup; the others reused a client port whose closed CT entry had not aged out (CT hits)\n",
+					k, f[0], f[1], 100*float64(f[0])/float64(f[1]))
+			}
 		}
 	}
 	fmt.Fprintf(stdout, "traffic benchmark took %v\n", time.Since(start).Round(time.Second))
@@ -136,29 +170,27 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (err e
 
 // measure runs one load against the bench port and returns it with the
 // CPU time client and server used per operation (per byte for a stream);
-// with rackwire attached it also returns how many packets the policy lookup
-// decided meanwhile (the bench entry's counter: new flows).
-func (t *topo) measure(ctx context.Context, kind string, dur time.Duration) (r result, cpuPerOp float64, newFlows uint64, err error) {
+// where a policy is in force it also returns how many packets the policy
+// lookup decided meanwhile (the bench entry's counter: new flows).
+func (p *pair) measure(ctx context.Context, kind string, dur time.Duration) (r result, cpuPerOp float64, newFlows uint64, counted bool, err error) {
 	maxOps := int64(maxRR)
 	if kind == kindCRR {
 		maxOps = maxCRR
 	}
-	var before uint64
-	if t.attached {
-		if before, err = t.allowedPackets(); err != nil {
-			return r, 0, 0, err
-		}
-	}
-	cpu0, err := t.cpuTime()
+	before, counted, err := p.allowedPackets()
 	if err != nil {
-		return r, 0, 0, err
+		return r, 0, 0, false, err
 	}
-	if r, err = t.load(ctx, kind, benchPort, dur, maxOps); err != nil {
-		return r, 0, 0, err
-	}
-	cpu1, err := t.cpuTime()
+	cpu0, err := p.cpuTime()
 	if err != nil {
-		return r, 0, 0, err
+		return r, 0, 0, false, err
+	}
+	if r, err = p.load(ctx, kind, benchPort, dur, maxOps); err != nil {
+		return r, 0, 0, false, err
+	}
+	cpu1, err := p.cpuTime()
+	if err != nil {
+		return r, 0, 0, false, err
 	}
 	n := float64(r.Ops)
 	if kind == kindStream {
@@ -167,12 +199,12 @@ func (t *topo) measure(ctx context.Context, kind string, dur time.Duration) (r r
 	if n > 0 {
 		cpuPerOp = (cpu1 - cpu0) / n
 	}
-	if t.attached {
-		after, err := t.allowedPackets()
+	if counted {
+		after, _, err := p.allowedPackets()
 		if err != nil {
-			return r, 0, 0, err
+			return r, 0, 0, false, err
 		}
 		newFlows = after - before
 	}
-	return r, cpuPerOp, newFlows, nil
+	return r, cpuPerOp, newFlows, counted, nil
 }

@@ -40,14 +40,14 @@ func TestQuantile(t *testing.T) {
 func TestCPURatio(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		s    samples
+		r    ratio
 		want float64
 	}{
-		{"b costs more", samples{cpuA: []float64{40, 40, 41}, cpuB: []float64{50, 50, 49}}, 0.8},
-		{"no b", samples{cpuA: []float64{40}}, 0},
+		{"x costs more", ratio{x: &series{cpu: []float64{50, 50, 49}}, y: &series{cpu: []float64{40, 40, 41}}}, 0.8},
+		{"no x", ratio{y: &series{cpu: []float64{40}}}, 0},
 	} {
-		if got := tc.s.cpuRatio(); got != tc.want {
-			t.Errorf("%s: cpuRatio() = %v, want %v", tc.name, got, tc.want)
+		if got := tc.r.cpu(); got != tc.want {
+			t.Errorf("%s: cpu() = %v, want %v", tc.name, got, tc.want)
 		}
 	}
 }
@@ -63,20 +63,21 @@ func TestMedianKeepsInput(t *testing.T) {
 func TestRatios(t *testing.T) {
 	for _, tc := range []struct {
 		name          string
-		s             samples
+		x, y          []float64
 		ratio, paired float64
 	}{
-		{"equal", samples{a: []float64{100, 100, 100}, b: []float64{100, 100, 100}}, 1, 1},
-		{"b slower", samples{a: []float64{100, 200, 100}, b: []float64{90, 180, 90}}, 0.9, 0.9},
-		{"drift", samples{a: []float64{100, 50, 25}, b: []float64{50, 25, 12.5}}, 0.5, 0.5},
-		{"no a", samples{b: []float64{1}}, 0, 0},
+		{"equal", []float64{100, 100, 100}, []float64{100, 100, 100}, 1, 1},
+		{"x slower", []float64{90, 180, 90}, []float64{100, 200, 100}, 0.9, 0.9},
+		{"drift", []float64{50, 25, 12.5}, []float64{100, 50, 25}, 0.5, 0.5},
+		{"no y", []float64{1}, nil, 0, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := tc.s.ratio(); got != tc.ratio {
-				t.Errorf("ratio(%v) = %v, want %v", tc.s, got, tc.ratio)
+			r := ratio{x: &series{rate: tc.x}, y: &series{rate: tc.y}}
+			if got := r.median(); got != tc.ratio {
+				t.Errorf("median(%v / %v) = %v, want %v", tc.x, tc.y, got, tc.ratio)
 			}
-			if got := tc.s.pairedRatio(); got != tc.paired {
-				t.Errorf("pairedRatio(%v) = %v, want %v", tc.s, got, tc.paired)
+			if got := r.paired(); got != tc.paired {
+				t.Errorf("paired(%v / %v) = %v, want %v", tc.x, tc.y, got, tc.paired)
 			}
 		})
 	}
@@ -88,7 +89,7 @@ func TestVerdict(t *testing.T) {
 		want        string
 	}{
 		{0.97, 0.97, "met"},
-		{0.969, 0.97, "not met"},
+		{0.969, 0.97, "NOT MET"},
 		{1.2, 0.98, "met"},
 	} {
 		if got := verdict(tc.ratio, tc.goal); got != tc.want {
@@ -97,21 +98,44 @@ func TestVerdict(t *testing.T) {
 	}
 }
 
-func TestReportHasOneGoalLinePerTest(t *testing.T) {
-	res := map[string]*samples{
-		kindRR:     {a: []float64{100, 100, 100}, b: []float64{99, 98, 97}},
-		kindCRR:    {a: []float64{10, 10, 10}, b: []float64{9, 9, 9}},
-		kindStream: {a: []float64{1e10, 1e10, 1e10}, b: []float64{1e10, 1e10, 1e10}},
+// The report has one goal line per test and pair (c/a), one for
+// connect/request/close against nftables, and says where a missed goal
+// goes (c/d x d/a).
+func TestReportGoals(t *testing.T) {
+	res := results{}
+	add := func(pair, kind string, m mode, rates ...float64) {
+		for _, r := range rates {
+			res.add(pair, kind, m, r, 1)
+		}
+	}
+	same := func(v float64) []float64 { return []float64{v, v, v} }
+	localModes := []mode{modeNone, modeHost, modeOpen, modeNFT}
+	for kind, rates := range map[string][4][]float64{
+		kindRR:     {same(100), {99, 98, 97}, same(100), same(90)},
+		kindCRR:    {same(10), same(9), same(10), same(8)},
+		kindStream: {same(1e10), same(1e10), same(1e10), same(1e10)},
+	} {
+		for i, m := range localModes {
+			add("local", kind, m, rates[i]...)
+		}
+	}
+	for _, k := range []string{kindRR, kindCRR, kindStream} {
+		add("cross-host", k, modeNone, 10, 10, 10)
+		add("cross-host", k, modeHost, 10, 10, 10)
+	}
+	groups := []group{
+		{pair: &pair{name: "local"}, modes: localModes},
+		{pair: &pair{name: "cross-host"}, modes: []mode{modeNone, modeHost}},
 	}
 	var buf bytes.Buffer
-	report(&buf, res)
+	report(&buf, res, groups)
 	var goals []string
 	for _, l := range strings.Split(buf.String(), "\n") {
 		if strings.HasPrefix(l, "goal ") {
 			goals = append(goals, l)
 		}
 	}
-	want := []string{"met", "not met", "met"}
+	want := []string{"met", "NOT MET", "met", "met", "met", "met", "met"}
 	if len(goals) != len(want) {
 		t.Fatalf("report has %d goal lines, want %d:\n%s", len(goals), len(want), buf.String())
 	}
@@ -119,6 +143,9 @@ func TestReportHasOneGoalLinePerTest(t *testing.T) {
 		if !strings.Contains(l, ": "+want[i]+" ") {
 			t.Errorf("goal line %q, want verdict %q", l, want[i])
 		}
+	}
+	if !strings.Contains(buf.String(), "where it goes: c/d 0.900") {
+		t.Errorf("the missed connect/request/close goal is not broken down into c/d x d/a:\n%s", buf.String())
 	}
 }
 
