@@ -7,6 +7,7 @@ package salt
 
 import (
 	"encoding/json"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,7 +19,10 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/containernetworking/cni/libcni"
 	"github.com/rackwire/rackwire/daemon/config"
+
+	"github.com/rackwire/rackwire/internal/cniplugin"
 	"github.com/rackwire/rackwire/internal/testenv"
 	"github.com/rackwire/rackwire/tests/systemd"
 )
@@ -98,7 +102,7 @@ func TestShowSLS(t *testing.T) {
 		t.Fatalf("state.show_sls output is not the state tree: %v\n%s", err, raw)
 	}
 	for _, id := range []string{"rackwire-package", "rackwire-repo", "rackwire-config", "rackwire-policy-dir",
-		"rackwire-policy-web-from-lb", "rackwire-bird-package", "rackwire-bird-service", "rackwire-service"} {
+		"rackwire-policy-web-from-lb", "rackwire-cni-rackwire", "rackwire-bird-package", "rackwire-bird-service", "rackwire-service"} {
 		if _, ok := states[id]; !ok {
 			t.Errorf("state %s missing; have %v", id, keys(states))
 		}
@@ -112,6 +116,43 @@ func TestShowSLS(t *testing.T) {
 	cfg, _ := json.Marshal(states["rackwire-config"])
 	if !strings.Contains(string(cfg), `"check_cmd":"/usr/sbin/rackwired check-config --config"`) {
 		t.Errorf("rackwire-config is not validated by check_cmd: %s", cfg)
+	}
+}
+
+// TestCNIConflist renders the CNI network of the example pillar and hands
+// the file's contents to libcni and to the plugin's own config parser.
+func TestCNIConflist(t *testing.T) {
+	e := newSaltEnv(t, formulaDir(t))
+	write(t, filepath.Join(e.pillar, "rackwire.sls"), pillarExample(t))
+	raw, err := e.run(t, "state.show_sls", "rackwire.cni")
+	if err != nil {
+		t.Fatalf("state.show_sls rackwire.cni: %v", err)
+	}
+	var states map[string]map[string]any
+	if err := json.Unmarshal(raw, &states); err != nil {
+		t.Fatalf("state.show_sls output: %v\n%s", err, raw)
+	}
+	args := map[string]any{}
+	file, _ := states["rackwire-cni-rackwire"]["file"].([]any)
+	for _, a := range file {
+		if m, ok := a.(map[string]any); ok {
+			maps.Copy(args, m)
+		}
+	}
+	if args["name"] != "/etc/cni/net.d/50-rackwire.conflist" || args["mode"] != "0644" {
+		t.Errorf("conflist state name %v mode %v, want /etc/cni/net.d/50-rackwire.conflist 0644", args["name"], args["mode"])
+	}
+	contents, _ := args["contents"].(string)
+	list, err := libcni.ConfListFromBytes([]byte(contents))
+	if err != nil || list.Name != "rackwire" || len(list.Plugins) != 1 {
+		t.Fatalf("rendered conflist %q: %v", contents, err)
+	}
+	conf, err := cniplugin.ParseConfig(list.Plugins[0].Bytes)
+	if err != nil {
+		t.Fatalf("the plugin refuses the rendered conflist %s: %v", contents, err)
+	}
+	if ls, err := conf.MergeLabels(nil); err != nil || ls.CLI() != "net=rackwire" || conf.Socket != "/run/rackwire/rackwire.sock" {
+		t.Errorf("rendered conflist: labels %v (%v) socket %s, want net=rackwire and the default socket", ls, err, conf.Socket)
 	}
 }
 
