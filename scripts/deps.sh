@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # deps.sh installs, from scratch, everything rackwire's tests need on a
 # Debian bookworm machine: the eBPF toolchain, BIRD 2, iproute2 and friends,
-# debootstrap for the systemd suite, the container runtimes the CNI plugin
-# and the Docker driver are tested with (podman, runc, docker.io), Salt from PyPI and a Consul server
+# debootstrap for the systemd suite, the container runtimes the CNI plugin is
+# tested with (podman, runc, docker.io), Salt from PyPI and a Consul server
 # binary built from the Go module proxy into a cache outside the repository.
 # It is idempotent: a second run only checks.
 set -euo pipefail

@@ -89,18 +89,26 @@ func pillarExample(t *testing.T) string {
 
 func formulaDir(t *testing.T) string { return filepath.Join(systemd.RepoRoot(t), "salt") }
 
-// TestShowSLS renders the whole formula with the example pillar.
-func TestShowSLS(t *testing.T) {
+// showExample renders sls with the example pillar and returns the state
+// tree by state id.
+func showExample(t *testing.T, sls string) map[string]map[string]any {
+	t.Helper()
 	e := newSaltEnv(t, formulaDir(t))
 	write(t, filepath.Join(e.pillar, "rackwire.sls"), pillarExample(t))
-	raw, err := e.run(t, "state.show_sls", "rackwire")
+	raw, err := e.run(t, "state.show_sls", sls)
 	if err != nil {
-		t.Fatalf("state.show_sls rackwire: %v", err)
+		t.Fatalf("state.show_sls %s: %v", sls, err)
 	}
 	var states map[string]map[string]any
 	if err := json.Unmarshal(raw, &states); err != nil {
 		t.Fatalf("state.show_sls output is not the state tree: %v\n%s", err, raw)
 	}
+	return states
+}
+
+// TestShowSLS renders the whole formula with the example pillar.
+func TestShowSLS(t *testing.T) {
+	states := showExample(t, "rackwire")
 	for _, id := range []string{"rackwire-package", "rackwire-repo", "rackwire-config", "rackwire-policy-dir",
 		"rackwire-policy-web-from-lb", "rackwire-cni-rackwire", "rackwire-bird-package", "rackwire-bird-service", "rackwire-service"} {
 		if _, ok := states[id]; !ok {
@@ -122,16 +130,7 @@ func TestShowSLS(t *testing.T) {
 // TestCNIConflist renders the CNI network of the example pillar and hands
 // the file's contents to libcni and to the plugin's own config parser.
 func TestCNIConflist(t *testing.T) {
-	e := newSaltEnv(t, formulaDir(t))
-	write(t, filepath.Join(e.pillar, "rackwire.sls"), pillarExample(t))
-	raw, err := e.run(t, "state.show_sls", "rackwire.cni")
-	if err != nil {
-		t.Fatalf("state.show_sls rackwire.cni: %v", err)
-	}
-	var states map[string]map[string]any
-	if err := json.Unmarshal(raw, &states); err != nil {
-		t.Fatalf("state.show_sls output: %v\n%s", err, raw)
-	}
+	states := showExample(t, "rackwire.cni")
 	args := map[string]any{}
 	file, _ := states["rackwire-cni-rackwire"]["file"].([]any)
 	for _, a := range file {
