@@ -266,6 +266,29 @@ func TestCNIConformance(t *testing.T) {
 		}
 	})
 
+	t.Run("interface name", func(t *testing.T) {
+		n := a.cniNetwork(t, "rwcn-net", "1.1.0", map[string]any{"labels": map[string]string{"app": "web"}})
+		ns := newNetns(t, "rwcn-ifname")
+		rt := cniRT("ifname01", ns)
+		rt.IfName = "net1"
+		res := n.mustAdd(rt)
+		if len(res.Interfaces) != 2 || res.Interfaces[1].Name != "net1" {
+			t.Errorf("result interfaces %+v, want net1 in the sandbox", res.Interfaces)
+		}
+		if out := sh(t, "ip", "-n", ns, "-br", "addr", "show", "dev", "net1"); !strings.Contains(out, res.IPs[0].Address.IP.String()) {
+			t.Errorf("net1 in %s: %q, want %s", ns, out, res.IPs[0].Address.IP)
+		}
+		if ep, _ := a.endpointByCID(t, "ifname01"); ep.Name != "rwcn-net-ifname01-net1" || ep.IfName != "net1" {
+			t.Errorf("endpoint %s ifname %s, want rwcn-net-ifname01-net1, net1", ep.Name, ep.IfName)
+		}
+		if err := n.check(rt); err != nil {
+			t.Errorf("CHECK: %v", err)
+		}
+		if err := n.del(rt); err != nil {
+			t.Fatal(err)
+		}
+	})
+
 	t.Run("GC", func(t *testing.T) {
 		n := a.cniNetwork(t, "rwcn-gc", "1.1.0", map[string]any{"labels": map[string]string{"app": "gc"}})
 		other := a.cniNetwork(t, "rwcn-other", "1.1.0", map[string]any{"labels": map[string]string{"app": "gc"}})
@@ -494,6 +517,19 @@ func TestCNIPolicy(t *testing.T) {
 	}
 	mustPass(t, "client (app=client, nomad.job=api) -> web", tcpReq(clientNS, to, okTimeout))
 	mustFail(t, "other (app=other) -> web", tcpReq(otherNS, to, dropTimeout))
+
+	// A container ADDed while the policy is in force is enforced when ADD
+	// returns: the very first connection is decided by the policy, with no
+	// waiting (the agent writes the map before the veth goes up).
+	web2NS := newNetns(t, "rwcn-web2")
+	web2RT := cniRT("web02", web2NS, [2]string{"RACKWIRE_LABEL_app", "web"})
+	web2 := plain.mustAdd(web2RT)
+	t.Cleanup(func() { _ = plain.del(web2RT) })
+	web2IP := web2.IPs[0].Address.IP.String()
+	servers(t, web2NS, web2IP, 8080)
+	to2 := net.JoinHostPort(web2IP, "8080")
+	mustFail(t, "other -> web2 right after ADD", tcpReq(otherNS, to2, dropTimeout))
+	mustPass(t, "client -> web2 right after ADD", tcpReq(clientNS, to2, okTimeout))
 }
 
 // TestCNICyclesLeakNothing: 200 ADD/DEL cycles through the plugin leave
