@@ -4,7 +4,7 @@
 #   make deps test    install the test dependencies and pass every test (root; what CI runs)
 #
 # Other targets: build, deps, generate, generate-check, lint, test, test-unit,
-# fuzz, bench, package, clean.
+# fuzz, bench, bench-cni, package, clean.
 
 SHELL   := /bin/bash
 # Release versions come from tags (v1.2.3); untagged trees build as 0.1.0.
