@@ -363,6 +363,10 @@ func applyPillar(level, attach string) string {
         endpointSelector: {matchLabels: {app: web}}
         ingress:
           - fromEndpoints: [{matchLabels: {app: lb}}]
+  cni:
+    networks:
+      rackwire:
+        labels: {net: rackwire}
   config:
     node:
       name: rwf-salt
@@ -435,6 +439,15 @@ func TestApplyInSystemdRoot(t *testing.T) {
 	}
 	r.Must("rackwired", "check-config", "--config", "/etc/rackwire/rackwire.toml")
 	r.Must("test", "-f", "/etc/rackwire/policies.d/allow-web.yaml")
+	// The CNI network is laid down, and the packaged plugin, run as a
+	// runtime runs it, finds the packaged agent ready (CNI STATUS).
+	if conf := r.Must("cat", "/etc/cni/net.d/50-rackwire.conflist"); !strings.Contains(conf, `"type": "rackwire-cni"`) && !strings.Contains(conf, `"type":"rackwire-cni"`) {
+		t.Errorf("/etc/cni/net.d/50-rackwire.conflist: %s", conf)
+	}
+	r.WriteFile("/tmp/cni-status.json", []byte(`{"cniVersion": "1.1.0", "name": "rackwire", "type": "rackwire-cni"}`), 0o644)
+	if out, err := r.Exec("sh", "-c", "CNI_COMMAND=STATUS CNI_PATH=/opt/cni/bin /opt/cni/bin/rackwire-cni </tmp/cni-status.json"); err != nil {
+		t.Errorf("CNI STATUS of the packaged plugin against the packaged agent: %v\n%s", err, out)
+	}
 	good := r.Must("cat", "/etc/rackwire/rackwire.toml")
 	if !strings.Contains(good, `name = "rwf-salt"`) {
 		t.Errorf("config not from pillar:\n%s", good)
