@@ -4,7 +4,7 @@
 #   make deps test    install the test dependencies and pass every test (root; what CI runs)
 #
 # Other targets: build, deps, generate, generate-check, lint, test, test-unit,
-# fuzz, bench, package, clean.
+# fuzz, bench, bench-cni, package, clean.
 
 SHELL   := /bin/bash
 # Release versions come from tags (v1.2.3); untagged trees build as 0.1.0.
@@ -17,7 +17,7 @@ export RACKWIRE_CACHE := $(CACHE)
 # Fuzz time per target inside `make test` (bounded).
 FUZZTIME ?= 20s
 
-.PHONY: all build deps generate generate-check lint test test-unit test-systemd test-salt fuzz bench bench-consul package quickstart quickstart-stop check clean
+.PHONY: all build deps generate generate-check lint test test-unit test-systemd test-salt fuzz bench bench-consul bench-cni package quickstart quickstart-stop check clean
 
 all: build
 
@@ -52,7 +52,8 @@ test-unit:
 # The fuzz targets besides FuzzParse and FuzzLoad, as package:Target (go
 # test -fuzz takes one target of one package per run): store values, state
 # files, API bodies, BIRD replies and rendered configs (FuzzRenderBird runs
-# `bird -p` per input), monitor events, the store file. `make fuzz` gives
+# `bird -p` per input), monitor events, the store file, CNI network configs
+# and CNI_ARGS. `make fuzz` gives
 # each FUZZTIME_SHORT, `make fuzz-long` gives every target, FuzzParse and
 # FuzzLoad included, FUZZTIME_LONG. Crashers are written to the package's
 # testdata/fuzz/.
@@ -66,7 +67,8 @@ FUZZ_TARGETS := \
 	./daemon:FuzzEndpointAdd ./daemon:FuzzTraceRequest ./daemon:FuzzPolicyImport \
 	./daemon/api:FuzzRawEntry ./daemon/api:FuzzDecodeBody \
 	./birdconf:FuzzReadReply ./birdconf:FuzzRenderBird \
-	./daemon/datapath:FuzzDecodeEvent ./daemon/store/local:FuzzStoreFile
+	./daemon/datapath:FuzzDecodeEvent ./daemon/store/local:FuzzStoreFile \
+	./internal/cniplugin:FuzzParseConfig ./internal/cniplugin:FuzzParseArgs
 # A run that fails without writing a reproducer is the engine's own flake
 # at the -fuzztime boundary (golang/go#51484, #56238): it is run once more.
 fuzz-each = set -e; for t in $(1); do \
@@ -109,6 +111,10 @@ bench:
 # propagation of a new endpoint to 10 agents, recovery after an outage.
 bench-consul:
 	$(GO) test -tags rackwire_bench -count=1 -v -run TestBench -timeout 20m ./tests/multihost/
+
+# CNI ADD/DEL latency p50/p99 with 1 and 200 endpoints present (~1 min).
+bench-cni:
+	$(GO) test -tags rackwire_bench -count=1 -v -run TestBenchCNILatency -timeout 15m ./tests/e2e/
 
 package:
 	bash packaging/build.sh $(VERSION)

@@ -3,8 +3,10 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/netip"
+	"strconv"
 
 	"github.com/rackwire/rackwire/daemon/api"
 	"github.com/rackwire/rackwire/daemon/endpoint"
@@ -35,13 +37,29 @@ func (a *agent) endpointRoutes(h route) {
 		return a.addEndpoint(r.Context(), in)
 	})
 	h(api.Admin, "DELETE /v1/endpoints/{ep}", func(r *http.Request) (any, error) {
-		if _, err := a.endpoint(r.PathValue("ep")); err != nil {
+		ep, err := a.endpoint(r.PathValue("ep"))
+		if err != nil {
 			return nil, err
+		}
+		// A container runtime deletes only its own attachment: an endpoint
+		// of that name plugged for another container is not found.
+		if cid := r.URL.Query().Get("container_id"); cid != "" && cid != ep.ContainerID {
+			return nil, api.Errorf(http.StatusNotFound, "list them with `rackwire endpoint list`",
+				"endpoint %q belongs to container %q, not %q", ep.Name, ep.ContainerID, cid)
 		}
 		if err := a.eps.Delete(r.Context(), r.PathValue("ep")); err != nil {
 			return nil, endpointErr(err)
 		}
 		return api.Deleted{Deleted: r.PathValue("ep")}, nil
+	})
+	// Readiness, for CNI STATUS and health checks: it reads.
+	h(api.Read, "GET /v1/ready", func(r *http.Request) (any, error) { return a.ready(), nil })
+	h(api.Admin, "POST /v1/attachments/gc", func(r *http.Request) (any, error) {
+		var in api.AttachmentGC
+		if err := api.DecodeBody(r, &in); err != nil {
+			return nil, err
+		}
+		return a.gcAttachments(r.Context(), in)
 	})
 	h(api.Admin, "POST /v1/endpoints/{ep}/audit", func(r *http.Request) (any, error) {
 		var in api.EndpointAudit
@@ -99,11 +117,21 @@ func (a *agent) addEndpoint(ctx context.Context, in api.EndpointAdd) (api.Endpoi
 	if err := endpoint.CheckNetnsPath(in.Netns); err != nil {
 		return api.Endpoint{}, endpointErr(err)
 	}
+	if err := endpoint.CheckAttachment(in.IfName, in.ContainerID, in.Network); err != nil {
+		return api.Endpoint{}, endpointErr(err)
+	}
+	// A container runtime retries later (CNI code 11); an endpoint plugged
+	// before the restore would race it.
+	if in.ContainerID != "" {
+		if rd := a.ready(); !rd.Ready {
+			return api.Endpoint{}, api.Errorf(http.StatusServiceUnavailable, "try again in a few seconds", "%s", rd.Reason)
+		}
+	}
 	ls, err := identity.ParseLabels(in.Labels)
 	if err != nil {
 		return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "write --labels k1=v1,k2=v2", "%v", err)
 	}
-	req := endpoint.Request{Name: in.Name, NetnsPath: in.Netns, Labels: ls}
+	req := endpoint.Request{Name: in.Name, NetnsPath: in.Netns, Labels: ls, IfName: in.IfName, ContainerID: in.ContainerID, Network: in.Network}
 	for _, s := range []string{in.IP, in.IPv6} {
 		if s == "" {
 			continue
@@ -136,13 +164,17 @@ func (a *agent) toAPIEndpoint(ep endpoint.Endpoint) api.Endpoint {
 		ID: ep.ID, Name: ep.Name, Netns: ep.Netns, State: string(ep.State),
 		Labels: ep.Labels.CLI(), IdentityLabels: ep.IdentityLabels.CLI(), Identity: uint32(ep.Identity),
 		HostIfName: ep.HostIfName, HostIfIndex: ep.HostIfIndex, MAC: ep.MAC, Created: ep.Created,
-		Audit: a.audit.on(ep.Name),
+		Audit: a.audit.on(ep.Name), IfName: ep.PeerName(), HostMAC: ep.HostMAC, ContainerID: ep.ContainerID, Network: ep.Network,
 	}
 	if ep.IPv4.IsValid() {
 		out.IPv4 = ep.IPv4.String()
+		out.GatewayIPv4 = endpoint.GatewayIPv4.String()
+		out.Routes = append(out.Routes, api.EndpointRoute{Dst: "0.0.0.0/0", Via: out.GatewayIPv4})
 	}
 	if ep.IPv6.IsValid() {
 		out.IPv6 = ep.IPv6.String()
+		out.GatewayIPv6 = endpoint.GatewayIPv6.String()
+		out.Routes = append(out.Routes, api.EndpointRoute{Dst: "::/0", Via: out.GatewayIPv6})
 	}
 	if ep.State == endpoint.StateReady {
 		if st, ok := a.sync.Status(ep.ID); ok && st.State != policysync.StateEnforced {
@@ -150,4 +182,44 @@ func (a *agent) toAPIEndpoint(ep endpoint.Endpoint) api.Endpoint {
 		}
 	}
 	return out
+}
+
+// ready says whether the agent plugs endpoints now: once start restored the
+// endpoints and computed their policy.
+func (a *agent) ready() api.Ready {
+	if !a.started.Load() {
+		return api.Ready{Reason: "rackwired is starting (restoring endpoints and policies)"}
+	}
+	return api.Ready{Ready: true}
+}
+
+// gcAttachments deletes the endpoints a container runtime plugged into
+// in.Network that in.Keep does not name (CNI GC). Endpoints of other
+// networks, and those not plugged by a runtime, are never touched.
+func (a *agent) gcAttachments(ctx context.Context, in api.AttachmentGC) (api.AttachmentGCResult, error) {
+	out := api.AttachmentGCResult{Deleted: []string{}}
+	if err := endpoint.CheckAttachment("", "gc", in.Network); err != nil {
+		return out, endpointErr(err)
+	}
+	if rd := a.ready(); !rd.Ready {
+		return out, api.Errorf(http.StatusServiceUnavailable, "try again in a few seconds", "%s", rd.Reason)
+	}
+	keep := make(map[api.Attachment]bool, len(in.Keep))
+	for _, k := range in.Keep {
+		if k.IfName == "" {
+			k.IfName = endpoint.PeerIfName
+		}
+		keep[k] = true
+	}
+	for _, ep := range a.eps.List() {
+		if ep.ContainerID == "" || ep.Network != in.Network || keep[api.Attachment{ContainerID: ep.ContainerID, IfName: ep.PeerName()}] {
+			continue
+		}
+		if err := a.eps.Delete(ctx, strconv.Itoa(int(ep.ID))); err != nil && !errors.Is(err, endpoint.ErrNotFound) {
+			out.Failed = append(out.Failed, fmt.Sprintf("%s: %v", ep.Name, err))
+			continue
+		}
+		out.Deleted = append(out.Deleted, ep.Name)
+	}
+	return out, nil
 }

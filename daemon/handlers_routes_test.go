@@ -23,6 +23,8 @@ func TestRouteDecisions(t *testing.T) {
 		{Pattern: "GET /v1/endpoints/{ep}", Access: api.Read},
 		{Pattern: "POST /v1/endpoints", Access: api.Admin},
 		{Pattern: "DELETE /v1/endpoints/{ep}", Access: api.Admin},
+		{Pattern: "GET /v1/ready", Access: api.Read},
+		{Pattern: "POST /v1/attachments/gc", Access: api.Admin},
 		{Pattern: "POST /v1/endpoints/{ep}/audit", Access: api.Admin},
 		{Pattern: "GET /v1/identities", Access: api.Read},
 		{Pattern: "GET /v1/identities/{id}", Access: api.Read},

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # build.sh VERSION builds rackwire's packages into dist/:
 #   dist/rackwire_VERSION_amd64.deb and dist/rackwire-VERSION.x86_64.rpm
-# It builds rackwired and rackwire with VERSION stamped in (the same ldflags
-# as the Makefile), stages them with the maintainer scripts, and runs nfpm as
+# It builds rackwired, rackwire and rackwire-cni with VERSION stamped in
+# (the same ldflags as the Makefile), stages them with the maintainer scripts, and runs nfpm as
 # a Go module at a pinned version (no downloaded binary). Output directory:
 # $DIST (default dist/ in the repository).
 set -euo pipefail
@@ -27,22 +27,10 @@ STAGE=$(mktemp -d "$DIST/.stage.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/bin" "$STAGE/scripts/deb" "$STAGE/scripts/rpm"
 
-log "go build rackwired rackwire ($VERSION)"
+log "go build rackwired rackwire rackwire-cni ($VERSION)"
 CGO_ENABLED=0 GOOS=linux GOARCH=amd64 go build -trimpath \
 	-ldflags "-X github.com/rackwire/rackwire/internal/version.Version=$VERSION" \
-	-o "$STAGE/bin/" ./cmd/rackwired ./cmd/rackwire
-
-# The CNI plugin, once it exists: /usr/lib/cni (the Debian/EL place) and a
-# link in /opt/cni/bin, where most runtimes look.
-cni=""
-if compgen -G "cmd/rackwire-cni/*.go" >/dev/null; then
-	log "go build rackwire-cni"
-	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 go build -trimpath \
-		-ldflags "-X github.com/rackwire/rackwire/internal/version.Version=$VERSION" \
-		-o "$STAGE/bin/" ./cmd/rackwire-cni
-	cni="  - src: $STAGE/bin/rackwire-cni\n    dst: /usr/lib/cni/rackwire-cni\n    file_info: {mode: 0755}\n"
-	cni+="  - src: /usr/lib/cni/rackwire-cni\n    dst: /opt/cni/bin/rackwire-cni\n    type: symlink\n"
-fi
+	-o "$STAGE/bin/" ./cmd/rackwired ./cmd/rackwire ./cmd/rackwire-cni
 
 # Man pages from the binaries' own --help.
 mkdir -p "$STAGE/man"
@@ -77,11 +65,12 @@ Policies: /etc/rackwire/policies.d/*.yaml
 Service:  systemctl start rackwired; systemctl reload rackwired (re-reads the config)
 Salt:     /usr/share/rackwire/salt/ (the rackwire formula)
 Check:    rackwired check-config; rackwire status
+CNI:      /opt/cni/bin/rackwire-cni (also in /usr/libexec/cni, /usr/lib/cni);
+          example network: /usr/share/rackwire/cni/rackwire.conflist
 TXT
 
 # nfpm expands variables in a few fields only; substitute them all here.
-sed -e "s|\${RW_STAGE}|$STAGE|g" -e "s|\${RW_VERSION}|$VERSION|g" packaging/nfpm.yaml |
-	awk -v cni="$cni" '/^  #CNI#$/ { printf "%s", cni; next } { print }' >"$STAGE/nfpm.yaml"
+sed -e "s|\${RW_STAGE}|$STAGE|g" -e "s|\${RW_VERSION}|$VERSION|g" packaging/nfpm.yaml >"$STAGE/nfpm.yaml"
 deb="$DIST/rackwire_${VERSION}_amd64.deb"
 rpm="$DIST/rackwire-${VERSION}.x86_64.rpm"
 log "nfpm deb -> $deb"

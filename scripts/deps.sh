@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # deps.sh installs, from scratch, everything rackwire's tests need on a
 # Debian bookworm machine: the eBPF toolchain, BIRD 2, iproute2 and friends,
-# debootstrap for the systemd suite, Salt from PyPI and a Consul server
+# debootstrap for the systemd suite, the container runtimes the CNI plugin is
+# tested with (podman, runc, docker.io), Salt from PyPI and a Consul server
 # binary built from the Go module proxy into a cache outside the repository.
 # It is idempotent: a second run only checks.
 set -euo pipefail
@@ -18,7 +19,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 pkgs=(clang llvm libbpf-dev bpftool bird2 iproute2 iputils-ping netcat-openbsd
-	debootstrap rpm procps psmisc python3-pip python3-venv curl ca-certificates nftables)
+	debootstrap rpm procps psmisc python3-pip python3-venv curl ca-certificates nftables
+	podman runc containernetworking-plugins docker.io)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

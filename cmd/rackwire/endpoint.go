@@ -118,16 +118,25 @@ func init() {
 }
 
 func endpointTable(e *env, eps []api.Endpoint) {
-	rows := [][]string{{"ID", "NAME", "STATE", "IPV4", "IPV6", "IDENTITY", "AUDIT", "LABELS"}}
+	rows := [][]string{{"ID", "NAME", "STATE", "IPV4", "IPV6", "IDENTITY", "AUDIT", "CONTAINER", "LABELS"}}
 	for _, ep := range eps {
 		audit := "-"
 		if ep.Audit {
 			audit = "yes"
 		}
 		rows = append(rows, []string{strconv.Itoa(int(ep.ID)), ep.Name, ep.State, dash(ep.IPv4), dash(ep.IPv6),
-			strconv.FormatUint(uint64(ep.Identity), 10), audit, ep.Labels})
+			strconv.FormatUint(uint64(ep.Identity), 10), audit, shortID(ep.ContainerID), ep.Labels})
 	}
 	table(e.stdout, rows)
+}
+
+// shortID shows a container id as runtimes do (12 characters); --json has
+// it whole.
+func shortID(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return dash(id)
 }
 
 func dash(s string) string {

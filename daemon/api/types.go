@@ -80,6 +80,26 @@ type Endpoint struct {
 	// PolicyReason says why the state is policy-error or policy-pending:
 	// which directions are closed and what to do.
 	PolicyReason string `json:"policy_reason,omitempty"`
+
+	// IfName is the interface in the endpoint's namespace; HostMAC the
+	// host side's MAC. ContainerID and Network are the container
+	// runtime's, for endpoints a runtime plugged (CNI, Docker).
+	IfName      string `json:"ifname"`
+	HostMAC     string `json:"host_mac"`
+	ContainerID string `json:"container_id,omitempty"`
+	Network     string `json:"network,omitempty"`
+	// Gateways and Routes are what the endpoint's namespace routes
+	// through: one gateway per family (a link-local address answered by
+	// the host side) and a default route through each.
+	GatewayIPv4 string          `json:"gateway_ipv4,omitempty"`
+	GatewayIPv6 string          `json:"gateway_ipv6,omitempty"`
+	Routes      []EndpointRoute `json:"routes,omitempty"`
+}
+
+// EndpointRoute is a route in an endpoint's namespace.
+type EndpointRoute struct {
+	Dst string `json:"dst"`
+	Via string `json:"via"`
 }
 
 // EndpointAdd is the body of POST /v1/endpoints.
@@ -89,6 +109,41 @@ type EndpointAdd struct {
 	Labels string `json:"labels"`
 	IP     string `json:"ip,omitempty"`
 	IPv6   string `json:"ipv6,omitempty"`
+	// IfName names the interface in the namespace (default eth0).
+	IfName string `json:"ifname,omitempty"`
+	// ContainerID and Network make the request a container runtime's
+	// attachment: a repeated request for the same (network, container,
+	// ifname) in the same namespace returns the endpoint it made.
+	ContainerID string `json:"container_id,omitempty"`
+	Network     string `json:"network,omitempty"`
+}
+
+// Attachment is a container runtime's key of an endpoint in a network.
+type Attachment struct {
+	ContainerID string `json:"container_id"`
+	IfName      string `json:"ifname"`
+}
+
+// AttachmentGC is the body of POST /v1/attachments/gc: delete the
+// endpoints of Network that no attachment in Keep names.
+type AttachmentGC struct {
+	Network string       `json:"network"`
+	Keep    []Attachment `json:"keep"`
+}
+
+// AttachmentGCResult says what POST /v1/attachments/gc deleted, and what it
+// could not delete (with why).
+type AttachmentGCResult struct {
+	Deleted []string `json:"deleted"`
+	Failed  []string `json:"failed,omitempty"`
+}
+
+// Ready is the reply of GET /v1/ready: whether the agent plugs
+// endpoints now (it has restored its endpoints and computed their policy),
+// and if not, what it waits for.
+type Ready struct {
+	Ready  bool   `json:"ready"`
+	Reason string `json:"reason,omitempty"`
 }
 
 // EndpointAudit is the body of POST /v1/endpoints/{ep}/audit; the reply

@@ -99,7 +99,8 @@ var (
 // (`ip route show proto 114`), so that they are told apart from others'.
 const RouteProtocol = 114
 
-// PeerIfName is the name of the endpoint side of the veth, in its namespace.
+// PeerIfName is the default name of the endpoint side of the veth, in its
+// namespace; a container runtime may ask for another (Request.IfName).
 const PeerIfName = "eth0"
 
 // State is an endpoint's lifecycle state.
@@ -143,6 +144,22 @@ type Endpoint struct {
 	MAC         string `json:"mac"`
 
 	Created time.Time `json:"created"`
+
+	// IfName is the endpoint side of the veth in its namespace ("" is
+	// PeerIfName). ContainerID and Network are set for endpoints plugged by
+	// a container runtime (CNI, Docker): with IfName they are the
+	// runtime's key of the attachment.
+	IfName      string `json:"ifname,omitempty"`
+	ContainerID string `json:"container_id,omitempty"`
+	Network     string `json:"network,omitempty"`
+}
+
+// PeerName returns the name of the endpoint side of the veth.
+func (e Endpoint) PeerName() string {
+	if e.IfName == "" {
+		return PeerIfName
+	}
+	return e.IfName
 }
 
 // IPs returns the endpoint's addresses, IPv4 first.
@@ -176,6 +193,12 @@ type Request struct {
 	// optionally asks for a given IPv6 address. Zero values allocate.
 	IP   netip.Addr
 	IPv6 netip.Addr
+	// IfName names the endpoint side in its namespace; "" is PeerIfName.
+	IfName string
+	// ContainerID and Network, when ContainerID is set, make the request
+	// a container runtime's attachment (see Manager.Add).
+	ContainerID string
+	Network     string
 }
 
 // AttachSpec is what the datapath needs to enforce policy on an endpoint.

@@ -160,6 +160,59 @@ func checkName(n string) error {
 	return nil
 }
 
+// ifNameRE is what the kernel takes as an interface name, less what would
+// be awkward in a file name or a log: 1..15 of letters, digits, '.', '_', '-'.
+var ifNameRE = regexp.MustCompile(`^[A-Za-z0-9_-][A-Za-z0-9._-]{0,14}$`)
+
+// containerIDRE is what the CNI spec allows as a container id, bounded.
+var containerIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$`)
+
+// CheckAttachment checks the runtime's part of a request: the interface
+// name in the namespace and, when a container id is given, the id and the
+// network name.
+func CheckAttachment(ifName, containerID, network string) error {
+	if ifName != "" && (!ifNameRE.MatchString(ifName) || ifName == "." || ifName == "..") {
+		return fmt.Errorf("%w: interface name %q; use 1..15 letters, digits, '.', '_' or '-'", ErrBadName, truncPath(ifName))
+	}
+	if containerID == "" {
+		if network != "" {
+			return fmt.Errorf("%w: a network without a container id", ErrBadName)
+		}
+		return nil
+	}
+	if !containerIDRE.MatchString(containerID) {
+		return fmt.Errorf("%w: container id %q; use 1..256 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrBadName, truncPath(containerID))
+	}
+	if !containerIDRE.MatchString(network) {
+		return fmt.Errorf("%w: network name %q; use 1..256 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrBadName, truncPath(network))
+	}
+	return nil
+}
+
+// FindAttachment returns the endpoint a container runtime plugged for
+// (network, containerID, ifName); ifName "" is PeerIfName.
+func (m *Manager) FindAttachment(network, containerID, ifName string) (Endpoint, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if p := m.findAttachment(network, containerID, ifName); p != nil {
+		return p.clone(), true
+	}
+	return Endpoint{}, false
+}
+
+// findAttachment is FindAttachment with m.mu held.
+func (m *Manager) findAttachment(network, containerID, ifName string) *Endpoint {
+	if ifName == "" {
+		ifName = PeerIfName
+	}
+	for _, ep := range m.byID {
+		if ep.ContainerID != "" && ep.ContainerID == containerID && ep.Network == network && ep.PeerName() == ifName {
+			return ep
+		}
+	}
+	return nil
+}
+
 // List returns every endpoint, by id.
 func (m *Manager) List() []Endpoint {
 	m.mu.Lock()
@@ -216,9 +269,21 @@ func (u undo) run() error {
 // addresses, resolves the identity, plugs a veth into the namespace, writes
 // the state file and programs the datapath. On any failure it undoes what it
 // did and returns the first error (with rollback errors joined, if any).
+//
+// A container runtime's request (ContainerID set) is idempotent: if the
+// attachment (Network, ContainerID, IfName) exists in the same namespace
+// with the same labels, Add returns it unchanged (a runtime that retries
+// an ADD whose answer it lost gets the same result); in another namespace
+// or with other labels it is ErrExists.
 func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error) {
 	if err := checkName(req.Name); err != nil {
 		return Endpoint{}, err
+	}
+	if err := CheckAttachment(req.IfName, req.ContainerID, req.Network); err != nil {
+		return Endpoint{}, err
+	}
+	if req.IfName == PeerIfName {
+		req.IfName = ""
 	}
 	labels, err := checkLabels(req.Labels)
 	if err != nil {
@@ -245,6 +310,17 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 	defer m.opMu.Unlock()
 
 	m.mu.Lock()
+	if req.ContainerID != "" {
+		if p := m.findAttachment(req.Network, req.ContainerID, req.IfName); p != nil {
+			old := p.clone()
+			m.mu.Unlock()
+			if old.Netns == req.NetnsPath && old.State == StateReady && old.Labels.Equal(labels) {
+				return old, nil
+			}
+			return Endpoint{}, fmt.Errorf("%w: container %s is attached to network %s as endpoint %s (netns %s, labels %s); delete that attachment first (CNI DEL)",
+				ErrExists, req.ContainerID, req.Network, old.Name, old.Netns, old.Labels.CLI())
+		}
+	}
 	used := map[netip.Addr]string{}
 	var nameTaken *Endpoint
 	netnsTaken := ""
@@ -273,7 +349,8 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 			req.Name, ErrBadLabels, labels.CLI(), m.opts.IdentityLabels, req.Name)
 	}
 	ep = Endpoint{Name: req.Name, Netns: req.NetnsPath, State: StateCreating, Labels: labels,
-		IdentityLabels: idLabels, Created: time.Now().UTC().Truncate(time.Second)}
+		IdentityLabels: idLabels, Created: time.Now().UTC().Truncate(time.Second),
+		IfName: req.IfName, ContainerID: req.ContainerID, Network: req.Network}
 	if len(m.opts.CIDRs) == 0 {
 		return Endpoint{}, fmt.Errorf("%w: no [ipam] cidrs configured; add this host's workload CIDR", ErrCIDRExhausted)
 	}
@@ -322,7 +399,7 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 	if err = ctx.Err(); err != nil {
 		return ep, err
 	}
-	p, err := m.host.plumb(epNs, ep.HostIfName, m.opts.MTU, ep.IPs())
+	p, err := m.host.plumb(epNs, ep.HostIfName, ep.PeerName(), m.opts.MTU, ep.IPs())
 	if err != nil {
 		return ep, err
 	}

@@ -147,21 +147,21 @@ type plumbing struct {
 	peerMAC   net.HardwareAddr
 }
 
-// plumb creates the veth pair hostName <-> eth0 (in epNs) and configures
-// both sides. On error it deletes the pair, which takes its addresses,
+// plumb creates the veth pair hostName <-> peerName (in epNs) and
+// configures both sides. On error it deletes the pair, which takes its addresses,
 // routes and neighbours with it, so nothing is left behind.
-func (h *host) plumb(epNs netns.NsHandle, hostName string, mtu int, ips []netip.Addr) (p plumbing, err error) {
+func (h *host) plumb(epNs netns.NsHandle, hostName, peerName string, mtu int, ips []netip.Addr) (p plumbing, err error) {
 	epnl, err := netlink.NewHandleAt(epNs)
 	if err != nil {
 		return p, fmt.Errorf("open netlink in endpoint namespace: %w", err)
 	}
 	defer epnl.Close()
-	if _, err := epnl.LinkByName(PeerIfName); err == nil {
-		return p, fmt.Errorf("%w: the namespace already has an %s; give each endpoint a namespace of its own", ErrExists, PeerIfName)
+	if _, err := epnl.LinkByName(peerName); err == nil {
+		return p, fmt.Errorf("%w: the namespace already has an %s; give each endpoint a namespace of its own", ErrExists, peerName)
 	}
 	veth := &netlink.Veth{
 		LinkAttrs:     netlink.LinkAttrs{Name: hostName, MTU: mtu},
-		PeerName:      PeerIfName,
+		PeerName:      peerName,
 		PeerNamespace: netlink.NsFd(int(epNs)),
 	}
 	if err := h.nl.LinkAdd(veth); err != nil {
@@ -178,9 +178,9 @@ func (h *host) plumb(epNs netns.NsHandle, hostName string, mtu int, ips []netip.
 	if err != nil {
 		return p, fmt.Errorf("find new veth %s: %w", hostName, err)
 	}
-	pl, err := epnl.LinkByName(PeerIfName)
+	pl, err := epnl.LinkByName(peerName)
 	if err != nil {
-		return p, fmt.Errorf("find new %s in endpoint namespace: %w", PeerIfName, err)
+		return p, fmt.Errorf("find new %s in endpoint namespace: %w", peerName, err)
 	}
 	p = plumbing{hostIndex: hl.Attrs().Index, hostMAC: hl.Attrs().HardwareAddr, peerMAC: pl.Attrs().HardwareAddr}
 
@@ -193,11 +193,11 @@ func (h *host) plumb(epNs netns.NsHandle, hostName string, mtu int, ips []netip.
 			addr.Flags = unix.IFA_F_NODAD // usable at once; the host owns the prefix
 		}
 		if err := epnl.AddrAdd(pl, addr); err != nil {
-			return p, fmt.Errorf("add %s to %s: %w", a, PeerIfName, err)
+			return p, fmt.Errorf("add %s to %s: %w", a, peerName, err)
 		}
 	}
 	if err := epnl.LinkSetUp(pl); err != nil {
-		return p, fmt.Errorf("set %s up: %w", PeerIfName, err)
+		return p, fmt.Errorf("set %s up: %w", peerName, err)
 	}
 	for _, a := range ips {
 		gw := GatewayIPv4

@@ -147,6 +147,9 @@ func parseState(path, idStr string) (Endpoint, error) {
 	if ep.IPv4.IsValid() && !ep.IPv4.Is4() || ep.IPv6.IsValid() && !ep.IPv6.Is6() {
 		return Endpoint{}, fmt.Errorf("address of the wrong family")
 	}
+	if err := CheckAttachment(ep.IfName, ep.ContainerID, ep.Network); err != nil {
+		return Endpoint{}, err
+	}
 	if len(ep.IPs()) == 0 || ep.HostIfName == "" {
 		return Endpoint{}, fmt.Errorf("no address or no host interface")
 	}

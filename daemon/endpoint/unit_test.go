@@ -206,3 +206,42 @@ func TestGetByIDOrName(t *testing.T) {
 		t.Errorf("Get(nope) = %v, want ErrNotFound", err)
 	}
 }
+
+func TestCheckAttachment(t *testing.T) {
+	long := strings.Repeat("a", 257)
+	for _, tt := range []struct {
+		ifName, cid, network string
+		ok                   bool
+	}{
+		{"", "", "", true}, {"eth0", "", "", true}, {"net1", "abc", "podman", true},
+		{"abcdefghijklmno", strings.Repeat("f", 64), "n.e_t-1", true},
+		{"abcdefghijklmnop", "", "", false}, {".", "", "", false}, {"..", "", "", false}, {"a/b", "", "", false},
+		{"a b", "", "", false}, {"eth0", "", "podman", false}, {"eth0", "-x", "podman", false},
+		{"eth0", "abc", "", false}, {"eth0", long, "podman", false}, {"eth0", "abc", "a;b", false},
+	} {
+		err := CheckAttachment(tt.ifName, tt.cid, tt.network)
+		if (err == nil) != tt.ok || (err != nil && !errors.Is(err, ErrBadName)) {
+			t.Errorf("CheckAttachment(%q, %q, %q) = %v, want ok=%v", tt.ifName, tt.cid, tt.network, err, tt.ok)
+		}
+	}
+}
+
+func TestFindAttachment(t *testing.T) {
+	m := &Manager{byID: map[uint16]*Endpoint{
+		3: {ID: 3, Name: "n-c1", ContainerID: "c1", Network: "n"},
+		4: {ID: 4, Name: "n-c1-net1", ContainerID: "c1", Network: "n", IfName: "net1"},
+		5: {ID: 5, Name: "manual"},
+	}, held: map[uint16]bool{}}
+	for _, tt := range []struct {
+		network, cid, ifName string
+		want                 uint16
+	}{
+		{"n", "c1", "", 3}, {"n", "c1", "eth0", 3}, {"n", "c1", "net1", 4},
+		{"m", "c1", "eth0", 0}, {"n", "c2", "eth0", 0}, {"", "", "eth0", 0},
+	} {
+		ep, ok := m.FindAttachment(tt.network, tt.cid, tt.ifName)
+		if ok != (tt.want != 0) || ep.ID != tt.want {
+			t.Errorf("FindAttachment(%q, %q, %q) = %d, %v, want %d", tt.network, tt.cid, tt.ifName, ep.ID, ok, tt.want)
+		}
+	}
+}

@@ -93,8 +93,8 @@ var (
 	binErr  error
 )
 
-// Binaries builds rackwired and rackwire from the work tree once per test
-// binary, into a temporary directory (bin/ belongs to `make build`), and
+// Binaries builds rackwired, rackwire and rackwire-cni (beside them) from
+// the work tree once per test binary, into a temporary directory (bin/ belongs to `make build`), and
 // returns their paths. Call RemoveBinaries from TestMain.
 func Binaries(t testing.TB) (rackwired, rackwire string) {
 	t.Helper()
@@ -106,9 +106,10 @@ func Binaries(t testing.TB) (rackwired, rackwire string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
 		out, err := exec.CommandContext(ctx, "go", "build", "-o", binDir+"/",
-			"github.com/rackwire/rackwire/cmd/rackwired", "github.com/rackwire/rackwire/cmd/rackwire").CombinedOutput()
+			"github.com/rackwire/rackwire/cmd/rackwired", "github.com/rackwire/rackwire/cmd/rackwire",
+			"github.com/rackwire/rackwire/cmd/rackwire-cni").CombinedOutput()
 		if err != nil {
-			binErr = fmt.Errorf("go build rackwired rackwire: %w\n%s", err, out)
+			binErr = fmt.Errorf("go build rackwired rackwire rackwire-cni: %w\n%s", err, out)
 		}
 	})
 	if binErr != nil {

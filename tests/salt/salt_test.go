@@ -7,6 +7,7 @@ package salt
 
 import (
 	"encoding/json"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,7 +19,10 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/containernetworking/cni/libcni"
 	"github.com/rackwire/rackwire/daemon/config"
+
+	"github.com/rackwire/rackwire/internal/cniplugin"
 	"github.com/rackwire/rackwire/internal/testenv"
 	"github.com/rackwire/rackwire/tests/systemd"
 )
@@ -85,20 +89,28 @@ func pillarExample(t *testing.T) string {
 
 func formulaDir(t *testing.T) string { return filepath.Join(systemd.RepoRoot(t), "salt") }
 
-// TestShowSLS renders the whole formula with the example pillar.
-func TestShowSLS(t *testing.T) {
+// showExample renders sls with the example pillar and returns the state
+// tree by state id.
+func showExample(t *testing.T, sls string) map[string]map[string]any {
+	t.Helper()
 	e := newSaltEnv(t, formulaDir(t))
 	write(t, filepath.Join(e.pillar, "rackwire.sls"), pillarExample(t))
-	raw, err := e.run(t, "state.show_sls", "rackwire")
+	raw, err := e.run(t, "state.show_sls", sls)
 	if err != nil {
-		t.Fatalf("state.show_sls rackwire: %v", err)
+		t.Fatalf("state.show_sls %s: %v", sls, err)
 	}
 	var states map[string]map[string]any
 	if err := json.Unmarshal(raw, &states); err != nil {
 		t.Fatalf("state.show_sls output is not the state tree: %v\n%s", err, raw)
 	}
+	return states
+}
+
+// TestShowSLS renders the whole formula with the example pillar.
+func TestShowSLS(t *testing.T) {
+	states := showExample(t, "rackwire")
 	for _, id := range []string{"rackwire-package", "rackwire-repo", "rackwire-config", "rackwire-policy-dir",
-		"rackwire-policy-web-from-lb", "rackwire-bird-package", "rackwire-bird-service", "rackwire-service"} {
+		"rackwire-policy-web-from-lb", "rackwire-cni-rackwire", "rackwire-bird-package", "rackwire-bird-service", "rackwire-service"} {
 		if _, ok := states[id]; !ok {
 			t.Errorf("state %s missing; have %v", id, keys(states))
 		}
@@ -112,6 +124,34 @@ func TestShowSLS(t *testing.T) {
 	cfg, _ := json.Marshal(states["rackwire-config"])
 	if !strings.Contains(string(cfg), `"check_cmd":"/usr/sbin/rackwired check-config --config"`) {
 		t.Errorf("rackwire-config is not validated by check_cmd: %s", cfg)
+	}
+}
+
+// TestCNIConflist renders the CNI network of the example pillar and hands
+// the file's contents to libcni and to the plugin's own config parser.
+func TestCNIConflist(t *testing.T) {
+	states := showExample(t, "rackwire.cni")
+	args := map[string]any{}
+	file, _ := states["rackwire-cni-rackwire"]["file"].([]any)
+	for _, a := range file {
+		if m, ok := a.(map[string]any); ok {
+			maps.Copy(args, m)
+		}
+	}
+	if args["name"] != "/etc/cni/net.d/50-rackwire.conflist" || args["mode"] != "0644" {
+		t.Errorf("conflist state name %v mode %v, want /etc/cni/net.d/50-rackwire.conflist 0644", args["name"], args["mode"])
+	}
+	contents, _ := args["contents"].(string)
+	list, err := libcni.ConfListFromBytes([]byte(contents))
+	if err != nil || list.Name != "rackwire" || len(list.Plugins) != 1 {
+		t.Fatalf("rendered conflist %q: %v", contents, err)
+	}
+	conf, err := cniplugin.ParseConfig(list.Plugins[0].Bytes)
+	if err != nil {
+		t.Fatalf("the plugin refuses the rendered conflist %s: %v", contents, err)
+	}
+	if ls, err := conf.MergeLabels(nil); err != nil || ls.CLI() != "net=rackwire" || conf.Socket != "/run/rackwire/rackwire.sock" {
+		t.Errorf("rendered conflist: labels %v (%v) socket %s, want net=rackwire and the default socket", ls, err, conf.Socket)
 	}
 }
 
@@ -323,6 +363,10 @@ func applyPillar(level, attach string) string {
         endpointSelector: {matchLabels: {app: web}}
         ingress:
           - fromEndpoints: [{matchLabels: {app: lb}}]
+  cni:
+    networks:
+      rackwire:
+        labels: {net: rackwire}
   config:
     node:
       name: rwf-salt
@@ -395,6 +439,15 @@ func TestApplyInSystemdRoot(t *testing.T) {
 	}
 	r.Must("rackwired", "check-config", "--config", "/etc/rackwire/rackwire.toml")
 	r.Must("test", "-f", "/etc/rackwire/policies.d/allow-web.yaml")
+	// The CNI network is laid down, and the packaged plugin, run as a
+	// runtime runs it, finds the packaged agent ready (CNI STATUS).
+	if conf := r.Must("cat", "/etc/cni/net.d/50-rackwire.conflist"); !strings.Contains(conf, `"type": "rackwire-cni"`) && !strings.Contains(conf, `"type":"rackwire-cni"`) {
+		t.Errorf("/etc/cni/net.d/50-rackwire.conflist: %s", conf)
+	}
+	r.WriteFile("/tmp/cni-status.json", []byte(`{"cniVersion": "1.1.0", "name": "rackwire", "type": "rackwire-cni"}`), 0o644)
+	if out, err := r.Exec("sh", "-c", "CNI_COMMAND=STATUS CNI_PATH=/opt/cni/bin /opt/cni/bin/rackwire-cni </tmp/cni-status.json"); err != nil {
+		t.Errorf("CNI STATUS of the packaged plugin against the packaged agent: %v\n%s", err, out)
+	}
 	good := r.Must("cat", "/etc/rackwire/rackwire.toml")
 	if !strings.Contains(good, `name = "rwf-salt"`) {
 		t.Errorf("config not from pillar:\n%s", good)
