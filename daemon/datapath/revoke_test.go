@@ -238,3 +238,87 @@ func TestRevocationCutsEstablishedFlows(t *testing.T) {
 		})
 	}
 }
+
+// TestHalfCloseLateAnswer: the client half-closes (shutdown of its write
+// side) and the server answers 15 s later, longer than the 10 s close
+// timeout; the client's ingress is default-deny, so only connection
+// tracking lets the answer in. On the first release (c484b0a) one FIN put
+// the entry on the close timeout and the answer was dropped.
+func TestHalfCloseLateAnswer(t *testing.T) {
+	tp := newTopoPrefix(t, "rwct", "h")
+	d := openTest(t, Options{})
+	const idA, idB, identA, identB = 311, 312, 70311, 70312
+	inNS(t, tp.host, func() {
+		for _, ep := range []EndpointSpec{
+			{ID: idA, IfIndex: tp.ifA, IPs: []netip.Addr{tp.ipA}, Identity: identA,
+				MAC: macOf(t, tp.a, "eth0"), NodeMAC: macOf(t, tp.host, tp.hostA)},
+			{ID: idB, IfIndex: tp.ifB, IPs: []netip.Addr{tp.ipB}, Identity: identB,
+				MAC: macOf(t, tp.b, "eth0"), NodeMAC: macOf(t, tp.host, tp.hostB)},
+		} {
+			if err := d.AttachEndpoint(ep); err != nil {
+				t.Fatalf("AttachEndpoint(%+v) = %v", ep, err)
+			}
+		}
+	})
+	t.Cleanup(func() {
+		inNS(t, tp.host, func() {
+			d.DetachEndpoint(idA, tp.ifA)
+			d.DetachEndpoint(idB, tp.ifB)
+		})
+	})
+	for _, c := range []struct {
+		ip netip.Addr
+		id uint32
+	}{{tp.ipA, identA}, {tp.ipB, identB}} {
+		if err := d.UpsertIPCache(netip.PrefixFrom(c.ip, 32), c.id, netip.Addr{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A: egress to B only, ingress default-deny. B: ingress TCP 8080 from A only.
+	if err := d.SetPolicy(idA, []Entry{{Identity: identB, Direction: Egress}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetPolicy(idB, []Entry{{Identity: identA, Direction: Ingress, Proto: protoTCP, Port: 8080}}); err != nil {
+		t.Fatal(err)
+	}
+	var ln net.Listener
+	inNS(t, tp.b, func() {
+		var err error
+		ln, err = net.Listen("tcp", netip.AddrPortFrom(tp.ipB, 8080).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		io.Copy(io.Discard, c) // until the client's FIN
+		time.Sleep(15 * time.Second)
+		c.Write([]byte("late answer"))
+	}()
+	var (
+		c   net.Conn
+		err error
+	)
+	inNS(t, tp.a, func() { c, err = net.DialTimeout("tcp", netip.AddrPortFrom(tp.ipB, 8080).String(), time.Second) })
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("question")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(25 * time.Second))
+	b, err := io.ReadAll(c)
+	if string(b) != "late answer" {
+		t.Errorf("answer 15 s after the client's FIN: %q, %v; want \"late answer\"", b, err)
+	}
+}
