@@ -45,7 +45,7 @@ var (
 		State: "established", FINOrig: true, Revision: 7, ExpiresIn: 6 * time.Hour,
 	}}
 	fakeCTFlushed = api.CTFlushed{Endpoint: "web", Deleted: 3}
-	fakeMetrics = []api.Metric{{Reason: "policy denied", Direction: "ingress", Packets: 3, Bytes: 180}}
+	fakeMetrics   = []api.Metric{{Reason: "policy denied", Direction: "ingress", Packets: 3, Bytes: 180}}
 )
 
 func wireAgent(t *testing.T) string {
