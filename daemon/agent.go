@@ -280,6 +280,10 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 		old.Datapath.PinDir != next.Datapath.PinDir || old.Datapath.IdentityLabels != nil && fmt.Sprint(old.Datapath.IdentityLabels) != fmt.Sprint(next.Datapath.IdentityLabels) {
 		a.log.Warn("[datapath] attach, pin_dir, policy_audit_mode and identity_labels change only on restart (systemctl restart rackwired; forwarding continues)")
 	}
+	if o, n := old.Datapath, next.Datapath; o.CTTimeoutTCP != n.CTTimeoutTCP || o.CTTimeoutTCPSYN != n.CTTimeoutTCPSYN ||
+		o.CTTimeoutTCPClose != n.CTTimeoutTCPClose || o.CTTimeoutOther != n.CTTimeoutOther {
+		a.log.Warn("[datapath] ct_timeout_* change only on restart (systemctl restart rackwired; forwarding continues)")
+	}
 	switch {
 	case a.bgp != nil && next.BGP.Enabled:
 		a.bgp.Reload(next.BGP, next.Prefixes())
