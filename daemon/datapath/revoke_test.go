@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -182,6 +183,7 @@ func TestRevocationCutsEstablishedFlows(t *testing.T) {
 				}
 			}
 			echoServers(t, tp.b, tp.ipB, []int{8080, 9090}, 5353)
+			setB([]Entry{control})
 			ctrl := startProbe(t, tp.a, "tcp", netip.AddrPortFrom(tp.ipB, 9090))
 			defer ctrl.close()
 
@@ -281,10 +283,13 @@ func TestHalfCloseLateAnswer(t *testing.T) {
 	if err := d.SetPolicy(idB, []Entry{{Identity: identA, Direction: Ingress, Proto: protoTCP, Port: 8080}}); err != nil {
 		t.Fatal(err)
 	}
+	// No keepalives: a probe would re-create the entry as a new flow and
+	// hide what this test is about.
 	var ln net.Listener
 	inNS(t, tp.b, func() {
 		var err error
-		ln, err = net.Listen("tcp", netip.AddrPortFrom(tp.ipB, 8080).String())
+		lc := net.ListenConfig{KeepAlive: -1}
+		ln, err = lc.Listen(context.Background(), "tcp", netip.AddrPortFrom(tp.ipB, 8080).String())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -305,7 +310,10 @@ func TestHalfCloseLateAnswer(t *testing.T) {
 		c   net.Conn
 		err error
 	)
-	inNS(t, tp.a, func() { c, err = net.DialTimeout("tcp", netip.AddrPortFrom(tp.ipB, 8080).String(), time.Second) })
+	inNS(t, tp.a, func() {
+		dl := net.Dialer{Timeout: time.Second, KeepAlive: -1}
+		c, err = dl.Dial("tcp", netip.AddrPortFrom(tp.ipB, 8080).String())
+	})
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}
