@@ -100,7 +100,10 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	bin := buildOldHelper(t)
 	tp := newTopoPrefix(t, "rwct", "u")
 	dir := testPinDir(t)
-	sh(t, "ip", "netns", "exec", tp.host, bin, dir, fmt.Sprint(tp.ifA), fmt.Sprint(tp.ifB))
+	// nsenter, not "ip netns exec": that one remounts /sys, and the pins
+	// would land on a private bpffs.
+	testenv.RequireCommand(t, "nsenter")
+	sh(t, "nsenter", "--net=/run/netns/"+tp.host, bin, dir, fmt.Sprint(tp.ifA), fmt.Sprint(tp.ifB))
 	if v, err := ReadLayout(dir); err != nil || v != 1 {
 		t.Fatalf("ReadLayout(previous release's pins) = %d, %v; want 1", v, err)
 	}
