@@ -284,6 +284,10 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 		old.Datapath.EventsBurst != next.Datapath.EventsBurst {
 		a.log.Warn("[datapath] events, events_rate and events_burst change only on restart (systemctl restart rackwired; forwarding continues)")
 	}
+	if o, n := old.Datapath, next.Datapath; o.CTTimeoutTCP != n.CTTimeoutTCP || o.CTTimeoutTCPSYN != n.CTTimeoutTCPSYN ||
+		o.CTTimeoutTCPClose != n.CTTimeoutTCPClose || o.CTTimeoutOther != n.CTTimeoutOther {
+		a.log.Warn("[datapath] ct_timeout_* change only on restart (systemctl restart rackwired; forwarding continues)")
+	}
 	switch {
 	case a.bgp != nil && next.BGP.Enabled:
 		a.bgp.Reload(next.BGP, next.Prefixes())

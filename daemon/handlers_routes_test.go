@@ -41,6 +41,7 @@ func TestRouteDecisions(t *testing.T) {
 		{Pattern: "GET /v1/bpf/ipcache", Access: api.Read},
 		{Pattern: "GET /v1/bpf/ipcache/{ip}", Access: api.Read},
 		{Pattern: "GET /v1/bpf/ct", Access: api.Read},
+		{Pattern: "POST /v1/bpf/ct/flush", Access: api.Admin},
 		{Pattern: "GET /v1/bpf/metrics", Access: api.Read},
 		{Pattern: "GET /v1/bgp/status", Access: api.Read},
 		{Pattern: "GET /v1/bgp/render", Access: api.Admin},

@@ -42,8 +42,10 @@ var (
 	fakeCT = []api.CTEntry{{
 		Src: "10.1.0.5:40000", Dst: "10.1.0.7:80", Proto: 6, Direction: "egress", Endpoint: 5, RemoteIdentity: 257,
 		Packets: 1<<53 + 1, Bytes: 12345, TCPFlags: 2, Created: t0, LastSeen: t0.Add(time.Second),
+		State: "established", FINOrig: true, Revision: 7, ExpiresIn: 6 * time.Hour,
 	}}
-	fakeMetrics = []api.Metric{{Reason: "policy denied", Direction: "ingress", Packets: 3, Bytes: 180}}
+	fakeCTFlushed = api.CTFlushed{Endpoint: "web", Deleted: 3}
+	fakeMetrics   = []api.Metric{{Reason: "policy denied", Direction: "ingress", Packets: 3, Bytes: 180}}
 )
 
 func wireAgent(t *testing.T) string {
@@ -56,6 +58,13 @@ func wireAgent(t *testing.T) string {
 	reply("POST /v1/bgp/drain", api.BGPDrain{Drained: true, Keep: true})
 	reply("POST /v1/bgp/undrain", api.BGPUndrain{Drained: false})
 	reply("GET /v1/bpf/ct", fakeCT)
+	mux.HandleFunc("POST /v1/bpf/ct/flush", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("endpoint") != "web" {
+			api.WriteJSON(w, 400, map[string]string{"error": "want ?endpoint=web"})
+			return
+		}
+		api.WriteJSON(w, 200, fakeCTFlushed)
+	})
 	reply("GET /v1/bpf/metrics", fakeMetrics)
 	reply("POST /v1/bpf/policy/web/allow-all", api.AllowAll{Endpoint: "web", Result: "opened (all traffic allowed in both directions)"})
 	reply("DELETE /v1/endpoints/web", api.Deleted{Deleted: "web"})
@@ -103,6 +112,7 @@ func TestJSONIsTheWire(t *testing.T) {
 		{[]string{"bgp", "status"}, fakeBGPStatus},
 		{[]string{"bgp", "render"}, api.BGPRender{Config: "router id 192.0.2.10;\n"}},
 		{[]string{"bpf", "ct", "list"}, fakeCT},
+		{[]string{"bpf", "ct", "flush", "--endpoint", "web"}, fakeCTFlushed},
 		{[]string{"bpf", "metrics"}, fakeMetrics},
 		{[]string{"bpf", "policy", "allow-all", "web"}, api.AllowAll{Endpoint: "web", Result: "opened (all traffic allowed in both directions)"}},
 		{[]string{"endpoint", "delete", "web"}, api.Deleted{Deleted: "web"}},
@@ -149,7 +159,8 @@ func TestTypedTables(t *testing.T) {
 		{[]string{"bgp", "render"}, []string{"router id 192.0.2.10;"}},
 		{[]string{"bgp", "drain"}, []string{"drained: announcements withdrawn"}},
 		{[]string{"bgp", "undrain"}, []string{"undrained: announcements restored"}},
-		{[]string{"bpf", "ct", "list"}, []string{"egress", "tcp", "10.1.0.5:40000", "10.1.0.7:80", "257", "9007199254740993", "12345", "2024-05-06T07:08:10Z"}},
+		{[]string{"bpf", "ct", "list"}, []string{"egress", "tcp", "10.1.0.5:40000", "10.1.0.7:80", "257", "established", "fin-orig", "6h0m0s", "9007199254740993", "12345", "2024-05-06T07:08:10Z"}},
+		{[]string{"bpf", "ct", "flush", "--endpoint", "web"}, []string{"deleted 3 connection-tracking entries of endpoint web"}},
 		{[]string{"bpf", "metrics"}, []string{"policy denied", "ingress", "180"}},
 		{[]string{"bpf", "policy", "allow-all", "web"}, []string{"endpoint web opened (all traffic allowed in both directions)"}},
 		{[]string{"endpoint", "delete", "web"}, []string{"endpoint web deleted"}},

@@ -341,6 +341,11 @@ func (d *Datapath) load() error {
 	if err := d.openRetired(mig); err != nil {
 		return err
 	}
+	// Never 0 once programs of this release run: converted CT entries
+	// carry 0 and must be checked again.
+	if err := d.bumpRev(); err != nil {
+		return err
+	}
 	if err := d.migrateBefore(mig); err != nil {
 		return err
 	}

@@ -11,7 +11,7 @@
 //	d.AttachEndpoint(datapath.EndpointSpec{ID: 794, IfIndex: idx, IPs: ips, Identity: id})
 //	d.SetPolicy(794, []datapath.Entry{{Identity: 70101, Direction: datapath.Ingress, Proto: 6, Port: 8000, EndPort: 8099}})
 //	d.UpsertIPCache(netip.MustParsePrefix("10.250.2.7/32"), 70101, hostIP)
-//	d.Policy(794) / d.IPCache() / d.LookupIPCache(ip) / d.CT() / d.Metrics() / d.Events(ctx)
+//	d.Policy(794) / d.IPCache() / d.LookupIPCache(ip) / d.CT() / d.FlushCT(id) / d.Metrics() / d.Events(ctx)
 //	d.AllowAll(794, false)   // emergency open; true reverts
 //	d.PolicyMapID(794)       // kernel id of the policy map in force
 //	d.DetachEndpoint(794, idx)

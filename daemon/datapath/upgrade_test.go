@@ -1,0 +1,246 @@
+package datapath
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rackwire/rackwire/internal/testenv"
+)
+
+// previousRelease is the commit of the release before the layout change
+// (layout version 1).
+const previousRelease = "c484b0a"
+
+// oldHelper is a program built from the previous release's tree that opens
+// its datapath over a pin directory, attaches endpoints A and B of a topo,
+// writes their identities and policies, and exits: the old agent.
+const oldHelper = `package main
+
+import (
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strconv"
+
+	"github.com/rackwire/rackwire/daemon/datapath"
+)
+
+func main() {
+	ifA, _ := strconv.Atoi(os.Args[2])
+	ifB, _ := strconv.Atoi(os.Args[3])
+	d, err := datapath.Open(datapath.Options{PinDir: os.Args[1], NoRedirectPeer: true, CTMaxEntries: 4096, IPCacheMaxEntries: 4096, PolicyMaxEntries: 1024}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		panic(err)
+	}
+	ipA, ipB := netip.MustParseAddr("10.201.1.2"), netip.MustParseAddr("10.201.2.2")
+	must := func(err error) {
+		if err != nil {
+			panic(err)
+		}
+	}
+	must(d.AttachEndpoint(datapath.EndpointSpec{ID: 401, IfIndex: ifA, IPs: []netip.Addr{ipA}, Identity: 70401}))
+	must(d.AttachEndpoint(datapath.EndpointSpec{ID: 402, IfIndex: ifB, IPs: []netip.Addr{ipB}, Identity: 70402}))
+	must(d.UpsertIPCache(netip.PrefixFrom(ipA, 32), 70401, netip.Addr{}))
+	must(d.UpsertIPCache(netip.PrefixFrom(ipB, 32), 70402, netip.Addr{}))
+	must(d.SetPolicy(401, []datapath.Entry{{Identity: 70402, Direction: datapath.Egress}}))
+	must(d.SetPolicy(402, []datapath.Entry{
+		{Identity: 70401, Direction: datapath.Ingress, Proto: 17, Port: 5353},
+		{Identity: 70401, Direction: datapath.Ingress, Proto: 6, Port: 8080},
+	}))
+	d.Close()
+}
+`
+
+// buildOldHelper extracts the previous release and builds oldHelper in it.
+func buildOldHelper(t *testing.T) string {
+	t.Helper()
+	testenv.RequireCommand(t, "git")
+	top, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
+	if err != nil {
+		t.Fatalf("find the repository: %v", err)
+	}
+	src := t.TempDir()
+	cmd := exec.Command("sh", "-c", fmt.Sprintf("git -C %s archive %s | tar -x -C %s", strings.TrimSpace(string(top)), previousRelease, src))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("extract %s (a CI clone needs full history): %v\n%s", previousRelease, err, out)
+	}
+	dir := filepath.Join(src, "cmd", "rwctold")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(oldHelper), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(t.TempDir(), "rwctold")
+	b := exec.Command("go", "build", "-o", bin, "./cmd/rwctold")
+	b.Dir = src
+	if out, err := b.CombinedOutput(); err != nil {
+		t.Fatalf("build the previous release's datapath: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// TestUpgradeFromPreviousRelease: the previous release's datapath enforces
+// two endpoints with a UDP stream running; this release opens the same
+// pins, migrates them (split CT maps filled from rw_ct4, programs swapped
+// in place) without losing one packet of the stream, keeps enforcing the
+// policy, removes the old maps and records layout version 2.
+func TestUpgradeFromPreviousRelease(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireBPFFS(t)
+	bin := buildOldHelper(t)
+	tp := newTopoPrefix(t, "rwct", "u")
+	dir := testPinDir(t)
+	// nsenter, not "ip netns exec": that one remounts /sys, and the pins
+	// would land on a private bpffs.
+	testenv.RequireCommand(t, "nsenter")
+	sh(t, "nsenter", "--net=/run/netns/"+tp.host, bin, dir, fmt.Sprint(tp.ifA), fmt.Sprint(tp.ifB))
+	if v, err := ReadLayout(dir); err != nil || v != 1 {
+		t.Fatalf("ReadLayout(previous release's pins) = %d, %v; want 1", v, err)
+	}
+	for _, old := range []string{"rw_ct4", "rw_ct6"} {
+		if _, err := os.Stat(filepath.Join(dir, old)); err != nil {
+			t.Fatalf("the previous release pinned no %s: %v", old, err)
+		}
+	}
+	echoServers(t, tp.b, tp.ipB, []int{8080}, 5353)
+	if tp.ping(t, tp.a, tp.ipB) {
+		t.Fatal("ping A->B passed under the previous release (B allows only UDP 5353 and TCP 8080)")
+	}
+
+	// The stream: a datagram every 5 ms with a sequence number, echoed.
+	var conn net.Conn
+	inNS(t, tp.a, func() {
+		var err error
+		conn, err = net.Dial("udp", netip.AddrPortFrom(tp.ipB, 5353).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+	defer conn.Close()
+	var sent, got atomic.Int64
+	stop := make(chan struct{})
+	recvDone := make(chan struct{})
+	go func() {
+		defer close(recvDone)
+		buf := make([]byte, 16)
+		for {
+			conn.SetReadDeadline(time.Now().Add(time.Second))
+			if _, err := conn.Read(buf); err != nil {
+				select {
+				case <-stop:
+					return
+				default:
+					continue
+				}
+			}
+			got.Add(1)
+		}
+	}()
+	sendDone := make(chan struct{})
+	go func() {
+		defer close(sendDone)
+		for i := 0; i < 4000; i++ { // bounded: 20 s
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := conn.Write([]byte(fmt.Sprintf("%08d", i))); err == nil {
+				sent.Add(1)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	if got.Load() == 0 {
+		t.Fatal("no echo of the stream under the previous release")
+	}
+
+	var d *Datapath
+	inNS(t, tp.host, func() { d = openTest(t, Options{PinDir: dir, NoRedirectPeer: true}) })
+	time.Sleep(500 * time.Millisecond)
+	close(stop)
+	<-sendDone
+	time.Sleep(300 * time.Millisecond) // the last echoes
+	<-recvDone
+	if s, g := sent.Load(), got.Load(); s != g || s < 150 {
+		t.Errorf("stream across the upgrade: %d sent, %d echoed (want all, and at least 150)", s, g)
+	} else {
+		t.Logf("stream across the upgrade: %d sent, %d echoed, 0 lost", s, g)
+	}
+
+	if v, err := ReadLayout(dir); err != nil || v != layoutVersion {
+		t.Errorf("ReadLayout after the upgrade = %d, %v; want %d", v, err, layoutVersion)
+	}
+	for _, old := range []string{"rw_ct4", "rw_ct6"} {
+		if _, err := os.Stat(filepath.Join(dir, old)); err == nil {
+			t.Errorf("%s still pinned after the upgrade", old)
+		}
+	}
+	es, err := d.CT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) == 0 {
+		t.Error("no CT entries after the upgrade: the stream's entries were not carried")
+	}
+	// Policy still enforced by the new programs, before and after the
+	// new agent attaches the endpoints again.
+	for _, when := range []string{"migrated", "re-attached"} {
+		if tp.ping(t, tp.a, tp.ipB) {
+			t.Errorf("%s: ping A->B (not allowed) passed", when)
+		}
+		if !udpEcho(t, tp.a, netip.AddrPortFrom(tp.ipB, 5353)) {
+			t.Errorf("%s: new UDP A->B:5353 (allowed) failed", when)
+		}
+		if when == "migrated" {
+			inNS(t, tp.host, func() {
+				for _, ep := range []EndpointSpec{
+					{ID: 401, IfIndex: tp.ifA, IPs: []netip.Addr{tp.ipA}, Identity: 70401},
+					{ID: 402, IfIndex: tp.ifB, IPs: []netip.Addr{tp.ipB}, Identity: 70402},
+				} {
+					if err := d.AttachEndpoint(ep); err != nil {
+						t.Fatalf("AttachEndpoint(%+v) = %v", ep, err)
+					}
+				}
+			})
+		}
+	}
+	t.Cleanup(func() {
+		inNS(t, tp.host, func() {
+			d.DetachEndpoint(401, tp.ifA)
+			d.DetachEndpoint(402, tp.ifB)
+		})
+	})
+}
+
+// udpEcho reports whether one datagram from namespace ns to dst is echoed.
+func udpEcho(t *testing.T, ns string, dst netip.AddrPort) bool {
+	t.Helper()
+	var (
+		c   net.Conn
+		err error
+	)
+	inNS(t, ns, func() { c, err = net.Dial("udp", dst.String()) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Second))
+	if _, err := c.Write([]byte("ping")); err != nil {
+		return false
+	}
+	buf := make([]byte, 8)
+	n, err := c.Read(buf)
+	return err == nil && string(buf[:n]) == "ping"
+}
