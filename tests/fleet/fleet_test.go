@@ -16,8 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/consul/api"
-
+	"github.com/rackwire/rackwire/daemon/iplog"
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/internal/consultest"
 )
@@ -165,7 +164,7 @@ func (f *fleet) steady(d time.Duration) (reqs, bytes float64) {
 }
 
 // oneChange writes one new ipcache entry (a simulated host's endpoint)
-// and measures, until every agent holds it and 2 s after, the requests and
+// and measures, until every agent holds it and 12 s after, the requests and
 // bytes served beyond the steady rate; then it removes the entry again
 // (unmeasured).
 func (f *fleet) oneChange(t *testing.T, c int, steadyReqs, steadyBytes float64) (reqs, bytes float64, slowest time.Duration) {
@@ -174,26 +173,25 @@ func (f *fleet) oneChange(t *testing.T, c int, steadyReqs, steadyBytes float64) 
 	k, v := simEntry(i)
 	ip := simIP(i)
 	s0 := f.sample()
-	if _, err := f.consul.KV().Put(&api.KVPair{Key: k, Value: v}, nil); err != nil {
-		t.Fatal(err)
-	}
+	f.write(t, []iplog.Op{{Key: k, Value: v}})
 	slowest = f.waitAll(t, 3*time.Minute, "one change", func(a *agent) bool { return a.has(ip) })
-	time.Sleep(2 * time.Second)
+	// Long enough to count what the change costs later too: the change
+	// log's pruning of its entry (keep 6s, a round every 3s) wakes every
+	// follower once more.
+	time.Sleep(12 * time.Second)
 	s1 := f.sample()
 	dt := s1.at.Sub(s0.at).Seconds()
 	reqs = float64(s1.reqs-s0.reqs) - steadyReqs*dt
 	bytes = float64(s1.bytes-s0.bytes) - steadyBytes*dt
-	if _, err := f.consul.KV().Delete(k, nil); err != nil {
-		t.Fatal(err)
-	}
+	f.write(t, []iplog.Op{{Key: k, Delete: true}})
 	f.waitAll(t, 3*time.Minute, "removal of the change", func(a *agent) bool { return a.lacks(ip) })
 	time.Sleep(2 * time.Second)
 	return reqs, bytes, slowest
 }
 
-// ladder is RACKWIRE_FLEET_LADDER (total ipcache entries, comma-separated),
+// ladderSizes is RACKWIRE_FLEET_LADDER (total ipcache entries, comma-separated),
 // default 1000,10000,100000.
-func ladder(t *testing.T) []int {
+func ladderSizes(t *testing.T) []int {
 	s := os.Getenv("RACKWIRE_FLEET_LADDER")
 	if s == "" {
 		return []int{1000, 10_000, 100_000}
@@ -230,7 +228,64 @@ func TestFleetStore(t *testing.T) {
 	f.verify(t)
 	f.noDuplicateIdentity(t)
 
-	for _, total := range ladder(t) {
+	for i, mode := range syncModes(t) {
+		if i > 0 || mode != "list" {
+			f.switchSync(t, mode, ladderSizes(t)[0]-len(eps))
+		}
+		f.ladder(t, mode, eps)
+	}
+	f.noExits(t)
+	uptime(t, "after")
+}
+
+// syncModes is RACKWIRE_FLEET_SYNC: the [store] ipcache_sync modes to
+// measure, in order (default "list,log": the design before the change
+// log, then with it, in one run).
+func syncModes(t *testing.T) []string {
+	s := os.Getenv("RACKWIRE_FLEET_SYNC")
+	if s == "" {
+		return []string{"list", "log"}
+	}
+	var out []string
+	for _, m := range strings.Split(s, ",") {
+		if m = strings.TrimSpace(m); m != "list" && m != "log" {
+			t.Fatalf("RACKWIRE_FLEET_SYNC=%q: write list, log or list,log", s)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// switchSync restarts every agent with [store] ipcache_sync = mode, the
+// store holding sim simulated entries, and waits until every agent has
+// converged and follows the ipcache in that mode.
+func (f *fleet) switchSync(t *testing.T, mode string, sim int) {
+	t.Helper()
+	_ = f.each(len(f.agents), func(a *agent) error { a.stop(); return nil })
+	f.setSim(t, max(0, sim))
+	for _, a := range f.agents {
+		a.sync = mode
+		a.writeConfig(t)
+	}
+	start := time.Now()
+	if err := f.each(len(f.agents), func(a *agent) error { return a.start(t) }); err != nil {
+		t.Fatal(err)
+	}
+	eps := f.allEndpoints()
+	f.waitAll(t, 5*time.Minute, "convergence in mode "+mode, f.converged(eps))
+	t.Logf("BENCH all %d agents restarted with ipcache_sync = %q and converged on %d entries in %s",
+		len(f.agents), mode, len(eps)+f.sim, time.Since(start).Truncate(time.Millisecond))
+	f.waitAll(t, time.Minute, "status says ipcache_sync = "+mode, func(a *agent) bool {
+		st, err := a.status()
+		return err == nil && st.Store.Detail["ipcache_sync"] == mode
+	})
+}
+
+// ladder measures steady and per-change store traffic at each ladder size.
+func (f *fleet) ladder(t *testing.T, mode string, eps []netip.Addr) {
+	t.Helper()
+	n := len(f.agents)
+	for _, total := range ladderSizes(t) {
 		sim := max(0, total-len(eps))
 		// Agents paused while the bulk is written: each of them then
 		// lists the prefix once or twice, not once per transaction.
@@ -245,7 +300,8 @@ func TestFleetStore(t *testing.T) {
 		conv := f.waitAll(t, 8*time.Minute, fmt.Sprintf("ladder %d", total), func(a *agent) bool {
 			return f.converged(eps)(a) && a.lacks(gone)
 		})
-		time.Sleep(5 * time.Second)
+		// Long enough for the change log of the bulk to be pruned.
+		time.Sleep(15 * time.Second)
 		sr, sb := f.steady(15 * time.Second)
 		var rs, bs []float64
 		var worst time.Duration
@@ -259,12 +315,10 @@ func TestFleetStore(t *testing.T) {
 		}
 		slices.Sort(rs)
 		slices.Sort(bs)
-		t.Logf("BENCH store at %d entries (%d agents): steady %.1f requests/s, %s/s served; one endpoint change: %.0f requests, %s served (median of %d; %.0f bytes per agent), in every agent after %s; reconverged after the bulk in %s",
-			total, n, sr, mb(sb), rs[len(rs)/2], mb(bs[len(bs)/2]), len(bs), bs[len(bs)/2]/float64(n), worst.Truncate(time.Millisecond), conv.Truncate(time.Millisecond))
-		f.resources(t, fmt.Sprintf("at %d entries", total))
+		t.Logf("BENCH store [%s] at %d entries (%d agents): steady %.1f requests/s, %s/s served; one endpoint change: %.0f requests, %s served (median of %d; %.0f bytes per agent), in every agent after %s; reconverged after the bulk in %s",
+			mode, total, n, sr, mb(sb), rs[len(rs)/2], mb(bs[len(bs)/2]), len(bs), bs[len(bs)/2]/float64(n), worst.Truncate(time.Millisecond), conv.Truncate(time.Millisecond))
+		f.resources(t, fmt.Sprintf("[%s] at %d entries", mode, total))
 	}
-	f.noExits(t)
-	uptime(t, "after")
 }
 
 // restartAll stops every agent, then starts them all at once through

@@ -30,6 +30,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	rwapi "github.com/rackwire/rackwire/daemon/api"
+	"github.com/rackwire/rackwire/daemon/iplog"
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/internal/consultest"
 	"github.com/rackwire/rackwire/internal/testenv"
@@ -137,10 +138,11 @@ type fleet struct {
 	proxies []*proxy
 	consul  *api.Client // to a server directly, uncounted
 	agents  []*agent
-	mu      sync.Mutex   // guards eps
-	eps     []string     // endpoint namespaces
-	sim     int          // simulated ipcache entries now in the store
-	retries atomic.Int64 // endpoint adds retried
+	mu      sync.Mutex    // guards eps
+	eps     []string      // endpoint namespaces
+	sim     int           // simulated ipcache entries now in the store
+	retries atomic.Int64  // endpoint adds retried
+	seq     atomic.Uint64 // change-log entries written by the test
 }
 
 func (f *fleet) sample() counters {
@@ -242,6 +244,11 @@ type agent struct {
 	logf   string
 	// jitter is [restart] jitter_window ("0s": gate off).
 	jitter string
+	// sync is [store] ipcache_sync ("" = the release's default); bin, if
+	// set, is the rackwired to run (an older release), which gets a
+	// config without the keys it does not know.
+	sync string
+	bin  string
 
 	mu     sync.Mutex // guards cmd, exited, eps, ipc
 	cmd    *exec.Cmd
@@ -265,6 +272,17 @@ func (a *agent) writeConfig(t testing.TB) {
 	if jitter == "" {
 		jitter = "0s"
 	}
+	// Keys an older release does not know are left out of its config.
+	storeExtra := ""
+	if a.bin == "" {
+		sync := a.sync
+		if sync == "" {
+			sync = "list"
+		}
+		// A short keep, so that the bulk writes of the ladder leave the
+		// change log within seconds (the default is 2m).
+		storeExtra = fmt.Sprintf("ipcache_sync = %q\nipcache_log_keep = \"6s\"\n", sync)
+	}
 	cfg := fmt.Sprintf(`version = 1
 [node]
 name = %q
@@ -281,7 +299,7 @@ backend = "consul"
 address = %q
 # The proxies speak plain http on a bridge address.
 allow_insecure = true
-[datapath]
+%s[datapath]
 pin_dir = %q
 policy_dir = %q
 ct_max_entries = 4096
@@ -297,7 +315,7 @@ listen = ""
 [log]
 format = "text"
 level = "warn"
-`, a.name, a.addr, filepath.Join(a.dir, "state"), a.socket, a.cidr, a.proxy.addr, a.pinDir,
+`, a.name, a.addr, filepath.Join(a.dir, "state"), a.socket, a.cidr, a.proxy.addr, storeExtra, a.pinDir,
 		filepath.Join(a.dir, "policies.d"), len(a.f.agents), jitter)
 	if err := os.WriteFile(a.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -307,7 +325,7 @@ level = "warn"
 // prestart runs `rackwired prestart` in the agent's namespace and waits
 // for it (it sleeps as long as the gate says).
 func (a *agent) prestart(t testing.TB) error {
-	rackwired, _ := testenv.Binaries(t)
+	rackwired := a.binary(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, "nsenter", "--net=/run/netns/"+a.ns, "--", rackwired, "prestart", "--config", a.config).CombinedOutput()
@@ -319,7 +337,7 @@ func (a *agent) prestart(t testing.TB) error {
 
 // start starts the agent and returns once its API answers.
 func (a *agent) start(t testing.TB) error {
-	rackwired, _ := testenv.Binaries(t)
+	rackwired := a.binary(t)
 	logf, err := os.OpenFile(a.logf, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		return err
@@ -357,6 +375,15 @@ func (a *agent) start(t testing.TB) error {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// binary is the rackwired this agent runs.
+func (a *agent) binary(t testing.TB) string {
+	if a.bin != "" {
+		return a.bin
+	}
+	rackwired, _ := testenv.Binaries(t)
+	return rackwired
 }
 
 // running reports whether the agent's process is alive.
@@ -599,7 +626,7 @@ func simEntry(i int) (string, []byte) {
 	j := i % simNodes
 	b, _ := json.Marshal(store.IPEntry{IP: ip.String(), Identity: 1<<24 | uint32(1000+i%500), HostIP: simNodeIP(j),
 		Node: simNodeName(j), Endpoint: uint32(i/simNodes + 1), LabelsHash: "app=sim;"})
-	return kvPrefix + store.IPKey(cluster, ip), b
+	return store.IPKey(cluster, ip), b
 }
 
 // writeSimNodes writes the simulated hosts' node records.
@@ -607,7 +634,7 @@ func (f *fleet) writeSimNodes(t testing.TB) {
 	ops := api.KVTxnOps{}
 	for j := range simNodes {
 		b, _ := json.Marshal(store.NodeEntry{Name: simNodeName(j), Cluster: cluster, IPs: []string{simNodeIP(j)},
-			CIDRs: []string{simNodeCIDR(j).String()}, Version: "sim"})
+			CIDRs: []string{simNodeCIDR(j).String()}, Version: "sim", Features: []string{iplog.Feature}})
 		ops = append(ops, &api.KVTxnOp{Verb: api.KVSet, Key: kvPrefix + store.NodeKey(cluster, simNodeName(j)), Value: b})
 		if len(ops) == 64 || j == simNodes-1 {
 			f.txn(t, ops)
@@ -629,35 +656,57 @@ func (f *fleet) txn(t testing.TB, ops api.KVTxnOps) {
 	}
 }
 
-// setSim makes the store hold simulated entries 0..n-1 (written or deleted
-// straight into Consul, 64 per transaction), uncounted by the proxies.
+// setSim makes the store hold simulated entries 0..n-1, written or deleted
+// straight into Consul (uncounted by the proxies) as a host of this
+// release writes them: 63 ipcache keys and their change-log entry per
+// transaction.
 func (f *fleet) setSim(t testing.TB, n int) {
 	if n > simNodes*1000 {
 		t.Fatalf("at most %d simulated entries", simNodes*1000)
 	}
-	ops := api.KVTxnOps{}
+	var batch []iplog.Op
 	flush := func() {
-		if len(ops) > 0 {
-			f.txn(t, ops)
-			ops = api.KVTxnOps{}
+		if len(batch) > 0 {
+			f.write(t, batch)
+			batch = nil
 		}
 	}
 	for i := f.sim; i < n; i++ {
 		k, v := simEntry(i)
-		ops = append(ops, &api.KVTxnOp{Verb: api.KVSet, Key: k, Value: v})
-		if len(ops) == 64 {
+		batch = append(batch, iplog.Op{Key: k, Value: v})
+		if len(batch) == 63 {
 			flush()
 		}
 	}
 	for i := n; i < f.sim; i++ {
 		k, _ := simEntry(i)
-		ops = append(ops, &api.KVTxnOp{Verb: api.KVDelete, Key: k})
-		if len(ops) == 64 {
+		batch = append(batch, iplog.Op{Key: k, Delete: true})
+		if len(batch) == 63 {
 			flush()
 		}
 	}
 	flush()
 	f.sim = n
+}
+
+// write applies ops (keys relative to the store prefix) and their
+// change-log entry in one transaction.
+func (f *fleet) write(t testing.TB, ops []iplog.Op) {
+	txn := make(api.KVTxnOps, 0, len(ops)+1)
+	for _, o := range ops {
+		if o.Delete {
+			txn = append(txn, &api.KVTxnOp{Verb: api.KVDelete, Key: kvPrefix + o.Key})
+		} else {
+			txn = append(txn, &api.KVTxnOp{Verb: api.KVSet, Key: kvPrefix + o.Key, Value: o.Value})
+		}
+	}
+	now := time.Now()
+	b, err := iplog.Encode(now, ops)
+	if err != nil {
+		t.Fatal(err)
+	}
+	txn = append(txn, &api.KVTxnOp{Verb: api.KVSet, Key: kvPrefix + iplog.EntryKey(cluster, "sim", now, f.seq.Add(1)), Value: b})
+	f.txn(t, txn)
 }
 
 // waitAll waits until cond holds for every running agent; it returns how
