@@ -8,6 +8,8 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -229,7 +231,7 @@ func TestFleetStore(t *testing.T) {
 	f.noDuplicateIdentity(t)
 
 	for i, mode := range syncModes(t) {
-		if i > 0 || mode != "list" {
+		if i > 0 {
 			f.switchSync(t, mode, ladderSizes(t)[0]-len(eps))
 		}
 		f.ladder(t, mode, eps)
@@ -494,4 +496,85 @@ func (f *fleet) storeHasEndpoints(t *testing.T) {
 			t.Errorf("endpoint %s has no ipcache key in Consul", ip)
 		}
 	}
+}
+
+// oldRackwired builds rackwired at RACKWIRE_FLEET_OLD_REV (default c484b0a,
+// the release before the change log) from the repository's history.
+func oldRackwired(t *testing.T) string {
+	t.Helper()
+	rev := os.Getenv("RACKWIRE_FLEET_OLD_REV")
+	if rev == "" {
+		rev = "c484b0a"
+	}
+	dir := t.TempDir()
+	out, err := exec.Command("sh", "-c", `git -C ../.. archive "$1" | tar -x -C "$2"`, "sh", rev, dir).CombinedOutput()
+	if err != nil {
+		t.Fatalf("git archive %s: %v: %s", rev, err, out)
+	}
+	cmd := exec.Command("go", "build", "-o", filepath.Join(dir, "rackwired-old"), "./cmd/rackwired")
+	cmd.Dir = dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build rackwired at %s: %v: %s", rev, err, out)
+	}
+	return filepath.Join(dir, "rackwired-old")
+}
+
+// TestFleetMixedVersion: during the rollout, agents of the previous
+// release (which neither write nor read the change log) and agents of
+// this one in ipcache_sync = "log" see each other's endpoints: the new
+// ones notice the old hosts (no "iplog" feature in their node records)
+// and list the prefix until the last old host is upgraded, then follow
+// the log. Six agents, two of them old.
+func TestFleetMixedVersion(t *testing.T) {
+	old := oldRackwired(t)
+	f := newFleet(t, 6)
+	uptime(t, "before")
+	f.writeSimNodes(t)
+	f.setSim(t, 1000)
+	for i, a := range f.agents {
+		if i < 2 {
+			a.bin = old
+		} else {
+			a.sync = "log"
+		}
+	}
+	f.boot(t, false)
+	f.waitAll(t, 2*time.Minute, "mixed fleet converged", f.converged(f.allEndpoints()))
+	mode := func(want string, legacy string) func(a *agent) bool {
+		return func(a *agent) bool {
+			if a.bin != "" {
+				return true
+			}
+			st, err := a.status()
+			return err == nil && st.Store.Detail["ipcache_sync"] == want && st.Store.Detail["ipcache_sync_legacy_hosts"] == legacy
+		}
+	}
+	f.waitAll(t, time.Minute, "new agents list while old hosts are in the fleet", mode("list", "2"))
+
+	// An endpoint added on an old host (no log entry) reaches everyone.
+	if err := f.agents[0].addEndpoint(t, endpointsPerAgent); err != nil {
+		t.Fatal(err)
+	}
+	f.waitAll(t, 2*time.Minute, "old host's new endpoint everywhere", f.converged(f.allEndpoints()))
+
+	// The old hosts are upgraded; then every agent follows the log.
+	for _, a := range f.agents[:2] {
+		a.stop()
+		a.bin, a.sync = "", "log"
+		a.writeConfig(t)
+		if err := a.start(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.waitAll(t, 3*time.Minute, "every agent follows the log once no old host is left", mode("log", "0"))
+	for _, a := range []*agent{f.agents[0], f.agents[4]} {
+		if err := a.addEndpoint(t, endpointsPerAgent+1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.waitAll(t, 2*time.Minute, "endpoints added after the rollout everywhere", f.converged(f.allEndpoints()))
+	f.noExits(t)
+	f.noDuplicateIdentity(t)
+	f.verify(t)
+	uptime(t, "after")
 }

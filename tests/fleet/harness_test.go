@@ -171,7 +171,11 @@ func newFleet(t *testing.T, n int) *fleet {
 	run(t, "ip", "addr", "add", bridgeIP+"/16", "dev", bridge)
 	run(t, "ip", "link", "set", bridge, "up")
 
-	f.servers = consultest.StartCluster(t, 3)
+	// Every agent reaches a server through its proxy, so each server sees
+	// one client address for a third of the fleet: the per-client
+	// connection limit (200) is raised to what the fleet needs, as it is
+	// for client agents in practice (they multiplex over RPC).
+	f.servers = consultest.StartClusterHCL(t, 3, `limits { http_max_conns_per_client = 5000 }`)
 	for _, s := range f.servers {
 		f.proxies = append(f.proxies, startProxy(t, s.HTTPAddr))
 	}
@@ -180,7 +184,7 @@ func newFleet(t *testing.T, n int) *fleet {
 	for i := 1; i <= n; i++ {
 		a := &agent{f: f, idx: i, name: fmt.Sprintf("fl-%03d", i), ns: fmt.Sprintf("%sh%03d", prefix, i),
 			addr: fmt.Sprintf("10.217.%d.%d", i/250, i%250+1), cidr: fmt.Sprintf("10.218.%d.0/24", i),
-			proxy: f.proxies[i%len(f.proxies)]}
+			proxy: f.proxies[i%len(f.proxies)], sync: syncModes(t)[0]}
 		veth := fmt.Sprintf("%sv%03d", prefix, i)
 		run(t, "ip", "netns", "add", a.ns)
 		run(t, "ip", "-n", a.ns, "link", "set", "lo", "up")
