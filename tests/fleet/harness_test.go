@@ -175,7 +175,10 @@ func newFleet(t *testing.T, n int) *fleet {
 	// one client address for a third of the fleet: the per-client
 	// connection limit (200) is raised to what the fleet needs, as it is
 	// for client agents in practice (they multiplex over RPC).
-	f.servers = consultest.StartClusterHCL(t, 3, `limits { http_max_conns_per_client = 5000 }`)
+	// Raft timing as Consul ships it (multiplier 5, not the 1 of the fast
+	// tests): at 100 agents this 2-core machine starves the servers and
+	// the tight timings made the leadership flap.
+	f.servers = consultest.StartClusterHCL(t, 3, `limits { http_max_conns_per_client = 5000 }`, `performance { raft_multiplier = 5 }`)
 	for _, s := range f.servers {
 		f.proxies = append(f.proxies, startProxy(t, s.HTTPAddr))
 	}
