@@ -82,9 +82,10 @@ func (f *Follower) Run(ctx context.Context, deliver func([]store.KV)) {
 		}
 		if changed {
 			deliver(f.snapshot())
-			// Bound the rate of a busy fleet.
-			backoff.Sleep(ctx, 100*time.Millisecond)
 		}
+		// Bound the rate of a busy fleet, and of a store that answers a
+		// blocking query at once.
+		backoff.Sleep(ctx, 100*time.Millisecond)
 	}
 }
 
@@ -129,11 +130,21 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 	}
 	f.stats.Mode = "log"
 	if f.ips == nil || time.Since(f.listed) > resync {
+		// The log's index first: a list taken after it holds every change
+		// whose entry is at or below it (a key is written before its
+		// entry), so the list is complete through both indexes. Without
+		// it, a horizon just above the ipcache prefix's own index (the
+		// last key's entry, pruned) would send the follower back to
+		// listing forever.
+		_, logIdx, err := f.St.List(ctx, ClusterPrefix(f.Cluster))
+		if err != nil {
+			return false, err
+		}
 		kvs, idx, err := f.St.List(ctx, f.ipPrefix())
 		if err != nil {
 			return false, err
 		}
-		f.setList(kvs, idx)
+		f.setList(kvs, max(idx, logIdx))
 		f.logIndex = 0 // read the log at once: it may hold changes after idx
 		return true, nil
 	}

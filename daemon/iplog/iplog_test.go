@@ -302,3 +302,28 @@ func TestPureGo(t *testing.T) {
 	testenv.ForbidDeps(t, []string{"github.com/rackwire/rackwire/daemon/iplog"},
 		"github.com/cilium/ebpf", "github.com/vishvananda/netlink", "github.com/hashicorp/consul/api")
 }
+
+// TestFollowerNoListLoopAfterPrune: the last change's entry sits one index
+// above its key, so once it is pruned the horizon is above the ipcache
+// prefix's index; a follower that has applied it must not take that for
+// falling behind (it listed again on every log read before the fix).
+func TestFollowerNoListLoopAfterPrune(t *testing.T) {
+	st := newStore(t)
+	w := &Writer{St: st, Cluster: "default", Node: "h1"}
+	write(t, st, w, 1, "a")
+	fl := follow(t, st, nil)
+	fl.want(t, st)
+	p := &Pruner{St: st, Cluster: "default", Keep: time.Minute, Now: func() time.Time { return time.Now().Add(time.Hour) }}
+	if n, err := p.Round(context.Background()); err != nil || n != 1 {
+		t.Fatalf("prune round = %d, %v; want 1 entry", n, err)
+	}
+	// A restart lists with the horizon already above the prefix's index.
+	fl2 := follow(t, st, nil)
+	fl2.want(t, st)
+	time.Sleep(time.Second)
+	for i, f := range []*follower{fl, fl2} {
+		if s := f.stats(); s.Lists > 1 {
+			t.Errorf("follower %d: %d lists in a second after the prune (behind %d times), want 1", i, s.Lists, s.Behind)
+		}
+	}
+}
