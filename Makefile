@@ -17,7 +17,7 @@ export RACKWIRE_CACHE := $(CACHE)
 # Fuzz time per target inside `make test` (bounded).
 FUZZTIME ?= 20s
 
-.PHONY: all build deps generate generate-check lint test test-unit test-systemd test-salt fuzz bench bench-consul bench-cni package quickstart quickstart-stop check clean
+.PHONY: all build deps generate generate-check lint test test-unit test-systemd test-salt fuzz bench bench-consul bench-cni bench-fleet package quickstart quickstart-stop check clean
 
 all: build
 
@@ -115,6 +115,13 @@ bench-consul:
 # CNI ADD/DEL latency p50/p99 with 1 and 200 endpoints present (~1 min).
 bench-cni:
 	$(GO) test -tags rackwire_bench -count=1 -v -run TestBenchCNILatency -timeout 15m ./tests/e2e/
+
+# A fleet on one machine (docs/scale.md): RACKWIRE_FLEET_AGENTS agents
+# (default 100) in namespaces on a 3-server Consul. RACKWIRE_FLEET_LADDER
+# (entry totals, default 1000,10000,100000) and RACKWIRE_FLEET_WINDOW (the
+# restart gate's window scaled to the test, default 60s) tune it.
+bench-fleet:
+	$(GO) test -tags rackwire_fleet -count=1 -v -run TestFleet -timeout 40m ./tests/fleet/
 
 package:
 	bash packaging/build.sh $(VERSION)

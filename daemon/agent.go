@@ -16,6 +16,7 @@ import (
 	"github.com/rackwire/rackwire/daemon/endpoint"
 	"github.com/rackwire/rackwire/daemon/identity"
 	"github.com/rackwire/rackwire/daemon/ipcache"
+	"github.com/rackwire/rackwire/daemon/iplog"
 	"github.com/rackwire/rackwire/daemon/policy"
 	"github.com/rackwire/rackwire/daemon/policysync"
 	"github.com/rackwire/rackwire/daemon/publish"
@@ -106,6 +107,18 @@ func newAgent(ctx context.Context, cfg config.Config, st store.Store, log *slog.
 	a.sync = policysync.New(a.pol, policyWriter{a.dp}, cidrSink{a.ipc}, log.With("subsys", "policysync"))
 	a.audit = newAuditSet(filepath.Join(cfg.Agent.StateDir, "endpoint-audit.json"), cfg.Datapath.PolicyAuditMode, log)
 	a.pub = publish.New(st, 5*time.Second, log.With("subsys", "publish"))
+	if cfg.Store.Backend == "consul" {
+		// Written in both sync modes, so that the fleet can switch to
+		// "log" once every host writes it (docs/scale.md).
+		w := &iplog.Writer{St: st, Cluster: cfg.Node.Cluster, Node: cfg.Node.Name}
+		a.pub.SetJournal(store.IPPrefix+cfg.Node.Cluster+"/", func(ctx context.Context, cs []publish.Change) error {
+			ops := make([]iplog.Op, len(cs))
+			for i, c := range cs {
+				ops[i] = iplog.Op{Key: c.Key, Value: c.Value, Delete: c.Deleted}
+			}
+			return w.Append(ctx, ops)
+		})
+	}
 	a.remote = newRemote(a.ipc, a.pub, a.self(), a.hostID, log.With("subsys", "remote"))
 	eopts := endpoint.OptionsFromConfig(&cfg)
 	eopts.Enforcer = a
@@ -186,7 +199,7 @@ func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(strin
 	a.publishNode()
 
 	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.nodeWatch, a.hostAddrLoop, a.mon.run,
-		a.waitFirstList, a.runGC, a.probeStore, func(ctx context.Context) { a.pub.Run(ctx, time.Minute) }}
+		a.waitFirstList, a.runGC, a.pruneIPLog, a.probeStore, func(ctx context.Context) { a.pub.Run(ctx, time.Minute) }}
 	if a.bgp != nil {
 		loops = append(loops, func(ctx context.Context) {
 			if err := a.bgp.Run(ctx); err != nil && ctx.Err() == nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/rackwire/rackwire/daemon/endpoint"
 	"github.com/rackwire/rackwire/daemon/identity"
 	"github.com/rackwire/rackwire/daemon/ipcache"
+	"github.com/rackwire/rackwire/daemon/iplog"
 	"github.com/rackwire/rackwire/daemon/policysync"
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/internal/version"
@@ -93,8 +94,17 @@ func (a *agent) nodeRecord() []byte {
 	b, _ := json.Marshal(store.NodeEntry{
 		Name: a.cfg.Node.Name, Cluster: a.cfg.Node.Cluster, IPs: a.cfg.Node.Addresses,
 		CIDRs: a.cfg.IPAM.CIDRs, BGPASN: a.cfg.BGP.LocalASN, Version: version.Version, HostID: a.hostID,
+		Features: a.features(),
 	})
 	return b
+}
+
+// features are what this host announces in its node record.
+func (a *agent) features() []string {
+	if a.cfg.Store.Backend == "consul" {
+		return []string{iplog.Feature}
+	}
+	return nil
 }
 
 func (a *agent) publishNode() {

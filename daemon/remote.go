@@ -4,10 +4,13 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
+	"strconv"
 	"sync"
 
 	"github.com/rackwire/rackwire/daemon/ipcache"
+	"github.com/rackwire/rackwire/daemon/iplog"
 	"github.com/rackwire/rackwire/daemon/publish"
 	"github.com/rackwire/rackwire/daemon/store"
 )
@@ -36,19 +39,73 @@ type remote struct {
 	rejected  map[string]string // key -> reason, of the last lists
 	duplicate string            // what is known of another host using this node name; "" if none
 	pruned    bool
+	// legacyNodes counts hosts that do not write the ipcache change log;
+	// logStats is the log follower's last report.
+	legacyNodes int
+	logStats    iplog.Stats
 }
 
 func newRemote(ipc *ipcache.Cache, pub *publish.Publisher, self ipcache.Self, hostID string, log *slog.Logger) *remote {
 	return &remote{ipc: ipc, pub: pub, self: self, hostID: hostID, log: log, rejected: map[string]string{}}
 }
 
-// ipcacheWatch follows the other hosts' endpoint addresses.
+// ipcacheWatch follows the other hosts' endpoint addresses: by listing
+// the prefix on every change ([store] ipcache_sync = "list"), or through
+// the change log ("log", daemon/iplog).
 func (a *agent) ipcacheWatch(ctx context.Context) {
 	prefix := store.IPPrefix + a.cfg.Node.Cluster + "/"
-	a.watch(ctx, prefix, func(kvs []store.KV) {
+	deliver := func(kvs []store.KV) {
 		a.remote.setIPs(kvs)
 		a.pub.Seen(prefix, values(kvs), true)
-	})
+	}
+	if a.cfg.Store.IPCacheSync != "log" {
+		a.watch(ctx, prefix, deliver)
+		return
+	}
+	f := &iplog.Follower{St: a.st, Cluster: a.cfg.Node.Cluster, Log: a.log.With("subsys", "iplog"),
+		Legacy: a.remote.legacy, Retry: a.retryWait, Stats: a.remote.setLogStats}
+	f.Run(ctx, deliver)
+}
+
+// legacy reports whether a host of the fleet does not write the ipcache
+// change log (its node record lacks the feature), or the node list has not
+// been read yet: until then the log cannot be trusted to be complete.
+func (r *remote) legacy() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.nodesSeen {
+		return true
+	}
+	r.legacyNodes = 0
+	for _, n := range r.nodes {
+		if !slices.Contains(n.Features, iplog.Feature) {
+			r.legacyNodes++
+		}
+	}
+	return r.legacyNodes > 0
+}
+
+func (r *remote) setLogStats(s iplog.Stats) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.logStats = s
+}
+
+// syncDetail says how the ipcache is followed, for status.
+func (r *remote) syncDetail() map[string]string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.logStats.Mode == "" {
+		return nil
+	}
+	return map[string]string{
+		"ipcache_sync":              r.logStats.Mode,
+		"ipcache_sync_legacy_hosts": strconv.Itoa(r.legacyNodes),
+		"ipcache_sync_lists":        strconv.Itoa(r.logStats.Lists),
+		"ipcache_log_reads":         strconv.Itoa(r.logStats.LogReads),
+		"ipcache_log_behind":        strconv.Itoa(r.logStats.Behind),
+		"ipcache_log_malformed":     strconv.Itoa(r.logStats.Malformed),
+	}
 }
 
 // nodeWatch follows the other hosts' node records.

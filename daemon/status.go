@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"strconv"
@@ -152,6 +153,12 @@ func (a *agent) status(ctx context.Context, st *api.Status) {
 			st.Store.Detail = map[string]string{}
 		}
 		st.Store.Detail["refused_records"] = strings.Join(rej, "; ")
+	}
+	if d := a.remote.syncDetail(); d != nil {
+		if st.Store.Detail == nil {
+			st.Store.Detail = map[string]string{}
+		}
+		maps.Copy(st.Store.Detail, d)
 	}
 
 	if a.bgp != nil {

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/rackwire/rackwire/daemon/identity"
+	"github.com/rackwire/rackwire/daemon/iplog"
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/daemon/store/consul"
 	"github.com/rackwire/rackwire/internal/backoff"
@@ -100,4 +101,18 @@ func (a *agent) runGC(ctx context.Context) {
 	if err := identity.NewGC(a.st, opts).Run(ctx); err != nil && ctx.Err() == nil {
 		a.log.Error("identity garbage collector stopped", "err", err)
 	}
+}
+
+// pruneIPLog runs the ipcache change log's pruner on the elected host (on
+// Consul only: the log is written there only).
+func (a *agent) pruneIPLog(ctx context.Context) {
+	e, ok := a.st.(interface {
+		Elector(string) *consul.Elector
+	})
+	if !ok {
+		return
+	}
+	p := &iplog.Pruner{St: a.st, Cluster: a.cfg.Node.Cluster, Keep: a.cfg.Store.IPCacheLogKeep.Duration,
+		Elector: e.Elector("locks/iplog-prune"), Log: a.log.With("subsys", "iplog-prune")}
+	p.Run(ctx)
 }

@@ -79,6 +79,15 @@ type Store struct {
 	Prefix        string   `toml:"prefix" json:"prefix"`
 	SessionTTL    Duration `toml:"session_ttl" json:"session_ttl"`
 	ListTimeout   Duration `toml:"list_timeout" json:"list_timeout"`
+	// IPCacheSync is how the other hosts' ipcache entries are followed:
+	// "list" re-lists the ipcache prefix on every change (every release
+	// reads it), "log" lists once and follows the change log that this
+	// release writes (docs/scale.md). Set "log" once every host of the
+	// fleet runs a release that writes the log.
+	IPCacheSync string `toml:"ipcache_sync" json:"ipcache_sync"`
+	// IPCacheLogKeep is how long a change-log entry stays before the
+	// elected pruner deletes it; an agent further behind lists again.
+	IPCacheLogKeep Duration `toml:"ipcache_log_keep" json:"ipcache_log_keep"`
 	// AllowInsecure allows the ACL token over plain http to a Consul
 	// agent that is not on loopback (a trusted network only).
 	AllowInsecure bool `toml:"allow_insecure" json:"allow_insecure"`
@@ -238,6 +247,7 @@ func Default() Config {
 			Prefix:      "rackwire/",
 			SessionTTL:  D(24 * time.Hour),
 			ListTimeout: D(3 * time.Hour),
+			IPCacheSync: "list", IPCacheLogKeep: D(2 * time.Minute),
 		},
 		Datapath: Datapath{
 			PinDir:            "/sys/fs/bpf/rackwire",

@@ -198,7 +198,7 @@ func known() []string {
 		"ipam.cidrs",
 		"store.backend", "store.path", "store.address", "store.scheme", "store.datacenter",
 		"store.token_file", "store.tls_ca_file", "store.tls_cert_file", "store.tls_key_file",
-		"store.tls_server_name", "store.prefix", "store.session_ttl", "store.list_timeout",
+		"store.tls_server_name", "store.prefix", "store.session_ttl", "store.list_timeout", "store.ipcache_sync", "store.ipcache_log_keep",
 		"store.allow_insecure",
 		"datapath.pin_dir", "datapath.attach", "datapath.policy_audit_mode", "datapath.identity_labels",
 		"datapath.ct_max_entries", "datapath.ct_other_max_entries",

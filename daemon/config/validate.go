@@ -141,6 +141,12 @@ func (c *Config) validate() []Problem {
 	if c.Store.ListTimeout.Duration <= 0 {
 		bad("store.list_timeout", "must be more than zero; large fleets use \"3h\"")
 	}
+	if c.Store.IPCacheSync != "list" && c.Store.IPCacheSync != "log" {
+		bad("store.ipcache_sync", "%q is not a sync mode; write \"list\" (every release) or \"log\" (once every host writes the change log)", c.Store.IPCacheSync)
+	}
+	if d := c.Store.IPCacheLogKeep.Duration; d < 5*time.Second || d > time.Hour {
+		bad("store.ipcache_log_keep", "%s is out of range; write 5s..1h (default \"2m\")", d)
+	}
 
 	// [datapath]
 	checkAbs("datapath.pin_dir", c.Datapath.PinDir, true)

@@ -29,6 +29,8 @@ const (
 	// address of the internet with a workload identity.
 	MinCIDRBits4 = 8
 	MinCIDRBits6 = 32
+	// MaxNodeFeatures bounds a node record's feature list.
+	MaxNodeFeatures = 16
 )
 
 // Reasons for refusing a store record: short, stable strings for logs and
@@ -75,6 +77,8 @@ type Node struct {
 	// HostID is the random id of the host that wrote the record ("" from
 	// agents that do not publish one).
 	HostID string
+	// Features are the record's "features" (store.NodeEntry).
+	Features []string
 }
 
 // Rejected is a store record that was refused, and why (one of the Reason
@@ -143,7 +147,10 @@ func parseNode(kv store.KV, self Self) (Node, string) {
 	case len(r.CIDRs) > MaxNodeCIDRs:
 		return Node{}, ReasonTooManyCIDRs
 	}
-	n := Node{Name: r.Name, HostID: r.HostID, IPs: make([]netip.Addr, 0, len(r.IPs)), CIDRs: make([]netip.Prefix, 0, len(r.CIDRs))}
+	if len(r.Features) > MaxNodeFeatures {
+		return Node{}, ReasonMalformed
+	}
+	n := Node{Name: r.Name, HostID: r.HostID, Features: r.Features, IPs: make([]netip.Addr, 0, len(r.IPs)), CIDRs: make([]netip.Prefix, 0, len(r.CIDRs))}
 	for _, s := range r.IPs {
 		ip, err := netip.ParseAddr(s)
 		if err != nil {

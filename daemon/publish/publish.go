@@ -12,6 +12,11 @@
 // On restart the set starts empty and every wanted key is written once (a
 // put of an unchanged owned key is cheap). A failed write is retried with
 // jittered backoff; nothing is lost.
+//
+// A journal (SetJournal, the ipcache change log of daemon/iplog) gets the
+// writes and deletions of keys under its prefix after each pass, once they
+// are in the store; changes it could not take are handed to it again on
+// the next pass, before newer ones.
 package publish
 
 import (
@@ -40,6 +45,24 @@ type Publisher struct {
 	published map[string][]byte // key -> value written and not since lost
 	groups    map[string]map[string]bool
 	failing   bool
+
+	// Set before Run; owned by Run afterwards.
+	journalPrefix string
+	journal       func(context.Context, []Change) error
+	unjournaled   []Change // changes the journal has not taken yet
+}
+
+// Change is one write (or deletion) of a pass, as the journal gets it.
+type Change struct {
+	Key     string
+	Value   []byte
+	Deleted bool
+}
+
+// SetJournal makes fn get every pass's changes of keys under prefix, in
+// order, after they are in the store. Call it before Run.
+func (p *Publisher) SetJournal(prefix string, fn func(context.Context, []Change) error) {
+	p.journalPrefix, p.journal = prefix, fn
 }
 
 // New returns a Publisher; timeout bounds each store call (default 5s).
@@ -206,6 +229,7 @@ func (p *Publisher) pass(ctx context.Context) error {
 			p.published[o.key] = o.val
 		}
 		p.mu.Unlock()
+		p.note(o.key, o.val, false)
 	}
 	for _, o := range dels {
 		if len(errs) > 0 {
@@ -223,6 +247,24 @@ func (p *Publisher) pass(ctx context.Context) error {
 			delete(p.published, o.key)
 		}
 		p.mu.Unlock()
+		p.note(o.key, nil, true)
+	}
+	if p.journal != nil && len(p.unjournaled) > 0 {
+		cctx, cancel := context.WithTimeout(ctx, p.timeout)
+		err := p.journal(cctx, p.unjournaled)
+		cancel()
+		if err != nil {
+			errs = append(errs, err)
+		} else {
+			p.unjournaled = nil
+		}
 	}
 	return errors.Join(errs...)
+}
+
+// note queues a change that reached the store for the journal.
+func (p *Publisher) note(key string, val []byte, deleted bool) {
+	if p.journal != nil && strings.HasPrefix(key, p.journalPrefix) {
+		p.unjournaled = append(p.unjournaled, Change{Key: key, Value: val, Deleted: deleted})
+	}
 }

@@ -3,8 +3,11 @@ package publish
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"path/filepath"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -99,4 +102,47 @@ func TestPublisher(t *testing.T) {
 	st.down.Store(false)
 	p.Kick()
 	eventually(t, "written after the store came back", func() bool { return value(st, "k/4") == "four" && p.Pending() == 0 })
+}
+
+// TestJournal: the journal gets the changes under its prefix, in order,
+// once they are in the store; changes it refused are handed to it again
+// before newer ones.
+func TestJournal(t *testing.T) {
+	st := newStore(t)
+	p := New(st, time.Second, slog.New(slog.DiscardHandler))
+	var mu sync.Mutex
+	var got []string
+	var refuse atomic.Bool
+	p.SetJournal("ip/", func(_ context.Context, cs []Change) error {
+		if refuse.Load() {
+			return errors.New("journal down")
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range cs {
+			if value(st, c.Key) != string(c.Value) {
+				t.Errorf("journal got %s=%q before the store held it", c.Key, c.Value)
+			}
+			got = append(got, fmt.Sprintf("%s=%s/%v", c.Key, c.Value, c.Deleted))
+		}
+		return nil
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { p.Run(ctx, time.Hour); close(done) }()
+	defer func() { cancel(); <-done }()
+	journal := func() string { mu.Lock(); defer mu.Unlock(); return strings.Join(got, " ") }
+
+	p.Set("node", map[string][]byte{"node/h": []byte("n")})
+	p.Set("e1", map[string][]byte{"ip/1": []byte("a")})
+	eventually(t, "first change journaled", func() bool { return journal() == "ip/1=a/false" })
+	refuse.Store(true)
+	p.Set("e1", nil)
+	p.Set("e2", map[string][]byte{"ip/2": []byte("b")})
+	eventually(t, "written while the journal refuses", func() bool { return value(st, "ip/2") == "b" })
+	refuse.Store(false)
+	p.Kick()
+	eventually(t, "refused changes journaled again", func() bool {
+		return journal() == "ip/1=a/false ip/2=b/false ip/1=/true" || journal() == "ip/1=a/false ip/1=/true ip/2=b/false"
+	})
 }

@@ -66,4 +66,8 @@ type NodeEntry struct {
 	// publish under one node name carry different ids, which is how the
 	// duplicate is told from the same host's previous run.
 	HostID string `json:"host_id,omitempty"`
+	// Features lists what the host's release does that others may rely
+	// on ("iplog": it writes the ipcache change log). Older releases
+	// ignore the field.
+	Features []string `json:"features,omitempty"`
 }

@@ -232,6 +232,13 @@ func writeTestPKI(t testing.TB, dir string) (caFile, certFile, keyFile string) {
 // waits until they have a leader.
 func StartCluster(t testing.TB, n int) []*Agent {
 	t.Helper()
+	return StartClusterHCL(t, n)
+}
+
+// StartClusterHCL is StartCluster with extra -hcl snippets for every
+// server (limits, telemetry).
+func StartClusterHCL(t testing.TB, n int, hcl ...string) []*Agent {
+	t.Helper()
 	as := make([]*Agent, n)
 	for i := range as {
 		as[i] = newAgent(t, fmt.Sprintf("rwd-srv%d-%d", i, rand.IntN(1_000_000)))
@@ -240,6 +247,9 @@ func StartCluster(t testing.TB, n int) []*Agent {
 		a.args = append(a.args, "-server", "-bootstrap-expect", strconv.Itoa(n),
 			"-hcl", `performance { raft_multiplier = 1 }`,
 			"-hcl", `leave_on_terminate = false`)
+		for _, h := range hcl {
+			a.args = append(a.args, "-hcl", h)
+		}
 		for j, o := range as {
 			if i != j {
 				a.args = append(a.args, "-retry-join", "127.0.0.1:"+strconv.Itoa(o.SerfLAN))

@@ -20,6 +20,7 @@ import (
 	rwapi "github.com/rackwire/rackwire/daemon/api"
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/internal/consultest"
+	"github.com/rackwire/rackwire/internal/testenv"
 )
 
 // ipEntry is the JSON value of an ipcache key, as a host publishes it.
@@ -252,20 +253,7 @@ func TestBenchRecovery(t *testing.T) {
 }
 
 // unitEnv returns the Environment= assignments of the packaged unit.
-func unitEnv(t *testing.T) []string {
-	t.Helper()
-	b, err := os.ReadFile("../../packaging/systemd/rackwired.service")
-	if err != nil {
-		t.Fatalf("read the packaged unit: %v", err)
-	}
-	var env []string
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(l), "Environment="); ok {
-			env = append(env, strings.Fields(v)...)
-		}
-	}
-	return env
-}
+func unitEnv(t *testing.T) []string { return testenv.UnitEnv(t, "../..") }
 
 // countEntries counts the keys of m.
 func countEntries(m *ebpf.Map) int {

@@ -72,20 +72,7 @@ func runQuiet(name string, args ...string) { _ = exec.Command(name, args...).Run
 
 // cleanLeftovers removes what an earlier, killed run of these tests left
 // behind: only names with our prefix.
-func cleanLeftovers() {
-	out, _ := exec.Command("ip", "netns", "list").Output()
-	for _, l := range strings.Split(string(out), "\n") {
-		f := strings.Fields(l)
-		if len(f) > 0 && strings.HasPrefix(f[0], prefix) {
-			runQuiet("ip", "netns", "del", f[0])
-		}
-	}
-	runQuiet("ip", "link", "del", rootLink)
-	pins, _ := filepath.Glob("/sys/fs/bpf/" + prefix + "*")
-	for _, p := range pins {
-		os.RemoveAll(p)
-	}
-}
+func cleanLeftovers() { testenv.RemoveLeftovers(prefix, rootLink) }
 
 // fabric is a routing namespace, n host namespaces, and one Consul on the
 // root namespace reachable from all of them.

@@ -1,0 +1,221 @@
+package iplog
+
+import (
+	"context"
+	"log/slog"
+	"maps"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/internal/backoff"
+)
+
+// Follower keeps this agent's copy of a cluster's ipcache keys with as few
+// reads of the whole prefix as it can (package doc).
+type Follower struct {
+	St      store.Store
+	Cluster string
+	Log     *slog.Logger
+	// Wait bounds one blocking query. Default 5m.
+	Wait time.Duration
+	// Resync is how often the prefix is listed again anyway. Default 30m
+	// (jittered).
+	Resync time.Duration
+	// Legacy reports whether some host of the fleet does not write the
+	// log (nil: none). While it does, the follower watches the ipcache
+	// prefix itself, as agents without the log do.
+	Legacy func() bool
+	// Retry waits after a failed store call (default: plain sleep).
+	Retry func(ctx context.Context, d time.Duration)
+	// Stats, if set, gets the follower's counters after every step.
+	Stats func(Stats)
+
+	ips      map[string]store.KV
+	base     uint64 // every change up to this index is applied
+	logIndex uint64 // index of the last log read, 0 = read at once
+	listed   time.Time
+	legacy   bool
+	stats    Stats
+}
+
+// Stats counts what the follower did, for status and metrics.
+type Stats struct {
+	Mode      string // "log" or "list" (legacy hosts in the fleet)
+	Lists     int    // full lists of the ipcache prefix
+	LogReads  int
+	Applied   int // entries applied
+	Behind    int // lists because the log was pruned past this follower
+	Malformed int // entries skipped
+}
+
+// Run follows the ipcache until ctx ends; deliver gets the whole set of
+// keys (sorted) after every change. It runs in the caller's goroutine.
+func (f *Follower) Run(ctx context.Context, deliver func([]store.KV)) {
+	if f.Wait <= 0 {
+		f.Wait = 5 * time.Minute
+	}
+	if f.Resync <= 0 {
+		f.Resync = 30 * time.Minute
+	}
+	if f.Retry == nil {
+		f.Retry = func(ctx context.Context, d time.Duration) { backoff.Sleep(ctx, d) }
+	}
+	bo := backoff.New(time.Second, time.Minute)
+	resync := backoff.Jitter(f.Resync)
+	for ctx.Err() == nil {
+		changed, err := f.step(ctx, resync)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			wait := bo.Next()
+			f.Log.Warn("ipcache follow failed; keeping the last known state", "mode", f.stats.Mode, "err", err, "retry_in", wait)
+			f.Retry(ctx, wait)
+			continue
+		}
+		bo.Reset()
+		if f.Stats != nil {
+			f.Stats(f.stats)
+		}
+		if changed {
+			deliver(f.snapshot())
+		}
+		// Bound the rate of a busy fleet, and of a store that answers a
+		// blocking query at once.
+		backoff.Sleep(ctx, 100*time.Millisecond)
+	}
+}
+
+func (f *Follower) ipPrefix() string { return store.IPPrefix + f.Cluster + "/" }
+
+// step does one list or one log read and reports whether the keys changed.
+func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error) {
+	legacy := f.Legacy != nil && f.Legacy()
+	if legacy != f.legacy {
+		if legacy {
+			f.Log.Warn("a host of the fleet does not write the ipcache change log (an older release); listing the ipcache prefix on every change until every host does")
+		} else if f.ips != nil {
+			f.Log.Info("every host writes the ipcache change log; following it")
+		}
+		f.legacy = legacy
+		f.logIndex = 0
+		if legacy {
+			f.ips = nil // list at once
+		}
+	}
+	if legacy {
+		f.stats.Mode = "list"
+		// The prefix watch, with a short wait so that the end of the
+		// rollout is noticed.
+		wait := min(f.Wait, time.Minute)
+		idx := f.base
+		if f.ips == nil {
+			idx = 0
+		}
+		kvs, next, err := f.St.Watch(ctx, f.ipPrefix(), idx, wait)
+		if err != nil {
+			return false, err
+		}
+		// The same index is no change (a wait that elapsed), unless the
+		// count differs: a fresh local store's empty prefix and its first
+		// write share index 1.
+		if f.ips != nil && next == f.base && len(kvs) == len(f.ips) {
+			return false, nil
+		}
+		f.setList(kvs, next)
+		return true, nil
+	}
+	f.stats.Mode = "log"
+	if f.ips == nil || time.Since(f.listed) > resync {
+		// The log's index first: a list taken after it holds every change
+		// whose entry is at or below it (a key is written before its
+		// entry), so the list is complete through both indexes. Without
+		// it, a horizon just above the ipcache prefix's own index (the
+		// last key's entry, pruned) would send the follower back to
+		// listing forever.
+		_, logIdx, err := f.St.List(ctx, ClusterPrefix(f.Cluster))
+		if err != nil {
+			return false, err
+		}
+		kvs, idx, err := f.St.List(ctx, f.ipPrefix())
+		if err != nil {
+			return false, err
+		}
+		f.setList(kvs, max(idx, logIdx))
+		f.logIndex = 0 // read the log at once: it may hold changes after idx
+		return true, nil
+	}
+	kvs, next, err := f.St.Watch(ctx, ClusterPrefix(f.Cluster), f.logIndex, f.Wait)
+	if err != nil {
+		return false, err
+	}
+	f.stats.LogReads++
+	if next < f.logIndex {
+		// The store's index went backwards (a restored snapshot).
+		f.Log.Warn("the store's index went backwards; listing the ipcache again")
+		f.ips = nil
+		return false, nil
+	}
+	if next == f.logIndex {
+		return false, nil
+	}
+	p := parse(kvs, f.Cluster)
+	f.stats.Malformed = p.malformed
+	if p.badHorizon || p.horizon > f.base {
+		f.stats.Behind++
+		f.Log.Info("the ipcache change log was pruned past this agent; listing the ipcache again", "horizon", p.horizon, "applied", f.base)
+		f.ips = nil
+		return false, nil
+	}
+	sort.Slice(p.entries, func(i, j int) bool { return p.entries[i].index < p.entries[j].index })
+	prefix := f.ipPrefix()
+	changed := false
+	for _, l := range p.entries {
+		if l.index <= f.base || l.e.Time < 0 {
+			continue
+		}
+		f.stats.Applied++
+		for _, op := range l.e.Ops {
+			if !strings.HasPrefix(op.Key, prefix) {
+				f.stats.Malformed++
+				continue
+			}
+			if op.Delete {
+				if _, ok := f.ips[op.Key]; ok {
+					delete(f.ips, op.Key)
+					changed = true
+				}
+				continue
+			}
+			if cur, ok := f.ips[op.Key]; !ok || string(cur.Value) != string(op.Value) {
+				f.ips[op.Key] = store.KV{Key: op.Key, Value: op.Value, ModifyIndex: l.index}
+				changed = true
+			}
+		}
+	}
+	f.base = max(f.base, next)
+	f.logIndex = next
+	return changed, nil
+}
+
+func (f *Follower) setList(kvs []store.KV, idx uint64) {
+	f.ips = make(map[string]store.KV, len(kvs))
+	for _, kv := range kvs {
+		f.ips[kv.Key] = kv
+	}
+	f.base = idx
+	f.listed = time.Now()
+	f.stats.Lists++
+}
+
+func (f *Follower) snapshot() []store.KV {
+	keys := slices.Sorted(maps.Keys(f.ips))
+	out := make([]store.KV, len(keys))
+	for i, k := range keys {
+		out[i] = f.ips[k]
+	}
+	return out
+}

@@ -1,0 +1,329 @@
+package iplog
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/daemon/store/local"
+	"github.com/rackwire/rackwire/internal/testenv"
+)
+
+// counting wraps a store and counts the keys each kind of read returns.
+type counting struct {
+	store.Store
+	listKeys, watchKeys atomic.Int64
+}
+
+func (c *counting) List(ctx context.Context, p string) ([]store.KV, uint64, error) {
+	kvs, i, err := c.Store.List(ctx, p)
+	c.listKeys.Add(int64(len(kvs)))
+	return kvs, i, err
+}
+
+func (c *counting) Watch(ctx context.Context, p string, idx uint64, w time.Duration) ([]store.KV, uint64, error) {
+	kvs, i, err := c.Store.Watch(ctx, p, idx, w)
+	c.watchKeys.Add(int64(len(kvs)))
+	return kvs, i, err
+}
+
+func newStore(t *testing.T) *counting {
+	t.Helper()
+	s, err := local.Open(filepath.Join(t.TempDir(), "store.db"), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return &counting{Store: s}
+}
+
+func ipKey(i int) string {
+	return store.IPKey("default", netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}))
+}
+
+// writer writes an ipcache key and its log entry, as the publisher does.
+func write(t *testing.T, st store.Store, w *Writer, i int, val string) {
+	t.Helper()
+	ctx := context.Background()
+	if val == "" {
+		if err := st.Delete(ctx, ipKey(i)); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Append(ctx, []Op{{Key: ipKey(i), Delete: true}}); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	if err := st.Put(ctx, ipKey(i), []byte(val), store.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Append(ctx, []Op{{Key: ipKey(i), Value: []byte(val)}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// follower runs a Follower and keeps its last delivery.
+type follower struct {
+	f    *Follower
+	mu   sync.Mutex
+	last map[string]string
+	st   Stats
+	stop context.CancelFunc
+	done chan struct{}
+}
+
+func follow(t *testing.T, st store.Store, legacy func() bool) *follower {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	fl := &follower{stop: cancel, done: make(chan struct{})}
+	fl.f = &Follower{St: st, Cluster: "default", Log: slog.New(slog.DiscardHandler), Wait: 2 * time.Second, Legacy: legacy,
+		Stats: func(s Stats) { fl.mu.Lock(); fl.st = s; fl.mu.Unlock() }}
+	go func() {
+		defer close(fl.done)
+		fl.f.Run(ctx, func(kvs []store.KV) {
+			m := map[string]string{}
+			for _, kv := range kvs {
+				m[kv.Key] = string(kv.Value)
+			}
+			fl.mu.Lock()
+			fl.last = m
+			fl.mu.Unlock()
+		})
+	}()
+	t.Cleanup(func() { cancel(); <-fl.done })
+	return fl
+}
+
+// want waits until the follower's set equals the store's ipcache prefix.
+func (fl *follower) want(t *testing.T, st store.Store) {
+	t.Helper()
+	if c, ok := st.(*counting); ok {
+		st = c.Store // the test's own reads are not the follower's
+	}
+	kvs, _, err := st.List(context.Background(), store.IPPrefix+"default/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]string{}
+	for _, kv := range kvs {
+		m[kv.Key] = string(kv.Value)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		fl.mu.Lock()
+		got := fmt.Sprint(fl.last)
+		fl.mu.Unlock()
+		if got == fmt.Sprint(m) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("follower has %s, store has %s", got, fmt.Sprint(m))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (fl *follower) stats() Stats {
+	fl.mu.Lock()
+	defer fl.mu.Unlock()
+	return fl.st
+}
+
+// TestFollowerReadsChangesNotState: after the first list, 50 changes on a
+// prefix of 500 keys cost the follower the log entries only, not 50 lists
+// of 500 keys (the list mode's cost).
+func TestFollowerReadsChangesNotState(t *testing.T) {
+	st := newStore(t)
+	w := &Writer{St: st, Cluster: "default", Node: "h1"}
+	for i := range 500 {
+		if err := st.Put(context.Background(), ipKey(i), []byte("v0"), store.PutOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fl := follow(t, st, nil)
+	fl.want(t, st)
+	st.listKeys.Store(0)
+	st.watchKeys.Store(0)
+	for c := range 50 {
+		write(t, st, w, c, fmt.Sprintf("v%d", c+1))
+		fl.want(t, st)
+	}
+	write(t, st, w, 7, "")
+	fl.want(t, st)
+	if s := fl.stats(); s.Lists != 1 || s.Mode != "log" {
+		t.Errorf("stats = %+v, want one list, mode log", s)
+	}
+	// Each read returns the log (at most 51 entries so far), never the
+	// 500 keys: well under one list per change.
+	if n := st.listKeys.Load(); n != 0 {
+		t.Errorf("follower listed %d keys after the first list, want 0", n)
+	}
+	if n := st.watchKeys.Load(); n > 51*52/2+51 {
+		t.Errorf("log reads returned %d keys for 51 changes, want at most %d", n, 51*52/2+51)
+	}
+}
+
+// TestFollowerListsAfterPrune: a follower that did not read the log
+// before the pruner deleted entries it had not applied lists again, and
+// ends with the store's state.
+func TestFollowerListsAfterPrune(t *testing.T) {
+	st := newStore(t)
+	w := &Writer{St: st, Cluster: "default", Node: "h1"}
+	write(t, st, w, 1, "a")
+	var paused atomic.Bool
+	fl := follow(t, &pausable{Store: st, paused: &paused}, nil)
+	fl.want(t, st)
+	paused.Store(true)
+	write(t, st, w, 2, "b")
+	write(t, st, w, 1, "")
+	p := &Pruner{St: st, Cluster: "default", Keep: time.Minute, Now: func() time.Time { return time.Now().Add(time.Hour) }}
+	n, err := p.Round(context.Background())
+	if err != nil || n != 3 {
+		t.Fatalf("prune round = %d, %v; want 3 entries", n, err)
+	}
+	h, err := st.Get(context.Background(), HorizonKey("default"))
+	if err != nil {
+		t.Fatalf("no horizon after pruning: %v", err)
+	}
+	paused.Store(false)
+	fl.want(t, st)
+	if s := fl.stats(); s.Behind < 1 || s.Lists < 2 {
+		t.Errorf("stats = %+v, want a list after falling behind the horizon %s", s, h.Value)
+	}
+}
+
+// pausable holds every log read while paused (a follower that is slow).
+type pausable struct {
+	store.Store
+	paused *atomic.Bool
+}
+
+func (p *pausable) Watch(ctx context.Context, prefix string, idx uint64, w time.Duration) ([]store.KV, uint64, error) {
+	for p.paused.Load() && ctx.Err() == nil {
+		time.Sleep(5 * time.Millisecond)
+	}
+	return p.Store.Watch(ctx, prefix, idx, w)
+}
+
+// TestFollowerLegacyHostLists: while a host that does not write the log is
+// in the fleet, its changes (no log entry) still arrive: the follower lists.
+func TestFollowerLegacyHostLists(t *testing.T) {
+	st := newStore(t)
+	var legacy atomic.Bool
+	legacy.Store(true)
+	fl := follow(t, st, legacy.Load)
+	if err := st.Put(context.Background(), ipKey(3), []byte("old-writer"), store.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	fl.want(t, st)
+	if s := fl.stats(); s.Mode != "list" {
+		t.Errorf("mode = %q with a legacy host, want list", s.Mode)
+	}
+	legacy.Store(false)
+	w := &Writer{St: st, Cluster: "default", Node: "h1"}
+	write(t, st, w, 4, "new-writer")
+	fl.want(t, st)
+	deadline := time.Now().Add(5 * time.Second)
+	for fl.stats().Mode != "log" && time.Now().Before(deadline) {
+		write(t, st, w, 5, time.Now().String())
+		time.Sleep(50 * time.Millisecond)
+	}
+	if s := fl.stats(); s.Mode != "log" {
+		t.Errorf("mode = %q once no legacy host is left, want log", s.Mode)
+	}
+	fl.want(t, st)
+}
+
+// TestFollowerRefusesBadEntries: a malformed entry and an op outside the
+// ipcache prefix are skipped and counted; good entries still apply.
+func TestFollowerRefusesBadEntries(t *testing.T) {
+	st := newStore(t)
+	fl := follow(t, st, nil)
+	fl.want(t, st)
+	ctx := context.Background()
+	if err := st.Put(ctx, entryPrefix("default")+"evil/1", []byte("{not json"), store.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	w := &Writer{St: st, Cluster: "default", Node: "evil"}
+	if err := w.Append(ctx, []Op{{Key: store.PolicyKey("allow-all"), Value: []byte("x")}}); err != nil {
+		t.Fatal(err)
+	}
+	write(t, st, &Writer{St: st, Cluster: "default", Node: "h1"}, 9, "ok")
+	fl.want(t, st)
+	if s := fl.stats(); s.Malformed < 1 {
+		t.Errorf("stats = %+v, want the bad entries counted", s)
+	}
+	fl.mu.Lock()
+	defer fl.mu.Unlock()
+	if _, ok := fl.last[store.PolicyKey("allow-all")]; ok {
+		t.Error("an op outside the ipcache prefix was applied")
+	}
+}
+
+// TestWriterSplitsLargeChanges: a change set larger than an entry may be
+// becomes several entries, each under the size bound.
+func TestWriterSplitsLargeChanges(t *testing.T) {
+	st := newStore(t)
+	w := &Writer{St: st, Cluster: "default", Node: "h1"}
+	ops := make([]Op, 3000)
+	for i := range ops {
+		ops[i] = Op{Key: ipKey(i), Value: make([]byte, 150)}
+	}
+	if err := w.Append(context.Background(), ops); err != nil {
+		t.Fatal(err)
+	}
+	kvs, _, err := st.List(context.Background(), entryPrefix("default"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := parse(kvs, "default")
+	n := 0
+	for _, l := range p.entries {
+		n += len(l.e.Ops)
+	}
+	if len(kvs) < 2 || n != len(ops) {
+		t.Errorf("%d entries with %d ops, want several entries with %d ops", len(kvs), n, len(ops))
+	}
+	for _, kv := range kvs {
+		if len(kv.Value) > maxEntry {
+			t.Errorf("entry %s is %d bytes, over %d", kv.Key, len(kv.Value), maxEntry)
+		}
+	}
+}
+
+func TestPureGo(t *testing.T) {
+	testenv.ForbidDeps(t, []string{"github.com/rackwire/rackwire/daemon/iplog"},
+		"github.com/cilium/ebpf", "github.com/vishvananda/netlink", "github.com/hashicorp/consul/api")
+}
+
+// TestFollowerNoListLoopAfterPrune: the last change's entry sits one index
+// above its key, so once it is pruned the horizon is above the ipcache
+// prefix's index; a follower that has applied it must not take that for
+// falling behind (it listed again on every log read before the fix).
+func TestFollowerNoListLoopAfterPrune(t *testing.T) {
+	st := newStore(t)
+	w := &Writer{St: st, Cluster: "default", Node: "h1"}
+	write(t, st, w, 1, "a")
+	fl := follow(t, st, nil)
+	fl.want(t, st)
+	p := &Pruner{St: st, Cluster: "default", Keep: time.Minute, Now: func() time.Time { return time.Now().Add(time.Hour) }}
+	if n, err := p.Round(context.Background()); err != nil || n != 1 {
+		t.Fatalf("prune round = %d, %v; want 1 entry", n, err)
+	}
+	// A restart lists with the horizon already above the prefix's index.
+	fl2 := follow(t, st, nil)
+	fl2.want(t, st)
+	time.Sleep(time.Second)
+	for i, f := range []*follower{fl, fl2} {
+		if s := f.stats(); s.Lists > 1 {
+			t.Errorf("follower %d: %d lists in a second after the prune (behind %d times), want 1", i, s.Lists, s.Behind)
+		}
+	}
+}

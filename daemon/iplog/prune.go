@@ -1,0 +1,127 @@
+package iplog
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"time"
+
+	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/internal/backoff"
+)
+
+// Elector elects the one host that prunes (store/consul.Elector); nil on
+// a single-host store.
+type Elector interface {
+	Lead(ctx context.Context) (<-chan struct{}, error)
+	Resign() error
+}
+
+// Pruner deletes log entries older than Keep, raising the horizon first.
+type Pruner struct {
+	St      store.Store
+	Cluster string
+	Keep    time.Duration
+	Elector Elector
+	Log     *slog.Logger
+	// Now is the clock (tests); default time.Now.
+	Now func() time.Time
+}
+
+// Round prunes once and returns the number of entries deleted.
+func (p *Pruner) Round(ctx context.Context) (int, error) {
+	now := time.Now
+	if p.Now != nil {
+		now = p.Now
+	}
+	kvs, _, err := p.St.List(ctx, ClusterPrefix(p.Cluster))
+	if err != nil {
+		return 0, fmt.Errorf("list the ipcache log: %w", err)
+	}
+	cutoff := now().Add(-p.Keep).UnixMilli()
+	pr := parse(kvs, p.Cluster)
+	var old []logged
+	var top uint64
+	for _, l := range pr.entries {
+		// Malformed entries (Time -1) go too.
+		if l.e.Time < cutoff {
+			old = append(old, l)
+			top = max(top, l.index)
+		}
+	}
+	if len(old) == 0 {
+		return 0, nil
+	}
+	// The horizon first: a follower must never miss a deleted entry
+	// without knowing it.
+	if top > pr.horizon || pr.badHorizon {
+		cur, err := p.St.Get(ctx, HorizonKey(p.Cluster))
+		var idx uint64
+		switch {
+		case err == nil:
+			idx = cur.ModifyIndex
+			if h, perr := strconv.ParseUint(string(cur.Value), 10, 64); perr == nil && h >= top {
+				top = h
+			}
+		case errors.Is(err, store.ErrNotFound):
+		default:
+			return 0, fmt.Errorf("read the ipcache log horizon: %w", err)
+		}
+		ok, err := p.St.CAS(ctx, HorizonKey(p.Cluster), []byte(strconv.FormatUint(top, 10)), idx, store.PutOptions{})
+		if err != nil {
+			return 0, fmt.Errorf("raise the ipcache log horizon: %w", err)
+		}
+		if !ok {
+			return 0, errors.New("raise the ipcache log horizon: changed meanwhile; next round")
+		}
+	}
+	n := 0
+	for _, l := range old {
+		if ok, err := p.St.DeleteCAS(ctx, l.key, l.index); err != nil {
+			return n, fmt.Errorf("delete ipcache log entry %s: %w", l.key, err)
+		} else if ok {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// Run prunes every Keep/2 while this host leads.
+func (p *Pruner) Run(ctx context.Context) {
+	every := max(p.Keep/2, time.Second)
+	for ctx.Err() == nil {
+		lost := make(<-chan struct{})
+		if p.Elector != nil {
+			l, err := p.Elector.Lead(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					break
+				}
+				p.Log.Warn("ipcache log pruner election failed; retrying", "err", err)
+				backoff.Sleep(ctx, every)
+				continue
+			}
+			lost = l
+		}
+	lead:
+		for {
+			if n, err := p.Round(ctx); err != nil && ctx.Err() == nil {
+				p.Log.Warn("ipcache log prune round failed", "err", err)
+			} else if n > 0 {
+				p.Log.Debug("ipcache log pruned", "entries", n)
+			}
+			select {
+			case <-ctx.Done():
+				break lead
+			case <-lost:
+				break lead
+			case <-time.After(every):
+			}
+		}
+	}
+	if p.Elector != nil {
+		_ = p.Elector.Resign()
+	}
+}
