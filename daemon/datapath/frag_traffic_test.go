@@ -3,7 +3,6 @@ package datapath
 import (
 	"bytes"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -25,36 +24,8 @@ func rwfrPinDir(t *testing.T) string {
 // exceeds the 1500-byte MTU of the endpoints' veths).
 func (tp *topo) udpSized(t *testing.T, dst netip.Addr, port, size int) bool {
 	t.Helper()
-	var pc net.PacketConn
-	inNS(t, tp.b, func() {
-		var err error
-		pc, err = net.ListenPacket("udp", netip.AddrPortFrom(dst, uint16(port)).String())
-		if err != nil {
-			t.Fatalf("listen udp in %s: %v", tp.b, err)
-		}
-	})
-	defer pc.Close()
-	go func() {
-		buf := make([]byte, 65536)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(buf[:n], from)
-		}
-	}()
-	var (
-		conn net.Conn
-		err  error
-	)
-	inNS(t, tp.a, func() {
-		conn, err = net.Dial("udp", netip.AddrPortFrom(dst, uint16(port)).String())
-	})
-	if err != nil {
-		t.Fatalf("dial udp: %v", err)
-	}
-	defer conn.Close()
+	conn, done := tp.udpEcho(t, dst, port)
+	defer done()
 	msg := make([]byte, size)
 	for i := range msg {
 		msg[i] = byte(i * 7)

@@ -193,6 +193,21 @@ func (tp *topo) tcp(t *testing.T, dst netip.Addr, port int) bool {
 // udp reports whether a UDP request from namespace a gets b's echo.
 func (tp *topo) udp(t *testing.T, dst netip.Addr, port int) bool {
 	t.Helper()
+	conn, done := tp.udpEcho(t, dst, port)
+	defer done()
+	conn.SetDeadline(time.Now().Add(time.Second))
+	if _, err := conn.Write([]byte("ping")); err != nil {
+		return false
+	}
+	buf := make([]byte, 4)
+	n, err := conn.Read(buf)
+	return err == nil && string(buf[:n]) == "ping"
+}
+
+// udpEcho starts a UDP echo server on dst:port in namespace b and returns
+// a socket of namespace a connected to it, and a func that closes both.
+func (tp *topo) udpEcho(t *testing.T, dst netip.Addr, port int) (net.Conn, func()) {
+	t.Helper()
 	var pc net.PacketConn
 	inNS(t, tp.b, func() {
 		var err error
@@ -201,9 +216,8 @@ func (tp *topo) udp(t *testing.T, dst netip.Addr, port int) bool {
 			t.Fatalf("listen udp in %s: %v", tp.b, err)
 		}
 	})
-	defer pc.Close()
 	go func() {
-		buf := make([]byte, 64)
+		buf := make([]byte, 65536)
 		for {
 			n, from, err := pc.ReadFrom(buf)
 			if err != nil {
@@ -220,16 +234,10 @@ func (tp *topo) udp(t *testing.T, dst netip.Addr, port int) bool {
 		conn, err = net.Dial("udp", netip.AddrPortFrom(dst, uint16(port)).String())
 	})
 	if err != nil {
+		pc.Close()
 		t.Fatalf("dial udp: %v", err)
 	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(time.Second))
-	if _, err := conn.Write([]byte("ping")); err != nil {
-		return false
-	}
-	buf := make([]byte, 4)
-	n, err := conn.Read(buf)
-	return err == nil && string(buf[:n]) == "ping"
+	return conn, func() { conn.Close(); pc.Close() }
 }
 
 // TestRealTraffic attaches both programs to real veths in namespaces, in
