@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"runtime/debug"
 	"slices"
 	"sort"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/rackwire/rackwire/daemon/ipcache"
 	"github.com/rackwire/rackwire/daemon/iplog"
@@ -54,13 +56,23 @@ func newRemote(ipc *ipcache.Cache, pub *publish.Publisher, self ipcache.Self, ho
 // the change log ("log", daemon/iplog).
 func (a *agent) ipcacheWatch(ctx context.Context) {
 	prefix := store.IPPrefix + a.cfg.Node.Cluster + "/"
+	var rel memRelease
+	if a.cfg.Store.IPCacheSync != "log" {
+		a.watch(ctx, prefix, func(kvs []store.KV) {
+			a.remote.setIPs(kvs)
+			a.pub.Seen(prefix, values(kvs), true)
+			rel.afterList(len(kvs), time.Now())
+		})
+		return
+	}
+	lists := 0
 	deliver := func(kvs []store.KV) {
 		a.remote.setIPs(kvs)
 		a.pub.Seen(prefix, values(kvs), true)
-	}
-	if a.cfg.Store.IPCacheSync != "log" {
-		a.watch(ctx, prefix, deliver)
-		return
+		if n := a.remote.lists(); n != lists {
+			lists = n
+			rel.afterList(len(kvs), time.Now())
+		}
 	}
 	f := &iplog.Follower{St: a.st, Cluster: a.cfg.Node.Cluster, Log: a.log.With("subsys", "iplog"),
 		Legacy: a.remote.legacy, Retry: a.retryWait, Stats: a.remote.setLogStats}
@@ -85,6 +97,56 @@ func (r *remote) legacy() bool {
 	return r.legacyNodes > 0
 }
 
+// lists is the number of full lists the log follower made.
+func (r *remote) lists() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.logStats.Lists
+}
+
+// memRelease hands the garbage of a large list back to the kernel. A list
+// of the ipcache prefix decodes every entry of the fleet (≈ 500 B of
+// garbage per entry, 15 MB at 30,000) and then the agent is idle: with
+// nothing else allocating, the garbage collector does not run again for
+// minutes and the process keeps the list's peak as RSS (≈ 90 MB at 30,000
+// entries on 100 hosts of one machine, docs/scale.md). After a list of at
+// least releaseMin keys it runs a collection and returns the free pages
+// (a few ms of CPU at that size), at most once per releaseEvery: a list
+// within that time of the last release is released when it has passed.
+type memRelease struct {
+	mu      sync.Mutex
+	last    time.Time
+	pending bool
+}
+
+const (
+	releaseMin   = 5000
+	releaseEvery = time.Minute
+)
+
+func (m *memRelease) afterList(keys int, now time.Time) {
+	if keys < releaseMin {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.pending {
+		return
+	}
+	if wait := releaseEvery - now.Sub(m.last); wait > 0 {
+		m.pending = true
+		time.AfterFunc(wait, func() {
+			m.mu.Lock()
+			m.pending, m.last = false, time.Now()
+			m.mu.Unlock()
+			debug.FreeOSMemory()
+		})
+		return
+	}
+	m.last = now
+	debug.FreeOSMemory()
+}
+
 func (r *remote) setLogStats(s iplog.Stats) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -103,6 +165,7 @@ func (r *remote) syncDetail() map[string]string {
 		"ipcache_sync_legacy_hosts": strconv.Itoa(r.legacyNodes),
 		"ipcache_sync_lists":        strconv.Itoa(r.logStats.Lists),
 		"ipcache_log_reads":         strconv.Itoa(r.logStats.LogReads),
+		"ipcache_log_key_reads":     strconv.Itoa(r.logStats.KeyReads),
 		"ipcache_log_behind":        strconv.Itoa(r.logStats.Behind),
 		"ipcache_log_malformed":     strconv.Itoa(r.logStats.Malformed),
 	}

@@ -2,10 +2,12 @@ package iplog
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"maps"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -37,18 +39,21 @@ type Follower struct {
 	base     uint64 // every change up to this index is applied
 	logIndex uint64 // index of the last log read, 0 = read at once
 	listed   time.Time
-	legacy   bool
-	stats    Stats
+	// seen holds the entry keys of the last log read (nil: read whole).
+	seen   map[string]bool
+	legacy bool
+	stats  Stats
 }
 
 // Stats counts what the follower did, for status and metrics.
 type Stats struct {
 	Mode      string // "log" or "list" (legacy hosts in the fleet)
 	Lists     int    // full lists of the ipcache prefix
-	LogReads  int
-	Applied   int // entries applied
-	Behind    int // lists because the log was pruned past this follower
-	Malformed int // entries skipped
+	LogReads  int    // reads of the log's entries
+	KeyReads  int    // reads of the log's key names only
+	Applied   int    // entries applied
+	Behind    int    // lists because the log was pruned past this follower
+	Malformed int    // entries skipped
 }
 
 // Run follows the ipcache until ctx ends; deliver gets the whole set of
@@ -148,11 +153,10 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 		f.logIndex = 0 // read the log at once: it may hold changes after idx
 		return true, nil
 	}
-	kvs, next, err := f.St.Watch(ctx, ClusterPrefix(f.Cluster), f.logIndex, f.Wait)
+	kvs, next, err := f.readLog(ctx)
 	if err != nil {
 		return false, err
 	}
-	f.stats.LogReads++
 	if next < f.logIndex {
 		// The store's index went backwards (a restored snapshot).
 		f.Log.Warn("the store's index went backwards; listing the ipcache again")
@@ -162,6 +166,24 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 	if next == f.logIndex {
 		return false, nil
 	}
+	if kvs == nil {
+		// No new entry: the log only lost entries (the pruner) or its
+		// horizon moved; the horizon, read after the keys, says whether
+		// an entry came and went unseen.
+		h, bad, err := f.horizon(ctx)
+		if err != nil {
+			return false, err
+		}
+		if bad || h > f.base {
+			f.stats.Behind++
+			f.Log.Info("the ipcache change log was pruned past this agent; listing the ipcache again", "horizon", h, "applied", f.base)
+			f.ips = nil
+			return false, nil
+		}
+		f.base = max(f.base, next)
+		f.logIndex = next
+		return false, nil
+	}
 	p := parse(kvs, f.Cluster)
 	f.stats.Malformed = p.malformed
 	if p.badHorizon || p.horizon > f.base {
@@ -169,6 +191,10 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 		f.Log.Info("the ipcache change log was pruned past this agent; listing the ipcache again", "horizon", p.horizon, "applied", f.base)
 		f.ips = nil
 		return false, nil
+	}
+	f.seen = make(map[string]bool, len(p.entries))
+	for _, l := range p.entries {
+		f.seen[l.key] = true
 	}
 	sort.Slice(p.entries, func(i, j int) bool { return p.entries[i].index < p.entries[j].index })
 	prefix := f.ipPrefix()
@@ -199,6 +225,77 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 	f.base = max(f.base, next)
 	f.logIndex = next
 	return changed, nil
+}
+
+// readLog reads the log after f.logIndex. With a store that can watch key
+// names (Consul), it blocks on the names only and reads the entries when
+// a name it has not seen appears; kvs is nil when none did. The pruner
+// deletes entries in batches, and every batch wakes every follower: read
+// whole, each wake cost every follower the rest of the log, values and
+// all (after a large bulk, hundreds of reads of megabytes per follower:
+// the "list loop" of docs/scale.md). Without a key watcher it reads the
+// log whole.
+func (f *Follower) readLog(ctx context.Context) ([]store.KV, uint64, error) {
+	kw, ok := f.St.(store.KeyWatcher)
+	if !ok || f.logIndex == 0 || f.seen == nil {
+		kvs, next, err := f.St.Watch(ctx, ClusterPrefix(f.Cluster), f.logIndex, f.Wait)
+		if err == nil {
+			f.stats.LogReads++
+			if kvs == nil {
+				kvs = []store.KV{}
+			}
+		}
+		return kvs, next, err
+	}
+	keys, next, err := kw.WatchKeys(ctx, ClusterPrefix(f.Cluster), f.logIndex, f.Wait)
+	if err != nil {
+		return nil, 0, err
+	}
+	f.stats.KeyReads++
+	if next <= f.logIndex {
+		return nil, next, nil
+	}
+	ep := entryPrefix(f.Cluster)
+	fresh := false
+	for _, k := range keys {
+		if strings.HasPrefix(k, ep) && !f.seen[k] {
+			fresh = true
+			break
+		}
+	}
+	if !fresh {
+		// Forget what was pruned, so that the set stays the log's size.
+		seen := make(map[string]bool, len(keys))
+		for _, k := range keys {
+			if f.seen[k] {
+				seen[k] = true
+			}
+		}
+		f.seen = seen
+		return nil, next, nil
+	}
+	kvs, idx, err := f.St.List(ctx, ClusterPrefix(f.Cluster))
+	if err != nil {
+		return nil, 0, err
+	}
+	f.stats.LogReads++
+	if kvs == nil {
+		kvs = []store.KV{}
+	}
+	return kvs, max(idx, next), nil
+}
+
+// horizon reads the log's horizon (0 when there is none).
+func (f *Follower) horizon(ctx context.Context) (uint64, bool, error) {
+	kv, err := f.St.Get(ctx, HorizonKey(f.Cluster))
+	if errors.Is(err, store.ErrNotFound) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	h, perr := strconv.ParseUint(strings.TrimSpace(string(kv.Value)), 10, 64)
+	return h, perr != nil, nil
 }
 
 func (f *Follower) setList(kvs []store.KV, idx uint64) {

@@ -353,6 +353,8 @@ func (a *agent) start(t testing.TB) error {
 	cmd := exec.Command("nsenter", "--net=/run/netns/"+a.ns, "--", rackwired, "--config", a.config)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), testenv.UnitEnv(t, "../..")...)
+	// Read only by a profiling build (-tags rackwire_pprof, TestFleetIdle).
+	cmd.Env = append(cmd.Env, "RACKWIRE_PPROF_SOCKET="+filepath.Join(a.dir, "pprof.sock"))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start rackwired on %s: %w", a.name, err)
