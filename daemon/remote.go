@@ -45,6 +45,8 @@ type remote struct {
 	// logStats is the log follower's last report.
 	legacyNodes int
 	logStats    iplog.Stats
+	// checked remembers the checks of ips while nodes are the same.
+	checked ipcache.RemoteMemo
 }
 
 func newRemote(ipc *ipcache.Cache, pub *publish.Publisher, self ipcache.Self, hostID string, log *slog.Logger) *remote {
@@ -57,22 +59,14 @@ func newRemote(ipc *ipcache.Cache, pub *publish.Publisher, self ipcache.Self, ho
 func (a *agent) ipcacheWatch(ctx context.Context) {
 	prefix := store.IPPrefix + a.cfg.Node.Cluster + "/"
 	var rel memRelease
-	if a.cfg.Store.IPCacheSync != "log" {
-		a.watch(ctx, prefix, func(kvs []store.KV) {
-			a.remote.setIPs(kvs)
-			a.pub.Seen(prefix, values(kvs), true)
-			rel.afterList(len(kvs), time.Now())
-		})
-		return
-	}
-	lists := 0
 	deliver := func(kvs []store.KV) {
 		a.remote.setIPs(kvs)
 		a.pub.Seen(prefix, values(kvs), true)
-		if n := a.remote.lists(); n != lists {
-			lists = n
-			rel.afterList(len(kvs), time.Now())
-		}
+		rel.after(len(kvs), time.Now())
+	}
+	if a.cfg.Store.IPCacheSync != "log" {
+		a.watch(ctx, prefix, deliver)
+		return
 	}
 	f := &iplog.Follower{St: a.st, Cluster: a.cfg.Node.Cluster, Log: a.log.With("subsys", "iplog"),
 		Legacy: a.remote.legacy, Retry: a.retryWait, Stats: a.remote.setLogStats}
@@ -97,21 +91,15 @@ func (r *remote) legacy() bool {
 	return r.legacyNodes > 0
 }
 
-// lists is the number of full lists the log follower made.
-func (r *remote) lists() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.logStats.Lists
-}
-
-// memRelease hands the garbage of a large list back to the kernel. A list
-// of the ipcache prefix decodes every entry of the fleet (≈ 500 B of
-// garbage per entry, 15 MB at 30,000) and then the agent is idle: with
-// nothing else allocating, the garbage collector does not run again for
-// minutes and the process keeps the list's peak as RSS (≈ 90 MB at 30,000
-// entries on 100 hosts of one machine, docs/scale.md). After a list of at
-// least releaseMin keys it runs a collection and returns the free pages
-// (a few ms of CPU at that size), at most once per releaseEvery: a list
+// memRelease hands the garbage of the ipcache's large reads back to the
+// kernel. A list of the ipcache prefix decodes every entry of the fleet
+// (≈ 500 B of garbage per entry, 15 MB at 30,000), and every delivery
+// builds the checked set again; then the agent is idle, nothing else
+// allocates, and the Go runtime keeps the heap at twice the live data
+// (GOGC=100) for minutes: 75–95 MB of RSS at 30,000 entries with a live
+// heap of 18–24 MB (docs/scale.md). After a delivery of at least
+// releaseMin keys it runs a collection and returns the free pages (a few
+// ms of CPU at that size), at most once per releaseEvery: a delivery
 // within that time of the last release is released when it has passed.
 type memRelease struct {
 	mu      sync.Mutex
@@ -124,7 +112,7 @@ const (
 	releaseEvery = time.Minute
 )
 
-func (m *memRelease) afterList(keys int, now time.Time) {
+func (m *memRelease) after(keys int, now time.Time) {
 	if keys < releaseMin {
 		return
 	}
@@ -194,6 +182,7 @@ func (r *remote) setNodes(kvs []store.KV) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.nodes, r.nodesSeen = nodes, true
+	r.checked.Reset()
 	r.noteRejected(store.NodePrefix, rej)
 	if dup {
 		msg := fmt.Sprintf("another host (host_id %s, addresses %v) publishes under this host's node name %q; give each host a unique [node] name",
@@ -227,7 +216,7 @@ func (r *remote) setIPs(kvs []store.KV) {
 // applyIPsLocked checks the ipcache records against the node records and
 // makes the ipcache's remote endpoints equal to what passes. r.mu held.
 func (r *remote) applyIPsLocked() {
-	set, rej := ipcache.Remote(r.ips, r.nodes, r.self)
+	set, rej := r.checked.Remote(r.ips, r.nodes, r.self)
 	r.noteRejected(store.IPPrefix, rej)
 	if err := r.ipc.Replace(ipcache.RemoteEndpoint, set); err != nil {
 		r.log.Warn("cannot write every remote endpoint to the ipcache; retrying", "err", err)

@@ -34,11 +34,28 @@ func TestFleetIdle(t *testing.T) {
 	}
 	f := newFleet(t, agentCount(t))
 	f.seed(t)
+	var boot sync.WaitGroup
+	if dir := os.Getenv("RACKWIRE_FLEET_PPROF"); dir != "" {
+		// The first agent's start: its CPU profile over its first 30 s.
+		boot.Add(1)
+		go func() {
+			defer boot.Done()
+			sock := filepath.Join(f.dir, f.agents[0].name, "pprof.sock") // writeConfig's a.dir
+			for i := 0; i < 300; i++ {
+				if _, err := os.Stat(sock); err == nil {
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			pprofGet(t, sock, f.agents[0].name, "profile?seconds=30", filepath.Join(dir, "boot-cpu.pprof"))
+		}()
+	}
 	f.boot(t, false)
 	eps := f.allEndpoints()
 	f.waitAll(t, 5*time.Minute, "cold convergence", f.converged(eps))
 	f.resources(t, "after cold convergence")
 	time.Sleep(10 * time.Second)
+	boot.Wait()
 	uptime(t, "idle start")
 
 	var wg sync.WaitGroup
@@ -46,7 +63,7 @@ func TestFleetIdle(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			pprofGet(t, f.agents[0], fmt.Sprintf("profile?seconds=%d", int(idle.Seconds())), filepath.Join(dir, "cpu.pprof"))
+			pprofGet(t, filepath.Join(f.agents[0].dir, "pprof.sock"), f.agents[0].name, fmt.Sprintf("profile?seconds=%d", int(idle.Seconds())), filepath.Join(dir, "cpu.pprof"))
 		}()
 	}
 	before := map[*agent]float64{}
@@ -65,7 +82,7 @@ func TestFleetIdle(t *testing.T) {
 	}
 	wg.Wait()
 	if dir := os.Getenv("RACKWIRE_FLEET_PPROF"); dir != "" {
-		pprofGet(t, f.agents[0], "heap", filepath.Join(dir, "heap.pprof"))
+		pprofGet(t, filepath.Join(f.agents[0].dir, "pprof.sock"), f.agents[0].name, "heap", filepath.Join(dir, "heap.pprof"))
 	}
 	slices.Sort(pct)
 	slices.Sort(rss)
@@ -80,24 +97,24 @@ func TestFleetIdle(t *testing.T) {
 }
 
 // pprofGet saves one profile of a profiling build's agent to path.
-func pprofGet(t *testing.T, a *agent, what, path string) {
+func pprofGet(t *testing.T, sock, name, what, path string) {
 	c := http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
-		return d.DialContext(ctx, "unix", filepath.Join(a.dir, "pprof.sock"))
+		return d.DialContext(ctx, "unix", sock)
 	}}}
 	resp, err := c.Get("http://rackwired/debug/pprof/" + what)
 	if err != nil {
-		t.Errorf("pprof %s of %s (is it a -tags rackwire_pprof build?): %v", what, a.name, err)
+		t.Errorf("pprof %s of %s (is it a -tags rackwire_pprof build?): %v", what, name, err)
 		return
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusOK {
-		t.Errorf("pprof %s of %s: %s", what, a.name, resp.Status)
+		t.Errorf("pprof %s of %s: %s", what, name, resp.Status)
 		return
 	}
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		t.Error(err)
 	}
-	t.Logf("pprof %s of %s saved to %s (%s bytes)", what, a.name, path, strconv.Itoa(len(b)))
+	t.Logf("pprof %s of %s saved to %s (%s bytes)", what, name, path, strconv.Itoa(len(b)))
 }
