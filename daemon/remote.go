@@ -155,6 +155,7 @@ func (r *remote) syncDetail() map[string]string {
 		"ipcache_log_reads":         strconv.Itoa(r.logStats.LogReads),
 		"ipcache_log_key_reads":     strconv.Itoa(r.logStats.KeyReads),
 		"ipcache_log_behind":        strconv.Itoa(r.logStats.Behind),
+		"ipcache_log_behind_list":   strconv.Itoa(r.logStats.BehindAfterList),
 		"ipcache_log_malformed":     strconv.Itoa(r.logStats.Malformed),
 	}
 }
