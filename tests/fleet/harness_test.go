@@ -745,10 +745,31 @@ func (f *fleet) waitAll(t testing.TB, timeout time.Duration, what string, cond f
 			return time.Since(start)
 		}
 		if time.Since(start) > timeout {
+			for i, a := range f.agents {
+				if !done[i] {
+					f.explain(t, a)
+				}
+			}
 			t.Fatalf("%s: %d of %d agents not there after %s", what, left, len(f.agents), timeout)
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
+}
+
+// explain logs what an agent that did not converge lacks and how it
+// follows the ipcache.
+func (f *fleet) explain(t testing.TB, a *agent) {
+	var missing []string
+	for _, ip := range f.allEndpoints() {
+		if !a.has(ip) {
+			missing = append(missing, ip.String())
+		}
+	}
+	if f.sim > 0 && !a.has(simIP(0), simIP(f.sim-1)) {
+		missing = append(missing, "simulated sentinels")
+	}
+	st, err := a.status()
+	t.Logf("%s (running %v) lacks %v; status err %v, store %s %v", a.name, a.running(), missing, err, st.Store.State, st.Store.Detail)
 }
 
 // procStat returns an agent's RSS and peak RSS (kB) and CPU seconds used.
