@@ -72,9 +72,20 @@ func (a *agent) retryWait(ctx context.Context, d time.Duration) {
 // probe interval is all an outage costs the store.
 func (a *agent) probeStore(ctx context.Context) {
 	key := store.NodeKey(a.cfg.Node.Cluster, a.cfg.Node.Name)
+	session := a.st.Health().Detail["session"]
 	for {
 		if !backoff.Sleep(ctx, 5*time.Second+backoff.Random(5*time.Second)) {
 			return
+		}
+		// A new session after an expired one: the store wrote the owned
+		// keys back by itself; their change-log entries are written again
+		// (publish.Rejournal).
+		if s := a.st.Health().Detail["session"]; s != "" && s != session {
+			if session != "" {
+				a.log.Info("new store session; the change log gets this host's ipcache keys again", "session", s)
+				a.pub.Rejournal()
+			}
+			session = s
 		}
 		if a.st.Health().State == store.StateOK {
 			continue

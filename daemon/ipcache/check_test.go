@@ -291,3 +291,44 @@ func TestLoadHostID(t *testing.T) {
 		t.Fatal("no error when the id cannot be written")
 	}
 }
+
+// TestRemoteMemoSameAsRemote: the memo gives Remote's answer after values
+// change, records come and go, and the node records change (Reset).
+func TestRemoteMemoSameAsRemote(t *testing.T) {
+	self := Self{Node: "me", Cluster: "default", ClusterID: 1}
+	nodes := map[string]Node{"h1": {Name: "h1", IPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")},
+		CIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}}}
+	rec := func(ip string, id uint32, node string) store.KV {
+		a := netip.MustParseAddr(ip)
+		return store.KV{Key: store.IPKey("default", a),
+			Value: []byte(fmt.Sprintf(`{"ip":%q,"identity":%d,"host_ip":"192.0.2.1","node":%q}`, ip, id, node))}
+	}
+	id := uint32(1)<<24 | 300
+	var m RemoteMemo
+	check := func(step string, kvs []store.KV, nodes map[string]Node) {
+		t.Helper()
+		ws, wr := Remote(kvs, nodes, self)
+		gs, gr := m.Remote(kvs, nodes, self)
+		if fmt.Sprint(ws, wr) != fmt.Sprint(gs, gr) {
+			t.Fatalf("%s: memo gives %v %v, Remote %v %v", step, gs, gr, ws, wr)
+		}
+	}
+	kvs := []store.KV{rec("10.1.0.1", id, "h1"), rec("10.1.0.2", id, "h1"), rec("10.1.0.3", 5, "h1"), rec("10.1.0.4", id, "me")}
+	check("first", kvs, nodes)
+	if s, r := m.Remote(kvs, nodes, self); len(s) != 2 || len(r) != 1 {
+		t.Fatalf("first set %v, rejected %v: want 2 passed, 1 refused", s, r)
+	}
+	check("same", kvs, nodes)
+	kvs[0] = rec("10.1.0.1", id+1, "h1")
+	kvs = append(kvs[:1], kvs[2:]...)
+	kvs = append(kvs, rec("10.1.0.9", id, "h1"))
+	check("changed, removed, added", kvs, nodes)
+	// h1's CIDR moves: every record of it must be checked again.
+	nodes = map[string]Node{"h1": {Name: "h1", IPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")},
+		CIDRs: []netip.Prefix{netip.MustParsePrefix("10.2.0.0/16")}}}
+	m.Reset()
+	check("nodes changed", kvs, nodes)
+	if s, _ := m.Remote(kvs, nodes, self); len(s) != 0 {
+		t.Fatalf("records outside h1's CIDR passed after the node change: %v", s)
+	}
+}

@@ -2,10 +2,10 @@ package iplog
 
 import (
 	"context"
+	"errors"
 	"log/slog"
-	"maps"
-	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -37,22 +37,31 @@ type Follower struct {
 	base     uint64 // every change up to this index is applied
 	logIndex uint64 // index of the last log read, 0 = read at once
 	listed   time.Time
-	legacy   bool
-	stats    Stats
+	// fresh: no log read since the last list.
+	fresh bool
+	// seen holds the entry keys of the last log read (nil: read whole).
+	seen   map[string]bool
+	legacy bool
+	stats  Stats
 }
 
 // Stats counts what the follower did, for status and metrics.
 type Stats struct {
 	Mode      string // "log" or "list" (legacy hosts in the fleet)
 	Lists     int    // full lists of the ipcache prefix
-	LogReads  int
-	Applied   int // entries applied
-	Behind    int // lists because the log was pruned past this follower
-	Malformed int // entries skipped
+	LogReads  int    // reads of the log's entries
+	KeyReads  int    // reads of the log's key names only
+	Applied   int    // entries applied
+	Behind    int    // lists because the log was pruned past this follower
+	Malformed int    // entries skipped
+	// BehindAfterList counts the times it was behind right after a list
+	// (a list slower than the log's keep: it cannot catch up).
+	BehindAfterList int
 }
 
 // Run follows the ipcache until ctx ends; deliver gets the whole set of
-// keys (sorted) after every change. It runs in the caller's goroutine.
+// keys (in no order: sorting 30,000 keys on every change was a third of
+// the agent's CPU per change) after every change. It runs in the caller's goroutine.
 func (f *Follower) Run(ctx context.Context, deliver func([]store.KV)) {
 	if f.Wait <= 0 {
 		f.Wait = 5 * time.Minute
@@ -145,14 +154,14 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 			return false, err
 		}
 		f.setList(kvs, max(idx, logIdx))
+		f.fresh = true
 		f.logIndex = 0 // read the log at once: it may hold changes after idx
 		return true, nil
 	}
-	kvs, next, err := f.St.Watch(ctx, ClusterPrefix(f.Cluster), f.logIndex, f.Wait)
+	kvs, next, err := f.readLog(ctx)
 	if err != nil {
 		return false, err
 	}
-	f.stats.LogReads++
 	if next < f.logIndex {
 		// The store's index went backwards (a restored snapshot).
 		f.Log.Warn("the store's index went backwards; listing the ipcache again")
@@ -162,13 +171,33 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 	if next == f.logIndex {
 		return false, nil
 	}
+	if kvs == nil {
+		// No new entry: the log only lost entries (the pruner) or its
+		// horizon moved; the horizon, read after the keys, says whether
+		// an entry came and went unseen.
+		h, bad, err := f.horizon(ctx)
+		if err != nil {
+			return false, err
+		}
+		if bad || h > f.base {
+			f.behind(h)
+			return false, nil
+		}
+		f.base = max(f.base, next)
+		f.logIndex = next
+		f.fresh = false
+		return false, nil
+	}
 	p := parse(kvs, f.Cluster)
 	f.stats.Malformed = p.malformed
 	if p.badHorizon || p.horizon > f.base {
-		f.stats.Behind++
-		f.Log.Info("the ipcache change log was pruned past this agent; listing the ipcache again", "horizon", p.horizon, "applied", f.base)
-		f.ips = nil
+		f.behind(p.horizon)
 		return false, nil
+	}
+	f.fresh = false
+	f.seen = make(map[string]bool, len(p.entries))
+	for _, l := range p.entries {
+		f.seen[l.key] = true
 	}
 	sort.Slice(p.entries, func(i, j int) bool { return p.entries[i].index < p.entries[j].index })
 	prefix := f.ipPrefix()
@@ -201,6 +230,94 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 	return changed, nil
 }
 
+// readLog reads the log after f.logIndex. With a store that can watch key
+// names (Consul), it blocks on the names only and reads the entries when
+// a name it has not seen appears; kvs is nil when none did. The pruner
+// deletes entries in batches, and every batch wakes every follower: read
+// whole, each wake cost every follower the rest of the log, values and
+// all (after a large bulk, hundreds of reads of megabytes per follower:
+// the "list loop" of docs/scale.md). Without a key watcher it reads the
+// log whole.
+func (f *Follower) readLog(ctx context.Context) ([]store.KV, uint64, error) {
+	kw, ok := f.St.(store.KeyWatcher)
+	if !ok || f.logIndex == 0 || f.seen == nil {
+		kvs, next, err := f.St.Watch(ctx, ClusterPrefix(f.Cluster), f.logIndex, f.Wait)
+		if err == nil {
+			f.stats.LogReads++
+			if kvs == nil {
+				kvs = []store.KV{}
+			}
+		}
+		return kvs, next, err
+	}
+	keys, next, err := kw.WatchKeys(ctx, ClusterPrefix(f.Cluster), f.logIndex, f.Wait)
+	if err != nil {
+		return nil, 0, err
+	}
+	f.stats.KeyReads++
+	if next <= f.logIndex {
+		return nil, next, nil
+	}
+	ep := entryPrefix(f.Cluster)
+	fresh := false
+	for _, k := range keys {
+		if strings.HasPrefix(k, ep) && !f.seen[k] {
+			fresh = true
+			break
+		}
+	}
+	if !fresh {
+		// Forget what was pruned, so that the set stays the log's size.
+		seen := make(map[string]bool, len(keys))
+		for _, k := range keys {
+			if f.seen[k] {
+				seen[k] = true
+			}
+		}
+		f.seen = seen
+		return nil, next, nil
+	}
+	kvs, idx, err := f.St.List(ctx, ClusterPrefix(f.Cluster))
+	if err != nil {
+		return nil, 0, err
+	}
+	f.stats.LogReads++
+	if kvs == nil {
+		kvs = []store.KV{}
+	}
+	return kvs, max(idx, next), nil
+}
+
+// horizon reads the log's horizon (0 when there is none).
+func (f *Follower) horizon(ctx context.Context) (uint64, bool, error) {
+	kv, err := f.St.Get(ctx, HorizonKey(f.Cluster))
+	if errors.Is(err, store.ErrNotFound) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	h, perr := strconv.ParseUint(strings.TrimSpace(string(kv.Value)), 10, 64)
+	return h, perr != nil, nil
+}
+
+// behind starts a list: the log was pruned past what was applied. Behind
+// again right after a list means the list took longer than the log keeps
+// its entries: the follower cannot catch up and lists in a loop, so it
+// says so loudly (raise [store] ipcache_log_keep, or the store is
+// overloaded: a fleet-wide start without the restart gate).
+func (f *Follower) behind(horizon uint64) {
+	f.stats.Behind++
+	if f.fresh {
+		f.stats.BehindAfterList++
+		f.Log.Warn("the ipcache change log was pruned past this agent while it listed the ipcache: a list takes longer than [store] ipcache_log_keep; raise it, or look at the store's load; listing again",
+			"horizon", horizon, "applied", f.base, "times", f.stats.BehindAfterList)
+	} else {
+		f.Log.Info("the ipcache change log was pruned past this agent; listing the ipcache again", "horizon", horizon, "applied", f.base)
+	}
+	f.ips = nil
+}
+
 func (f *Follower) setList(kvs []store.KV, idx uint64) {
 	f.ips = make(map[string]store.KV, len(kvs))
 	for _, kv := range kvs {
@@ -212,10 +329,9 @@ func (f *Follower) setList(kvs []store.KV, idx uint64) {
 }
 
 func (f *Follower) snapshot() []store.KV {
-	keys := slices.Sorted(maps.Keys(f.ips))
-	out := make([]store.KV, len(keys))
-	for i, k := range keys {
-		out[i] = f.ips[k]
+	out := make([]store.KV, 0, len(f.ips))
+	for _, kv := range f.ips {
+		out = append(out, kv)
 	}
 	return out
 }

@@ -8,7 +8,11 @@
 // fell behind, and every Resync as anti-entropy) and otherwise follows a
 // short log of recent changes with a blocking query on the log's prefix;
 // what that query returns is bounded by the changes of the last Keep, not
-// by the number of entries (docs/scale.md).
+// by the number of entries (docs/scale.md). Where the store can (Consul),
+// the blocking query asks for the key names only, and the entries are read
+// when a new name appears; the pruner deletes in transactions of
+// store.MaxBatch, so a prune wakes the followers once per batch, for a
+// read of names.
 //
 // Layout (under the store prefix; the ipcache keys themselves are
 // unchanged, so agents that only list them keep working):

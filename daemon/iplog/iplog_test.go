@@ -327,3 +327,44 @@ func TestFollowerNoListLoopAfterPrune(t *testing.T) {
 		}
 	}
 }
+
+// slowList runs hook inside its first List of the ipcache prefix: what
+// happens in the store while a list is slower than the log's keep.
+type slowList struct {
+	*counting
+	once sync.Once
+	hook func()
+}
+
+func (s *slowList) List(ctx context.Context, p string) ([]store.KV, uint64, error) {
+	kvs, i, err := s.counting.List(ctx, p)
+	if p == store.IPPrefix+"default/" {
+		s.once.Do(s.hook)
+	}
+	return kvs, i, err
+}
+
+// TestFollowerSaysListSlowerThanKeep: a change written and pruned while
+// the follower lists leaves it behind right after its list; it lists
+// again, and counts and says that a list takes longer than the keep (the
+// loop of a follower whose lists are always slower than the keep).
+func TestFollowerSaysListSlowerThanKeep(t *testing.T) {
+	c := newStore(t)
+	w := &Writer{St: c, Cluster: "default", Node: "h1"}
+	write(t, c, w, 1, "a")
+	p := &Pruner{St: c.Store, Cluster: "default", Keep: time.Minute, Now: func() time.Time { return time.Now().Add(time.Hour) }}
+	st := &slowList{counting: c, hook: func() {
+		write(t, c.Store, w, 2, "b")
+		if _, err := p.Round(context.Background()); err != nil {
+			t.Error(err)
+		}
+	}}
+	fl := follow(t, st, nil)
+	for deadline := time.Now().Add(10 * time.Second); fl.stats().Lists < 2 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	fl.want(t, c)
+	if s := fl.stats(); s.BehindAfterList != 1 || s.Lists != 2 {
+		t.Fatalf("stats %+v: want 1 time behind right after a list, 2 lists", s)
+	}
+}

@@ -77,12 +77,36 @@ func (p *Pruner) Round(ctx context.Context) (int, error) {
 			return 0, errors.New("raise the ipcache log horizon: changed meanwhile; next round")
 		}
 	}
+	// In batches where the store can (one Consul transaction of up to
+	// store.MaxBatch deletions): every deletion is a change of the log
+	// prefix that wakes every follower, so one by one, a large bulk woke
+	// the whole fleet once per entry.
+	bd, _ := p.St.(store.BatchDeleter)
 	n := 0
-	for _, l := range old {
-		if ok, err := p.St.DeleteCAS(ctx, l.key, l.index); err != nil {
-			return n, fmt.Errorf("delete ipcache log entry %s: %w", l.key, err)
-		} else if ok {
-			n++
+	for len(old) > 0 {
+		chunk := old[:min(len(old), store.MaxBatch)]
+		old = old[len(chunk):]
+		if bd != nil && len(chunk) > 1 {
+			kvs := make([]store.KV, 0, len(chunk))
+			for _, l := range chunk {
+				kvs = append(kvs, store.KV{Key: l.key, ModifyIndex: l.index})
+			}
+			ok, err := bd.DeleteCASBatch(ctx, kvs)
+			if err != nil {
+				return n, fmt.Errorf("delete %d ipcache log entries: %w", len(kvs), err)
+			}
+			if ok {
+				n += len(chunk)
+				continue
+			}
+			// An entry changed meanwhile: one by one, skipping it.
+		}
+		for _, l := range chunk {
+			if ok, err := p.St.DeleteCAS(ctx, l.key, l.index); err != nil {
+				return n, fmt.Errorf("delete ipcache log entry %s: %w", l.key, err)
+			} else if ok {
+				n++
+			}
 		}
 	}
 	return n, nil

@@ -27,6 +27,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rackwire/rackwire/daemon/store"
@@ -50,6 +51,7 @@ type Publisher struct {
 	journalPrefix string
 	journal       func(context.Context, []Change) error
 	unjournaled   []Change // changes the journal has not taken yet
+	rejournal     atomic.Bool
 }
 
 // Change is one write (or deletion) of a pass, as the journal gets it.
@@ -249,6 +251,20 @@ func (p *Publisher) pass(ctx context.Context) error {
 		p.mu.Unlock()
 		p.note(o.key, nil, true)
 	}
+	if p.journal != nil && p.rejournal.Swap(false) {
+		p.mu.Lock()
+		keys := make([]string, 0, len(p.published))
+		for k := range p.published {
+			if strings.HasPrefix(k, p.journalPrefix) {
+				keys = append(keys, k)
+			}
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			p.unjournaled = append(p.unjournaled, Change{Key: k, Value: p.published[k]})
+		}
+		p.mu.Unlock()
+	}
 	if p.journal != nil && len(p.unjournaled) > 0 {
 		cctx, cancel := context.WithTimeout(ctx, p.timeout)
 		err := p.journal(cctx, p.unjournaled)
@@ -260,6 +276,17 @@ func (p *Publisher) pass(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Rejournal hands every published key under the journal's prefix to the
+// journal again at the next pass. For a store that rewrote them by itself:
+// Consul deletes a host's owned keys when its session expires and the
+// store writes them back under the new session, without a journal entry,
+// so a follower that listed in between would not see them come back
+// (until its 30-minute re-list).
+func (p *Publisher) Rejournal() {
+	p.rejournal.Store(true)
+	p.Kick()
 }
 
 // note queues a change that reached the store for the journal.

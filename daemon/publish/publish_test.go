@@ -145,4 +145,9 @@ func TestJournal(t *testing.T) {
 	eventually(t, "refused changes journaled again", func() bool {
 		return journal() == "ip/1=a/false ip/2=b/false ip/1=/true" || journal() == "ip/1=a/false ip/1=/true ip/2=b/false"
 	})
+	// The store rewrote the owned keys under a new session: every
+	// published key under the prefix is journaled again, nothing else.
+	before := journal()
+	p.Rejournal()
+	eventually(t, "published keys journaled again", func() bool { return journal() == before+" ip/2=b/false" })
 }

@@ -85,6 +85,26 @@ type Store interface {
 	Close() error
 }
 
+// BatchDeleter is implemented by backends that delete many keys in one
+// write (Consul: one transaction). DeleteCASBatch deletes every key whose
+// ModifyIndex still equals the one given, or none and reports false.
+// Callers fall back to DeleteCAS one key at a time on false.
+type BatchDeleter interface {
+	DeleteCASBatch(ctx context.Context, kvs []KV) (bool, error)
+}
+
+// MaxBatch is the most keys one DeleteCASBatch takes (Consul's limit of
+// operations per transaction).
+const MaxBatch = 64
+
+// KeyWatcher is implemented by backends that can watch a prefix's key
+// names without the values (Consul: ?keys). WatchKeys is Watch without
+// the values: what one change of a large prefix costs a reader that only
+// needs to know whether new keys appeared.
+type KeyWatcher interface {
+	WatchKeys(ctx context.Context, prefix string, index uint64, wait time.Duration) ([]string, uint64, error)
+}
+
 // Health is the store's state as the operator sees it.
 type Health struct {
 	Backend string    `json:"backend"`

@@ -729,6 +729,58 @@ func (s *Store) DeleteCAS(ctx context.Context, key string, index uint64) (bool, 
 	return ok, nil
 }
 
+// DeleteCASBatch implements store.BatchDeleter: one transaction of
+// delete-cas operations (at most store.MaxBatch).
+func (s *Store) DeleteCASBatch(ctx context.Context, kvs []store.KV) (bool, error) {
+	if err := s.checkClosed(); err != nil {
+		return false, err
+	}
+	if len(kvs) > store.MaxBatch {
+		return false, fmt.Errorf("delete %d keys in one transaction: at most %d", len(kvs), store.MaxBatch)
+	}
+	ops := make(api.KVTxnOps, 0, len(kvs))
+	for _, kv := range kvs {
+		ops = append(ops, &api.KVTxnOp{Verb: api.KVDeleteCAS, Key: s.full(kv.Key), Index: kv.ModifyIndex})
+	}
+	ok, _, _, err := s.kv.Txn(ops, s.qopts(ctx, false))
+	if err != nil {
+		return false, s.noteErr(fmt.Sprintf("delete-cas %d keys", len(kvs)), err)
+	}
+	s.noteOK()
+	if ok {
+		s.mu.Lock()
+		for _, kv := range kvs {
+			delete(s.owned, kv.Key)
+		}
+		s.mu.Unlock()
+	}
+	return ok, nil
+}
+
+// WatchKeys implements store.KeyWatcher (a blocking ?keys query).
+func (s *Store) WatchKeys(ctx context.Context, prefix string, index uint64, wait time.Duration) ([]string, uint64, error) {
+	if err := s.checkClosed(); err != nil {
+		return nil, 0, err
+	}
+	q := s.qopts(ctx, true)
+	q.WaitIndex = index
+	q.WaitTime = min(wait, maxWait)
+	ks, meta, err := s.kv.Keys(s.full(prefix), "", q)
+	if err != nil {
+		return nil, 0, s.noteErr("watch keys "+prefix, err)
+	}
+	if err := s.checkFiltered("watch keys "+prefix, meta); err != nil {
+		return nil, 0, err
+	}
+	s.noteOK()
+	out := make([]string, 0, len(ks))
+	for _, k := range ks {
+		out = append(out, s.rel(k))
+	}
+	sort.Strings(out)
+	return out, nonZero(meta.LastIndex), nil
+}
+
 // Health implements store.Store.
 func (s *Store) Health() store.Health {
 	s.mu.Lock()

@@ -1,0 +1,177 @@
+package iplog_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/rackwire/rackwire/daemon/iplog"
+	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/daemon/store/consul"
+	"github.com/rackwire/rackwire/internal/consultest"
+)
+
+// meter wraps the Consul store: it counts the reads a follower makes and
+// the value bytes they return, and can hold the follower's log watches.
+type meter struct {
+	*consul.Store
+	reads, valueBytes atomic.Int64
+	hold              sync.RWMutex
+}
+
+func (m *meter) count(kvs []store.KV) {
+	m.reads.Add(1)
+	for _, kv := range kvs {
+		m.valueBytes.Add(int64(len(kv.Value)))
+	}
+}
+
+func (m *meter) List(ctx context.Context, p string) ([]store.KV, uint64, error) {
+	kvs, i, err := m.Store.List(ctx, p)
+	m.count(kvs)
+	return kvs, i, err
+}
+
+func (m *meter) Watch(ctx context.Context, p string, idx uint64, w time.Duration) ([]store.KV, uint64, error) {
+	m.hold.RLock()
+	defer m.hold.RUnlock()
+	kvs, i, err := m.Store.Watch(ctx, p, idx, w)
+	m.count(kvs)
+	return kvs, i, err
+}
+
+func (m *meter) WatchKeys(ctx context.Context, p string, idx uint64, w time.Duration) ([]string, uint64, error) {
+	m.hold.RLock()
+	defer m.hold.RUnlock()
+	ks, i, err := m.Store.WatchKeys(ctx, p, idx, w)
+	m.count(nil)
+	return ks, i, err
+}
+
+// TestPruneOfBulkConsul: after a bulk of entries, the pruner's deletions
+// cost a follower on real Consul a few reads of key names, not a read of
+// the rest of the log per deletion. Before: the pruner deleted one entry
+// per write and every deletion woke every follower, which read the whole
+// remaining log, values and all — the fleet's steady ~100 requests/s and
+// MB/s "list loop" after every bulk (docs/scale.md).
+func TestPruneOfBulkConsul(t *testing.T) {
+	srv := consultest.Start(t)
+	ctx := context.Background()
+	open := func(node string) *consul.Store {
+		s, err := consul.New(consul.Options{Address: srv.HTTPAddr, Prefix: "rwt/", Node: node, SessionTTL: time.Minute,
+			RenewInterval: time.Second, BackoffMin: 100 * time.Millisecond, BackoffMax: time.Second, CallTimeout: 10 * time.Second}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	}
+	st := open("h1")
+	w := &iplog.Writer{St: st, Cluster: "default", Node: "h1"}
+	const entries, opsPer = 320, 16
+	value := []byte(`{"identity":12345,"node":"h1","tunnel":"10.0.0.1","padding":"0123456789"}`)
+	logBytes := 0
+	kv := srv.Client(t).KV()
+	for e := range entries {
+		var ops []iplog.Op
+		var txn api.KVTxnOps
+		for o := range opsPer {
+			k := fmt.Sprintf("%sdefault/10.1.%d.%d", store.IPPrefix, e, o)
+			ops = append(ops, iplog.Op{Key: k, Value: value})
+			txn = append(txn, &api.KVTxnOp{Verb: api.KVSet, Key: "rwt/" + k, Value: value})
+			logBytes += len(value)
+		}
+		if ok, _, _, err := kv.Txn(txn, nil); err != nil || !ok {
+			t.Fatalf("write the ipcache keys: %v %v", ok, err)
+		}
+		if err := w.Append(ctx, ops); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	m := &meter{Store: open("h2")}
+	var mu sync.Mutex
+	var got map[string]bool
+	var stats iplog.Stats
+	fctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	f := &iplog.Follower{St: m, Cluster: "default", Log: slog.New(slog.DiscardHandler), Wait: 5 * time.Second,
+		Stats: func(s iplog.Stats) { mu.Lock(); stats = s; mu.Unlock() }}
+	go func() {
+		defer close(done)
+		f.Run(fctx, func(kvs []store.KV) {
+			s := map[string]bool{}
+			for _, kv := range kvs {
+				s[kv.Key] = true
+			}
+			mu.Lock()
+			got = s
+			mu.Unlock()
+		})
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	snap := func() (iplog.Stats, int) { mu.Lock(); defer mu.Unlock(); return stats, len(got) }
+	waitFor := func(what string, cond func(iplog.Stats, int) bool) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if s, n := snap(); cond(s, n) {
+				return
+			}
+			if time.Now().After(deadline) {
+				s, n := snap()
+				t.Fatalf("%s: not after 30s (stats %+v, %d keys)", what, s, n)
+			}
+		}
+	}
+	waitFor("the follower read the bulk", func(s iplog.Stats, n int) bool { return s.Mode == "log" && s.LogReads > 0 && n == entries*opsPer })
+	time.Sleep(300 * time.Millisecond)
+	before, _ := snap()
+	m.reads.Store(0)
+	m.valueBytes.Store(0)
+
+	p := &iplog.Pruner{St: st, Cluster: "default", Keep: time.Minute, Log: slog.New(slog.DiscardHandler),
+		Now: func() time.Time { return time.Now().Add(time.Hour) }}
+	start := time.Now()
+	if n, err := p.Round(ctx); err != nil || n != entries {
+		t.Fatalf("prune round = %d, %v; want %d entries", n, err, entries)
+	}
+	took := time.Since(start)
+	time.Sleep(time.Second) // the follower's last wakes
+	reads, vb := m.reads.Load(), m.valueBytes.Load()
+	after, n := snap()
+	t.Logf("prune of %d entries (%d B of values) took %s; the follower made %d reads returning %d B of values, %d lists (%d before)",
+		entries, logBytes, took.Truncate(time.Millisecond), reads, vb, after.Lists, before.Lists)
+	if vb > int64(logBytes)/4 {
+		t.Errorf("the follower read %d B of log values during the prune (the log held %d B): it re-reads the log on deletions", vb, logBytes)
+	}
+	if maxReads := int64(entries/store.MaxBatch + 4); reads > maxReads {
+		t.Errorf("the follower made %d reads during the prune of %d entries, want ≤ %d (one per batch of %d and the horizon)", reads, entries, maxReads, store.MaxBatch)
+	}
+	if after.Lists != before.Lists || n != entries*opsPer {
+		t.Errorf("after the prune: %d lists (was %d), %d keys (want %d): a prune the follower kept up with is no reason to list", after.Lists, before.Lists, n, entries*opsPer)
+	}
+
+	// An entry that comes and goes while the follower does not read (held
+	// here) is noticed by the horizon: the follower lists again.
+	m.hold.Lock()
+	k := store.IPPrefix + "default/10.9.9.9"
+	if err := st.Put(ctx, k, value, store.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Append(ctx, []iplog.Op{{Key: k, Value: value}}); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := p.Round(ctx); err != nil || n != 1 {
+		t.Fatalf("prune round = %d, %v; want 1 entry", n, err)
+	}
+	m.hold.Unlock()
+	waitFor("the follower lists after missing a pruned entry", func(s iplog.Stats, n int) bool {
+		return s.Behind > after.Behind && n == entries*opsPer+1
+	})
+}
