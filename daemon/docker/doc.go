@@ -27,7 +27,11 @@
 //     minutes. It is answered as a /32 (/128): the container gets no
 //     on-link subnet and sends everything through its gateway, exactly as
 //     endpoints added with `rackwire endpoint add`. RequestPool answers
-//     the host's CIDR of the family; its gateway is the link-local
+//     the host's IPv6 CIDR, and for IPv4 0.0.0.0/0 (or the host's CIDR
+//     named by --subnet): dockerd checks an IPv4 pool it did not name
+//     against the host's routes and asks again, forever, on an overlap,
+//     and the host routes its endpoints' /32s inside its CIDR; 0.0.0.0/0
+//     is the one pool it does not check. The gateway is the link-local
 //     169.254.1.1/32 (fe80::1/128), so no workload address is spent on it.
 //  2. NetworkDriver.CreateEndpoint: the manager creates the endpoint,
 //     taking over the reservation: a veth pair with BOTH sides in the host

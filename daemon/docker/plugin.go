@@ -220,7 +220,7 @@ func (d *Driver) requestPool(body []byte) (any, error) {
 		if perr != nil {
 			return nil, fmt.Errorf("subnet %q: %w", in.Pool, perr)
 		}
-		for _, c := range d.eps.Prefixes() {
+		for _, c := range append(d.eps.Prefixes(), anyV4) {
 			if c == want.Masked() {
 				p = c
 			}
@@ -231,6 +231,13 @@ func (d *Driver) requestPool(body []byte) (any, error) {
 		in.V6 = p.Addr().Is6()
 	} else if p, err = d.family(in.V6); err != nil {
 		return nil, err
+	} else if !in.V6 {
+		// dockerd checks a pool it did not ask for against the host's
+		// IPv4 routes and asks again, forever, on an overlap; the host
+		// routes its own endpoints' /32s, so the host CIDR always
+		// overlaps. 0.0.0.0/0 is the one pool it does not check; the
+		// addresses still come from the host's CIDRs (RequestAddress).
+		p = anyV4
 	}
 	id := poolV4
 	if in.V6 {
@@ -238,6 +245,9 @@ func (d *Driver) requestPool(body []byte) (any, error) {
 	}
 	return map[string]any{"PoolID": id, "Pool": p.String(), "Data": map[string]string{gatewayOption: gatewayOf(in.V6).String()}}, nil
 }
+
+// anyV4 is the IPv4 pool answered to dockerd (see requestPool).
+var anyV4 = netip.MustParsePrefix("0.0.0.0/0")
 
 func poolFamily(id string) (v6 bool, err error) {
 	switch id {
@@ -321,7 +331,7 @@ func (d *Driver) createNetwork(body []byte) (any, error) {
 	if !dockerID(in.NetworkID) {
 		return nil, fmt.Errorf("network id %q is not 64 hex digits", in.NetworkID)
 	}
-	ours := map[string]bool{}
+	ours := map[string]bool{anyV4.String(): true}
 	for _, p := range d.eps.Prefixes() {
 		ours[p.String()] = true
 	}

@@ -218,8 +218,11 @@ func TestProtocol(t *testing.T) {
 	}
 	// IPAM: the host's CIDR, a gateway that spends no address.
 	pool := call(t, c, "IpamDriver.RequestPool", `{"AddressSpace":"rackwire","V6":false}`)
-	if pool["Pool"] != "10.9.0.0/24" || pool["PoolID"] != poolV4 || pool["Data"].(map[string]any)[gatewayOption] != "169.254.1.1/32" {
+	if pool["Pool"] != "0.0.0.0/0" || pool["PoolID"] != poolV4 || pool["Data"].(map[string]any)[gatewayOption] != "169.254.1.1/32" {
 		t.Errorf("RequestPool = %v", pool)
+	}
+	if got := call(t, c, "IpamDriver.RequestPool", `{"AddressSpace":"rackwire","Pool":"10.9.0.0/24"}`); got["Pool"] != "10.9.0.0/24" {
+		t.Errorf("RequestPool of the host's CIDR = %v", got)
 	}
 	if got := call(t, c, "IpamDriver.RequestPool", `{"AddressSpace":"rackwire","V6":true}`); !strings.Contains(fmt.Sprint(got["Error"]), "no IPv6 CIDR") {
 		t.Errorf("RequestPool v6 without an IPv6 CIDR = %v, want an Error", got)

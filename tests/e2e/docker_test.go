@@ -237,7 +237,7 @@ func TestDocker(t *testing.T) {
 	plugSock := "/run/docker/plugins/" + driver + ".sock"
 	t.Cleanup(func() { _ = os.Remove(plugSock) })
 	d := newDockerd(t)
-	a := newAgent(t, agentOpts{tag: "dock", cidrs: []string{"10.217.66.0/24"},
+	a := newAgent(t, agentOpts{tag: "dock", cidrs: []string{"10.232.66.0/24"},
 		extra: fmt.Sprintf("[docker]\nenabled = true\nsocket = %q\nengine_socket = %q\n", plugSock, d.sock)})
 	d.importRoot("rwd-deb")
 	d.must("network", "create", "--driver", driver, "--ipam-driver", driver, "rwd-net")
@@ -245,14 +245,18 @@ func TestDocker(t *testing.T) {
 	webID, webSandbox := d.startContainer("rwd-web", "rwd-net", "rwd-deb", "app=web")
 	cliID, _ := d.startContainer("rwd-cli", "rwd-net", "rwd-deb", "app=client")
 	othID, _ := d.startContainer("rwd-oth", "rwd-net", "rwd-deb", "app=other")
+	// A second network while the host routes its endpoints' /32s inside
+	// its CIDR: dockerd checks pools against the host's routes.
+	d.must("network", "create", "--driver", driver, "--ipam-driver", driver, "rwd-net2")
+	d.must("network", "rm", "rwd-net2")
 	web := a.waitEndpoint(t, webID, "app=web")
 	a.waitEndpoint(t, cliID, "app=client")
 	a.waitEndpoint(t, othID, "app=other")
 	if got := d.must("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", "rwd-web"); got != web.IPv4 {
 		t.Errorf("docker says rwd-web has %q, rackwire %q", got, web.IPv4)
 	}
-	if !strings.HasPrefix(web.IPv4, "10.217.66.") || web.Network != "rwd-net" {
-		t.Errorf("web endpoint %+v: want an address of 10.217.66.0/24 and network rwd-net", web)
+	if !strings.HasPrefix(web.IPv4, "10.232.66.") || web.Network != "rwd-net" {
+		t.Errorf("web endpoint %+v: want an address of 10.232.66.0/24 and network rwd-net", web)
 	}
 	// Servers run in the container's namespace (its sandbox key is a
 	// netns file; inNetns takes a name under /run/netns).
