@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"regexp"
+	"strings"
 	"time"
 )
 
@@ -16,7 +18,9 @@ import (
 var ErrGone = errors.New("not found by the Docker Engine API")
 
 // Engine is a minimal Docker Engine API client over its unix socket: the
-// two reads the resolver and the reconciler need.
+// two reads the resolver and the reconciler need (a network, a container
+// of the list; never GET /containers/{id}/json, which waits for the
+// container's lock, held while dockerd waits on the plugin).
 type Engine struct {
 	sock string
 	hc   *http.Client
@@ -36,26 +40,24 @@ func NewEngine(sock string) *Engine {
 
 // NetworkInfo is what GET /networks/{id} says of a network.
 type NetworkInfo struct {
-	ID         string `json:"Id"`
-	Name       string `json:"Name"`
-	Containers map[string]struct {
-		EndpointID string `json:"EndpointID"`
-	} `json:"Containers"`
+	ID   string `json:"Id"`
+	Name string `json:"Name"`
+	// Containers is keyed by container id; while a container is still
+	// joining, its entry is keyed "ep-<endpoint id>" and has its Name.
+	Containers map[string]NetworkMember `json:"Containers"`
 }
 
-// ContainerInfo is what GET /containers/{id}/json says of a container.
-type ContainerInfo struct {
-	ID     string `json:"Id"`
-	Name   string `json:"Name"`
-	Config struct {
-		Labels map[string]string `json:"Labels"`
-	} `json:"Config"`
-	NetworkSettings struct {
-		Networks map[string]struct {
-			NetworkID  string `json:"NetworkID"`
-			EndpointID string `json:"EndpointID"`
-		} `json:"Networks"`
-	} `json:"NetworkSettings"`
+// NetworkMember is one entry of NetworkInfo.Containers.
+type NetworkMember struct {
+	Name       string `json:"Name"`
+	EndpointID string `json:"EndpointID"`
+}
+
+// ContainerSummary is one entry of GET /containers/json.
+type ContainerSummary struct {
+	ID     string            `json:"Id"`
+	Names  []string          `json:"Names"`
+	Labels map[string]string `json:"Labels"`
 }
 
 func (e *Engine) get(ctx context.Context, path string, v any) error {
@@ -91,9 +93,17 @@ func (e *Engine) Network(ctx context.Context, id string) (NetworkInfo, error) {
 	return n, err
 }
 
-// Container inspects a container.
-func (e *Engine) Container(ctx context.Context, id string) (ContainerInfo, error) {
-	var c ContainerInfo
-	err := e.get(ctx, "/containers/"+url.PathEscape(id)+"/json", &c)
-	return c, err
+// ContainerByName lists the container named name (all states). The list
+// is served from dockerd's snapshot, without the container's lock, so it
+// answers even while dockerd waits on the plugin for that container.
+func (e *Engine) ContainerByName(ctx context.Context, name string) (ContainerSummary, error) {
+	f, _ := json.Marshal(map[string][]string{"name": {"^/" + regexp.QuoteMeta(strings.TrimPrefix(name, "/")) + "$"}})
+	var cs []ContainerSummary
+	if err := e.get(ctx, "/containers/json?all=1&filters="+url.QueryEscape(string(f)), &cs); err != nil {
+		return ContainerSummary{}, err
+	}
+	if len(cs) != 1 {
+		return ContainerSummary{}, fmt.Errorf("container %q: %d listed: %w", name, len(cs), ErrGone)
+	}
+	return cs[0], nil
 }
