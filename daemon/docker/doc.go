@@ -42,34 +42,38 @@
 //  3. NetworkDriver.Join: Docker's Join carries no labels and no container
 //     id, only the sandbox key. The endpoint is therefore created fail
 //     closed (endpoint.StatePending, identity reserved:init, no Admit:
-//     nothing passes in either direction) and says so: `endpoint list`
-//     shows the state labels-pending with the reason, the
+//     nothing passes in either direction) and says so while it lasts:
+//     `endpoint list` shows the state labels-pending with the reason, the
 //     rackwire_endpoints{state="labels-pending"} metric counts it, the log
-//     warns. Join records the sandbox key and answers the peer's name
-//     (Docker moves it into the sandbox and renames it after Join
-//     returns), the gateway 169.254.1.1 (fe80::1) and a connected static
-//     route to it, because the container's /32 has no subnet through
-//     which Docker could reach the gateway. Everything is enforced on the
-//     host side before Join returns, so before the container runs.
+//     warns. Join records the sandbox key, then looks the container up
+//     (lookup, below, bounded to 2 s): usually it finds it, and the
+//     endpoint's identity and policy are in force before Join returns, so
+//     before the container runs. Join answers the peer's name (Docker
+//     moves it into the sandbox and renames it after Join returns), the
+//     gateway 169.254.1.1 (fe80::1) and a connected static route to it,
+//     because the container's /32 has no subnet through which Docker
+//     could reach the gateway. The programs are on the host side before
+//     Join returns either way.
 //  4. After Join, asynchronously, the resolver (resolve.go):
 //     a. once the peer is up in the sandbox, adds the permanent neighbour
 //     entries gateway -> host-side MAC there (the host side answers no
 //     ARP or ND: it has no address, docs/endpoints.md). Docker moves and
 //     configures the interface only after Join returns, and a move
 //     flushes a device's neighbours, so this cannot happen in Join.
-//     b. finds the container: GET /networks/{id} on the Engine API lists
-//     the containers attached with their endpoint ids; GET
-//     /containers/{id}/json gives its labels. It cannot happen in Join
-//     either: measured with dockerd 20.10.24, a GET /containers/{id}/json
-//     made from inside Join blocks until Join returns (dockerd holds the
-//     container while it starts it; a 5 s client timeout expired: a
-//     deadlock until the plugin call times out), and the network's list
-//     does not name the endpoint's container before the join completed.
-//     The resolver polls fast
-//     (every 100 ms) while an endpoint is younger than a minute, then
-//     every few seconds, forever: an endpoint whose labels cannot be read
-//     stays closed and says why (Engine API unreachable, container
-//     without an identity-relevant label, ...).
+//     b. for an endpoint still pending, retries the lookup: GET
+//     /networks/{id} lists the endpoint (under "ep-<endpoint id>" with
+//     the container's name while it joins, under the container id once
+//     joined), and GET /containers/json filtered by that name gives the
+//     container's id and labels. Both are served without the container's
+//     lock. GET /containers/{id}/json is never used: measured with
+//     dockerd 20.10.24, made from inside Join it blocks until Join
+//     returns (dockerd holds the container while it starts it; a 5 s
+//     client timeout expired), a deadlock until the plugin call times
+//     out. The resolver polls fast (every 100 ms) while an endpoint is
+//     younger than a minute, then every few seconds, forever: an
+//     endpoint whose labels cannot be read stays closed and says why
+//     (Engine API unreachable, container without an identity-relevant
+//     label, ...).
 //     c. Manager.SetLabels takes the identity and lets the agent admit
 //     the endpoint: its policy goes into its map; from then on it is an
 //     endpoint like any other.

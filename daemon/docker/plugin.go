@@ -48,6 +48,8 @@ const (
 	// reserveTTL bounds an address reservation: Docker creates the
 	// endpoint (or releases the address) milliseconds after asking.
 	reserveTTL = 5 * time.Minute
+	// joinLookup bounds the label lookup Join tries before it returns.
+	joinLookup = 2 * time.Second
 	// maxBody bounds a request body; Docker's are a few hundred bytes.
 	maxBody = 1 << 20
 	// PendingReason is a new endpoint's reason until the resolver says more.
@@ -483,6 +485,12 @@ func (d *Driver) join(body []byte) (any, error) {
 			return nil, err
 		}
 	}
+	// Usually the container can be found already (see lookup): its policy
+	// is then in force before Join returns, so before it runs. If not, it
+	// stays closed and the resolver goes on after Join.
+	jctx, cancel := context.WithTimeout(context.Background(), joinLookup)
+	resolved := d.resolveLabels(jctx, ep)
+	cancel()
 	out := map[string]any{"InterfaceName": map[string]string{"SrcName": d.eps.DetachedPeerName(ep.ID), "DstPrefix": "eth"}}
 	var routes []map[string]any
 	if ep.IPv4.IsValid() {
@@ -494,7 +502,7 @@ func (d *Driver) join(body []byte) (any, error) {
 		routes = append(routes, map[string]any{"Destination": gatewayOf(true).String(), "RouteType": 1})
 	}
 	out["StaticRoutes"] = routes
-	d.log.Info("docker endpoint joined its sandbox", "endpoint_id", ep.ID, "endpoint", ep.Name, "sandbox", in.SandboxKey)
+	d.log.Info("docker endpoint joined its sandbox", "endpoint_id", ep.ID, "endpoint", ep.Name, "sandbox", in.SandboxKey, "labels_known", resolved)
 	d.Kick()
 	return out, nil
 }

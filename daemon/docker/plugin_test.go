@@ -302,7 +302,7 @@ func TestProtocol(t *testing.T) {
 type fakeEngine struct {
 	mu         sync.Mutex
 	networks   map[string]NetworkInfo
-	containers map[string]ContainerInfo
+	containers map[string]ContainerSummary // by name
 	down       bool
 }
 
@@ -318,8 +318,15 @@ func (e *fakeEngine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case strings.HasPrefix(r.URL.Path, "/networks/"):
 		v, ok = e.networks[strings.TrimPrefix(r.URL.Path, "/networks/")]
-	case strings.HasPrefix(r.URL.Path, "/containers/"):
-		v, ok = e.containers[strings.TrimSuffix(strings.TrimPrefix(r.URL.Path, "/containers/"), "/json")]
+	case r.URL.Path == "/containers/json":
+		var f map[string][]string
+		_ = json.Unmarshal([]byte(r.URL.Query().Get("filters")), &f)
+		name := strings.TrimSuffix(strings.TrimPrefix(f["name"][0], "^/"), "$")
+		list := []ContainerSummary{}
+		if c, found := e.containers[name]; found {
+			list = append(list, c)
+		}
+		v, ok = list, true
 	}
 	if !ok {
 		http.Error(w, `{"message":"not found"}`, http.StatusNotFound)
@@ -328,20 +335,18 @@ func (e *fakeEngine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-func networkWith(name string, cid2eid map[string]string) NetworkInfo {
-	n := NetworkInfo{ID: nid, Name: name, Containers: map[string]struct {
-		EndpointID string `json:"EndpointID"`
-	}{}}
-	for c, e := range cid2eid {
-		n.Containers[c] = struct {
-			EndpointID string `json:"EndpointID"`
-		}{e}
+// networkWith lists members by key (a container id, or "ep-<endpoint id>"
+// while joining): name and endpoint id.
+func networkWith(name string, members map[string][2]string) NetworkInfo {
+	n := NetworkInfo{ID: nid, Name: name, Containers: map[string]NetworkMember{}}
+	for key, m := range members {
+		n.Containers[key] = NetworkMember{Name: m[0], EndpointID: m[1]}
 	}
 	return n
 }
 
 func TestResolveAndReconcile(t *testing.T) {
-	eng := &fakeEngine{networks: map[string]NetworkInfo{}, containers: map[string]ContainerInfo{}}
+	eng := &fakeEngine{networks: map[string]NetworkInfo{}, containers: map[string]ContainerSummary{}}
 	_, engSock := serve(t, eng)
 	f := newFake("10.9.0.0/24")
 	d, c := testDriver(t, f, engSock)
@@ -367,11 +372,10 @@ func TestResolveAndReconcile(t *testing.T) {
 	if fast := d.resolvePass(ctx); !fast || f.eps[web].State != endpoint.StatePending {
 		t.Errorf("before the join is listed: fast %v, state %s; want a fast retry, pending", fast, f.eps[web].State)
 	}
-	eng.networks[nid] = networkWith("rwd-net", map[string]string{cid: eid, cid2: strings.Repeat("d", 64)})
-	ci := ContainerInfo{ID: cid}
-	ci.Config.Labels = map[string]string{"app": "web"}
-	eng.containers[cid] = ci
-	eng.containers[cid2] = ContainerInfo{ID: cid2}
+	// web is still joining (listed by name only), nol has joined.
+	eng.networks[nid] = networkWith("rwd-net", map[string][2]string{"ep-" + eid: {"web", eid}, cid2: {"nol", strings.Repeat("d", 64)}})
+	eng.containers["web"] = ContainerSummary{ID: cid, Names: []string{"/web"}, Labels: map[string]string{"app": "web"}}
+	eng.containers["nol"] = ContainerSummary{ID: cid2, Names: []string{"/nol"}}
 	d.resolvePass(ctx)
 	if ep := f.eps[web]; ep.State != endpoint.StateReady || ep.Labels.CLI() != "app=web" || ep.ContainerID != cid || ep.Network != "rwd-net" {
 		t.Errorf("resolved: %+v, want ready app=web of container %s on rwd-net", ep, cid)
@@ -395,7 +399,7 @@ func TestResolveAndReconcile(t *testing.T) {
 		t.Fatalf("reconcile with the engine down deleted %v", f.deleted)
 	}
 	eng.down = false
-	eng.networks[nid] = networkWith("rwd-net", map[string]string{cid: eid})
+	eng.networks[nid] = networkWith("rwd-net", map[string][2]string{cid: {"web", eid}})
 	d.reconcile(ctx)
 	if fmt.Sprint(f.deleted) != "["+nol+"]" {
 		t.Errorf("reconcile deleted %v, want [%s] (its container is gone)", f.deleted, nol)
@@ -404,5 +408,33 @@ func TestResolveAndReconcile(t *testing.T) {
 	d.reconcile(ctx)
 	if len(f.eps) != 0 {
 		t.Errorf("network gone: endpoints left %v", f.List())
+	}
+}
+
+// TestJoinResolves: when the Engine API already lists the joining
+// endpoint (by container name), Join returns with the endpoint's labels
+// and policy in force; when it does not, Join still succeeds, closed.
+func TestJoinResolves(t *testing.T) {
+	eng := &fakeEngine{networks: map[string]NetworkInfo{}, containers: map[string]ContainerSummary{}}
+	_, engSock := serve(t, eng)
+	f := newFake("10.9.0.0/24")
+	_, c := testDriver(t, f, engSock)
+	cid := strings.Repeat("1", 64)
+	eng.networks[nid] = networkWith("rwd-net", map[string][2]string{"ep-" + eid: {"cli", eid}})
+	eng.containers["cli"] = ContainerSummary{ID: cid, Names: []string{"/cli"}, Labels: map[string]string{"app": "client"}}
+	for i, e := range []string{eid, strings.Repeat("e", 64)} {
+		a := call(t, c, "IpamDriver.RequestAddress", `{"PoolID":"rackwire-ipv4"}`)["Address"].(string)
+		call(t, c, "NetworkDriver.CreateEndpoint", `{"NetworkID":"`+nid+`","EndpointID":"`+e+`","Interface":{"Address":"`+a+`"}}`)
+		if got := call(t, c, "NetworkDriver.Join", `{"NetworkID":"`+nid+`","EndpointID":"`+e+`","SandboxKey":"/x"}`); got["Err"] != nil {
+			t.Fatalf("Join = %v", got)
+		}
+		ep, _ := f.FindDocker(e)
+		want := map[int]endpoint.State{0: endpoint.StateReady, 1: endpoint.StatePending}[i]
+		if ep.State != want {
+			t.Errorf("after Join of endpoint %d: %s (%s), want %s", i, ep.State, ep.Pending, want)
+		}
+		if i == 0 && (ep.ContainerID != cid || ep.Labels.CLI() != "app=client") {
+			t.Errorf("resolved at Join: %+v", ep)
+		}
 	}
 }

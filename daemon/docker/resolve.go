@@ -95,39 +95,56 @@ func (d *Driver) resolvePass(ctx context.Context) (fast bool) {
 func (d *Driver) resolveLabels(ctx context.Context, ep endpoint.Endpoint) bool {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	n, err := d.engine.Network(ctx, ep.Docker.NetworkID)
-	if err != nil {
+	c, netName, err := d.lookup(ctx, ep)
+	switch {
+	case errors.Is(err, errNotYet):
+		return false
+	case err != nil:
 		d.setPending(ep, fmt.Sprintf("cannot read the container's labels (%v); closed until the Docker Engine API answers ([docker] engine_socket)", err))
 		return false
 	}
-	cid := ""
-	for id, c := range n.Containers {
-		if c.EndpointID == ep.Docker.EndpointID {
-			cid = id
-		}
-	}
-	if cid == "" {
-		return false // not listed until its container has joined
-	}
-	c, err := d.engine.Container(ctx, cid)
+	labels, err := identity.NewLabels(c.Labels)
 	if err != nil {
-		d.setPending(ep, fmt.Sprintf("cannot read the labels of container %.12s (%v); closed until the Docker Engine API answers", cid, err))
+		d.setPending(ep, fmt.Sprintf("container %.12s: %v; closed: fix its labels (docker run --label KEY=VALUE)", c.ID, err))
 		return false
 	}
-	labels, err := identity.NewLabels(c.Config.Labels)
-	if err != nil {
-		d.setPending(ep, fmt.Sprintf("container %.12s: %v; closed: fix its labels (docker run --label KEY=VALUE)", cid, err))
-		return false
-	}
-	if _, err := d.eps.SetLabels(ctx, ep.Name, cid, n.Name, labels); err != nil {
+	if _, err := d.eps.SetLabels(ctx, ep.Name, c.ID, netName, labels); err != nil {
 		if errors.Is(err, endpoint.ErrNotPending) {
 			return true
 		}
-		d.setPending(ep, fmt.Sprintf("container %.12s: %v; closed until then", cid, err))
+		d.setPending(ep, fmt.Sprintf("container %.12s: %v; closed until then", c.ID, err))
 		return false
 	}
-	d.log.Info("docker endpoint has its labels", "endpoint", ep.Name, "container_id", cid, "network", n.Name, "labels", labels.CLI())
+	d.log.Info("docker endpoint has its labels", "endpoint", ep.Name, "container_id", c.ID, "network", netName, "labels", labels.CLI())
 	return true
+}
+
+// errNotYet: the network does not list the endpoint yet.
+var errNotYet = errors.New("endpoint not listed yet")
+
+// lookup finds the container of a Docker endpoint: the network's list
+// names it (by id once joined; by name under "ep-<endpoint id>" while it
+// joins), and the container list, which dockerd serves without the
+// container's lock, gives its id and labels. Both answer during Join.
+func (d *Driver) lookup(ctx context.Context, ep endpoint.Endpoint) (ContainerSummary, string, error) {
+	n, err := d.engine.Network(ctx, ep.Docker.NetworkID)
+	if err != nil {
+		return ContainerSummary{}, "", err
+	}
+	for key, m := range n.Containers {
+		if m.EndpointID != ep.Docker.EndpointID || m.Name == "" {
+			continue
+		}
+		c, err := d.engine.ContainerByName(ctx, m.Name)
+		if err != nil {
+			return ContainerSummary{}, "", err
+		}
+		if dockerID(key) && key != c.ID {
+			return ContainerSummary{}, "", fmt.Errorf("network %s lists container %.12s as %s, the container list says %.12s", n.Name, key, m.Name, c.ID)
+		}
+		return c, n.Name, nil
+	}
+	return ContainerSummary{}, "", errNotYet
 }
 
 // setPending records a pending endpoint's reason, logging it once.
