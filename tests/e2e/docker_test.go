@@ -254,6 +254,15 @@ func TestDocker(t *testing.T) {
 	webID, webSandbox := d.startContainer("rwd-web", "rwd-net", "rwd-deb", "app=web")
 	cliID, _ := d.startContainer("rwd-cli", "rwd-net", "rwd-deb", "app=client")
 	othID, _ := d.startContainer("rwd-oth", "rwd-net", "rwd-deb", "app=other")
+	// Join looks the labels up itself: normally each container's policy is
+	// in force when `docker run` returns (the resolver covers the rest).
+	atRun := 0
+	for _, id := range []string{webID, cliID, othID} {
+		if ep, ok := a.endpointByCID(t, id); ok && ep.State == "ready" {
+			atRun++
+		}
+	}
+	t.Logf("endpoints ready with their labels when docker run returned: %d of 3", atRun)
 	// A second network while the host routes its endpoints' /32s inside
 	// its CIDR: dockerd checks pools against the host's routes.
 	d.must("network", "create", "--driver", driver, "--ipam-driver", driver, "rwd-net2")
@@ -367,6 +376,10 @@ func TestDocker(t *testing.T) {
 		t.Error(err)
 	}
 	t.Logf("no docker endpoint left %.1fs after rackwired answered again", time.Since(restarted).Seconds())
+	if b, err := os.ReadFile(filepath.Join(a.dir, "rackwired.log")); err == nil {
+		t.Logf("removed by the agent as stale: %d; by dockerd's DeleteEndpoint: %d",
+			strings.Count(string(b), "stale docker endpoint deleted"), strings.Count(string(b), "msg=\"docker endpoint deleted\""))
+	}
 	for _, l := range hostLinks(t) {
 		if strings.HasPrefix(l, "rw0") {
 			t.Errorf("host veth %s left after the dockerd restart", l)
