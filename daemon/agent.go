@@ -212,7 +212,7 @@ func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(strin
 		go func() { defer wg.Done(); f(ctx) }()
 	}
 	a.started.Store(true)
-	return nil
+	return a.startDocker(ctx, wg)
 }
 
 // trigger asks the sync loop for a pass.

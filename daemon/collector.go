@@ -91,7 +91,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.evLost, prometheus.CounterValue, float64(e.Lost), ep)
 		}
 	}
-	counts := map[endpoint.State]int{endpoint.StateReady: 0}
+	counts := map[endpoint.State]int{endpoint.StateReady: 0, endpoint.StatePending: 0}
 	for _, ep := range a.eps.List() {
 		counts[ep.State]++
 	}

@@ -176,6 +176,9 @@ func (a *agent) toAPIEndpoint(ep endpoint.Endpoint) api.Endpoint {
 		out.GatewayIPv6 = endpoint.GatewayIPv6.String()
 		out.Routes = append(out.Routes, api.EndpointRoute{Dst: "::/0", Via: out.GatewayIPv6})
 	}
+	if ep.State == endpoint.StatePending {
+		out.PolicyReason = "closed in both directions: " + ep.Pending
+	}
 	if ep.State == endpoint.StateReady {
 		if st, ok := a.sync.Status(ep.ID); ok && st.State != policysync.StateEnforced {
 			out.State, out.PolicyReason = st.State, st.Reason

@@ -88,7 +88,7 @@ func (d *Daemon) reload(ctx context.Context) {
 type reloader func(ctx context.Context, old, next config.Config) error
 
 // restartSections are the sections that are read once at start.
-var restartSections = map[string]bool{"node": true, "agent": true, "store": true, "ipam": true, "restart": false}
+var restartSections = map[string]bool{"node": true, "agent": true, "store": true, "ipam": true, "restart": false, "docker": true}
 
 func diffSections(a, b config.Config) (changed, restartOnly []string) {
 	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)

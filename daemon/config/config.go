@@ -34,6 +34,7 @@ type Config struct {
 	Restart  Restart  `toml:"restart" json:"restart"`
 	Metrics  Metrics  `toml:"metrics" json:"metrics"`
 	Log      Log      `toml:"log" json:"log"`
+	Docker   Docker   `toml:"docker" json:"docker"`
 
 	// File is the path the config was loaded from ("" for defaults only).
 	File string `toml:"-" json:"file"`
@@ -186,6 +187,19 @@ type Metrics struct {
 	Listen string `toml:"listen" json:"listen"`
 }
 
+// Docker configures the Docker network and IPAM driver (docs/containers.md).
+// The driver's name, for `docker network create --driver`, is the base name
+// of Socket without ".sock".
+type Docker struct {
+	Enabled bool `toml:"enabled" json:"enabled"`
+	// Socket is where the agent serves Docker's plugin protocol; dockerd
+	// finds plugins under /run/docker/plugins.
+	Socket string `toml:"socket" json:"socket"`
+	// EngineSocket is the Docker Engine API the agent reads container
+	// labels from.
+	EngineSocket string `toml:"engine_socket" json:"engine_socket"`
+}
+
 // Log configures logging.
 type Log struct {
 	Level  string `toml:"level" json:"level"`
@@ -282,6 +296,7 @@ func Default() Config {
 		},
 		Metrics: Metrics{Listen: "127.0.0.1:9962"},
 		Log:     Log{Level: "info", Format: "auto"},
+		Docker:  Docker{Socket: "/run/docker/plugins/rackwire.sock", EngineSocket: "/var/run/docker.sock"},
 	}
 }
 

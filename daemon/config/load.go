@@ -218,6 +218,7 @@ func known() []string {
 		"restart.fleet_size", "restart.jitter_window", "restart.backoff_min", "restart.backoff_max",
 		"metrics.listen",
 		"log.level", "log.format",
+		"docker.enabled", "docker.socket", "docker.engine_socket",
 	}
 }
 

@@ -25,6 +25,8 @@ var (
 	reZoneWord  = regexp.MustCompile(`^[A-Za-z0-9_]+$`)
 	reCommunity = regexp.MustCompile(`^\d+:\d+(:\d+)?$`)
 	reLabelKey  = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._/:-]{0,252}\*?$`)
+	// dockerDriverRE: the Docker driver name, the socket's base name.
+	dockerDriverRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
 )
 
 const maxASN = 4294967295
@@ -203,6 +205,15 @@ func (c *Config) validate() []Problem {
 	if c.Metrics.Listen != "" {
 		if _, port, err := net.SplitHostPort(c.Metrics.Listen); err != nil || port == "" {
 			bad("metrics.listen", "%q is not host:port; write e.g. \"127.0.0.1:9962\", or \"\" to disable", c.Metrics.Listen)
+		}
+	}
+
+	// [docker]
+	if c.Docker.Enabled {
+		checkAbs("docker.socket", c.Docker.Socket, true)
+		checkAbs("docker.engine_socket", c.Docker.EngineSocket, true)
+		if name, ok := strings.CutSuffix(filepath.Base(c.Docker.Socket), ".sock"); !ok || !dockerDriverRE.MatchString(name) {
+			bad("docker.socket", "%q does not end in NAME.sock with a driver NAME of lower-case letters, digits, '-', '_' or '.'; write e.g. \"/run/docker/plugins/rackwire.sock\"", c.Docker.Socket)
 		}
 	}
 

@@ -117,7 +117,21 @@ const (
 	// was down (typically: its namespace was deleted). Its id and addresses
 	// stay reserved until it is deleted.
 	StateLost State = "lost"
+	// StatePending is an endpoint plugged before its labels are known
+	// (Docker's Join carries none). It fails closed: its policy map stays
+	// closed in both directions, its identity is reserved:init, and
+	// Endpoint.Pending says why, until SetLabels gives it its identity.
+	StatePending State = "labels-pending"
 )
+
+// DockerAttachment is Docker's key of an endpoint its network driver
+// plugged: the libnetwork network and endpoint ids, and the sandbox (the
+// container's network namespace) it joined.
+type DockerAttachment struct {
+	NetworkID  string `json:"network_id"`
+	EndpointID string `json:"endpoint_id"`
+	SandboxKey string `json:"sandbox_key,omitempty"`
+}
 
 // Endpoint is one workload plugged into this host. It is also the JSON
 // content of its state file and what the API returns.
@@ -152,6 +166,11 @@ type Endpoint struct {
 	IfName      string `json:"ifname,omitempty"`
 	ContainerID string `json:"container_id,omitempty"`
 	Network     string `json:"network,omitempty"`
+
+	// Pending says why a StatePending endpoint has no identity yet.
+	Pending string `json:"pending,omitempty"`
+	// Docker is set for the endpoints Docker's network driver plugged.
+	Docker *DockerAttachment `json:"docker,omitempty"`
 }
 
 // PeerName returns the name of the endpoint side of the veth.
@@ -176,6 +195,10 @@ func (e Endpoint) IPs() []netip.Addr {
 func (e Endpoint) clone() Endpoint {
 	e.Labels = append(identity.Labels(nil), e.Labels...)
 	e.IdentityLabels = append(identity.Labels(nil), e.IdentityLabels...)
+	if e.Docker != nil {
+		d := *e.Docker
+		e.Docker = &d
+	}
 	return e
 }
 
@@ -199,6 +222,22 @@ type Request struct {
 	// a container runtime's attachment (see Manager.Add).
 	ContainerID string
 	Network     string
+
+	// Detach, for a runtime that moves the endpoint side into its sandbox
+	// itself (Docker), creates the endpoint side in the host namespace,
+	// down and unconfigured, named Manager.DetachedPeerName(id);
+	// NetnsPath is then unused. MAC optionally sets its MAC.
+	Detach bool
+	MAC    net.HardwareAddr
+	// Pending plugs the endpoint without labels, fail closed
+	// (StatePending), and says why; SetLabels completes it.
+	Pending string
+	// Reserved says that IP and IPv6 may be addresses this caller
+	// reserved with Reserve; Add takes them over.
+	Reserved bool
+	// Docker is Docker's key of the endpoint; Add of an existing one
+	// returns it.
+	Docker *DockerAttachment
 }
 
 // AttachSpec is what the datapath needs to enforce policy on an endpoint.

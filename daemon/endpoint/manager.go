@@ -15,6 +15,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vishvananda/netns"
+
 	"github.com/rackwire/rackwire/daemon/config"
 	"github.com/rackwire/rackwire/daemon/identity"
 )
@@ -72,13 +74,16 @@ type Manager struct {
 	// address and a half-created endpoint is never in the table.
 	opMu sync.Mutex
 
-	// mu guards byID, held (identity references taken by this process)
-	// and nextID. It is held only briefly, so List and Get never wait for
+	// mu guards byID, held (identity references taken by this process),
+	// nextID and reserved. It is held only briefly, so List and Get never wait for
 	// netlink or the store.
 	mu     sync.Mutex
 	byID   map[uint16]*Endpoint
 	held   map[uint16]bool
 	nextID uint16
+	// reserved are addresses an IPAM (Docker's) handed out for an
+	// endpoint not plugged yet, with their expiry; see Reserve.
+	reserved map[netip.Addr]time.Time
 }
 
 // New opens the host namespace and reads the state directory (creating it if
@@ -109,7 +114,7 @@ func New(opts Options, dp Datapath, ids Identities, log *slog.Logger) (*Manager,
 		return nil, err
 	}
 	m := &Manager{opts: opts, dir: dir, dp: dp, ids: ids, log: log.With("subsys", "endpoint"), host: h,
-		byID: map[uint16]*Endpoint{}, held: map[uint16]bool{}}
+		byID: map[uint16]*Endpoint{}, held: map[uint16]bool{}, reserved: map[netip.Addr]time.Time{}}
 	eps, _, err := loadStates(dir, m.log)
 	if err != nil {
 		h.close()
@@ -293,23 +298,37 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 	if err != nil {
 		return Endpoint{}, err
 	}
-	epNs, err := openNetns(req.NetnsPath)
-	if err != nil {
-		if why := NetnsReason(err); why != "" {
-			// The caller gets NetnsMsg only; the reason is for the operator.
-			m.log.Info("endpoint add: netns refused", "endpoint", req.Name, "netns", truncPath(req.NetnsPath), "reason", why)
+	var epNs netns.NsHandle = -1
+	if req.Detach {
+		if err := checkDetached(req); err != nil {
+			return Endpoint{}, err
 		}
-		return Endpoint{}, err
-	}
-	defer epNs.Close()
-	if epNs.Equal(m.host.ns) {
-		return Endpoint{}, fmt.Errorf("%w: %s is the host's own namespace; an endpoint needs a namespace of its own", ErrNoNetns, req.NetnsPath)
+	} else {
+		epNs, err = openNetns(req.NetnsPath)
+		if err != nil {
+			if why := NetnsReason(err); why != "" {
+				// The caller gets NetnsMsg only; the reason is for the operator.
+				m.log.Info("endpoint add: netns refused", "endpoint", req.Name, "netns", truncPath(req.NetnsPath), "reason", why)
+			}
+			return Endpoint{}, err
+		}
+		defer epNs.Close()
+		if epNs.Equal(m.host.ns) {
+			return Endpoint{}, fmt.Errorf("%w: %s is the host's own namespace; an endpoint needs a namespace of its own", ErrNoNetns, req.NetnsPath)
+		}
 	}
 
 	m.opMu.Lock()
 	defer m.opMu.Unlock()
 
 	m.mu.Lock()
+	if req.Docker != nil {
+		if p := m.findDocker(req.Docker.EndpointID); p != nil {
+			old := p.clone()
+			m.mu.Unlock()
+			return old, nil
+		}
+	}
 	if req.ContainerID != "" {
 		if p := m.findAttachment(req.Network, req.ContainerID, req.IfName); p != nil {
 			old := p.clone()
@@ -321,17 +340,22 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 				ErrExists, req.ContainerID, req.Network, old.Name, old.Netns, old.Labels.CLI())
 		}
 	}
-	used := map[netip.Addr]string{}
+	used := m.usedLocked()
+	if req.Reserved {
+		// The caller's own reservations are free for it.
+		for _, a := range []netip.Addr{want4, want6} {
+			if _, ok := m.reserved[a]; ok {
+				delete(used, a)
+			}
+		}
+	}
 	var nameTaken *Endpoint
 	netnsTaken := ""
 	for _, e := range m.byID {
-		for _, a := range e.IPs() {
-			used[a] = e.Name
-		}
 		if e.Name == req.Name {
 			nameTaken = e
 		}
-		if e.Netns == req.NetnsPath && e.State != StateLost {
+		if !req.Detach && e.Netns == req.NetnsPath && e.State != StateLost {
 			netnsTaken = e.Name
 		}
 	}
@@ -344,13 +368,20 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 	}
 
 	idLabels := labels.Filter(m.opts.IdentityLabels)
-	if len(idLabels) == 0 {
+	if len(idLabels) == 0 && req.Pending == "" {
 		return Endpoint{}, fmt.Errorf("endpoint %s: %w: no identity-relevant label among %q (identity_labels %q); add one, e.g. app=%s",
 			req.Name, ErrBadLabels, labels.CLI(), m.opts.IdentityLabels, req.Name)
 	}
 	ep = Endpoint{Name: req.Name, Netns: req.NetnsPath, State: StateCreating, Labels: labels,
 		IdentityLabels: idLabels, Created: time.Now().UTC().Truncate(time.Second),
 		IfName: req.IfName, ContainerID: req.ContainerID, Network: req.Network}
+	if req.Pending != "" {
+		ep.Labels, ep.IdentityLabels, ep.Pending = nil, nil, req.Pending
+	}
+	if req.Docker != nil {
+		d := *req.Docker
+		ep.Docker = &d
+	}
 	if len(m.opts.CIDRs) == 0 {
 		return Endpoint{}, fmt.Errorf("%w: no [ipam] cidrs configured; add this host's workload CIDR", ErrCIDRExhausted)
 	}
@@ -387,11 +418,15 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 	if err = ctx.Err(); err != nil {
 		return ep, err
 	}
-	ep.Identity, err = m.ids.Allocate(ctx, ep.IdentityLabels)
-	if err != nil {
-		return ep, fmt.Errorf("allocate identity for %s: %w", ep.IdentityLabels.CLI(), err)
+	if ep.Pending != "" {
+		ep.Identity = identity.Init
+	} else {
+		ep.Identity, err = m.ids.Allocate(ctx, ep.IdentityLabels)
+		if err != nil {
+			return ep, fmt.Errorf("allocate identity for %s: %w", ep.IdentityLabels.CLI(), err)
+		}
+		u.push(func() error { return m.release(ep.IdentityLabels) })
 	}
-	u.push(func() error { return m.release(ep.IdentityLabels) })
 
 	if err = m.host.ensureForwarding(ep.IPv4.IsValid(), ep.IPv6.IsValid()); err != nil {
 		return ep, err
@@ -399,7 +434,12 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 	if err = ctx.Err(); err != nil {
 		return ep, err
 	}
-	p, err := m.host.plumb(epNs, ep.HostIfName, ep.PeerName(), m.opts.MTU, ep.IPs())
+	var p plumbing
+	if req.Detach {
+		p, err = m.host.plumbDetached(ep.HostIfName, m.DetachedPeerName(ep.ID), m.opts.MTU, req.MAC)
+	} else {
+		p, err = m.host.plumb(epNs, ep.HostIfName, ep.PeerName(), m.opts.MTU, ep.IPs())
+	}
 	if err != nil {
 		return ep, err
 	}
@@ -419,9 +459,14 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 	// The programs are attached with a closed map and the host side is
 	// still down: Admit writes the policy before anything can pass.
 	ep.State = StateReady
-	u.push(func() error { m.opts.Enforcer.Gone(ep.clone()); return nil })
-	if err = m.opts.Enforcer.Admit(ctx, ep.clone()); err != nil {
-		return ep, fmt.Errorf("enforce policy of %s: %w", ep.Name, err)
+	if ep.Pending != "" {
+		// Fail closed: no Admit, so the map stays closed until SetLabels.
+		ep.State = StatePending
+	} else {
+		u.push(func() error { m.opts.Enforcer.Gone(ep.clone()); return nil })
+		if err = m.opts.Enforcer.Admit(ctx, ep.clone()); err != nil {
+			return ep, fmt.Errorf("enforce policy of %s: %w", ep.Name, err)
+		}
 	}
 	if err = m.host.activate(ep.HostIfIndex, p.peerMAC, ep.IPs()); err != nil {
 		return ep, err
@@ -433,9 +478,19 @@ func (m *Manager) Add(ctx context.Context, req Request) (ep Endpoint, err error)
 	m.mu.Lock()
 	stored := ep.clone()
 	m.byID[ep.ID] = &stored
-	m.held[ep.ID] = true
+	m.held[ep.ID] = ep.Pending == ""
+	if req.Reserved {
+		for _, a := range ep.IPs() {
+			delete(m.reserved, a)
+		}
+	}
 	m.mu.Unlock()
-	log.Info("endpoint added", "identity", ep.Identity, "ifindex", ep.HostIfIndex, "ipv4", ep.IPv4, "ipv6", ep.IPv6)
+	if ep.Pending != "" {
+		log.Warn("endpoint added without labels: closed in both directions until its labels are known", "reason", ep.Pending,
+			"ifindex", ep.HostIfIndex, "ipv4", ep.IPv4, "ipv6", ep.IPv6)
+	} else {
+		log.Info("endpoint added", "identity", ep.Identity, "ifindex", ep.HostIfIndex, "ipv4", ep.IPv4, "ipv6", ep.IPv6)
+	}
 	return ep.clone(), nil
 }
 
@@ -649,8 +704,10 @@ func (m *Manager) readopt(ctx context.Context, ep *Endpoint, log *slog.Logger) e
 		m.store(*ep, false)
 		return nil
 	}
-	changed := ep.State != StateReady
-	ep.State = StateReady
+	changed := ep.State != StateReady && ep.State != StatePending
+	if ep.State != StatePending {
+		ep.State = StateReady
+	}
 	if idx := l.Attrs().Index; idx != ep.HostIfIndex {
 		log.Warn("veth has a new ifindex", "ifname", ep.HostIfName, "ifindex", idx, "old_ifindex", ep.HostIfIndex)
 		ep.HostIfIndex, changed = idx, true
@@ -669,6 +726,21 @@ func (m *Manager) readopt(ctx context.Context, ep *Endpoint, log *slog.Logger) e
 		return err
 	}
 
+	if ep.State == StatePending {
+		// No labels, no identity reference, no Enforcer: the map stays
+		// as closed as it was.
+		if err := m.dp.AttachEndpoint(m.spec(*ep)); err != nil {
+			return fmt.Errorf("re-attach datapath to %s: %w", ep.HostIfName, err)
+		}
+		if changed {
+			if err := writeState(m.dir, *ep); err != nil {
+				return err
+			}
+		}
+		m.store(*ep, false)
+		log.Warn("endpoint restored without labels: closed until its labels are known", "reason", ep.Pending, "ifindex", ep.HostIfIndex)
+		return nil
+	}
 	m.mu.Lock()
 	already := m.held[ep.ID]
 	m.mu.Unlock()

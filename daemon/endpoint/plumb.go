@@ -299,3 +299,26 @@ func sameMAC(a string, b net.HardwareAddr) bool {
 	m, err := net.ParseMAC(a)
 	return err == nil && bytes.Equal(m, b)
 }
+
+// plumbDetached creates the veth pair hostName <-> peerName with both sides
+// in the host namespace, down and without addresses, for a runtime that
+// moves the peer into its sandbox and configures it itself (Docker). mac,
+// if set, is the peer's MAC. On error it deletes the pair.
+func (h *host) plumbDetached(hostName, peerName string, mtu int, mac net.HardwareAddr) (plumbing, error) {
+	if l, err := h.link(peerName); err != nil || l != nil {
+		if err == nil {
+			err = fmt.Errorf("%w: the host already has a link %s", ErrExists, peerName)
+		}
+		return plumbing{}, err
+	}
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostName, MTU: mtu}, PeerName: peerName, PeerHardwareAddr: mac}
+	if err := h.nl.LinkAdd(veth); err != nil {
+		return plumbing{}, fmt.Errorf("create veth %s: %w", hostName, err)
+	}
+	hl, herr := h.nl.LinkByName(hostName)
+	pl, perr := h.nl.LinkByName(peerName)
+	if err := errors.Join(herr, perr); err != nil {
+		return plumbing{}, errors.Join(fmt.Errorf("find new veth pair %s: %w", hostName, err), h.unplumb(hostName))
+	}
+	return plumbing{hostIndex: hl.Attrs().Index, hostMAC: hl.Attrs().HardwareAddr, peerMAC: pl.Attrs().HardwareAddr}, nil
+}

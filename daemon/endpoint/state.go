@@ -140,9 +140,20 @@ func parseState(path, idStr string) (Endpoint, error) {
 		return Endpoint{}, fmt.Errorf("identity labels: %w", err)
 	}
 	switch ep.State {
-	case StateCreating, StateReady, StateLost:
+	case StateLost:
+	case StateCreating, StateReady:
+		if ep.Pending != "" {
+			return Endpoint{}, fmt.Errorf("state %q with a pending reason", ep.State)
+		}
+	case StatePending:
+		if len(ep.IdentityLabels) != 0 {
+			return Endpoint{}, fmt.Errorf("state %q with identity labels", ep.State)
+		}
 	default:
 		return Endpoint{}, fmt.Errorf("unknown state %q", ep.State)
+	}
+	if err := checkDocker(ep.Docker); err != nil {
+		return Endpoint{}, err
 	}
 	if ep.IPv4.IsValid() && !ep.IPv4.Is4() || ep.IPv6.IsValid() && !ep.IPv6.Is6() {
 		return Endpoint{}, fmt.Errorf("address of the wrong family")
