@@ -53,6 +53,10 @@ type agent struct {
 	audit  *auditSet
 	bgp    *bgp.Manager
 	mon    *monitor
+	// uplinkErr is the last error attaching rw_from_uplink (status shows
+	// it); guarded by uplinkMu.
+	uplinkMu  sync.Mutex
+	uplinkErr error
 
 	hostIP netip.Addr
 	hostID string
@@ -196,6 +200,7 @@ func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(strin
 	a.syncIdentities(time.Time{})
 	status("computing policy for %d endpoints", len(a.eps.List()))
 	a.sync.Sync()
+	a.applyUplinks(a.cfg.Datapath)
 	a.publishNode()
 
 	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.nodeWatch, a.hostAddrLoop, a.mon.run,
@@ -297,6 +302,12 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 		old.Datapath.EventsBurst != next.Datapath.EventsBurst {
 		a.log.Warn("[datapath] events, events_rate and events_burst change only on restart (systemctl restart rackwired; forwarding continues)")
 	}
+	if old.Datapath.HostRouting != next.Datapath.HostRouting {
+		a.log.Warn("[datapath] host_routing changes only on restart (systemctl restart rackwired; forwarding continues)")
+	}
+	if fmt.Sprint(old.Datapath.Uplinks) != fmt.Sprint(next.Datapath.Uplinks) {
+		a.applyUplinks(next.Datapath)
+	}
 	if o, n := old.Datapath, next.Datapath; o.CTTimeoutTCP != n.CTTimeoutTCP || o.CTTimeoutTCPSYN != n.CTTimeoutTCPSYN ||
 		o.CTTimeoutTCPClose != n.CTTimeoutTCPClose || o.CTTimeoutOther != n.CTTimeoutOther {
 		a.log.Warn("[datapath] ct_timeout_* change only on restart (systemctl restart rackwired; forwarding continues)")
@@ -310,4 +321,26 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 		a.log.Warn("[bgp] was disabled by a reload; BIRD keeps its last config until the agent restarts")
 	}
 	return nil
+}
+
+// applyUplinks attaches rw_from_uplink to the configured uplinks (default:
+// the devices of the default routes) and detaches it from any other; with
+// host routing "legacy" it detaches from all. A failure leaves that
+// uplink's traffic to the host stack, where rw_to_endpoint still enforces
+// every endpoint's ingress: slower, never wider. Status reports it.
+func (a *agent) applyUplinks(c config.Datapath) {
+	names := c.Uplinks
+	var err error
+	if len(names) == 0 {
+		names, err = datapath.DefaultUplinks()
+	}
+	if err == nil {
+		err = a.dp.SetUplinks(names)
+	}
+	if err != nil {
+		a.log.Error("cannot attach rw_from_uplink to every uplink; their traffic takes the host stack (fix [datapath] uplinks or the routes, then reload)", "err", err)
+	}
+	a.uplinkMu.Lock()
+	a.uplinkErr = err
+	a.uplinkMu.Unlock()
 }
