@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -57,6 +58,8 @@ type agent struct {
 	// it); guarded by uplinkMu.
 	uplinkMu  sync.Mutex
 	uplinkErr error
+	uplinkCfg []string // [datapath] uplinks in force; empty: follow the default routes
+	uplinkSet string   // the devices last applied, joined
 
 	hostIP netip.Addr
 	hostID string
@@ -204,7 +207,7 @@ func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(strin
 	a.publishNode()
 
 	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.nodeWatch, a.hostAddrLoop, a.mon.run,
-		a.waitFirstList, a.runGC, a.pruneIPLog, a.probeStore, func(ctx context.Context) { a.pub.Run(ctx, time.Minute) }}
+		a.uplinkLoop, a.waitFirstList, a.runGC, a.pruneIPLog, a.probeStore, func(ctx context.Context) { a.pub.Run(ctx, time.Minute) }}
 	if a.bgp != nil {
 		loops = append(loops, func(ctx context.Context) {
 			if err := a.bgp.Run(ctx); err != nil && ctx.Err() == nil {
@@ -329,7 +332,14 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 // uplink's traffic to the host stack, where rw_to_endpoint still enforces
 // every endpoint's ingress: slower, never wider. Status reports it.
 func (a *agent) applyUplinks(c config.Datapath) {
-	names := c.Uplinks
+	a.uplinkMu.Lock()
+	defer a.uplinkMu.Unlock()
+	a.uplinkCfg = c.Uplinks
+	a.applyUplinksLocked()
+}
+
+func (a *agent) applyUplinksLocked() {
+	names := a.uplinkCfg
 	var err error
 	if len(names) == 0 {
 		names, err = datapath.DefaultUplinks()
@@ -340,7 +350,29 @@ func (a *agent) applyUplinks(c config.Datapath) {
 	if err != nil {
 		a.log.Error("cannot attach rw_from_uplink to every uplink; their traffic takes the host stack (fix [datapath] uplinks or the routes, then reload)", "err", err)
 	}
-	a.uplinkMu.Lock()
 	a.uplinkErr = err
-	a.uplinkMu.Unlock()
+	a.uplinkSet = strings.Join(names, ",")
+}
+
+// uplinkLoop follows the default routes when [datapath] uplinks is empty
+// (they may come later, from BGP) and retries after a failure, every 5 s.
+func (a *agent) uplinkLoop(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		a.uplinkMu.Lock()
+		if len(a.uplinkCfg) > 0 {
+			if a.uplinkErr != nil {
+				a.applyUplinksLocked()
+			}
+		} else if names, err := datapath.DefaultUplinks(); err == nil && (strings.Join(names, ",") != a.uplinkSet || a.uplinkErr != nil) {
+			a.applyUplinksLocked()
+		}
+		a.uplinkMu.Unlock()
+	}
 }

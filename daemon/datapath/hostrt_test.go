@@ -466,3 +466,37 @@ func TestHostRoutingHonoursForwardingOff(t *testing.T) {
 		t.Errorf("h1 forwarded %d packets with forwarding off", after[HREgressForwarded]-before[HREgressForwarded])
 	}
 }
+
+// TestChooseHostRouting: auto follows the kernel, bpf is refused (with what
+// to do) where the kernel lacks a helper, legacy is always honoured, and
+// the reason names the cause.
+func TestChooseHostRouting(t *testing.T) {
+	full := Features{HostRouting: true, fibLookup: true, checkMTU: true, redirectPeer: true}
+	old := Features{fibLookup: true, redirectPeer: true} // 5.10: no bpf_check_mtu
+	for _, c := range []struct {
+		mode     string
+		f        Features
+		want     string
+		whyPart  string
+		wantFail bool
+	}{
+		{HostRoutingAuto, full, HostRoutingBPF, "has bpf_fib_lookup", false},
+		{"", full, HostRoutingBPF, "auto", false},
+		{HostRoutingAuto, old, HostRoutingLegacy, "lacks bpf_check_mtu (5.12)", false},
+		{HostRoutingBPF, full, HostRoutingBPF, `host_routing = "bpf"`, false},
+		{HostRoutingBPF, old, "", `set "auto" or "legacy"`, true},
+		{HostRoutingLegacy, full, HostRoutingLegacy, `host_routing = "legacy"`, false},
+		{"fast", full, "", "want auto, bpf or legacy", true},
+	} {
+		got, why, err := chooseHostRouting(c.mode, c.f)
+		if c.wantFail {
+			if err == nil || !strings.Contains(err.Error(), c.whyPart) {
+				t.Errorf("chooseHostRouting(%q, %+v) = %q, %v; want an error saying %q", c.mode, c.f, got, err, c.whyPart)
+			}
+			continue
+		}
+		if err != nil || got != c.want || !strings.Contains(why, c.whyPart) {
+			t.Errorf("chooseHostRouting(%q, %+v) = %q, %q, %v; want %q because of %q", c.mode, c.f, got, why, err, c.want, c.whyPart)
+		}
+	}
+}
