@@ -65,6 +65,10 @@ type agentOpts struct {
 	// eventRate and eventBurst are [datapath] events_rate and
 	// events_burst; 0 leaves the agent's default.
 	eventRate, eventBurst int
+	// hostRouting is [datapath] host_routing ("" = "auto"). The agents run
+	// in the machine's own namespace, so [datapath] uplinks is always
+	// ["lo"]: rw_from_uplink never goes on the machine's real uplink.
+	hostRouting string
 }
 
 // testEventsEnv names the variable that sets every test agent's
@@ -124,7 +128,10 @@ func newAgent(t *testing.T, o agentOpts) *agent {
 	if o.policyMax == 0 {
 		o.policyMax = 1024
 	}
-	events := fmt.Sprintf("events = %q\n", eventsMode(t, o))
+	if o.hostRouting == "" {
+		o.hostRouting = "auto"
+	}
+	events := fmt.Sprintf("events = %q\nhost_routing = %q\nuplinks = [\"lo\"]\n", eventsMode(t, o), o.hostRouting)
 	if o.eventRate > 0 {
 		events += fmt.Sprintf("events_rate = %d\n", o.eventRate)
 	}
