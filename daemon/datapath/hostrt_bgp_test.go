@@ -2,11 +2,17 @@ package datapath
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
 
 	"github.com/rackwire/rackwire/birdconf/birdtest"
 	"github.com/rackwire/rackwire/internal/testenv"
@@ -76,6 +82,27 @@ func TestUplinkKeepsBGPAndBFD(t *testing.T) {
 			torSince, _ := birdState(t, torBird, "10.212.0.2")
 
 			d := openTest(t, Options{PinDir: rwhPinDir(t), Attach: mode, HostRouting: HostRoutingBPF})
+			// Another program on the uplink before ours (as the services
+			// datapath's may be): it must stay attached throughout.
+			foreign := foreignProgram(t)
+			var foreignLink link.Link
+			inNS(t, h, func() {
+				ifc, err := net.InterfaceByName("rwhup")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if mode == AttachTCX {
+					foreignLink, err = link.AttachTCX(link.TCXOptions{Interface: ifc.Index, Program: foreign, Attach: ebpf.AttachTCXIngress})
+					if err != nil {
+						t.Fatalf("attach the other tcx program: %v", err)
+					}
+					t.Cleanup(func() { foreignLink.Close() })
+					return
+				}
+				if err := attachTC(ifc.Index, Egress, foreign); err != nil { // clsact ingress, rackwire's endpoint priority
+					t.Fatalf("attach the other tc filter: %v", err)
+				}
+			})
 			t.Cleanup(func() { inNS(t, h, func() { d.SetUplinks(nil) }) })
 			const cycles = 4
 			for i := range cycles {
@@ -112,6 +139,20 @@ func TestUplinkKeepsBGPAndBFD(t *testing.T) {
 			if s2, up2 := birdState(t, torBird, "10.212.0.2"); s2 != torSince || !up2 {
 				t.Errorf("ToR's session: %q, BFD up %v; want %q and up", s2, up2, torSince)
 			}
+			inNS(t, h, func() {
+				ifc, _ := net.InterfaceByName("rwhup")
+				if mode == AttachTCX {
+					res, err := link.QueryPrograms(link.QueryOptions{Target: ifc.Index, Attach: ebpf.AttachTCXIngress})
+					if err != nil || len(res.Programs) != 2 {
+						t.Errorf("tcx ingress of the uplink: %+v, %v; want the other program and rw_from_uplink", res, err)
+					}
+					return
+				}
+				fs, err := netlink.FilterList(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Index: ifc.Index}}, netlink.HANDLE_MIN_INGRESS)
+				if err != nil || len(fs) != 2 {
+					t.Errorf("tc ingress filters of the uplink: %d, %v; want the other filter and rw_from_uplink", len(fs), err)
+				}
+			})
 			cs, err := d.HostRoutingCounters()
 			if err != nil {
 				t.Fatal(err)
@@ -123,4 +164,17 @@ func TestUplinkKeepsBGPAndBFD(t *testing.T) {
 			t.Logf("%s: BGP %q, BFD up; rw_from_uplink passed %d of the host's own packets untouched", mode, s, seen)
 		})
 	}
+}
+
+// foreignProgram is a tc program that passes everything on (TC_ACT_UNSPEC:
+// TCX_NEXT), standing for another datapath's program on the same device.
+func foreignProgram(t *testing.T) *ebpf.Program {
+	t.Helper()
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{Name: "rwh_other", Type: ebpf.SchedCLS, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
 }

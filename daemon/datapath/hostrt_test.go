@@ -11,6 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+
 	"github.com/rackwire/rackwire/internal/testenv"
 )
 
@@ -498,5 +502,82 @@ func TestChooseHostRouting(t *testing.T) {
 		if err != nil || got != c.want || !strings.Contains(why, c.whyPart) {
 			t.Errorf("chooseHostRouting(%q, %+v) = %q, %q, %v; want %q because of %q", c.mode, c.f, got, why, err, c.want, c.whyPart)
 		}
+	}
+}
+
+// TestUplinkSurvivesRestart: rw_from_uplink stays attached when the agent
+// closes its datapath (forwarding continues through a restart); the next
+// agent adopts the attachment (replaced in place, never doubled), and
+// host routing "legacy" on the next start detaches it.
+func TestUplinkSurvivesRestart(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, mode := range []string{AttachTCX, AttachTC} {
+		t.Run(mode, func(t *testing.T) {
+			ns := fmt.Sprintf("rwh_rs_%d_%d", os.Getpid()%100000, pinSeq.Add(1))
+			sh(t, "ip", "netns", "add", ns)
+			t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+			sh(t, "ip", "-n", ns, "link", "add", "rwhup", "type", "veth", "peer", "name", "rwhpeer")
+			ifindex := ifIndexIn(t, ns, "rwhup")
+			attached := func() int {
+				var n int
+				inNS(t, ns, func() {
+					if mode == AttachTCX {
+						res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: ebpf.AttachTCXIngress})
+						if err != nil {
+							t.Fatal(err)
+						}
+						n = len(res.Programs)
+						return
+					}
+					fs, err := netlink.FilterList(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Index: ifindex}}, netlink.HANDLE_MIN_INGRESS)
+					if err != nil {
+						t.Fatal(err)
+					}
+					n = len(fs)
+				})
+				return n
+			}
+			pin := rwhPinDir(t)
+			open := func(hr string) *Datapath {
+				d, err := Open(Options{PinDir: pin, Attach: mode, HostRouting: hr, CTMaxEntries: 4096, IPCacheMaxEntries: 4096, PolicyMaxEntries: 1024}, quietLog())
+				if err != nil {
+					t.Fatal(err)
+				}
+				return d
+			}
+			d := open(HostRoutingBPF)
+			inNS(t, ns, func() {
+				if err := d.SetUplinks([]string{"rwhup"}); err != nil {
+					t.Fatal(err)
+				}
+			})
+			d.Close()
+			if n := attached(); n != 1 {
+				t.Fatalf("after the agent closed: %d programs on the uplink, want 1", n)
+			}
+			d = open(HostRoutingBPF)
+			if got := d.Uplinks(); len(got) != 1 || got[0] != "rwhup" {
+				t.Errorf("restarted agent's Uplinks() = %v, want [rwhup]", got)
+			}
+			inNS(t, ns, func() {
+				if err := d.SetUplinks([]string{"rwhup"}); err != nil {
+					t.Fatal(err)
+				}
+			})
+			if n := attached(); n != 1 {
+				t.Errorf("after the restarted agent attached again: %d programs, want 1 (replaced in place)", n)
+			}
+			d.Close()
+			d = open(HostRoutingLegacy)
+			defer d.Close()
+			inNS(t, ns, func() {
+				if err := d.SetUplinks([]string{"rwhup"}); err != nil {
+					t.Fatal(err)
+				}
+			})
+			if n := attached(); n != 0 || len(d.Uplinks()) != 0 {
+				t.Errorf("legacy after bpf: %d programs, Uplinks() %v; want none", n, d.Uplinks())
+			}
+		})
 	}
 }
