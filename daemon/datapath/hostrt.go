@@ -325,3 +325,20 @@ func (d *Datapath) loadUplink() (*ebpf.Program, error) {
 	}
 	return loadProgram(spec, d.maps, "rw_from_uplink")
 }
+
+// ProgramStats returns the kernel's run statistics (ebpf.EnableStats must
+// be on) of the programs this datapath loaded, by program name.
+func (d *Datapath) ProgramStats() (map[string]ebpf.ProgramStats, error) {
+	out := map[string]ebpf.ProgramStats{}
+	for name, p := range map[string]*ebpf.Program{"rw_from_endpoint": d.from, "rw_to_endpoint": d.to, "rw_from_uplink": d.uplink} {
+		if p == nil {
+			continue
+		}
+		s, err := p.Stats()
+		if err != nil {
+			return nil, fmt.Errorf("stats of %s: %w", name, err)
+		}
+		out[name] = *s
+	}
+	return out, nil
+}

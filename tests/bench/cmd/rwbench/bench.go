@@ -6,11 +6,16 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/rackwire/rackwire/daemon/datapath"
 )
@@ -254,8 +259,19 @@ func profileCross(ctx context.Context, t *topo, modes []mode, dir string, stdout
 		return err
 	}
 	const d = 5 * time.Second
+	// The kernel's run time of each program (BPF_ENABLE_STATS), for the
+	// programs' share of the transaction in the real path.
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		return fmt.Errorf("enable BPF run time statistics: %w", err)
+	}
+	defer stats.Close()
 	for _, m := range modes {
 		if err := t.cross.setMode(m); err != nil {
+			return err
+		}
+		before, err := t.cross.programStats(m)
+		if err != nil {
 			return err
 		}
 		out := filepath.Join(dir, fmt.Sprintf("cross-%s.data", m))
@@ -272,6 +288,44 @@ func profileCross(ctx context.Context, t *topo, modes []mode, dir string, stdout
 			return err
 		}
 		fmt.Fprintf(stdout, "profile cross-host %s: %.0f trans/s, %.2f us CPU per transaction (client+server) -> %s\n", modeLabels[m], r.rate(), cpu/1e3, out)
+		after, err := t.cross.programStats(m)
+		if err != nil {
+			return err
+		}
+		var total time.Duration
+		for _, k := range slices.Sorted(maps.Keys(after)) {
+			runs := after[k].RunCount - before[k].RunCount
+			rt := after[k].Runtime - before[k].Runtime
+			if runs == 0 || r.Ops == 0 {
+				continue
+			}
+			total += rt
+			fmt.Fprintf(stdout, "  %-28s %.2f runs per transaction, %4.0f ns per run, %.2f us per transaction\n",
+				k, float64(runs)/float64(r.Ops), float64(rt.Nanoseconds())/float64(runs), float64(rt.Nanoseconds())/float64(r.Ops)/1e3)
+		}
+		if r.Ops > 0 {
+			fmt.Fprintf(stdout, "  BPF programs in total: %.2f us per transaction\n", float64(total.Nanoseconds())/float64(r.Ops)/1e3)
+		}
 	}
 	return nil
+}
+
+// programStats sums the run statistics of the programs of the datapaths
+// the pair's sides use in mode m, by "side/program".
+func (p *pair) programStats(m mode) (map[string]ebpf.ProgramStats, error) {
+	out := map[string]ebpf.ProgramStats{}
+	for _, s := range []*side{&p.client, &p.server} {
+		d := s.dps[m]
+		if d == nil {
+			continue
+		}
+		st, err := d.ProgramStats()
+		if err != nil {
+			return nil, err
+		}
+		for k, v := range st {
+			out[s.ep.Name+"/"+k] = v
+		}
+	}
+	return out, nil
 }
