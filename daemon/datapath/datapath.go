@@ -519,12 +519,14 @@ func (d *Datapath) Close() error {
 }
 
 // Cleanup removes everything rackwire pinned under pinDir: links (which
-// detaches tcx programs) and maps. Legacy tc filters are removed by
-// DetachEndpoint, or go away with their veth.
+// detaches tcx programs) and maps, and the legacy tc filters of
+// rw_from_uplink recorded there. Endpoints' legacy tc filters are removed
+// by DetachEndpoint, or go away with their veth.
 func Cleanup(pinDir string) error {
 	if pinDir == "" {
 		pinDir = "/sys/fs/bpf/rackwire"
 	}
+	cleanupUplinkFilters(pinDir)
 	if err := os.RemoveAll(pinDir); err != nil {
 		return fmt.Errorf("remove pins under %s: %w", pinDir, err)
 	}

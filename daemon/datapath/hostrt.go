@@ -223,6 +223,19 @@ func (d *Datapath) attachUplinkLocked(name string) error {
 	return nil
 }
 
+// cleanupUplinkFilters removes the legacy tc filter of rw_from_uplink from
+// every uplink recorded under pinDir (best effort: Cleanup goes on).
+func cleanupUplinkFilters(pinDir string) {
+	ents, _ := os.ReadDir(filepath.Join(pinDir, "links"))
+	for _, e := range ents {
+		if n, ok := strings.CutPrefix(e.Name(), "rw_uplink_"); ok && e.IsDir() {
+			if l, err := netlink.LinkByName(n); err == nil {
+				_ = detachTCUplink(l.Attrs().Index)
+			}
+		}
+	}
+}
+
 func detachTCUplink(ifindex int) error {
 	f := &netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{
 		LinkIndex: ifindex, Parent: netlink.HANDLE_MIN_INGRESS, Handle: tcUplinkHandle,

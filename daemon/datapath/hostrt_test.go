@@ -508,7 +508,7 @@ func TestChooseHostRouting(t *testing.T) {
 // TestUplinkSurvivesRestart: rw_from_uplink stays attached when the agent
 // closes its datapath (forwarding continues through a restart); the next
 // agent adopts the attachment (replaced in place, never doubled), and
-// host routing "legacy" on the next start detaches it.
+// host routing "legacy" on the next start detaches it, and so does Cleanup.
 func TestUplinkSurvivesRestart(t *testing.T) {
 	testenv.RequireRoot(t)
 	for _, mode := range []string{AttachTCX, AttachTC} {
@@ -577,6 +577,22 @@ func TestUplinkSurvivesRestart(t *testing.T) {
 			})
 			if n := attached(); n != 0 || len(d.Uplinks()) != 0 {
 				t.Errorf("legacy after bpf: %d programs, Uplinks() %v; want none", n, d.Uplinks())
+			}
+			// Cleanup (rackwired cleanup) takes it off too, tc filter included.
+			d2 := open(HostRoutingBPF)
+			inNS(t, ns, func() {
+				if err := d2.SetUplinks([]string{"rwhup"}); err != nil {
+					t.Fatal(err)
+				}
+			})
+			d2.Close()
+			inNS(t, ns, func() {
+				if err := Cleanup(pin); err != nil {
+					t.Fatal(err)
+				}
+			})
+			if n := attached(); n != 0 {
+				t.Errorf("after Cleanup: %d programs on the uplink, want 0", n)
 			}
 		})
 	}
