@@ -11,6 +11,10 @@
  * rw_to_endpoint would) in the sender's program, then redirected straight
  * into the receiver's namespace: the host stack and the receiver's veth
  * egress hook never see it. See rw_local_deliver.
+ *
+ * With rw_host_routing set, a packet for any other destination leaves
+ * through rw_fib_forward (hostrt.h), and rw_from_uplink delivers packets
+ * from other hosts with rw_peer_deliver.
  */
 #pragma once
 
@@ -26,6 +30,7 @@
 #include "ct.h"
 #include "frag.h"
 #include "events.h"
+#include "hostrt.h"
 
 /*
  * rw_flow_scratch: one struct flow per CPU for the packet an ICMP error
@@ -189,49 +194,46 @@ static __always_inline int __mac_eq(const __u8 *a, const __u8 *b)
 }
 
 /*
- * rw_local_deliver runs in the sender's program after its egress policy let
- * the packet through. When the destination is a local endpoint the host
- * could route to directly, it decides the receiver's ingress (rw_enforce,
- * as rw_to_endpoint would, attributed to the receiver) and, if that passes,
- * does what the router would (MACs, TTL / hop limit, IPv4 checksum) and
- * redirects into the receiver's namespace. Anything it does not handle
- * (not local, no MACs known, not addressed to the sender's gateway MAC,
- * TTL about to expire, larger than the receiver's MTU, the sender's own
- * veth) passes untouched to the host stack, where rw_to_endpoint decides as
- * before: the eligibility checks run before any ingress decision, so no
- * packet is decided twice.
+ * rw_peer_deliver decides a packet for the local endpoint dst (its
+ * ingress, rw_enforce, exactly as rw_to_endpoint would) and, if that
+ * passes, does what the router would (MACs, TTL / hop limit, IPv4
+ * checksum) and redirects it into dst's namespace with bpf_redirect_peer.
+ * Anything it does not handle (no MACs known, dst's veth is the device the
+ * packet came from, TTL about to expire, larger than dst's MTU) passes
+ * untouched to the host stack, where rw_to_endpoint decides as before: the
+ * eligibility checks run before any ingress decision, so no packet is
+ * decided twice. slot is the rw_hostrt counter of a delivery (RW_HR_SLOTS:
+ * none).
  */
-static __always_inline int rw_local_deliver(struct __sk_buff *skb, struct flow *f,
-					    struct endpoint_info *src)
+static __always_inline int rw_peer_deliver(struct __sk_buff *skb, struct flow *f,
+					   struct endpoint_info *dst, __u32 slot)
 {
-	struct endpoint_info *dst;
-	struct ip_key k = {};
 	__u8 l2[12], ttl[2];
 	__u32 ifindex, hop_off, mtu_len = 0;
 	int ret;
 
-	__builtin_memcpy(k.addr, f->daddr, 16);
-	k.family = f->family;
-	dst = bpf_map_lookup_elem(&rw_endpoints, &k);
-	if (!dst)
-		return RW_PASS;
 	ifindex = dst->ifindex;
-	if (!ifindex || ifindex == skb->ifindex || __mac_zero(dst->mac) ||
-	    __mac_zero(dst->node_mac) || __mac_zero(src->node_mac))
+	if (!ifindex || ifindex == skb->ifindex || __mac_zero(dst->mac) || __mac_zero(dst->node_mac)) {
+		if (slot < RW_HR_SLOTS)
+			hostrt_count(RW_HR_STACK_OTHER, skb->len);
 		return RW_PASS;
-	/* Only what the stack would route: sent to the sender's gateway MAC. */
-	if (bpf_skb_load_bytes(skb, 0, l2, 6) < 0 || !__mac_eq(l2, src->node_mac))
-		return RW_PASS;
+	}
 	/* TTL 1: the stack answers with time exceeded. ttl[1] is the IPv4 protocol. */
 	hop_off = f->family == 4 ? ETH_HLEN + 8 : ETH_HLEN + 7;
-	if (bpf_skb_load_bytes(skb, hop_off, ttl, f->family == 4 ? 2 : 1) < 0 || ttl[0] <= 1)
+	if (bpf_skb_load_bytes(skb, hop_off, ttl, 2) < 0 || ttl[0] <= 1) {
+		if (slot < RW_HR_SLOTS)
+			hostrt_count(RW_HR_STACK_TTL, skb->len);
 		return RW_PASS;
+	}
 	/*
 	 * Too big for the receiver's veth: the redirect would drop it silently,
 	 * the stack sends "fragmentation needed" / "packet too big".
 	 */
-	if (bpf_check_mtu(skb, ifindex, &mtu_len, 0, 0) != 0)
+	if (bpf_check_mtu(skb, ifindex, &mtu_len, 0, 0) != 0) {
+		if (slot < RW_HR_SLOTS)
+			hostrt_count(RW_HR_STACK_MTU, skb->len);
 		return RW_PASS;
+	}
 
 	ret = rw_enforce(skb, f, RW_DIR_INGRESS, dst, ifindex);
 	if (ret != RW_PASS)
@@ -239,25 +241,61 @@ static __always_inline int rw_local_deliver(struct __sk_buff *skb, struct flow *
 
 	__builtin_memcpy(&l2[0], dst->mac, 6);
 	__builtin_memcpy(&l2[6], dst->node_mac, 6);
-	if (f->family == 4) {
-		__be16 old, new;
-
-		__builtin_memcpy(&old, ttl, 2);
-		ttl[0]--;
-		__builtin_memcpy(&new, ttl, 2);
-		if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, old, new, 2) < 0)
-			goto fail;
-	} else {
-		ttl[0]--;
-	}
-	if (bpf_skb_store_bytes(skb, hop_off, ttl, 1, 0) < 0 ||
+	if (__hop_decrement(skb, f->family, hop_off, ttl) < 0 ||
 	    bpf_skb_store_bytes(skb, 0, l2, 12, 0) < 0)
 		goto fail;
+	if (slot < RW_HR_SLOTS)
+		hostrt_count(slot, skb->len);
 	return bpf_redirect_peer(ifindex, 0);
 fail:
 	/* Decided but not deliverable (no memory to unshare the skb). */
 	return __rw_drop(skb, f, RW_DIR_INGRESS, dst->endpoint, 0, 0, RW_DROP_INVALID_PACKET,
 			 ifindex);
+}
+
+/*
+ * rw_local_deliver runs in the sender's program after its egress policy let
+ * the packet through to the local endpoint dst. Only what the host would
+ * route goes the fast path (rw_peer_deliver): a frame sent to the sender's
+ * gateway MAC, with both endpoints' MACs known; anything else passes to the
+ * host stack.
+ */
+static __always_inline int rw_local_deliver(struct __sk_buff *skb, struct flow *f,
+					    struct endpoint_info *src, struct endpoint_info *dst)
+{
+	__u8 l2[6];
+
+	if (__mac_zero(src->node_mac))
+		return RW_PASS;
+	/* Only what the stack would route: sent to the sender's gateway MAC. */
+	if (bpf_skb_load_bytes(skb, 0, l2, 6) < 0 || !__mac_eq(l2, src->node_mac))
+		return RW_PASS;
+	return rw_peer_deliver(skb, f, dst, RW_HR_SLOTS);
+}
+
+/*
+ * rw_forward sends a packet the sender's egress policy let through on a
+ * fast path: to a local endpoint (rw_local_deliver, with rw_redirect_peer)
+ * or to any other destination (rw_fib_forward, with rw_host_routing).
+ */
+static __always_inline int rw_forward(struct __sk_buff *skb, struct flow *f,
+				      struct endpoint_info *src)
+{
+	struct endpoint_info *dst;
+	struct ip_key k = {};
+
+	__builtin_memcpy(k.addr, f->daddr, 16);
+	k.family = f->family;
+	dst = bpf_map_lookup_elem(&rw_endpoints, &k);
+	if (dst) {
+		if (rw_redirect_peer)
+			return rw_local_deliver(skb, f, src, dst);
+		return RW_PASS;
+	}
+	if (rw_host_routing)
+		return rw_fib_forward(skb, f->family,
+				      (__u32)f->sport << 16 | f->dport);
+	return RW_PASS;
 }
 
 /* rw_handle enforces dir (RW_DIR_EGRESS: sent by the endpoint) on skb. */
@@ -296,7 +334,7 @@ static __always_inline int rw_handle(struct __sk_buff *skb, __u8 dir)
 	ret = rw_enforce(skb, &f, dir, epi, skb->ifindex);
 	if (ret == RW_PASS)
 		frag_remember(skb, &f);
-	if (dir == RW_DIR_EGRESS && rw_redirect_peer && ret == RW_PASS)
-		return rw_local_deliver(skb, &f, epi);
+	if (dir == RW_DIR_EGRESS && (rw_redirect_peer || rw_host_routing) && ret == RW_PASS)
+		return rw_forward(skb, &f, epi);
 	return ret;
 }

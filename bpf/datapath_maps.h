@@ -140,6 +140,14 @@ struct {
 	__type(value, struct metrics_value);
 } rw_metrics SEC(".maps");
 
+/* rw_hostrt: per-CPU host routing counters by enum rw_hostrt_slot (hostrt.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RW_HR_SLOTS);
+	__type(key, __u32);
+	__type(value, struct metrics_value);
+} rw_hostrt SEC(".maps");
+
 /*
  * rw_btf_types keeps every struct shared with Go in the object's BTF (clang
  * leaves out structs only reached through the inner-map template or sizeof),
@@ -161,5 +169,6 @@ struct rw_btf_types {
 	struct event event;
 	struct event_limit event_limit;
 	enum rw_reason reason;
+	enum rw_hostrt_slot hostrt_slot;
 };
 struct rw_btf_types rw_btf_types SEC(".rw_btf") __attribute__((used));

@@ -56,6 +56,23 @@ enum rw_reason {
 	RW_REASON_COUNT          = 13,  /* metrics slots: -reason */
 };
 
+/*
+ * rw_hostrt slots: what host routing (the fast path to and from other
+ * hosts, hostrt.h) did with a packet, counted per CPU in a metrics_value.
+ * The STACK_* slots are packets it left to the host stack, by why.
+ */
+enum rw_hostrt_slot {
+	RW_HR_EGRESS_FWD      = 0, /* sent to the next hop (bpf_fib_lookup + bpf_redirect) */
+	RW_HR_INGRESS_FWD     = 1, /* from an uplink into a local endpoint (bpf_redirect_peer) */
+	RW_HR_STACK_TTL       = 2, /* TTL / hop limit <= 1: the stack sends time exceeded */
+	RW_HR_STACK_MTU       = 3, /* larger than the next device's MTU: the stack reports it */
+	RW_HR_STACK_NO_NEIGH  = 4, /* next hop's neighbour entry unknown: the stack resolves it */
+	RW_HR_STACK_FIB       = 5, /* route lookup did not say "forward" (local, unreachable, ...) */
+	RW_HR_STACK_OTHER     = 6, /* not for the host's MAC, no MACs known, fragment, ... */
+	RW_HR_STACK_NOT_LOCAL = 7, /* uplink: no local endpoint has the destination */
+	RW_HR_SLOTS           = 8,
+};
+
 /* IP address as a map key (rw_endpoints, rw_ipcache): IPv4 in the first 4 bytes. */
 struct ip_key {
 	__u8 addr[16]; /* network order */

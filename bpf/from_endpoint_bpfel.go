@@ -24,8 +24,10 @@ const (
 	FromEndpointMapRwEventLimit      = "rw_event_limit"
 	FromEndpointMapRwEventScratch    = "rw_event_scratch"
 	FromEndpointMapRwEvents          = "rw_events"
+	FromEndpointMapRwFibScratch      = "rw_fib_scratch"
 	FromEndpointMapRwFlowScratch     = "rw_flow_scratch"
 	FromEndpointMapRwFrag            = "rw_frag"
+	FromEndpointMapRwHostrt          = "rw_hostrt"
 	FromEndpointMapRwIpcache         = "rw_ipcache"
 	FromEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
 	FromEndpointMapRwMetrics         = "rw_metrics"
@@ -40,6 +42,7 @@ const (
 	FromEndpointVarRwEventBurst      = "rw_event_burst"
 	FromEndpointVarRwEventRate       = "rw_event_rate"
 	FromEndpointVarRwEventsPerf      = "rw_events_perf"
+	FromEndpointVarRwHostRouting     = "rw_host_routing"
 	FromEndpointVarRwRedirectPeer    = "rw_redirect_peer"
 	FromEndpointVarRwTraceSample     = "rw_trace_sample"
 )
@@ -101,8 +104,10 @@ type FromEndpointMapSpecs struct {
 	RwEventLimit   *ebpf.MapSpec `ebpf:"rw_event_limit"`
 	RwEventScratch *ebpf.MapSpec `ebpf:"rw_event_scratch"`
 	RwEvents       *ebpf.MapSpec `ebpf:"rw_events"`
+	RwFibScratch   *ebpf.MapSpec `ebpf:"rw_fib_scratch"`
 	RwFlowScratch  *ebpf.MapSpec `ebpf:"rw_flow_scratch"`
 	RwFrag         *ebpf.MapSpec `ebpf:"rw_frag"`
+	RwHostrt       *ebpf.MapSpec `ebpf:"rw_hostrt"`
 	RwIpcache      *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm   *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.MapSpec `ebpf:"rw_metrics"`
@@ -122,6 +127,7 @@ type FromEndpointVariableSpecs struct {
 	RwEventBurst      *ebpf.VariableSpec `ebpf:"rw_event_burst"`
 	RwEventRate       *ebpf.VariableSpec `ebpf:"rw_event_rate"`
 	RwEventsPerf      *ebpf.VariableSpec `ebpf:"rw_events_perf"`
+	RwHostRouting     *ebpf.VariableSpec `ebpf:"rw_host_routing"`
 	RwRedirectPeer    *ebpf.VariableSpec `ebpf:"rw_redirect_peer"`
 	RwTraceSample     *ebpf.VariableSpec `ebpf:"rw_trace_sample"`
 }
@@ -154,8 +160,10 @@ type FromEndpointMaps struct {
 	RwEventLimit   *ebpf.Map `ebpf:"rw_event_limit"`
 	RwEventScratch *ebpf.Map `ebpf:"rw_event_scratch"`
 	RwEvents       *ebpf.Map `ebpf:"rw_events"`
+	RwFibScratch   *ebpf.Map `ebpf:"rw_fib_scratch"`
 	RwFlowScratch  *ebpf.Map `ebpf:"rw_flow_scratch"`
 	RwFrag         *ebpf.Map `ebpf:"rw_frag"`
+	RwHostrt       *ebpf.Map `ebpf:"rw_hostrt"`
 	RwIpcache      *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm   *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.Map `ebpf:"rw_metrics"`
@@ -173,8 +181,10 @@ func (m *FromEndpointMaps) Close() error {
 		m.RwEventLimit,
 		m.RwEventScratch,
 		m.RwEvents,
+		m.RwFibScratch,
 		m.RwFlowScratch,
 		m.RwFrag,
+		m.RwHostrt,
 		m.RwIpcache,
 		m.RwIpcacheLpm,
 		m.RwMetrics,
@@ -195,6 +205,7 @@ type FromEndpointVariables struct {
 	RwEventBurst      *ebpf.Variable `ebpf:"rw_event_burst"`
 	RwEventRate       *ebpf.Variable `ebpf:"rw_event_rate"`
 	RwEventsPerf      *ebpf.Variable `ebpf:"rw_events_perf"`
+	RwHostRouting     *ebpf.Variable `ebpf:"rw_host_routing"`
 	RwRedirectPeer    *ebpf.Variable `ebpf:"rw_redirect_peer"`
 	RwTraceSample     *ebpf.Variable `ebpf:"rw_trace_sample"`
 }

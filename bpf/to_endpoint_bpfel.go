@@ -24,8 +24,10 @@ const (
 	ToEndpointMapRwEventLimit      = "rw_event_limit"
 	ToEndpointMapRwEventScratch    = "rw_event_scratch"
 	ToEndpointMapRwEvents          = "rw_events"
+	ToEndpointMapRwFibScratch      = "rw_fib_scratch"
 	ToEndpointMapRwFlowScratch     = "rw_flow_scratch"
 	ToEndpointMapRwFrag            = "rw_frag"
+	ToEndpointMapRwHostrt          = "rw_hostrt"
 	ToEndpointMapRwIpcache         = "rw_ipcache"
 	ToEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
 	ToEndpointMapRwMetrics         = "rw_metrics"
@@ -40,6 +42,7 @@ const (
 	ToEndpointVarRwEventBurst      = "rw_event_burst"
 	ToEndpointVarRwEventRate       = "rw_event_rate"
 	ToEndpointVarRwEventsPerf      = "rw_events_perf"
+	ToEndpointVarRwHostRouting     = "rw_host_routing"
 	ToEndpointVarRwRedirectPeer    = "rw_redirect_peer"
 	ToEndpointVarRwTraceSample     = "rw_trace_sample"
 )
@@ -101,8 +104,10 @@ type ToEndpointMapSpecs struct {
 	RwEventLimit   *ebpf.MapSpec `ebpf:"rw_event_limit"`
 	RwEventScratch *ebpf.MapSpec `ebpf:"rw_event_scratch"`
 	RwEvents       *ebpf.MapSpec `ebpf:"rw_events"`
+	RwFibScratch   *ebpf.MapSpec `ebpf:"rw_fib_scratch"`
 	RwFlowScratch  *ebpf.MapSpec `ebpf:"rw_flow_scratch"`
 	RwFrag         *ebpf.MapSpec `ebpf:"rw_frag"`
+	RwHostrt       *ebpf.MapSpec `ebpf:"rw_hostrt"`
 	RwIpcache      *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm   *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.MapSpec `ebpf:"rw_metrics"`
@@ -122,6 +127,7 @@ type ToEndpointVariableSpecs struct {
 	RwEventBurst      *ebpf.VariableSpec `ebpf:"rw_event_burst"`
 	RwEventRate       *ebpf.VariableSpec `ebpf:"rw_event_rate"`
 	RwEventsPerf      *ebpf.VariableSpec `ebpf:"rw_events_perf"`
+	RwHostRouting     *ebpf.VariableSpec `ebpf:"rw_host_routing"`
 	RwRedirectPeer    *ebpf.VariableSpec `ebpf:"rw_redirect_peer"`
 	RwTraceSample     *ebpf.VariableSpec `ebpf:"rw_trace_sample"`
 }
@@ -154,8 +160,10 @@ type ToEndpointMaps struct {
 	RwEventLimit   *ebpf.Map `ebpf:"rw_event_limit"`
 	RwEventScratch *ebpf.Map `ebpf:"rw_event_scratch"`
 	RwEvents       *ebpf.Map `ebpf:"rw_events"`
+	RwFibScratch   *ebpf.Map `ebpf:"rw_fib_scratch"`
 	RwFlowScratch  *ebpf.Map `ebpf:"rw_flow_scratch"`
 	RwFrag         *ebpf.Map `ebpf:"rw_frag"`
+	RwHostrt       *ebpf.Map `ebpf:"rw_hostrt"`
 	RwIpcache      *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm   *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.Map `ebpf:"rw_metrics"`
@@ -173,8 +181,10 @@ func (m *ToEndpointMaps) Close() error {
 		m.RwEventLimit,
 		m.RwEventScratch,
 		m.RwEvents,
+		m.RwFibScratch,
 		m.RwFlowScratch,
 		m.RwFrag,
+		m.RwHostrt,
 		m.RwIpcache,
 		m.RwIpcacheLpm,
 		m.RwMetrics,
@@ -195,6 +205,7 @@ type ToEndpointVariables struct {
 	RwEventBurst      *ebpf.Variable `ebpf:"rw_event_burst"`
 	RwEventRate       *ebpf.Variable `ebpf:"rw_event_rate"`
 	RwEventsPerf      *ebpf.Variable `ebpf:"rw_events_perf"`
+	RwHostRouting     *ebpf.Variable `ebpf:"rw_host_routing"`
 	RwRedirectPeer    *ebpf.Variable `ebpf:"rw_redirect_peer"`
 	RwTraceSample     *ebpf.Variable `ebpf:"rw_trace_sample"`
 }

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -53,6 +54,12 @@ type agent struct {
 	audit  *auditSet
 	bgp    *bgp.Manager
 	mon    *monitor
+	// uplinkErr is the last error attaching rw_from_uplink (status shows
+	// it); guarded by uplinkMu.
+	uplinkMu  sync.Mutex
+	uplinkErr error
+	uplinkCfg []string // [datapath] uplinks in force; empty: follow the default routes
+	uplinkSet string   // the devices last applied, joined
 
 	hostIP netip.Addr
 	hostID string
@@ -196,10 +203,11 @@ func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(strin
 	a.syncIdentities(time.Time{})
 	status("computing policy for %d endpoints", len(a.eps.List()))
 	a.sync.Sync()
+	a.applyUplinks(a.cfg.Datapath)
 	a.publishNode()
 
 	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.nodeWatch, a.hostAddrLoop, a.mon.run,
-		a.waitFirstList, a.runGC, a.pruneIPLog, a.probeStore, func(ctx context.Context) { a.pub.Run(ctx, time.Minute) }}
+		a.uplinkLoop, a.waitFirstList, a.runGC, a.pruneIPLog, a.probeStore, func(ctx context.Context) { a.pub.Run(ctx, time.Minute) }}
 	if a.bgp != nil {
 		loops = append(loops, func(ctx context.Context) {
 			if err := a.bgp.Run(ctx); err != nil && ctx.Err() == nil {
@@ -297,6 +305,12 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 		old.Datapath.EventsBurst != next.Datapath.EventsBurst {
 		a.log.Warn("[datapath] events, events_rate and events_burst change only on restart (systemctl restart rackwired; forwarding continues)")
 	}
+	if old.Datapath.HostRouting != next.Datapath.HostRouting {
+		a.log.Warn("[datapath] host_routing changes only on restart (systemctl restart rackwired; forwarding continues)")
+	}
+	if fmt.Sprint(old.Datapath.Uplinks) != fmt.Sprint(next.Datapath.Uplinks) {
+		a.applyUplinks(next.Datapath)
+	}
 	if o, n := old.Datapath, next.Datapath; o.CTTimeoutTCP != n.CTTimeoutTCP || o.CTTimeoutTCPSYN != n.CTTimeoutTCPSYN ||
 		o.CTTimeoutTCPClose != n.CTTimeoutTCPClose || o.CTTimeoutOther != n.CTTimeoutOther {
 		a.log.Warn("[datapath] ct_timeout_* change only on restart (systemctl restart rackwired; forwarding continues)")
@@ -310,4 +324,55 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 		a.log.Warn("[bgp] was disabled by a reload; BIRD keeps its last config until the agent restarts")
 	}
 	return nil
+}
+
+// applyUplinks attaches rw_from_uplink to the configured uplinks (default:
+// the devices of the default routes) and detaches it from any other; with
+// host routing "legacy" it detaches from all. A failure leaves that
+// uplink's traffic to the host stack, where rw_to_endpoint still enforces
+// every endpoint's ingress: slower, never wider. Status reports it.
+func (a *agent) applyUplinks(c config.Datapath) {
+	a.uplinkMu.Lock()
+	defer a.uplinkMu.Unlock()
+	a.uplinkCfg = c.Uplinks
+	a.applyUplinksLocked()
+}
+
+func (a *agent) applyUplinksLocked() {
+	names := a.uplinkCfg
+	var err error
+	if len(names) == 0 {
+		names, err = datapath.DefaultUplinks()
+	}
+	if err == nil {
+		err = a.dp.SetUplinks(names)
+	}
+	if err != nil {
+		a.log.Error("cannot attach rw_from_uplink to every uplink; their traffic takes the host stack (fix [datapath] uplinks or the routes, then reload)", "err", err)
+	}
+	a.uplinkErr = err
+	a.uplinkSet = strings.Join(names, ",")
+}
+
+// uplinkLoop follows the default routes when [datapath] uplinks is empty
+// (they may come later, from BGP) and retries after a failure, every 5 s.
+func (a *agent) uplinkLoop(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		a.uplinkMu.Lock()
+		if len(a.uplinkCfg) > 0 {
+			if a.uplinkErr != nil {
+				a.applyUplinksLocked()
+			}
+		} else if names, err := datapath.DefaultUplinks(); err == nil && (strings.Join(names, ",") != a.uplinkSet || a.uplinkErr != nil) {
+			a.applyUplinksLocked()
+		}
+		a.uplinkMu.Unlock()
+	}
 }

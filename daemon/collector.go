@@ -24,6 +24,7 @@ type agentCollector struct {
 	epPolicy, polLoaded, polWrites, polWriteErrs, syncAge *prometheus.Desc
 	ipcEntries, ipcFailing, refused, dupNode              *prometheus.Desc
 	evReported, evSuppressed, evLost                      *prometheus.Desc
+	hrPackets, hrBytes                                    *prometheus.Desc
 }
 
 func newAgentCollector(a *agent) *agentCollector {
@@ -55,6 +56,8 @@ func newAgentCollector(a *agent) *agentCollector {
 
 		evReported:   d("events_reported_total", "Datapath events (drops, audit, traces) of the endpoint written for `rackwire monitor`.", "endpoint"),
 		evSuppressed: d("events_suppressed_total", "Datapath events of the endpoint not reported because they exceeded its rate limit ([datapath] events_rate, events_burst); the packets were not affected.", "endpoint"),
+		hrPackets:    d("host_routing_packets_total", "Packets of eBPF host routing by outcome: egress_forwarded, ingress_forwarded (the fast path to and from other hosts), or stack_* (left to the host stack, by why).", "outcome"),
+		hrBytes:      d("host_routing_bytes_total", "Bytes of eBPF host routing by outcome, as host_routing_packets_total.", "outcome"),
 		evLost:       d("events_lost_total", "Datapath events of the endpoint within its rate limit that the transport refused (full, or a perf array without a reader).", "endpoint"),
 	}
 }
@@ -63,7 +66,7 @@ func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.dpPackets, c.dpBytes, c.endpoints, c.identities, c.policies,
 		c.bgpUp, c.bgpExported, c.bgpImported, c.bgpDrained, c.vipUp,
 		c.epPolicy, c.polLoaded, c.polWrites, c.polWriteErrs, c.syncAge, c.ipcEntries, c.ipcFailing, c.refused, c.dupNode,
-		c.evReported, c.evSuppressed, c.evLost} {
+		c.evReported, c.evSuppressed, c.evLost, c.hrPackets, c.hrBytes} {
 		ch <- d
 	}
 }
@@ -81,6 +84,12 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		for _, m := range ms {
 			ch <- prometheus.MustNewConstMetric(c.dpPackets, prometheus.CounterValue, float64(m.Packets), m.Reason.String(), m.Direction.String())
 			ch <- prometheus.MustNewConstMetric(c.dpBytes, prometheus.CounterValue, float64(m.Bytes), m.Reason.String(), m.Direction.String())
+		}
+	}
+	if hs, err := a.dp.HostRoutingCounters(); err == nil {
+		for _, h := range hs {
+			ch <- prometheus.MustNewConstMetric(c.hrPackets, prometheus.CounterValue, float64(h.Packets), h.Name)
+			ch <- prometheus.MustNewConstMetric(c.hrBytes, prometheus.CounterValue, float64(h.Bytes), h.Name)
 		}
 	}
 	if evs, err := a.dp.EventCounts(); err == nil {

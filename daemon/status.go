@@ -75,14 +75,24 @@ func (a *agent) status(ctx context.Context, st *api.Status) {
 		"attach": f.AttachMode, "pin_dir": a.dp.PinDir(), "audit": strconv.FormatBool(a.cfg.Datapath.PolicyAuditMode),
 		"events": f.Events, "events_why": f.EventsWhy, "events_limit": eventLimitText(a.dp.EventLimit()),
 	}}
+	st.Datapath.Detail["host_routing"] = f.HostRoutingMode
+	st.Datapath.Detail["host_routing_why"] = f.HostRoutingWhy
+	st.Datapath.Detail["uplinks"] = strings.Join(a.dp.Uplinks(), ",")
 	if len(f.Fallbacks) > 0 {
 		st.Datapath.State = api.StateDegraded
 		st.Datapath.Message = strings.Join(f.Fallbacks, "; ")
 	}
+	a.uplinkMu.Lock()
+	if a.uplinkErr != nil {
+		st.Datapath.State = api.StateDegraded
+		st.Datapath.Message = strings.TrimPrefix(st.Datapath.Message+"; uplinks: "+a.uplinkErr.Error()+" (their traffic takes the host stack)", "; ")
+	}
+	a.uplinkMu.Unlock()
 	st.Kernel = []api.KernelFeature{
 		{Name: "tcx", Available: f.TCX, Fallback: fallback(f.TCX, "legacy clsact tc filters")},
 		{Name: "ringbuf", Available: f.RingBuf, Fallback: fallback(f.RingBuf, "events on a perf event array")},
 		{Name: "redirect_peer", Available: f.RedirectPeer, Fallback: fallback(f.RedirectPeer, "local delivery through the host stack")},
+		{Name: "host_routing", Available: f.HostRouting, Fallback: fallback(f.HostRouting, "traffic to and from other hosts through the host stack")},
 		{Name: "lpm_trie", Available: f.LPM, Fallback: fallback(f.LPM, "no CIDR prefixes in the ipcache")},
 		{Name: "btf", Available: f.BTF, Fallback: fallback(f.BTF, "no CO-RE; objects built for this kernel only")},
 		{Name: "hash_of_maps", Available: f.HashOfMaps, Fallback: fallback(f.HashOfMaps, "required: the datapath cannot run")},

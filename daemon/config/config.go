@@ -118,6 +118,13 @@ type Datapath struct {
 	// audit, traces): per second, and bucket size. Packets are not limited.
 	EventsRate  uint32 `toml:"events_rate" json:"events_rate"`
 	EventsBurst uint32 `toml:"events_burst" json:"events_burst"`
+	// HostRouting: "auto" (BPF where the kernel has the helpers), "bpf"
+	// or "legacy": whether traffic to and from other hosts bypasses the
+	// host's routing and netfilter (docs/datapath.md "Host routing").
+	HostRouting string `toml:"host_routing" json:"host_routing"`
+	// Uplinks are the devices rw_from_uplink attaches to with host routing
+	// "bpf"; empty: the devices of the default routes.
+	Uplinks []string `toml:"uplinks" json:"uplinks"`
 }
 
 // BGP configures the BIRD integration.
@@ -280,6 +287,7 @@ func Default() Config {
 			Events:            "auto",
 			EventsRate:        100,
 			EventsBurst:       1000,
+			HostRouting:       "auto",
 		},
 		BGP: BGP{
 			BirdConfig: "/etc/bird/bird.conf",

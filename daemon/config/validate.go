@@ -183,6 +183,16 @@ func (c *Config) validate() []Problem {
 	// what one reader decodes (a million a second).
 	checkRange("datapath.events_rate", int(c.Datapath.EventsRate), 1, 1_000_000)
 	checkRange("datapath.events_burst", int(c.Datapath.EventsBurst), 1, 1_000_000)
+	switch c.Datapath.HostRouting {
+	case "auto", "bpf", "legacy":
+	default:
+		bad("datapath.host_routing", "%q is not a host routing mode; write \"auto\", \"bpf\" (kernel 5.12+) or \"legacy\" (the host stack)", c.Datapath.HostRouting)
+	}
+	for i, u := range c.Datapath.Uplinks {
+		if u == "" || len(u) > 15 || strings.ContainsAny(u, "/ \t\n") {
+			bad(fmt.Sprintf("datapath.uplinks[%d]", i), "%q is not a network device name", u)
+		}
+	}
 
 	// [bgp]
 	c.validateBGP(bad, cidrs)

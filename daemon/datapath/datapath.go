@@ -64,6 +64,10 @@ type Options struct {
 	// by default such traffic is decided for both endpoints in the sender's
 	// program and redirected straight into the receiver's namespace.
 	NoRedirectPeer bool
+	// HostRouting is "auto" (default: "bpf" where the kernel has the
+	// helpers), "bpf" (refused where it lacks them) or "legacy": whether
+	// traffic to and from other hosts takes the BPF fast path (hostrt.go).
+	HostRouting string
 	// Idle time after which a CT entry no longer counts and policy decides
 	// again; zero takes the default: established TCP 6h, TCP that saw only
 	// SYNs 60s, TCP after a FIN both ways or an RST 10s, other 60s.
@@ -101,6 +105,7 @@ func OptionsFromConfig(c config.Datapath) Options {
 		Events:            c.Events,
 		EventRate:         c.EventsRate,
 		EventBurst:        c.EventsBurst,
+		HostRouting:       c.HostRouting,
 	}
 }
 
@@ -115,6 +120,9 @@ func (o *Options) defaults() error {
 	case AttachAuto, AttachTCX, AttachTC:
 	default:
 		return fmt.Errorf("attach mode %q: want auto, tcx or tc", o.Attach)
+	}
+	if o.HostRouting == "" {
+		o.HostRouting = HostRoutingAuto // chooseHostRouting refuses unknown modes
 	}
 	if o.Events == "" {
 		o.Events = EventsAuto // chooseEvents refuses unknown modes
@@ -152,9 +160,13 @@ type Datapath struct {
 	// events is the event transport in force (EventsRingBuf or EventsPerf)
 	// and eventsWhy the reason it was chosen.
 	events, eventsWhy string
+	// hostRouting is the host routing mode in force (HostRoutingBPF or
+	// HostRoutingLegacy) and hostRoutingWhy the reason it was chosen.
+	hostRouting, hostRoutingWhy string
 
 	maps     map[string]*ebpf.Map // rw_* maps by name, pinned
 	from, to *ebpf.Program
+	uplink   *ebpf.Program // rw_from_uplink; nil unless host routing is "bpf"
 	inner    *ebpf.MapSpec // template of rw_policy_NNNNN
 
 	// mu guards policy, the open per-endpoint policy maps, and serialises
@@ -189,11 +201,15 @@ func Open(opts Options, log *slog.Logger) (*Datapath, error) {
 	if d.events, d.eventsWhy, err = chooseEvents(opts.Events, d.features.RingBuf); err != nil {
 		return nil, err
 	}
+	if d.hostRouting, d.hostRoutingWhy, err = chooseHostRouting(opts.HostRouting, d.features); err != nil {
+		return nil, err
+	}
 	if err := d.load(); err != nil {
 		d.Close()
 		return nil, err
 	}
-	log.Info("datapath ready", "pin_dir", opts.PinDir, "attach", d.mode, "events", d.events, "events_why", d.eventsWhy)
+	log.Info("datapath ready", "pin_dir", opts.PinDir, "attach", d.mode, "events", d.events, "events_why", d.eventsWhy,
+		"host_routing", d.hostRouting, "host_routing_why", d.hostRoutingWhy)
 	return d, nil
 }
 
@@ -228,42 +244,55 @@ func (d *Datapath) sharedSpecs() (from, to *ebpf.CollectionSpec, err error) {
 		return nil, nil, fmt.Errorf("parse to_endpoint object: %w", err)
 	}
 	for _, s := range []*ebpf.CollectionSpec{from, to} {
-		if err := s.Variables["rw_audit_mode"].Set(boolByte(d.opts.Audit)); err != nil {
-			return nil, nil, fmt.Errorf("set audit mode: %w", err)
-		}
-		if err := s.Variables["rw_trace_sample"].Set(d.opts.TraceSample); err != nil {
-			return nil, nil, fmt.Errorf("set trace sample: %w", err)
-		}
-		for name, v := range map[string]any{
-			"rw_events_perf": boolByte(d.events == EventsPerf),
-			"rw_event_rate":  uint64(d.opts.EventRate),
-			"rw_event_burst": uint64(d.opts.EventBurst),
-		} {
-			if err := s.Variables[name].Set(v); err != nil {
-				return nil, nil, fmt.Errorf("set %s: %w", name, err)
-			}
-		}
-		if d.events == EventsPerf {
-			perfEvents(s.Maps["rw_events"])
-		}
-		// Only rw_from_endpoint redirects; the other object may not have it.
-		if v, ok := s.Variables["rw_redirect_peer"]; ok {
-			if err := v.Set(boolByte(d.localRedirect())); err != nil {
-				return nil, nil, fmt.Errorf("set redirect peer: %w", err)
-			}
-		}
-		for name, v := range map[string]time.Duration{
-			"rw_ct_timeout_tcp":     d.opts.CTTimeoutTCP,
-			"rw_ct_timeout_tcp_syn": d.opts.CTTimeoutTCPSYN,
-			"rw_ct_timeout_close":   d.opts.CTTimeoutClose,
-			"rw_ct_timeout_other":   d.opts.CTTimeoutOther,
-		} {
-			if err := s.Variables[name].Set(uint64(max(v, 0))); err != nil {
-				return nil, nil, fmt.Errorf("set %s: %w", name, err)
-			}
+		if err := d.setVariables(s); err != nil {
+			return nil, nil, err
 		}
 	}
 	return from, to, nil
+}
+
+// setVariables writes the per-load settings into an object's spec.
+func (d *Datapath) setVariables(s *ebpf.CollectionSpec) error {
+	if err := s.Variables["rw_audit_mode"].Set(boolByte(d.opts.Audit)); err != nil {
+		return fmt.Errorf("set audit mode: %w", err)
+	}
+	if err := s.Variables["rw_trace_sample"].Set(d.opts.TraceSample); err != nil {
+		return fmt.Errorf("set trace sample: %w", err)
+	}
+	for name, v := range map[string]any{
+		"rw_events_perf": boolByte(d.events == EventsPerf),
+		"rw_event_rate":  uint64(d.opts.EventRate),
+		"rw_event_burst": uint64(d.opts.EventBurst),
+	} {
+		if err := s.Variables[name].Set(v); err != nil {
+			return fmt.Errorf("set %s: %w", name, err)
+		}
+	}
+	if d.events == EventsPerf {
+		perfEvents(s.Maps["rw_events"])
+	}
+	// Only rw_from_endpoint redirects; the other object may not have it.
+	if v, ok := s.Variables["rw_redirect_peer"]; ok {
+		if err := v.Set(boolByte(d.localRedirect())); err != nil {
+			return fmt.Errorf("set redirect peer: %w", err)
+		}
+	}
+	if v, ok := s.Variables["rw_host_routing"]; ok {
+		if err := v.Set(boolByte(d.hostRouting == HostRoutingBPF)); err != nil {
+			return fmt.Errorf("set host routing: %w", err)
+		}
+	}
+	for name, v := range map[string]time.Duration{
+		"rw_ct_timeout_tcp":     d.opts.CTTimeoutTCP,
+		"rw_ct_timeout_tcp_syn": d.opts.CTTimeoutTCPSYN,
+		"rw_ct_timeout_close":   d.opts.CTTimeoutClose,
+		"rw_ct_timeout_other":   d.opts.CTTimeoutOther,
+	} {
+		if err := s.Variables[name].Set(uint64(max(v, 0))); err != nil {
+			return fmt.Errorf("set %s: %w", name, err)
+		}
+	}
+	return nil
 }
 
 // localRedirect reports whether local delivery uses bpf_redirect_peer.
@@ -356,6 +385,11 @@ func (d *Datapath) load() error {
 	d.to, err = loadProgram(to, d.maps, "rw_to_endpoint")
 	if err != nil {
 		return err
+	}
+	if d.hostRouting == HostRoutingBPF {
+		if d.uplink, err = d.loadUplink(); err != nil {
+			return err
+		}
 	}
 	if err := d.migrateAfter(mig); err != nil {
 		return err
@@ -452,6 +486,7 @@ func (d *Datapath) Features() Features {
 	f.AttachMode = d.mode
 	f.LocalRedirect = d.localRedirect()
 	f.Events, f.EventsWhy = d.events, d.eventsWhy
+	f.HostRoutingMode, f.HostRoutingWhy = d.hostRouting, d.hostRoutingWhy
 	return f
 }
 
@@ -477,16 +512,21 @@ func (d *Datapath) Close() error {
 	if d.to != nil {
 		d.to.Close()
 	}
+	if d.uplink != nil {
+		d.uplink.Close()
+	}
 	return nil
 }
 
 // Cleanup removes everything rackwire pinned under pinDir: links (which
-// detaches tcx programs) and maps. Legacy tc filters are removed by
-// DetachEndpoint, or go away with their veth.
+// detaches tcx programs) and maps, and the legacy tc filters of
+// rw_from_uplink recorded there. Endpoints' legacy tc filters are removed
+// by DetachEndpoint, or go away with their veth.
 func Cleanup(pinDir string) error {
 	if pinDir == "" {
 		pinDir = "/sys/fs/bpf/rackwire"
 	}
+	cleanupUplinkFilters(pinDir)
 	if err := os.RemoveAll(pinDir); err != nil {
 		return fmt.Errorf("remove pins under %s: %w", pinDir, err)
 	}

@@ -33,6 +33,24 @@
 // the host stack and rw_to_endpoint as before. Features().LocalRedirect
 // says which was chosen; it is a load-time constant of the programs.
 //
+// Host routing (hostrt.go, bpf/hostrt.h, bpf/from_uplink.c): with
+// Options.HostRouting "bpf" (or "auto" where Features().HostRouting),
+// rw_from_endpoint sends allowed packets for non-local destinations to
+// their next hop with bpf_fib_lookup + bpf_redirect, and rw_from_uplink,
+// attached by SetUplinks to the ingress of the uplinks, decides a local
+// endpoint's ingress for packets from other hosts and delivers them with
+// bpf_redirect_peer. Data: the mode is a load-time constant
+// (rw_host_routing), chosen at Open (HostRouting() says which and why);
+// the uplink attachments are pinned under links/rw_uplink_NAME (tcx) or are
+// clsact filters of priority 0x7275 recorded by a directory of that name,
+// so a restarted agent finds, keeps or detaches them; only SetUplinks
+// changes them (the agent on start, on reload of [datapath] uplinks, and
+// when the default routes change). Anything the fast paths do not handle
+// (TTL, MTU, unknown neighbour, non-forward FIB answers, host traffic)
+// passes untouched to the host stack, counted in rw_hostrt
+// (HostRoutingCounters); an uplink that cannot be attached leaves its
+// traffic to the stack, where rw_to_endpoint enforces as before.
+//
 // Port ranges keep the 8-byte key: a range is split into the fewest aligned
 // power-of-two blocks, and bits 1-4 of the key's direction byte hold log2 of
 // the block size (0 = one port; the dport field holds the block's first

@@ -3,6 +3,7 @@ package datapath
 import (
 	"errors"
 	"os"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -22,6 +23,15 @@ type Features struct {
 	// LocalRedirect: Open chose bpf_redirect_peer for local endpoint-to-
 	// endpoint traffic (RedirectPeer and not Options.NoRedirectPeer).
 	LocalRedirect bool `json:"local_redirect"`
+	// HostRouting: the kernel has what host routing "bpf" needs:
+	// bpf_fib_lookup (4.18), bpf_redirect_peer (5.10), bpf_check_mtu (5.12).
+	HostRouting bool `json:"host_routing"`
+	// HostRoutingMode is the mode Open chose ("bpf" or "legacy") and
+	// HostRoutingWhy the reason ([datapath] host_routing, or the kernel).
+	HostRoutingMode string `json:"host_routing_mode"`
+	HostRoutingWhy  string `json:"host_routing_why"`
+	// fibLookup, checkMTU: the single probes, for the reason in HostRoutingWhy.
+	fibLookup, checkMTU, redirectPeer bool
 	// Events is the event transport Open chose ("ringbuf" or "perf") and
 	// EventsWhy the reason ([datapath] events, or what the kernel has).
 	Events    string   `json:"events"`
@@ -39,8 +49,11 @@ func probeFeatures() Features {
 	f.HashOfMaps = features.HaveMapType(ebpf.HashOfMaps) == nil
 	// The local fast path needs both: the MTU check keeps too-big packets
 	// on the host stack, which reports them.
-	f.RedirectPeer = features.HaveProgramHelper(ebpf.SchedCLS, asm.FnRedirectPeer) == nil &&
-		features.HaveProgramHelper(ebpf.SchedCLS, asm.FnCheckMtu) == nil
+	f.redirectPeer = features.HaveProgramHelper(ebpf.SchedCLS, asm.FnRedirectPeer) == nil
+	f.checkMTU = features.HaveProgramHelper(ebpf.SchedCLS, asm.FnCheckMtu) == nil
+	f.fibLookup = features.HaveProgramHelper(ebpf.SchedCLS, asm.FnFibLookup) == nil
+	f.RedirectPeer = f.redirectPeer && f.checkMTU
+	f.HostRouting = f.RedirectPeer && f.fibLookup
 	_, err = os.Stat("/sys/kernel/btf/vmlinux")
 	f.BTF = !errors.Is(err, os.ErrNotExist) && err == nil
 	if !f.TCX {
@@ -52,8 +65,28 @@ func probeFeatures() Features {
 	if !f.RedirectPeer {
 		f.Fallbacks = append(f.Fallbacks, "local delivery through the host stack")
 	}
+	if !f.HostRouting {
+		f.Fallbacks = append(f.Fallbacks, "traffic to and from other hosts through the host stack (no "+f.hostRoutingMissing()+")")
+	}
 	if !f.BTF {
 		f.Fallbacks = append(f.Fallbacks, "no kernel BTF: objects carry their own BTF, nothing lost")
 	}
 	return f
+}
+
+// hostRoutingMissing names the helpers host routing "bpf" lacks.
+func (f Features) hostRoutingMissing() string {
+	var miss []string
+	for _, h := range []struct {
+		ok   bool
+		name string
+	}{{f.fibLookup, "bpf_fib_lookup (4.18)"}, {f.redirectPeer, "bpf_redirect_peer (5.10)"}, {f.checkMTU, "bpf_check_mtu (5.12)"}} {
+		if !h.ok {
+			miss = append(miss, h.name)
+		}
+	}
+	if len(miss) == 0 {
+		return "nothing"
+	}
+	return strings.Join(miss, ", ")
 }

@@ -99,16 +99,7 @@ func newTopoPrefix(t *testing.T, prefix, tag string) *topo {
 	for _, side := range []struct {
 		ns, hostIf, subnet, subnet6 string
 	}{{tp.a, tp.hostA, "10.201.1", "fd20:1:"}, {tp.b, tp.hostB, "10.201.2", "fd20:2:"}} {
-		sh(t, "ip", "-n", tp.host, "link", "add", side.hostIf, "type", "veth", "peer", "name", "eth0", "netns", side.ns)
-		sh(t, "ip", "-n", tp.host, "addr", "add", side.subnet+".1/24", "dev", side.hostIf)
-		sh(t, "ip", "-n", tp.host, "addr", "add", side.subnet6+":1/64", "dev", side.hostIf, "nodad")
-		sh(t, "ip", "-n", tp.host, "link", "set", side.hostIf, "up")
-		sh(t, "ip", "-n", side.ns, "addr", "add", side.subnet+".2/24", "dev", "eth0")
-		sh(t, "ip", "-n", side.ns, "addr", "add", side.subnet6+":2/64", "dev", "eth0", "nodad")
-		sh(t, "ip", "-n", side.ns, "link", "set", "eth0", "up")
-		sh(t, "ip", "-n", side.ns, "link", "set", "lo", "up")
-		sh(t, "ip", "-n", side.ns, "route", "add", "default", "via", side.subnet+".1")
-		sh(t, "ip", "-n", side.ns, "-6", "route", "add", "default", "via", side.subnet6+":1")
+		endpointVeth(t, tp.host, side.ns, side.hostIf, side.subnet, side.subnet6)
 	}
 	sh(t, "ip", "netns", "exec", tp.host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 	sh(t, "ip", "netns", "exec", tp.host, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
@@ -125,6 +116,22 @@ func newTopoPrefix(t *testing.T, prefix, tag string) *topo {
 		}
 	})
 	return tp
+}
+
+// endpointVeth puts namespace ep behind host: a veth hostIf (subnet.1/24,
+// subnet6:1/64) to ep's eth0 (.2, :2), which routes everything through it.
+func endpointVeth(t *testing.T, host, ep, hostIf, subnet, subnet6 string) {
+	t.Helper()
+	sh(t, "ip", "-n", host, "link", "add", hostIf, "type", "veth", "peer", "name", "eth0", "netns", ep)
+	sh(t, "ip", "-n", host, "addr", "add", subnet+".1/24", "dev", hostIf)
+	sh(t, "ip", "-n", host, "addr", "add", subnet6+":1/64", "dev", hostIf, "nodad")
+	sh(t, "ip", "-n", host, "link", "set", hostIf, "up")
+	sh(t, "ip", "-n", ep, "addr", "add", subnet+".2/24", "dev", "eth0")
+	sh(t, "ip", "-n", ep, "addr", "add", subnet6+":2/64", "dev", "eth0", "nodad")
+	sh(t, "ip", "-n", ep, "link", "set", "eth0", "up")
+	sh(t, "ip", "-n", ep, "link", "set", "lo", "up")
+	sh(t, "ip", "-n", ep, "route", "add", "default", "via", subnet+".1")
+	sh(t, "ip", "-n", ep, "-6", "route", "add", "default", "via", subnet6+":1")
 }
 
 func (tp *topo) ping(t *testing.T, from string, dst netip.Addr) bool {

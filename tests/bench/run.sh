@@ -5,7 +5,8 @@
 #    (a) no program, (b) rackwire with policy and local redirect,
 #    (c) rackwire with policy through the host stack, (d) rackwire without
 #    policy, (n) nftables sets with the same 10,000 rules; and between two
-#    hosts routed through a router namespace, (a) vs (c). Interleaved
+#    hosts routed through a router namespace, (a) vs (c) vs (f) rackwire
+#    with policy and eBPF host routing (docs/datapath.md "Host routing"). Interleaved
 #    rounds, medians side by side, ratios against the goals.
 # 2. Per-packet cost through BPF_PROG_TEST_RUN (BenchmarkScaling in
 #    daemon/datapath) over 10,240 distinct flows with port ranges, denies

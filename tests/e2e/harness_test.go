@@ -67,6 +67,10 @@ type agentOpts struct {
 	eventRate, eventBurst int
 	// extra is appended to the config (whole sections, e.g. [docker]).
 	extra string
+	// hostRouting is [datapath] host_routing ("" = "auto"). The agents run
+	// in the machine's own namespace, so [datapath] uplinks is always
+	// ["lo"]: rw_from_uplink never goes on the machine's real uplink.
+	hostRouting string
 }
 
 // testEventsEnv names the variable that sets every test agent's
@@ -126,7 +130,10 @@ func newAgent(t *testing.T, o agentOpts) *agent {
 	if o.policyMax == 0 {
 		o.policyMax = 1024
 	}
-	events := fmt.Sprintf("events = %q\n", eventsMode(t, o))
+	if o.hostRouting == "" {
+		o.hostRouting = "auto"
+	}
+	events := fmt.Sprintf("events = %q\nhost_routing = %q\nuplinks = [\"lo\"]\n", eventsMode(t, o), o.hostRouting)
 	if o.eventRate > 0 {
 		events += fmt.Sprintf("events_rate = %d\n", o.eventRate)
 	}

@@ -6,8 +6,16 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
 	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/rackwire/rackwire/daemon/datapath"
 )
@@ -31,7 +39,7 @@ func (c config) key() string { return c.pair.name + "/" + string(c.mode) }
 // stack where nothing does.
 func probeWant(m mode) string {
 	switch m {
-	case modeRedirect, modeHost, modeNFT:
+	case modeRedirect, modeHost, modeNFT, modeFast:
 		return "timeout"
 	}
 	return "refused"
@@ -45,6 +53,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (err e
 	quick := fs.Bool("quick", false, "a short run while developing: 3 rounds of 200ms (overrides -rounds and -dur)")
 	attach := fs.String("attach", datapath.AttachAuto, "attach mode: auto, tcx or tc")
 	verbose := fs.Bool("v", false, "log the datapath and endpoint steps")
+	profile := fs.String("profile", "", "after the rounds, record `perf record -a -g` of cross-host request/response in each cross-host mode into this directory")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return err
@@ -76,9 +85,13 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (err e
 	if !t.redirect {
 		local = []mode{modeNone, modeHost, modeOpen, modeNFT}
 	}
+	cross := []mode{modeNone, modeFast, modeHost}
+	if !t.fast {
+		cross = []mode{modeNone, modeHost}
+	}
 	groups := []group{
 		{pair: t.local, modes: local},
-		{pair: t.cross, modes: []mode{modeNone, modeHost}},
+		{pair: t.cross, modes: cross},
 	}
 	fmt.Fprintf(stdout, "rackwire datapath benchmark: %d rounds, %v per measurement; per test and round every configuration back to back, the order rotating\n", *rounds, *dur)
 	fmt.Fprintf(stdout, "local: client %s -> server %s:%d through one host namespace (%s attach)\n",
@@ -96,7 +109,12 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (err e
 		len(t.local.policy), fillers, fillerPorts, fillers)
 	fmt.Fprintf(stdout, "cross-host: client %s on host A -> router namespace -> server %s on host B, one datapath per host\n",
 		t.cross.client.ep.IPv4, t.cross.server.ep.IPv4)
-	fmt.Fprintf(stdout, "  a: no program; c: rackwire with the same policy, host stack\n\n")
+	fmt.Fprintf(stdout, "  a: no program; c: rackwire with the same policy, host stack (host_routing = legacy)\n")
+	if t.fast {
+		fmt.Fprintf(stdout, "  f: rackwire with the same policy, eBPF host routing (bpf_fib_lookup + bpf_redirect out, rw_from_uplink + bpf_redirect_peer in)\n\n")
+	} else {
+		fmt.Fprintf(stdout, "  f: not measured: the kernel lacks eBPF host routing (5.12+)\n\n")
+	}
 
 	// The figures are only worth something if what should enforce does.
 	for _, g := range groups {
@@ -155,6 +173,26 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (err e
 	}
 	report(stdout, res, groups)
 	fmt.Fprintln(stdout)
+	if t.fast {
+		for _, s := range []*side{&t.cross.client, &t.cross.server} {
+			cs, err := s.dps[modeFast].HostRoutingCounters()
+			if err != nil {
+				return err
+			}
+			var parts []string
+			for _, c := range cs {
+				if c.Packets > 0 {
+					parts = append(parts, fmt.Sprintf("%s %d", c.Name, c.Packets))
+				}
+			}
+			fmt.Fprintf(stdout, "cross-host f, host of %s: rw_hostrt packets: %s\n", s.ep.Name, strings.Join(parts, ", "))
+		}
+	}
+	if *profile != "" {
+		if err := profileCross(ctx, t, groups[1].modes, *profile, stdout); err != nil {
+			return err
+		}
+	}
 	for _, g := range groups {
 		for _, m := range g.modes {
 			k := config{g.pair, m}.key()
@@ -207,4 +245,87 @@ func (p *pair) measure(ctx context.Context, kind string, dur time.Duration) (r r
 		newFlows = after - before
 	}
 	return r, cpuPerOp, newFlows, counted, nil
+}
+
+// profileCross records a system-wide perf profile (call graphs) while the
+// cross-host pair runs request/response for 5 s in each mode, one file per
+// mode (DIR/cross-MODE.data), and the CPU cost per transaction of that
+// run, for `perf report --no-children --sort sym -i FILE`.
+func profileCross(ctx context.Context, t *topo, modes []mode, dir string, stdout io.Writer) error {
+	if _, err := exec.LookPath("perf"); err != nil {
+		return fmt.Errorf("-profile needs perf (apt-get install linux-perf): %w", err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	const d = 5 * time.Second
+	// The kernel's run time of each program (BPF_ENABLE_STATS), for the
+	// programs' share of the transaction in the real path.
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		return fmt.Errorf("enable BPF run time statistics: %w", err)
+	}
+	defer stats.Close()
+	for _, m := range modes {
+		if err := t.cross.setMode(m); err != nil {
+			return err
+		}
+		before, err := t.cross.programStats(m)
+		if err != nil {
+			return err
+		}
+		out := filepath.Join(dir, fmt.Sprintf("cross-%s.data", m))
+		rec := exec.CommandContext(ctx, "perf", "record", "-a", "-g", "-q", "-o", out, "--", "sleep", fmt.Sprint(d.Seconds()+1))
+		if err := rec.Start(); err != nil {
+			return fmt.Errorf("perf record: %w", err)
+		}
+		time.Sleep(500 * time.Millisecond)
+		r, cpu, _, _, err := t.cross.measure(ctx, kindRR, d)
+		if werr := rec.Wait(); werr != nil && err == nil {
+			err = fmt.Errorf("perf record: %w", werr)
+		}
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "profile cross-host %s: %.0f trans/s, %.2f us CPU per transaction (client+server) -> %s\n", modeLabels[m], r.rate(), cpu/1e3, out)
+		after, err := t.cross.programStats(m)
+		if err != nil {
+			return err
+		}
+		var total time.Duration
+		for _, k := range slices.Sorted(maps.Keys(after)) {
+			runs := after[k].RunCount - before[k].RunCount
+			rt := after[k].Runtime - before[k].Runtime
+			if runs == 0 || r.Ops == 0 {
+				continue
+			}
+			total += rt
+			fmt.Fprintf(stdout, "  %-28s %.2f runs per transaction, %4.0f ns per run, %.2f us per transaction\n",
+				k, float64(runs)/float64(r.Ops), float64(rt.Nanoseconds())/float64(runs), float64(rt.Nanoseconds())/float64(r.Ops)/1e3)
+		}
+		if r.Ops > 0 {
+			fmt.Fprintf(stdout, "  BPF programs in total: %.2f us per transaction\n", float64(total.Nanoseconds())/float64(r.Ops)/1e3)
+		}
+	}
+	return nil
+}
+
+// programStats sums the run statistics of the programs of the datapaths
+// the pair's sides use in mode m, by "side/program".
+func (p *pair) programStats(m mode) (map[string]ebpf.ProgramStats, error) {
+	out := map[string]ebpf.ProgramStats{}
+	for _, s := range []*side{&p.client, &p.server} {
+		d := s.dps[m]
+		if d == nil {
+			continue
+		}
+		st, err := d.ProgramStats()
+		if err != nil {
+			return nil, err
+		}
+		for k, v := range st {
+			out[s.ep.Name+"/"+k] = v
+		}
+	}
+	return out, nil
 }

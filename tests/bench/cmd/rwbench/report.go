@@ -26,7 +26,12 @@ var tests = []test{
 
 var modeLabels = map[mode]string{
 	modeNone: "a: none", modeRedirect: "b: redirect", modeHost: "c: host", modeOpen: "d: allow-all", modeNFT: "n: nftables",
+	modeFast: "f: bpf-route",
 }
+
+// fastGoals are issue 16's goals for f/a (eBPF host routing against no
+// program, cross-host) by test kind.
+var fastGoals = map[string]float64{kindRR: 0.97, kindCRR: 0.95, kindStream: 1.00}
 
 // quantile q (0..1) of xs, interpolating between neighbours; 0 for none.
 func quantile(xs []float64, q float64) float64 {
@@ -120,6 +125,7 @@ func (g group) has(m mode) bool { return slices.Contains(g.modes, m) }
 // the ratios printed, where both modes were measured
 var ratioNames = [][2]mode{
 	{modeRedirect, modeNone}, {modeHost, modeNone}, {modeOpen, modeNone}, {modeHost, modeOpen}, {modeHost, modeNFT},
+	{modeFast, modeNone}, {modeFast, modeHost},
 }
 
 func fmtRate(r, scale float64) string {
@@ -191,6 +197,16 @@ func report(w io.Writer, res results, groups []group) {
 				cd := ratio{byKind[t.kind][modeHost], byKind[t.kind][modeOpen]}.median()
 				da := ratio{byKind[t.kind][modeOpen], byKind[t.kind][modeNone]}.median()
 				fmt.Fprintf(w, "     where it goes: c/d %.3f (policy lookup, 10,000 entries) x d/a %.3f (programs, CT, no policy)\n", cd, da)
+			}
+		}
+		if g.has(modeFast) {
+			for _, t := range tests {
+				r := ratio{byKind[t.kind][modeFast], byKind[t.kind][modeNone]}
+				pr := r.perRound()
+				v := r.median()
+				fmt.Fprintf(w, "goal %-10s %-31s f/a >= %.2f: %-7s (%.3f; paired %.3f, IQR %.2f-%.2f; CPU cost a/f %.3f)\n",
+					g.pair.name, t.label, fastGoals[t.kind], verdict(v, fastGoals[t.kind]), v, r.paired(), quantile(pr, 0.25), quantile(pr, 0.75), r.cpu())
+				fmt.Fprintf(w, "     f/a per round: %s\n", perRoundLine(r))
 			}
 		}
 		if g.has(modeNFT) {

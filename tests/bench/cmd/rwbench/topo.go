@@ -73,6 +73,7 @@ const (
 	modeHost     mode = "c" // rackwire, policy, delivery through the host stack
 	modeOpen     mode = "d" // rackwire (host stack), no policy: both endpoints open
 	modeNFT      mode = "n" // no program; nftables sets in the host's forward chain
+	modeFast     mode = "f" // cross-host: rackwire, policy, eBPF host routing (host stack skipped)
 )
 
 // side is one endpoint of a pair and where its host side lives.
@@ -83,6 +84,9 @@ type side struct {
 	dps map[mode]*datapath.Datapath
 	// attached is the datapath whose programs are on the veth now; nil for none.
 	attached *datapath.Datapath
+	// uplink is the host's device toward the router (cross-host only):
+	// rw_from_uplink of dps[modeFast] is on it in modeFast only.
+	uplink string
 }
 
 // pair is a client and a server endpoint, the load processes in their
@@ -112,6 +116,7 @@ type topo struct {
 	local    *pair
 	cross    *pair
 	redirect bool // the kernel has bpf_redirect_peer: mode b exists
+	fast     bool // the kernel has eBPF host routing: mode f exists
 }
 
 // inNetns runs f on a thread that has entered the namespace file path:
@@ -251,9 +256,9 @@ func sweep() error {
 
 // openDatapath opens one datapath under its own pin directory, sized for
 // the benchmark.
-func (t *topo) openDatapath(name string, redirect bool, attach string) (*datapath.Datapath, error) {
+func (t *topo) openDatapath(name string, redirect bool, attach, hostRouting string) (*datapath.Datapath, error) {
 	d, err := datapath.Open(datapath.Options{PinDir: filepath.Join(pinDir, name), Attach: attach, NoRedirectPeer: !redirect,
-		CTMaxEntries: 131072, IPCacheMaxEntries: 65536, PolicyMaxEntries: 16384}, t.log)
+		HostRouting: hostRouting, CTMaxEntries: 131072, IPCacheMaxEntries: 65536, PolicyMaxEntries: 16384}, t.log)
 	if err != nil {
 		return nil, fmt.Errorf("open datapath %s: %w", name, err)
 	}
@@ -336,11 +341,11 @@ func newTopo(ctx context.Context, log *slog.Logger, attach string) (t *topo, err
 
 	// Local: one host, two datapaths (local delivery by redirect or not is
 	// a load-time constant of the programs).
-	dpR, err := t.openDatapath("r", true, attach)
+	dpR, err := t.openDatapath("r", true, attach, datapath.HostRoutingAuto)
 	if err != nil {
 		return t, err
 	}
-	dpH, err := t.openDatapath("h", false, attach)
+	dpH, err := t.openDatapath("h", false, attach, datapath.HostRoutingLegacy)
 	if err != nil {
 		return t, err
 	}
@@ -363,16 +368,27 @@ func newTopo(ctx context.Context, log *slog.Logger, attach string) (t *topo, err
 		s.dst.attached = dpR
 	}
 
-	// Cross-host: a datapath per host, the router between them.
-	dpA, err := t.openDatapath("xa", false, attach)
+	// Cross-host: per host a datapath with legacy host routing (c) and
+	// one with eBPF host routing (f), the router between the hosts.
+	dpA, err := t.openDatapath("xa", false, attach, datapath.HostRoutingLegacy)
 	if err != nil {
 		return t, err
 	}
-	dpB, err := t.openDatapath("xb", false, attach)
+	dpB, err := t.openDatapath("xb", false, attach, datapath.HostRoutingLegacy)
 	if err != nil {
 		return t, err
 	}
-	both := []*datapath.Datapath{dpA, dpB}
+	dpAf, err := t.openDatapath("xaf", false, attach, datapath.HostRoutingAuto)
+	if err != nil {
+		return t, err
+	}
+	dpBf, err := t.openDatapath("xbf", false, attach, datapath.HostRoutingAuto)
+	if err != nil {
+		return t, err
+	}
+	hr, _ := dpAf.HostRouting()
+	t.fast = hr == datapath.HostRoutingBPF
+	both := []*datapath.Datapath{dpA, dpB, dpAf, dpBf}
 	mA, err := t.newManager(nsHostA, crossCIDRA, dpA, both, ids)
 	if err != nil {
 		return t, err
@@ -388,8 +404,9 @@ func newTopo(ctx context.Context, log *slog.Logger, attach string) (t *topo, err
 	if t.cross.server.ep, err = addEndpoint(ctx, mB, "bench-xserver", nsXServer); err != nil {
 		return t, err
 	}
-	t.cross.client.hostNS, t.cross.client.dps, t.cross.client.attached = nsPath(nsHostA), map[mode]*datapath.Datapath{modeHost: dpA}, dpA
-	t.cross.server.hostNS, t.cross.server.dps, t.cross.server.attached = nsPath(nsHostB), map[mode]*datapath.Datapath{modeHost: dpB}, dpB
+	t.cross.client.hostNS, t.cross.client.dps, t.cross.client.attached = nsPath(nsHostA), map[mode]*datapath.Datapath{modeHost: dpA, modeFast: dpAf}, dpA
+	t.cross.server.hostNS, t.cross.server.dps, t.cross.server.attached = nsPath(nsHostB), map[mode]*datapath.Datapath{modeHost: dpB, modeFast: dpBf}, dpB
+	t.cross.client.uplink, t.cross.server.uplink = "rwbn-xa0", "rwbn-xb0"
 	if err := route(); err != nil {
 		return t, err
 	}
@@ -550,6 +567,11 @@ func (p *pair) setMode(m mode) error {
 			return err
 		}
 	}
+	if p.mode == modeFast || p.mode == "" {
+		if err := p.setUplinks(false); err != nil {
+			return err
+		}
+	}
 	p.mode = "" // unknown until done
 	serverPolicy := p.policy
 	if m == modeOpen {
@@ -577,6 +599,11 @@ func (p *pair) setMode(m mode) error {
 			return fmt.Errorf("set policy of endpoint %s: %w", s.ep.Name, err)
 		}
 	}
+	if m == modeFast {
+		if err := p.setUplinks(true); err != nil {
+			return err
+		}
+	}
 	if m == modeNFT {
 		cmd := exec.Command("ip", "netns", "exec", p.nftHost, "nft", "-f", "-")
 		cmd.Stdin = strings.NewReader(nftRules(p.server.ep, p.client.ep.IPv4))
@@ -585,6 +612,25 @@ func (p *pair) setMode(m mode) error {
 		}
 	}
 	p.mode = m
+	return nil
+}
+
+// setUplinks attaches (on) or detaches rw_from_uplink of each side's
+// modeFast datapath on the side's uplink.
+func (p *pair) setUplinks(on bool) error {
+	for _, s := range []*side{&p.client, &p.server} {
+		d := s.dps[modeFast]
+		if d == nil || s.uplink == "" {
+			continue
+		}
+		var names []string
+		if on {
+			names = []string{s.uplink}
+		}
+		if err := inNetns(s.hostNS, func() error { return d.SetUplinks(names) }); err != nil {
+			return fmt.Errorf("%s uplink %s: %w", p.name, s.uplink, err)
+		}
+	}
 	return nil
 }
 

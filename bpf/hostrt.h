@@ -1,0 +1,179 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Host routing in BPF: the fast path to other hosts.
+ *
+ * rw_fib_forward runs in rw_from_endpoint after the sender's egress policy
+ * let a packet through whose destination is no local endpoint. It asks the
+ * kernel's FIB (bpf_fib_lookup, the same routes, rules and neighbours the
+ * stack would use) and, when the answer is "forward to this next hop whose
+ * MAC is known", does what the router would (TTL / hop limit, IPv4
+ * checksum, MACs) and sends the packet out of the next hop's device with
+ * bpf_redirect: the host's routing, netfilter (FORWARD, conntrack) and
+ * qdisc-less forwarding path never see it. Anything it does not handle
+ * passes untouched to the host stack, which then does exactly what it did
+ * without the fast path: TTL about to expire (time exceeded), larger than
+ * the next device's MTU (fragmentation needed / packet too big), no
+ * neighbour entry yet (the stack resolves it; later packets take the fast
+ * path), a route that is not "forward" (local, broadcast, unreachable,
+ * blackhole, prohibit, forwarding disabled on the device), a frame not
+ * addressed to the host. Every outcome is counted in rw_hostrt.
+ *
+ * The other direction, from an uplink into a local endpoint, is
+ * rw_from_uplink (from_uplink.c).
+ */
+#pragma once
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "datapath_types.h"
+#include "datapath_maps.h"
+#include "events.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+/*
+ * rw_fib_scratch: the bpf_fib_lookup parameters, one per CPU; on the stack
+ * they would cost 64 of rw_from_endpoint's 512 bytes.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bpf_fib_lookup);
+} rw_fib_scratch SEC(".maps");
+
+/* Per-load setting: 1 when [datapath] host_routing is in force as "bpf". */
+volatile const __u8 rw_host_routing = 0;
+
+/* hostrt_count adds one packet of len bytes to slot of rw_hostrt. */
+static __always_inline void hostrt_count(__u32 slot, __u32 len)
+{
+	struct metrics_value *m = bpf_map_lookup_elem(&rw_hostrt, &slot);
+
+	if (!m)
+		return;
+	m->packets++;
+	m->bytes += len;
+}
+
+/*
+ * __hop_decrement lowers the TTL (family 4, with the header checksum) or
+ * hop limit at hop_off; ttl holds the two bytes read there. Returns < 0 if
+ * the skb could not be written.
+ */
+static __always_inline int __hop_decrement(struct __sk_buff *skb, __u32 family, __u32 hop_off,
+					   __u8 *ttl)
+{
+	if (family == 4) {
+		__be16 old, new;
+
+		__builtin_memcpy(&old, ttl, 2);
+		ttl[0]--;
+		__builtin_memcpy(&new, ttl, 2);
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, old, new, 2) < 0)
+			return -1;
+	} else {
+		ttl[0]--;
+	}
+	return bpf_skb_store_bytes(skb, hop_off, ttl, 1, 0);
+}
+
+/*
+ * rw_fib_forward forwards an allowed packet of family (4 or 6) to its next
+ * hop, or leaves it to the stack (returns TC_ACT_UNSPEC). ports packs the
+ * L4 source (bits 16-31) and destination port (0-15), network order each,
+ * for the multipath hash. Returns the bpf_redirect verdict, TC_ACT_UNSPEC,
+ * or TC_ACT_SHOT when the packet was half rewritten (no memory).
+ *
+ * A global function: verified once, with its own stack frame, so the fast
+ * path costs rw_from_endpoint's frame nothing. Global functions need 5.6;
+ * bpf_check_mtu (5.12) is only reached with rw_host_routing set, which the
+ * agent sets only where the kernel has it (the verifier prunes the rest).
+ */
+__attribute__((noinline)) int rw_fib_forward(struct __sk_buff *skb, __u32 family, __u32 ports)
+{
+	struct bpf_fib_lookup *p;
+	__u32 zero = 0, hop_off, mtu_len = 0, slot = RW_HR_STACK_OTHER;
+	__u8 ttl[2];
+	int rc;
+
+	if (!skb || !rw_host_routing)
+		return TC_ACT_UNSPEC;
+	/* Only what the stack would route: a unicast frame to the host's MAC. */
+	if (skb->pkt_type != PACKET_HOST)
+		goto stack;
+	p = bpf_map_lookup_elem(&rw_fib_scratch, &zero);
+	if (!p)
+		goto stack;
+	__builtin_memset(p, 0, sizeof(*p));
+	/* ttl[1] is the IPv4 protocol; for IPv6 the first source byte. */
+	hop_off = family == 4 ? ETH_HLEN + 8 : ETH_HLEN + 7;
+	if (bpf_skb_load_bytes(skb, hop_off, ttl, 2) < 0)
+		goto stack;
+	if (ttl[0] <= 1) {
+		slot = RW_HR_STACK_TTL;
+		goto stack;
+	}
+	if (family == 4) {
+		p->family = AF_INET;
+		p->l4_protocol = ttl[1];
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 1, &p->tos, 1) < 0 ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + 12, &p->ipv4_src, 4) < 0 ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + 16, &p->ipv4_dst, 4) < 0)
+			goto stack;
+	} else {
+		__be32 fi;
+
+		p->family = AF_INET6;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &fi, 4) < 0 ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + 6, &p->l4_protocol, 1) < 0 ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + 8, p->ipv6_src, 16) < 0 ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + 24, p->ipv6_dst, 16) < 0)
+			goto stack;
+		p->flowinfo = fi & bpf_htonl(0x0fffffff);
+	}
+	p->sport = ports >> 16;
+	p->dport = ports & 0xffff;
+	p->ifindex = skb->ingress_ifindex;
+
+	rc = bpf_fib_lookup(skb, p, sizeof(*p), 0);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		slot = RW_HR_STACK_NO_NEIGH;
+		goto stack;
+	}
+	/* The skb variant checks the next device's MTU itself. */
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		slot = RW_HR_STACK_MTU;
+		goto stack;
+	}
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || p->ifindex == skb->ingress_ifindex) {
+		slot = RW_HR_STACK_FIB;
+		goto stack;
+	}
+	/* Too big for the next device: the stack sends "fragmentation needed". */
+	if (bpf_check_mtu(skb, p->ifindex, &mtu_len, 0, 0) != 0) {
+		slot = RW_HR_STACK_MTU;
+		goto stack;
+	}
+	if (__hop_decrement(skb, family, hop_off, ttl) < 0 ||
+	    bpf_skb_store_bytes(skb, 0, p->dmac, 6, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 6, p->smac, 6, 0) < 0) {
+		metrics_count(RW_DROP_INVALID_PACKET, RW_DIR_EGRESS, skb->len);
+		return TC_ACT_SHOT;
+	}
+	hostrt_count(RW_HR_EGRESS_FWD, skb->len);
+	return bpf_redirect(p->ifindex, 0);
+stack:
+	hostrt_count(slot, skb->len);
+	return TC_ACT_UNSPEC;
+}
