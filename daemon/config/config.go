@@ -34,6 +34,8 @@ type Config struct {
 	Restart  Restart  `toml:"restart" json:"restart"`
 	Metrics  Metrics  `toml:"metrics" json:"metrics"`
 	Log      Log      `toml:"log" json:"log"`
+	// Services are this host's [[services]] (docs/services.md).
+	Services []Service `toml:"services" json:"services"`
 
 	// File is the path the config was loaded from ("" for defaults only).
 	File string `toml:"-" json:"file"`
@@ -138,6 +140,18 @@ type BGP struct {
 	Communities []string    `toml:"communities" json:"communities"`
 	Peers       []Peer      `toml:"peers" json:"peers"`
 	VIPHealth   []VIPHealth `toml:"vip_health" json:"vip_health"`
+	// AnnounceServiceVIPs announces the VIP of every service that has an
+	// active backend on this host, and withdraws it when none is left.
+	AnnounceServiceVIPs bool `toml:"announce_service_vips" json:"announce_service_vips"`
+}
+
+// Service is one [[services]] table: a VIP balanced over fixed backends.
+type Service struct {
+	Name     string   `toml:"name" json:"name"`
+	VIP      string   `toml:"vip" json:"vip"`
+	Port     int      `toml:"port" json:"port"`
+	Protocol string   `toml:"protocol" json:"protocol"` // "tcp" (default) or "udp"
+	Backends []string `toml:"backends" json:"backends"` // "ip:port"
 }
 
 // Peer is one BGP neighbour, typically a top-of-rack router.

@@ -185,6 +185,9 @@ func (c *Config) validate() []Problem {
 	// [bgp]
 	c.validateBGP(bad, cidrs)
 
+	// [[services]]
+	c.validateServices(bad, cidrs)
+
 	// [restart]
 	if c.Restart.FleetSize < 1 || c.Restart.FleetSize > 1_000_000 {
 		bad("restart.fleet_size", "%d is out of range; write the number of hosts in the fleet (1..1000000)", c.Restart.FleetSize)
