@@ -111,7 +111,8 @@ func (m *Merger) poke() {
 	}
 }
 
-// Table returns the newest merged table and whether the Sink took it.
+// Table returns the newest merged table, whether the Sink took it, and
+// why not.
 func (m *Merger) Table() (Table, bool, string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -193,10 +194,13 @@ func (m *Merger) sync(t Table) error {
 		err = m.sink.SyncServices(t)
 	}
 	m.mu.Lock()
-	m.synced = err == nil
+	m.synced = err == nil && m.sink != nil
 	m.syncErr = ""
-	if err != nil {
+	switch {
+	case err != nil:
 		m.syncErr = err.Error()
+	case m.sink == nil:
+		m.syncErr = "this build's datapath does not balance services"
 	}
 	subs := slices.Clone(m.subs)
 	m.mu.Unlock()

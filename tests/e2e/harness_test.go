@@ -65,6 +65,8 @@ type agentOpts struct {
 	// eventRate and eventBurst are [datapath] events_rate and
 	// events_burst; 0 leaves the agent's default.
 	eventRate, eventBurst int
+	// extra is appended to the config (e.g. [[services]] tables).
+	extra string
 }
 
 // testEventsEnv names the variable that sets every test agent's
@@ -156,7 +158,7 @@ listen = ""
 [log]
 format = "text"
 level = "debug"
-`, o.tag, filepath.Join(dir, "state"), a.sock, o.socketGroup, o.adminGroup, quoteList(o.cidrs), a.pinDir, a.polDir, o.attach, o.audit, o.policyMax, events)
+%s`, o.tag, filepath.Join(dir, "state"), a.sock, o.socketGroup, o.adminGroup, quoteList(o.cidrs), a.pinDir, a.polDir, o.attach, o.audit, o.policyMax, events, o.extra)
 	if err := os.WriteFile(a.cfg, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
