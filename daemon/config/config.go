@@ -119,6 +119,13 @@ type Datapath struct {
 	// audit, traces): per second, and bucket size. Packets are not limited.
 	EventsRate  uint32 `toml:"events_rate" json:"events_rate"`
 	EventsBurst uint32 `toml:"events_burst" json:"events_burst"`
+	// ServiceCgroup is the cgroup-v2 directory whose processes' sockets
+	// are service-balanced (connect-time translation of VIPs); "" turns
+	// service load balancing off. ServiceMaxEntries bounds the frontends,
+	// ServiceBackendMaxEntries the distinct backends.
+	ServiceCgroup            string `toml:"service_cgroup" json:"service_cgroup"`
+	ServiceMaxEntries        int    `toml:"service_max_entries" json:"service_max_entries"`
+	ServiceBackendMaxEntries int    `toml:"service_backend_max_entries" json:"service_backend_max_entries"`
 }
 
 // BGP configures the BIRD integration.
@@ -280,6 +287,10 @@ func Default() Config {
 			Events:            "auto",
 			EventsRate:        100,
 			EventsBurst:       1000,
+
+			ServiceCgroup:            "/sys/fs/cgroup",
+			ServiceMaxEntries:        65536,
+			ServiceBackendMaxEntries: 65536,
 		},
 		BGP: BGP{
 			BirdConfig: "/etc/bird/bird.conf",

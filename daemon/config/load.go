@@ -206,6 +206,7 @@ func known() []string {
 		"datapath.policy_max_entries", "datapath.ipcache_max_entries", "datapath.policy_dir",
 		"datapath.frag_max_entries",
 		"datapath.events", "datapath.events_rate", "datapath.events_burst",
+		"datapath.service_cgroup", "datapath.service_max_entries", "datapath.service_backend_max_entries",
 		"bgp.enabled", "bgp.bird_config", "bgp.bird_socket", "bgp.bird_binary", "bgp.router_id", "bgp.local_asn",
 		"bgp.vips", "bgp.vip_ranges", "bgp.import", "bgp.drain_keep", "bgp.communities",
 		"bgp.peers.name", "bgp.peers.address", "bgp.peers.asn", "bgp.peers.source_address", "bgp.peers.multihop",

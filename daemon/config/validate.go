@@ -181,6 +181,11 @@ func (c *Config) validate() []Problem {
 	// what one reader decodes (a million a second).
 	checkRange("datapath.events_rate", int(c.Datapath.EventsRate), 1, 1_000_000)
 	checkRange("datapath.events_burst", int(c.Datapath.EventsBurst), 1, 1_000_000)
+	if p := c.Datapath.ServiceCgroup; p != "" && !filepath.IsAbs(p) {
+		bad("datapath.service_cgroup", "%q is not an absolute path; write a cgroup-v2 directory (default /sys/fs/cgroup) or \"\" to turn service load balancing off", p)
+	}
+	checkRange("datapath.service_max_entries", c.Datapath.ServiceMaxEntries, 16, 1<<20)
+	checkRange("datapath.service_backend_max_entries", c.Datapath.ServiceBackendMaxEntries, 16, 1<<22)
 
 	// [bgp]
 	c.validateBGP(bad, cidrs)
