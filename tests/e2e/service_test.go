@@ -106,6 +106,31 @@ backends = ["10.217.70.5:8080", "10.217.99.5:8080"]
 	}
 	waitList("dns gone", func(l api.ServiceList) bool { _, ok := find(l, "dns"); return !ok })
 
+	// Host-originated traffic to a stored service's VIP reaches the
+	// backend, an endpoint of this host, over TCP and UDP.
+	be := a.addEndpoint("rwscbe", "app=rwsc-web")
+	servers(t, be.ns, be.IPv4, 8080)
+	a.rw("service", "add", "hostweb", "--vip", "10.96.0.30", "--port", "80", "--backends", be.IPv4+":8080")
+	a.rw("service", "add", "hostudp", "--vip", "10.96.0.30", "--port", "53", "--protocol", "udp", "--backends", be.IPv4+":8080")
+	waitList("hostweb and hostudp programmed", func(l api.ServiceList) bool {
+		_, ok1 := find(l, "hostweb")
+		_, ok2 := find(l, "hostudp")
+		return ok1 && ok2 && l.Programmed
+	})
+	ok := 0
+	var lastErr error
+	for i := 0; i < 20; i++ {
+		if lastErr = tcpReq("", "10.96.0.30:80", 2*time.Second); lastErr == nil {
+			ok++
+		}
+	}
+	if ok != 20 {
+		t.Errorf("host → VIP 10.96.0.30:80/tcp: %d of 20 requests answered (last error %v), want all", ok, lastErr)
+	}
+	if err := udpReq("", "10.96.0.30:53", 2*time.Second); err != nil {
+		t.Errorf("host → VIP 10.96.0.30:53/udp: %v", err)
+	}
+
 	// The list says plainly whether the datapath balances the table.
 	l = list()
 	b, _ := json.Marshal(l)
