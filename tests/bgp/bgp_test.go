@@ -154,12 +154,18 @@ func torAddr(uplink string) string { return strings.TrimSuffix(uplink, ".2") + "
 // shared bpffs), stopped by pid at cleanup; the pins go after it.
 func (h *host) startAgent(t *testing.T, extraPeers string) {
 	t.Helper()
+	h.runAgent(t, h.config(extraPeers))
+}
+
+// runAgent is startAgent with the whole config text given.
+func (h *host) runAgent(t *testing.T, config string) {
+	t.Helper()
 	rackwired, _ := binaries(t)
 	if err := os.MkdirAll(filepath.Join(h.dir, "policies.d"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	cfg := filepath.Join(h.dir, "rackwire.toml")
-	if err := os.WriteFile(cfg, []byte(h.config(extraPeers)), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	pins := "/sys/fs/bpf/" + h.name
