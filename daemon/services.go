@@ -52,7 +52,7 @@ func newServices(cfg config.Config, sink service.Sink, log *slog.Logger) (*servi
 		}
 		s.m.Expect(service.SourceConsul)
 		s.cat = catalog.New(catalog.Options{
-			Client: client, Limits: l, Log: log,
+			Client: client, LimitsFunc: func() service.Limits { return *s.limits.Load() }, Log: log,
 			Report: func(svcs []service.Service, problems []string) { s.m.Set(service.SourceConsul, svcs, problems) },
 		})
 	}
@@ -88,8 +88,8 @@ func buildInto(out []service.Service, problems []string, spec service.Spec, src 
 }
 
 // reload applies a new config: [[services]], what counts as local, and
-// the limits. The limits of the store and Consul data
-// ([bgp] vip_ranges) apply from the next change of those sources.
+// the limits ([bgp] vip_ranges), which the store and Consul data meet
+// from their next change on.
 func (s *services) reload(next config.Config) {
 	l := next.ServiceLimits()
 	s.limits.Store(&l)

@@ -66,6 +66,9 @@ const DefaultMaxServices = 128
 type Options struct {
 	Client *api.Client
 	Limits service.Limits
+	// LimitsFunc, when set, is asked for the limits on every change
+	// instead of Limits (a reload changes [bgp] vip_ranges).
+	LimitsFunc func() service.Limits
 	// MaxServices: default DefaultMaxServices.
 	MaxServices int
 	// Wait is a blocking query's longest wait (default 5m).
@@ -225,7 +228,11 @@ func (w *Watcher) watchService(ctx context.Context, name string) {
 		} else {
 			index = meta.LastIndex
 		}
-		svc, ok, problems := Build(name, entries, w.o.Limits)
+		l := w.o.Limits
+		if w.o.LimitsFunc != nil {
+			l = w.o.LimitsFunc()
+		}
+		svc, ok, problems := Build(name, entries, l)
 		w.mu.Lock()
 		if _, still := w.running[name]; !still || ctx.Err() != nil {
 			w.mu.Unlock()
