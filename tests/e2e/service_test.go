@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -131,9 +132,21 @@ backends = ["10.217.70.5:8080", "10.217.99.5:8080"]
 		t.Errorf("host → VIP 10.96.0.30:53/udp: %v", err)
 	}
 
+	// SIGHUP applies a changed [[services]]: web2 appears.
+	b, err := os.ReadFile(a.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = append(b, []byte("\n[[services]]\nname = \"web2\"\nvip = \"10.96.0.12\"\nport = 443\nbackends = [\"10.217.70.7:443\"]\n")...)
+	if err := os.WriteFile(a.cfg, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	a.hup()
+	waitList("web2 from the reloaded config", func(l api.ServiceList) bool { s, ok := find(l, "web2"); return ok && s.Source == "config" })
+
 	// The list says plainly whether the datapath balances the table.
 	l = list()
-	b, _ := json.Marshal(l)
+	b, _ = json.Marshal(l)
 	if !l.Programmed && l.Error == "" {
 		t.Errorf("service list is not programmed and does not say why: %s", b)
 	}
