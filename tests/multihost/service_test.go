@@ -241,6 +241,41 @@ func TestServiceLoadBalancing(t *testing.T) {
 		}
 	})
 
+	t.Run("stored services reach every host and beat Consul on a frontend", func(t *testing.T) {
+		listOf := func(h *host) api.ServiceList {
+			var l api.ServiceList
+			h.cliJSON(t, &l, "service", "list")
+			return l
+		}
+		at := func(l api.ServiceList, frontend string) api.Service {
+			for _, s := range l.Services {
+				if s.Frontend == frontend {
+					return s
+				}
+			}
+			return api.Service{}
+		}
+		hA.mustCLI(t, "service", "add", "rwsc-st", "--vip", "10.96.0.101", "--port", svcPort, "--backends", be2.ip+":"+httpPort)
+		waitFor(t, 10*time.Second, "hB has hA's stored service", func() bool { return at(listOf(hB), "10.96.0.101:80/tcp").Source == "store" })
+		if c := lbRun(t, client.ns, "count", "10.96.0.101", svcPort, "20"); c.Fail != 0 || c.By[be2.ip] != 20 {
+			t.Errorf("stored service: %v, failed %d; want all 20 on %s", c.By, c.Fail, be2.ip)
+		}
+		// The store beats Consul on rwsc-web's frontend.
+		front := svcVIP + ":" + svcPort + "/tcp"
+		hA.mustCLI(t, "service", "add", "rwsc-over", "--vip", svcVIP, "--port", svcPort, "--backends", be1.ip+":"+httpPort)
+		waitFor(t, 10*time.Second, "the stored service holds rwsc-web's frontend on hA", func() bool { return at(listOf(hA), front).Name == "rwsc-over" })
+		l := listOf(hA)
+		if !strings.Contains(strings.Join(l.Problems, "\n"), "rwsc-web from consul claims "+front) {
+			t.Errorf("problems = %q, want the Consul service's lost frontend", l.Problems)
+		}
+		if c := lbRun(t, client.ns, "count", svcVIP, svcPort, "20"); c.Fail != 0 || c.By[be1.ip] != 20 {
+			t.Errorf("overridden frontend: %v, failed %d; want all 20 on the stored backend %s", c.By, c.Fail, be1.ip)
+		}
+		hA.mustCLI(t, "service", "delete", "rwsc-over")
+		hA.mustCLI(t, "service", "delete", "rwsc-st")
+		waitFor(t, 10*time.Second, "rwsc-web back from Consul", func() bool { return at(listOf(hA), front).Name == "rwsc-web" })
+	})
+
 	t.Run("policy is decided against the backend's identity", func(t *testing.T) {
 		bad := hA.addEndpoint(t, "bad", "app=rwsc-bad")
 		pol := filepath.Join(t.TempDir(), "p.yaml")
