@@ -3,12 +3,17 @@ package bgp
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"syscall"
 	"strings"
 	"testing"
 	"time"
 
+	capi "github.com/hashicorp/consul/api"
+
 	"github.com/rackwire/rackwire/birdconf/birdtest"
+	"github.com/rackwire/rackwire/internal/consultest"
 	"github.com/rackwire/rackwire/internal/testenv"
 )
 
@@ -38,7 +43,7 @@ protocol bgp h2 from host { local 10.254.202.1 as 65001; neighbor 10.254.202.2 a
 
 // svcConfig is a host's config with announce_service_vips on and no VIP of
 // its own: whatever VIP the ToR learns comes from the service table.
-func (h *host) svcConfig() string {
+func (h *host) svcConfig(consulAddr string) string {
 	return fmt.Sprintf(`version = 1
 [node]
 name = %[1]q
@@ -50,7 +55,10 @@ socket_group = ""
 [ipam]
 cidrs = [%[5]q]
 [store]
-backend = "local"
+backend = "consul"
+address = %[12]q
+# The test's Consul speaks plain http on a non-loopback test address.
+allow_insecure = true
 [datapath]
 pin_dir = %[6]q
 policy_dir = %[7]q
@@ -78,16 +86,16 @@ asn = 65001
 hold_time = 9
 keepalive_time = 3
 `, h.name, h.uplink, filepath.Join(h.dir, "state"), h.socket, h.cidr,
-		"/sys/fs/bpf/"+h.name, filepath.Join(h.dir, "policies.d"), h.birdConf, h.birdSock, h.asn, torAddr(h.uplink))
+		"/sys/fs/bpf/"+h.name, filepath.Join(h.dir, "policies.d"), h.birdConf, h.birdSock, h.asn, torAddr(h.uplink), consulAddr)
 }
 
 // TestServiceVIPAnnouncedWhileLocalBackendActive: two hosts with
-// [bgp] announce_service_vips each have the service "web" with an active
-// backend in their own workload CIDR; the ToR (real BIRD) learns the VIP
-// from both and installs both next hops. When one host's service has no
-// local backend left (its backends are replaced by the other host's), that
-// host renders the VIP out and the ToR keeps only the other next hop; a
-// local backend again brings it back.
+// [bgp] announce_service_vips follow a real Consul (reached through the ToR
+// from the root namespace), where the service "web" has one instance in
+// each host's workload CIDR, with a TTL check. The ToR (real BIRD) learns
+// the VIP from both hosts and installs both next hops; failing the check of
+// h2's instance (its only local backend) makes h2 withdraw while h1 stays;
+// passing it again brings h2 back; deregistering withdraws everywhere.
 func TestServiceVIPAnnouncedWhileLocalBackendActive(t *testing.T) {
 	testenv.RequireRoot(t)
 	testenv.RequireBPFFS(t)
@@ -100,6 +108,23 @@ func TestServiceVIPAnnouncedWhileLocalBackendActive(t *testing.T) {
 	}
 	birdtest.Veth(t, "rwsc-tor", "rwsc-t1", "10.254.201.1/24", "rwsc-h1", "rwsc-h1u", "10.254.201.2/24")
 	birdtest.Veth(t, "rwsc-tor", "rwsc-t2", "10.254.202.1/24", "rwsc-h2", "rwsc-h2u", "10.254.202.2/24")
+	// The root namespace, where Consul listens, behind the ToR.
+	const consulIP = "10.254.250.1"
+	exec.Command("ip", "link", "del", "rwsc-root").Run() // a leftover of a killed run
+	birdtest.Run(t, "ip", "link", "add", "rwsc-root", "type", "veth", "peer", "name", "rwsc-tr0", "netns", "rwsc-tor")
+	t.Cleanup(func() { exec.Command("ip", "link", "del", "rwsc-root").Run() })
+	birdtest.Run(t, "ip", "addr", "add", consulIP+"/24", "dev", "rwsc-root")
+	birdtest.Run(t, "ip", "link", "set", "rwsc-root", "up")
+	birdtest.Run(t, "ip", "-n", "rwsc-tor", "addr", "add", "10.254.250.254/24", "dev", "rwsc-tr0")
+	birdtest.Run(t, "ip", "-n", "rwsc-tor", "link", "set", "rwsc-tr0", "up")
+	birdtest.Run(t, "ip", "netns", "exec", "rwsc-tor", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	birdtest.Run(t, "ip", "route", "add", "10.254.200.0/21", "via", "10.254.250.254", "dev", "rwsc-root")
+	birdtest.Run(t, "ip", "-n", "rwsc-h1", "route", "add", "10.254.250.0/24", "via", "10.254.201.1")
+	birdtest.Run(t, "ip", "-n", "rwsc-h2", "route", "add", "10.254.250.0/24", "via", "10.254.202.1")
+	cs := consultest.StartWith(t, consultest.Options{ClientAddrs: []string{consulIP}})
+	cc := cs.Client(t)
+	consulAddr := consulIP + ":" + cs.Port()
+
 	torDir := t.TempDir()
 	birdtest.Start(t, "rwsc-tor", torDir, svcTorConf)
 	t.Cleanup(func() {
@@ -117,7 +142,19 @@ func TestServiceVIPAnnouncedWhileLocalBackendActive(t *testing.T) {
 	h2 := newHost("rwsc-h2", "10.254.202.2", "10.254.2.0/24", 65202)
 	for _, h := range []*host{h1, h2} {
 		h.startBird(t)
-		h.runAgent(t, h.svcConfig())
+		h.runAgent(t, h.svcConfig(consulAddr))
+		// Runs before runAgent's own stop (15s bound): an agent on Consul
+		// that waits for an election lock (identity GC, ipcache log
+		// pruning) stops only when that lock's blocking query returns,
+		// up to its 30s LockWaitTime (daemon/store/consul/elector.go).
+		t.Cleanup(func() {
+			_ = h.agent.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-h.agentDone:
+			case <-time.After(40 * time.Second):
+				t.Errorf("%s: rackwired did not stop within 40s of SIGTERM", h.name)
+			}
+		})
 	}
 	route := func() string {
 		return birdtest.Run(t, "ip", "-n", "rwsc-tor", "route", "show", svcVIP+"/32")
@@ -141,33 +178,45 @@ func TestServiceVIPAnnouncedWhileLocalBackendActive(t *testing.T) {
 		t.Fatalf("the ToR has a route to %s before any service: %q", svcVIP, r)
 	}
 
-	// Each host: web with one backend in its own CIDR (local, active) and
-	// one on the other host.
-	h1.mustRW(t, "service", "add", "web", "--vip", svcVIP, "--port", "80", "--backends", "10.254.1.10:8080,10.254.2.10:8080")
-	h2.mustRW(t, "service", "add", "web", "--vip", svcVIP, "--port", "80", "--backends", "10.254.1.10:8080,10.254.2.10:8080")
+	// web: one instance in each host's CIDR, each with a TTL check.
+	for i, addr := range []string{"10.254.1.10", "10.254.2.10"} {
+		id := fmt.Sprintf("web-%d", i+1)
+		err := cc.Agent().ServiceRegister(&capi.AgentServiceRegistration{ID: id, Name: "web", Address: addr, Port: 8080,
+			Meta:  map[string]string{"rackwire_vip": svcVIP, "rackwire_port": "80"},
+			Check: &capi.AgentServiceCheck{CheckID: "chk-" + id, TTL: "10m", Status: capi.HealthPassing}})
+		if err != nil {
+			t.Fatalf("register %s: %v", id, err)
+		}
+	}
 	d := waitFor(t, "the VIP with both hosts as next hops on the ToR", 60*time.Second, func() bool {
 		h := hops()
 		return len(h) == 2 && contains(h, "10.254.201.2") && contains(h, "10.254.202.2")
 	})
 	t.Logf("ToR route to the VIP after %v:\n%s", d.Truncate(time.Millisecond), route())
 
-	// h2 loses its local backend: it withdraws, h1 stays.
-	h2.mustRW(t, "service", "add", "web", "--vip", svcVIP, "--port", "80", "--backends", "10.254.1.10:8080")
+	// h2's only local backend fails its check: h2 withdraws, h1 stays.
+	if err := cc.Agent().FailTTL("chk-web-2", "rwsc test"); err != nil {
+		t.Fatal(err)
+	}
 	d = waitFor(t, "h2's announcement withdrawn, h1's kept", 30*time.Second, func() bool {
 		r := route()
 		return strings.Contains(r, "via 10.254.201.2") && !strings.Contains(r, "10.254.202.2")
 	})
-	t.Logf("withdrawn from the ToR %v after h2's last local backend left:\n%s", d.Truncate(time.Millisecond), route())
-	fmt.Printf("bgp: service VIP withdrawn from the ToR %v after the host's last local backend left\n", d.Truncate(time.Millisecond))
+	t.Logf("withdrawn from the ToR %v after the check of h2's last local backend failed:\n%s", d.Truncate(time.Millisecond), route())
+	fmt.Printf("bgp: service VIP withdrawn from the ToR %v after the host's last local backend's Consul check failed\n", d.Truncate(time.Millisecond))
 	if out, err := os.ReadFile(h2.birdConf); err != nil || strings.Contains(string(out), svcVIP) {
 		t.Errorf("h2's rendered bird.conf still names %s (err %v)", svcVIP, err)
 	}
 
-	// Back again.
-	h2.mustRW(t, "service", "add", "web", "--vip", svcVIP, "--port", "80", "--backends", "10.254.1.10:8080,10.254.2.10:8080")
+	// Passing again brings h2 back; deregistering withdraws everywhere.
+	if err := cc.Agent().PassTTL("chk-web-2", ""); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "h2 announces again", 30*time.Second, func() bool { return len(hops()) == 2 })
-	// Deleting the service withdraws it everywhere.
-	h1.mustRW(t, "service", "delete", "web")
-	h2.mustRW(t, "service", "delete", "web")
+	for _, id := range []string{"web-1", "web-2"} {
+		if err := cc.Agent().ServiceDeregister(id); err != nil {
+			t.Fatal(err)
+		}
+	}
 	waitFor(t, "the VIP gone from the ToR", 30*time.Second, func() bool { return strings.TrimSpace(route()) == "" })
 }
