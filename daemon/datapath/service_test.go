@@ -251,3 +251,71 @@ func TestServiceSyncHostile(t *testing.T) {
 func dialTimeout(network string, dst netip.AddrPort, d time.Duration) (net.Conn, error) {
 	return net.DialTimeout(network, dst.String(), d)
 }
+
+// TestServiceRestartAndCleanup: the hooks are pinned links, so balancing
+// goes on while no agent runs and a restarted agent adopts what is
+// programmed without changing it; Cleanup detaches them.
+func TestServiceRestartAndCleanup(t *testing.T) {
+	tp := newSvcTopo(t)
+	tp.serveTCP(t, 8080)
+	dir := testPinDir(t)
+	opts := Options{PinDir: dir, ServiceCgroup: tp.cgroup, ServiceMaxEntries: 1024}
+	d1 := openTest(t, opts)
+	tb := tp.table(testVIP, service.TCP, 0, 1, 2)
+	if err := d1.SyncServices(tb); err != nil {
+		t.Fatal(err)
+	}
+	var before svcValue
+	key := newSvcKey(tb.Services[0].Frontend)
+	if err := d1.maps["rw_services"].Lookup(key, &before); err != nil {
+		t.Fatal(err)
+	}
+	reach := func(when string) {
+		t.Helper()
+		c, err := tp.dial(t, "tcp", testVIP)
+		if err != nil {
+			t.Fatalf("%s: connect to the VIP: %v", when, err)
+		}
+		defer c.Close()
+		if _, _, err := greeting(c); err != nil {
+			t.Fatalf("%s: %v", when, err)
+		}
+	}
+	reach("first agent")
+	d1.Close()
+	reach("no agent running")
+
+	d2 := openTest(t, opts)
+	if d2.ServiceCgroup() != tp.cgroup {
+		t.Fatalf("restarted agent: ServiceCgroup() = %q", d2.ServiceCgroup())
+	}
+	reach("restarted agent")
+	if err := d2.SyncServices(tb); err != nil {
+		t.Fatal(err)
+	}
+	var after svcValue
+	if err := d2.maps["rw_services"].Lookup(key, &after); err != nil {
+		t.Fatal(err)
+	}
+	if after != before {
+		t.Fatalf("the same table after a restart re-programmed the service: %+v, was %+v", after, before)
+	}
+	d2.Close()
+	if err := Cleanup(dir); err != nil {
+		t.Fatal(err)
+	}
+	// The hooks are gone (the kernel frees an unpinned link from a work
+	// queue, so allow it a moment): the VIP is an address nobody routes.
+	for i := 0; ; i++ {
+		c, err := tp.dial(t, "tcp", testVIP)
+		if err != nil {
+			t.Logf("after Cleanup: %v", err)
+			break
+		}
+		c.Close()
+		if i == 20 {
+			t.Fatal("connect to the VIP still translated 2 s after Cleanup")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
