@@ -121,6 +121,7 @@ type svcState struct {
 	mu       sync.Mutex
 	adopted  bool                // services and backends read from the pinned maps
 	inner    *ebpf.MapSpec       // template of one Maglev table
+	empty    *ebpf.Map           // the table of every unused slot: no backend
 	services map[svcKey]svcValue // rw_services as programmed
 	backends map[svcAddr]uint32  // rw_svc_backends, by address
 	skipped  []string            // what the last SyncServices left out, and why
@@ -172,7 +173,7 @@ func (d *Datapath) openServices() error {
 	}
 	sizes := map[string]int{
 		"rw_services":     d.opts.ServiceMaxEntries,
-		"rw_svc_maglev":   d.opts.ServiceMaxEntries,
+		"rw_svc_maglev":   2 * d.opts.ServiceMaxEntries, // old and new table of every service during a sync
 		"rw_svc_backends": d.opts.ServiceBackendMaxEntries,
 	}
 	for name, ms := range spec.Maps {
@@ -209,6 +210,11 @@ func (d *Datapath) openServices() error {
 		ms.MaxEntries, ms.Flags = m.MaxEntries(), m.Flags()
 	}
 	d.svc.inner = spec.Maps["rw_svc_maglev"].InnerMap.Copy()
+	empty := d.svc.inner.Copy()
+	empty.Name = "rw_svc_maglev_0"
+	if d.svc.empty, err = ebpf.NewMap(empty); err != nil {
+		return fmt.Errorf("create the empty Maglev table: %w", err)
+	}
 	if d.opts.ServiceCgroup == "" {
 		return nil
 	}
@@ -316,6 +322,10 @@ func (d *Datapath) DetachServices() error {
 }
 
 func (d *Datapath) closeServices() {
+	if d.svc.empty != nil {
+		d.svc.empty.Close()
+		d.svc.empty = nil
+	}
 	for _, l := range d.svc.links {
 		l.Close()
 	}
@@ -445,8 +455,8 @@ func (d *Datapath) SyncServices(t service.Table) error {
 		d.log.Warn("service left out", "why", s)
 	}
 	d.svc.skipped = skipped
-	if len(want) > int(outer.MaxEntries()) {
-		return fmt.Errorf("%d services, the service maps hold %d: raise [datapath] service_max_entries (and restart after cleanup)", len(want), outer.MaxEntries())
+	if len(want) > int(svcs.MaxEntries()) || 2*len(want) > int(outer.MaxEntries()) {
+		return fmt.Errorf("%d services, the service maps hold %d: raise [datapath] service_max_entries (and restart after cleanup)", len(want), svcs.MaxEntries())
 	}
 	used := map[svcAddr]bool{}
 	for _, s := range want {
@@ -482,51 +492,66 @@ func (d *Datapath) SyncServices(t service.Table) error {
 			return fail(fmt.Errorf("write backend %s: %w", b.addrPort(), err))
 		}
 		backends[b] = id
-		tx.add(func() { bes.Delete(id); delete(beIDs, id) })
+		tx.add(func() { bes.Delete(id) })
 	}
-	// 2. New and changed services: a complete new table, then the frontend.
-	svcIDs := map[uint32]bool{}
+	// 2. A new table for every new or changed service, in a slot no
+	// programmed service uses: nothing in force changes yet.
+	tableIDs := map[uint32]bool{}
 	for _, v := range services {
-		svcIDs[v.ID] = true
+		if v.Count > 0 {
+			tableIDs[v.ID] = true
+		}
 	}
 	keys := make([]svcKey, 0, len(want))
 	for k := range want {
 		keys = append(keys, k)
 	}
 	slices.SortFunc(keys, compareSvcKey)
+	type change struct {
+		k      svcKey
+		nv     svcValue
+		old    svcValue
+		exists bool
+	}
+	var changes []change
+	var tables []pendingTable
 	for _, k := range keys {
 		w := want[k]
 		old, exists := services[k]
-		nv := svcValue{Count: uint32(len(w.backends)), Hash: w.hash}
+		nv := svcValue{ID: noTable, Count: uint32(len(w.backends)), Hash: w.hash}
 		if exists && old.Count == nv.Count && old.Hash == nv.Hash {
 			continue
 		}
-		if exists {
-			nv.ID = old.ID
-		} else {
-			id, ok := allocID(svcIDs, &d.svc.cursor.svc, 0, outer.MaxEntries())
+		if nv.Count > 0 {
+			id, ok := allocID(tableIDs, &d.svc.cursor.svc, 0, outer.MaxEntries())
 			if !ok {
-				return fail(errors.New("no free service id"))
+				return fail(errors.New("no free Maglev table slot"))
 			}
 			nv.ID = id
-			tx.add(func() { delete(svcIDs, id) })
+			tables = append(tables, pendingTable{id: id, backends: w.backends})
 		}
-		if len(w.backends) > 0 {
-			if err := d.swapMaglev(tx, outer, nv.ID, w.backends, backends); err != nil {
-				return fail(fmt.Errorf("service %s: %w", k.frontend(), err))
-			}
-		}
-		if err := svcs.Put(k, nv); err != nil {
-			return fail(fmt.Errorf("write service %s: %w", k.frontend(), err))
-		}
-		if exists {
-			tx.add(func() { svcs.Put(k, old) })
-		} else {
-			tx.add(func() { svcs.Delete(k) })
-		}
-		services[k] = nv
+		changes = append(changes, change{k, nv, old, exists})
 	}
-	// 3. Services gone: the frontend first, then its table.
+	if err := d.installTables(tx, outer, tables, backends); err != nil {
+		return fail(err)
+	}
+	// 3. Frontends: each switches to its new table in one update.
+	var retired []uint32
+	for _, c := range changes {
+		if err := svcs.Put(c.k, c.nv); err != nil {
+			return fail(fmt.Errorf("write service %s: %w", c.k.frontend(), err))
+		}
+		if c.exists {
+			tx.add(func() { svcs.Put(c.k, c.old) })
+			if c.old.Count > 0 {
+				retired = append(retired, c.old.ID)
+			}
+		} else {
+			tx.add(func() { svcs.Delete(c.k) })
+		}
+		services[c.k] = c.nv
+	}
+	// 4. Services gone.
 	for k, v := range services {
 		if _, ok := want[k]; ok {
 			continue
@@ -535,12 +560,12 @@ func (d *Datapath) SyncServices(t service.Table) error {
 			return fail(fmt.Errorf("delete service %s: %w", k.frontend(), err))
 		}
 		tx.add(func() { svcs.Put(k, v) })
-		if err := d.clearMaglev(tx, outer, v.ID); err != nil {
-			return fail(fmt.Errorf("delete service %s: %w", k.frontend(), err))
+		if v.Count > 0 {
+			retired = append(retired, v.ID)
 		}
 		delete(services, k)
 	}
-	// 4. Backends no table names any more.
+	// 5. Backends no table names any more.
 	for b, id := range backends {
 		if used[b] {
 			continue
@@ -552,38 +577,92 @@ func (d *Datapath) SyncServices(t service.Table) error {
 		delete(backends, b)
 	}
 	d.svc.services, d.svc.backends = services, backends
+	// Committed. The retired tables are no longer named by any frontend;
+	// a slot that cannot be cleared is simply reused later.
+	if err := d.clearTables(outer, retired); err != nil {
+		d.log.Warn("clear retired Maglev tables", "err", err, "tables", len(retired))
+	}
 	return nil
 }
 
-func compareSvcKey(a, b svcKey) int {
-	fa, fb := a.frontend(), b.frontend()
-	if c := fa.VIP.Compare(fb.VIP); c != 0 {
-		return c
-	}
-	if fa.Port != fb.Port {
-		return int(fa.Port) - int(fb.Port)
-	}
-	return int(fa.Proto) - int(fb.Proto)
+// noTable is svc_value.id of a frontend without active backends.
+const noTable = ^uint32(0)
+
+// tableBatch is how many Maglev tables are built before they are put in
+// rw_svc_maglev in one batch: every update of a map-in-map waits for an
+// RCU grace period (milliseconds), so one at a time would make 10,000
+// services take minutes; a batch waits once.
+const tableBatch = 512
+
+type pendingTable struct {
+	id       uint32
+	backends []svcAddr
 }
 
-// allocID takes a free id in [lo, hi) starting at the cursor.
-func allocID(used map[uint32]bool, cursor *uint32, lo, hi uint32) (uint32, bool) {
-	n := hi - lo
-	for range n {
-		id := lo + *cursor%n
-		*cursor++
-		if !used[id] {
-			used[id] = true
-			return id, true
+// installTables builds each pending table in a new map and puts them in
+// rw_svc_maglev, batch by batch (undo: clear those slots).
+func (d *Datapath) installTables(tx *svcTx, outer *ebpf.Map, tables []pendingTable, ids map[svcAddr]uint32) error {
+	for len(tables) > 0 {
+		chunk := tables[:min(tableBatch, len(tables))]
+		tables = tables[len(chunk):]
+		var open []*ebpf.Map
+		closeAll := func() {
+			for _, m := range open {
+				m.Close()
+			}
+		}
+		keys := make([]uint32, 0, len(chunk))
+		fds := make([]uint32, 0, len(chunk))
+		for _, pt := range chunk {
+			m, err := d.newMaglevMap(pt.backends, ids)
+			if err != nil {
+				closeAll()
+				return err
+			}
+			open = append(open, m)
+			keys = append(keys, pt.id)
+			fds = append(fds, uint32(m.FD()))
+		}
+		tx.add(func() { d.clearTables(outer, keys) })
+		if _, err := outer.BatchUpdate(keys, fds, nil); err != nil {
+			for i := range keys { // kernels without batch operations (5.6+)
+				if err := outer.Put(keys[i], open[i]); err != nil {
+					closeAll()
+					return fmt.Errorf("install Maglev table: %w", err)
+				}
+			}
+		}
+		closeAll()
+	}
+	return nil
+}
+
+// clearTables points slots of rw_svc_maglev at the shared empty table
+// (every slot 0: no backend), which frees the tables they held. Not a
+// delete: array-of-maps has no batch delete, and one delete at a time
+// waits an RCU grace period each.
+func (d *Datapath) clearTables(outer *ebpf.Map, ids []uint32) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	fds := make([]uint32, len(ids))
+	for i := range fds {
+		fds[i] = uint32(d.svc.empty.FD())
+	}
+	if _, err := outer.BatchUpdate(ids, fds, nil); err == nil {
+		return nil
+	}
+	var errs []error
+	for _, id := range ids {
+		if err := outer.Put(id, d.svc.empty); err != nil {
+			errs = append(errs, err)
 		}
 	}
-	return 0, false
+	return errors.Join(errs...)
 }
 
-// swapMaglev builds the Maglev table of bes in a new map and puts it in
-// rw_svc_maglev[id] in one update (the old table, if any, is kept for the
-// rollback).
-func (d *Datapath) swapMaglev(tx *svcTx, outer *ebpf.Map, id uint32, bes []svcAddr, ids map[svcAddr]uint32) error {
+// newMaglevMap returns a new map holding the Maglev table of bes.
+func (d *Datapath) newMaglevMap(bes []svcAddr, ids map[svcAddr]uint32) (*ebpf.Map, error) {
 	names := make([]string, len(bes))
 	for i, b := range bes {
 		names[i] = b.addrPort().String()
@@ -593,59 +672,31 @@ func (d *Datapath) swapMaglev(tx *svcTx, outer *ebpf.Map, id uint32, bes []svcAd
 	spec.Name = "rw_svc_maglev_t"
 	m, err := ebpf.NewMap(spec)
 	if err != nil {
-		return fmt.Errorf("create Maglev table: %w", err)
+		return nil, fmt.Errorf("create Maglev table: %w", err)
 	}
-	defer m.Close()
 	slots := make([]uint32, len(table))
 	vals := make([]uint32, len(table))
 	for i, j := range table {
 		slots[i], vals[i] = uint32(i), ids[bes[j]]
 	}
 	if _, err := m.BatchUpdate(slots, vals, nil); err != nil {
-		for i := range slots { // kernels without batch ops on arrays
+		for i := range slots { // kernels without batch operations
 			if err := m.Put(slots[i], vals[i]); err != nil {
-				return fmt.Errorf("fill Maglev table: %w", err)
+				m.Close()
+				return nil, fmt.Errorf("fill Maglev table: %w", err)
 			}
 		}
 	}
-	old := d.oldInner(outer, id)
-	if err := outer.Put(id, m); err != nil {
-		if old != nil {
-			old.Close()
-		}
-		return fmt.Errorf("install Maglev table: %w", err)
-	}
-	tx.add(func() {
-		if old != nil {
-			outer.Put(id, old)
-			old.Close()
-		} else {
-			outer.Delete(id)
-		}
-	})
-	return nil
+	return m, nil
 }
 
-// clearMaglev removes rw_svc_maglev[id].
-func (d *Datapath) clearMaglev(tx *svcTx, outer *ebpf.Map, id uint32) error {
-	old := d.oldInner(outer, id)
-	if old == nil {
-		return nil
-	}
-	if err := outer.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		old.Close()
-		return err
-	}
-	tx.add(func() { outer.Put(id, old); old.Close() })
-	return nil
-}
-
-// oldInner opens the table in rw_svc_maglev[id], nil when there is none.
-func (d *Datapath) oldInner(outer *ebpf.Map, id uint32) *ebpf.Map {
+// innerMap opens the table in rw_svc_maglev[id], nil when there is none.
+func innerMap(outer *ebpf.Map, id uint32) *ebpf.Map {
 	var mapID uint32
 	if err := outer.Lookup(id, &mapID); err != nil || mapID == 0 {
 		return nil
 	}
+	// (the shared empty table reads as a table without backends)
 	m, err := ebpf.NewMapFromID(ebpf.MapID(mapID))
 	if err != nil {
 		return nil
@@ -720,7 +771,7 @@ func (d *Datapath) Services() ([]ProgrammedService, error) {
 	for it.Next(&k, &v) {
 		ps := ProgrammedService{Frontend: k.frontend(), ID: v.ID}
 		if v.Count > 0 {
-			if m := d.oldInner(d.maps["rw_svc_maglev"], v.ID); m != nil {
+			if m := innerMap(d.maps["rw_svc_maglev"], v.ID); m != nil {
 				seen := map[uint32]bool{}
 				var slot, bid uint32
 				mi := m.Iterate()
@@ -745,4 +796,29 @@ func (d *Datapath) Services() ([]ProgrammedService, error) {
 		return strings.Compare(x.Frontend.String(), y.Frontend.String())
 	})
 	return out, nil
+}
+
+// allocID takes a free id in [lo, hi) starting at the cursor.
+func allocID(used map[uint32]bool, cursor *uint32, lo, hi uint32) (uint32, bool) {
+	n := hi - lo
+	for range n {
+		id := lo + *cursor%n
+		*cursor++
+		if !used[id] {
+			used[id] = true
+			return id, true
+		}
+	}
+	return 0, false
+}
+
+func compareSvcKey(a, b svcKey) int {
+	fa, fb := a.frontend(), b.frontend()
+	if c := fa.VIP.Compare(fb.VIP); c != 0 {
+		return c
+	}
+	if fa.Port != fb.Port {
+		return int(fa.Port) - int(fb.Port)
+	}
+	return int(fa.Proto) - int(fb.Proto)
 }
