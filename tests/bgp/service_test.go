@@ -44,49 +44,18 @@ protocol bgp h2 from host { local 10.254.202.1 as 65001; neighbor 10.254.202.2 a
 // svcConfig is a host's config with announce_service_vips on and no VIP of
 // its own: whatever VIP the ToR learns comes from the service table.
 func (h *host) svcConfig(consulAddr string) string {
-	return fmt.Sprintf(`version = 1
-[node]
-name = %[1]q
-addresses = [%[2]q]
-[agent]
-state_dir = %[3]q
-socket = %[4]q
-socket_group = ""
-[ipam]
-cidrs = [%[5]q]
-[store]
-backend = "consul"
-address = %[12]q
-# The test's Consul speaks plain http on a non-loopback test address.
-allow_insecure = true
-[datapath]
-pin_dir = %[6]q
-policy_dir = %[7]q
-[metrics]
-listen = ""
-[restart]
-jitter_window = "0s"
-[log]
-level = "info"
-format = "text"
-[bgp]
-enabled = true
-bird_config = %[8]q
-bird_socket = %[9]q
-router_id = %[2]q
-local_asn = %[10]d
-vip_ranges = ["10.96.0.0/16"]
+	return h.head(fmt.Sprintf("backend = \"consul\"\naddress = %q\n# The test's Consul speaks plain http on a non-loopback test address.\nallow_insecure = true", consulAddr)) +
+		fmt.Sprintf(`vip_ranges = ["10.96.0.0/16"]
 import = ["0.0.0.0/0"]
 announce_service_vips = true
 
 [[bgp.peers]]
 name = "tor"
-address = %[11]q
+address = %q
 asn = 65001
 hold_time = 9
 keepalive_time = 3
-`, h.name, h.uplink, filepath.Join(h.dir, "state"), h.socket, h.cidr,
-		"/sys/fs/bpf/"+h.name, filepath.Join(h.dir, "policies.d"), h.birdConf, h.birdSock, h.asn, torAddr(h.uplink), consulAddr)
+`, torAddr(h.uplink))
 }
 
 // TestServiceVIPAnnouncedWhileLocalBackendActive: two hosts with
