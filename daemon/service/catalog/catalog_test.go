@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -321,6 +320,24 @@ func regBig(t *testing.T, c *api.Client, n int) {
 	}
 }
 
-func TestMain(m *testing.M) {
-	os.Exit(m.Run())
+// TestConsulOutageKeepsServices: when the local Consul agent goes away, the
+// watch keeps the last known services (a failed query never reads as "no
+// services") and says so once in the log.
+func TestConsulOutageKeepsServices(t *testing.T) {
+	ag := consultest.Start(t)
+	r := start(t, ag, service.Limits{})
+	register(t, r.client, "web-1", "web", "10.250.1.5", 8080, map[string]string{MetaVIP: "10.96.0.10"}, true)
+	r.sink.waitFor(t, "web is in", 20*time.Second, func(tb service.Table) bool { return backendState(tb, "web", "10.250.1.5:8080") == service.StateActive })
+	mark := r.sink.mark()
+	ag.Kill()
+	time.Sleep(3 * time.Second)
+	if s := backendState(r.lastTable(), "web", "10.250.1.5:8080"); s != service.StateActive {
+		t.Errorf("after Consul went away, web-1 is %q in the table, want still active", s)
+	}
+	if n := r.sink.mark() - mark; n != 0 {
+		t.Errorf("the sink got %d tables while Consul was away, want none", n)
+	}
+	if !strings.Contains(r.logs.String(), "keeping the last known") {
+		t.Errorf("no log line says the last known services are kept:\n%s", r.logs.String())
+	}
 }
