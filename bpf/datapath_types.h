@@ -53,7 +53,8 @@ enum rw_reason {
 	RW_DROP_INVALID_PACKET   = -10, /* truncated or malformed headers */
 	RW_DROP_FRAGMENT         = -11, /* fragment that could change the L4 header it was decided on */
 	RW_DROP_FRAG_NO_HEAD     = -12, /* later fragment whose first fragment was not seen or passed */
-	RW_REASON_COUNT          = 13,  /* metrics slots: -reason */
+	RW_DROP_NO_SVC_BACKEND   = -13, /* connect/sendmsg to a service VIP with no active backend (sock_lb.c) */
+	RW_REASON_COUNT          = 14,  /* metrics slots: -reason */
 };
 
 /*

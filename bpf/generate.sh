@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 multiarch=$(gcc -print-multiarch 2>/dev/null || echo "$(uname -m)-linux-gnu")
 cflags="-O2 -g -Wall -Werror -I/usr/include/$multiarch"
 
-for obj in from_endpoint:FromEndpoint to_endpoint:ToEndpoint from_uplink:FromUplink; do
+for obj in from_endpoint:FromEndpoint to_endpoint:ToEndpoint from_uplink:FromUplink sock_lb:SockLB; do
 	src=${obj%%:*}
 	ident=${obj##*:}
 	go run github.com/cilium/ebpf/cmd/bpf2go \

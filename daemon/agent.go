@@ -58,8 +58,9 @@ type agent struct {
 	// it); guarded by uplinkMu.
 	uplinkMu  sync.Mutex
 	uplinkErr error
-	uplinkCfg []string // [datapath] uplinks in force; empty: follow the default routes
-	uplinkSet string   // the devices last applied, joined
+	uplinkCfg []string  // [datapath] uplinks in force; empty: follow the default routes
+	uplinkSet string    // the devices last applied, joined
+	svc       *services // the service table and its sources (services.go)
 
 	hostIP netip.Addr
 	hostID string
@@ -139,6 +140,10 @@ func newAgent(ctx context.Context, cfg config.Config, st store.Store, log *slog.
 		a.bgp = bgp.New(cfg.BGP, cfg.Prefixes(), version.Version, log.With("subsys", "bgp"))
 		a.bgp.DrainFile = filepath.Join(cfg.Agent.StateDir, "bgp-drained")
 	}
+	if err := a.wireServices(cfg, log); err != nil {
+		a.close()
+		return nil, err
+	}
 	return a, nil
 }
 
@@ -208,6 +213,7 @@ func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(strin
 
 	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.nodeWatch, a.hostAddrLoop, a.mon.run,
 		a.uplinkLoop, a.waitFirstList, a.runGC, a.pruneIPLog, a.probeStore, func(ctx context.Context) { a.pub.Run(ctx, time.Minute) }}
+	loops = append(loops, a.serviceLoops()...)
 	if a.bgp != nil {
 		loops = append(loops, func(ctx context.Context) {
 			if err := a.bgp.Run(ctx); err != nil && ctx.Err() == nil {
@@ -315,6 +321,7 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 		o.CTTimeoutTCPClose != n.CTTimeoutTCPClose || o.CTTimeoutOther != n.CTTimeoutOther {
 		a.log.Warn("[datapath] ct_timeout_* change only on restart (systemctl restart rackwired; forwarding continues)")
 	}
+	a.svc.reload(next)
 	switch {
 	case a.bgp != nil && next.BGP.Enabled:
 		a.bgp.Reload(next.BGP, next.Prefixes())

@@ -110,6 +110,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger, opts Options)
 	d.reloaders = append(d.reloaders, ag.reload)
 	d.statusers = append(d.statusers, ag.status)
 	d.metrics.MustRegister(newAgentCollector(ag))
+	d.metrics.MustRegister(newServiceCollector(ag.svc))
 
 	d.mux = http.NewServeMux()
 	d.agentRoutes()

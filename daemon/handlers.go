@@ -41,6 +41,7 @@ func registerAgentRoutes(a *agent, rt *api.Router) {
 	a.policyRoutes(h)
 	a.bpfRoutes(h)
 	a.bgpRoutes(h)
+	a.serviceRoutes(h)
 	// The event stream reads: it shows what the datapath does, changes
 	// nothing.
 	rt.HandleFunc(api.Read, "GET /v1/monitor", a.serveMonitor)

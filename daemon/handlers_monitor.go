@@ -103,6 +103,9 @@ func (a *agent) toAPIEvent(ev datapath.Event, typ string) api.Event {
 	if typ == "audit" {
 		out.Verdict = "audit: would deny"
 	}
+	if ev.Service != nil {
+		out.VIP = ev.Service.VIP.String()
+	}
 	out.EndpointName = a.endpointName(ev.Endpoint)
 	return out
 }

@@ -47,6 +47,10 @@ func TestRouteDecisions(t *testing.T) {
 		{Pattern: "GET /v1/bgp/render", Access: api.Admin},
 		{Pattern: "POST /v1/bgp/drain", Access: api.Admin},
 		{Pattern: "POST /v1/bgp/undrain", Access: api.Admin},
+		{Pattern: "GET /v1/services", Access: api.Read},
+		{Pattern: "GET /v1/services/{name}", Access: api.Read},
+		{Pattern: "POST /v1/services", Access: api.Admin},
+		{Pattern: "DELETE /v1/services/{name}", Access: api.Admin},
 		{Pattern: "GET /v1/monitor", Access: api.Read},
 	}
 	got := Routes()

@@ -53,8 +53,12 @@ func init() {
 				if ev.Reason != "" {
 					reason = " (" + ev.Reason + ")"
 				}
+				dst := ev.Dst
+				if ev.VIP != "" {
+					dst = ev.VIP + " => " + ev.Dst // service: VIP => backend
+				}
 				_, err := fmt.Fprintf(e.stdout, "%s %-5s ep=%s %s %s %s -> %s id %d [%s] -> %d [%s] %s%s\n",
-					ev.Time.Format("15:04:05.000"), ev.Type, ep, ev.Direction, ev.Proto, ev.Src, ev.Dst,
+					ev.Time.Format("15:04:05.000"), ev.Type, ep, ev.Direction, ev.Proto, ev.Src, dst,
 					ev.SrcIdentity, ev.SrcLabels, ev.DstIdentity, ev.DstLabels, ev.Verdict, reason)
 				return err
 			})

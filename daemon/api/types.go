@@ -238,6 +238,10 @@ type Event struct {
 	Verdict      string    `json:"verdict"`
 	Reason       string    `json:"reason,omitempty"`
 	Len          uint32    `json:"len"`
+	// VIP is set on a service translation (trace) or refusal (drop, "no
+	// service backend"): the VIP:port the client asked for; Dst is then
+	// the backend chosen (the VIP itself when there was none).
+	VIP string `json:"vip,omitempty"`
 	// A "suppressed" line (about once a second per endpoint whose events
 	// were over its rate limit): how many events of Endpoint the limit
 	// suppressed and the transport lost since the previous line, and the

@@ -54,7 +54,7 @@ var wireGolden = map[string][]string{
 	"EndpointRoute":      {"dst", "via"},
 	"EndpointAudit":      {"enabled"},
 	"ErrorBody":          {"error", "hint"},
-	"Event":              {"dst", "dst_identity", "dst_labels", "direction", "endpoint", "endpoint_name", "len", "limit", "lost", "proto", "reason", "src", "src_identity", "src_labels", "suppressed", "time", "type", "verdict"},
+	"Event":              {"dst", "dst_identity", "dst_labels", "direction", "endpoint", "endpoint_name", "len", "limit", "lost", "proto", "reason", "src", "src_identity", "src_labels", "suppressed", "time", "type", "verdict", "vip"},
 	"IPCacheEntry":       {"host_ip", "identity", "labels", "prefix"},
 	"Identity":           {"id", "labels", "scope", "users"},
 	"KernelFeature":      {"available", "fallback", "name"},

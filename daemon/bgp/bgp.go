@@ -68,6 +68,9 @@ type Manager struct {
 	failing  bool // the last apply failed: the next one reconfigures even if the text is unchanged
 	wg       sync.WaitGroup
 	announce []string
+	// svcVIPs are the service VIPs with an active local backend
+	// ([bgp] announce_service_vips; SetServiceVIPs).
+	svcVIPs []netip.Prefix
 }
 
 // New returns a Manager for cfg (validated by package config) and the
@@ -197,8 +200,46 @@ func (m *Manager) input() (birdconf.Config, error) {
 	for p, c := range m.checks {
 		health[p] = c.healthy
 	}
+	svcVIPs := slices.Clone(m.svcVIPs)
 	m.mu.Unlock()
-	return buildInput(cfg, cidrs, m.version, drained, keep, health)
+	out, err := buildInput(cfg, cidrs, m.version, drained, keep, health)
+	if err != nil || !cfg.AnnounceServiceVIPs {
+		return out, err
+	}
+	return withServiceVIPs(out, svcVIPs), nil
+}
+
+// SetServiceVIPs replaces the service VIPs this host announces (those with
+// at least one active local backend). A VIP also in [bgp] vips keeps its
+// own entry (and health check). Applied only with announce_service_vips.
+func (m *Manager) SetServiceVIPs(vips []netip.Addr) {
+	ps := make([]netip.Prefix, len(vips))
+	for i, v := range vips {
+		ps[i] = netip.PrefixFrom(v, v.BitLen())
+	}
+	m.mu.Lock()
+	same := slices.Equal(ps, m.svcVIPs)
+	m.svcVIPs = ps
+	m.mu.Unlock()
+	if !same {
+		m.poke()
+	}
+}
+
+// withServiceVIPs adds the service VIPs not already configured, announced
+// (Active) since each has a healthy local backend.
+func withServiceVIPs(out birdconf.Config, vips []netip.Prefix) birdconf.Config {
+	have := map[netip.Prefix]bool{}
+	for _, v := range out.VIPs {
+		have[v.Prefix] = true
+	}
+	for _, p := range vips {
+		if !have[p] {
+			have[p] = true
+			out.VIPs = append(out.VIPs, birdconf.VIP{Route: birdconf.Route{Prefix: p}, Active: true})
+		}
+	}
+	return out
 }
 
 // buildInput is input without the Manager: health says whether each VIP

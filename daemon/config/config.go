@@ -35,6 +35,8 @@ type Config struct {
 	Metrics  Metrics  `toml:"metrics" json:"metrics"`
 	Log      Log      `toml:"log" json:"log"`
 	Docker   Docker   `toml:"docker" json:"docker"`
+	// Services are this host's [[services]] (docs/services.md).
+	Services []Service `toml:"services" json:"services"`
 
 	// File is the path the config was loaded from ("" for defaults only).
 	File string `toml:"-" json:"file"`
@@ -125,6 +127,13 @@ type Datapath struct {
 	// Uplinks are the devices rw_from_uplink attaches to with host routing
 	// "bpf"; empty: the devices of the default routes.
 	Uplinks []string `toml:"uplinks" json:"uplinks"`
+	// ServiceCgroup is the cgroup-v2 directory whose processes' sockets
+	// are service-balanced (connect-time translation of VIPs); "" turns
+	// service load balancing off. ServiceMaxEntries bounds the frontends,
+	// ServiceBackendMaxEntries the distinct backends.
+	ServiceCgroup            string `toml:"service_cgroup" json:"service_cgroup"`
+	ServiceMaxEntries        int    `toml:"service_max_entries" json:"service_max_entries"`
+	ServiceBackendMaxEntries int    `toml:"service_backend_max_entries" json:"service_backend_max_entries"`
 }
 
 // BGP configures the BIRD integration.
@@ -146,6 +155,18 @@ type BGP struct {
 	Communities []string    `toml:"communities" json:"communities"`
 	Peers       []Peer      `toml:"peers" json:"peers"`
 	VIPHealth   []VIPHealth `toml:"vip_health" json:"vip_health"`
+	// AnnounceServiceVIPs announces the VIP of every service that has an
+	// active backend on this host, and withdraws it when none is left.
+	AnnounceServiceVIPs bool `toml:"announce_service_vips" json:"announce_service_vips"`
+}
+
+// Service is one [[services]] table: a VIP balanced over fixed backends.
+type Service struct {
+	Name     string   `toml:"name" json:"name"`
+	VIP      string   `toml:"vip" json:"vip"`
+	Port     int      `toml:"port" json:"port"`
+	Protocol string   `toml:"protocol" json:"protocol"` // "tcp" (default) or "udp"
+	Backends []string `toml:"backends" json:"backends"` // "ip:port"
 }
 
 // Peer is one BGP neighbour, typically a top-of-rack router.
@@ -288,6 +309,10 @@ func Default() Config {
 			EventsRate:        100,
 			EventsBurst:       1000,
 			HostRouting:       "auto",
+
+			ServiceCgroup:            "/sys/fs/cgroup",
+			ServiceMaxEntries:        65536,
+			ServiceBackendMaxEntries: 65536,
 		},
 		BGP: BGP{
 			BirdConfig: "/etc/bird/bird.conf",

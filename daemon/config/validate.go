@@ -193,9 +193,17 @@ func (c *Config) validate() []Problem {
 			bad(fmt.Sprintf("datapath.uplinks[%d]", i), "%q is not a network device name", u)
 		}
 	}
+	if p := c.Datapath.ServiceCgroup; p != "" && !filepath.IsAbs(p) {
+		bad("datapath.service_cgroup", "%q is not an absolute path; write a cgroup-v2 directory (default /sys/fs/cgroup) or \"\" to turn service load balancing off", p)
+	}
+	checkRange("datapath.service_max_entries", c.Datapath.ServiceMaxEntries, 16, 1<<20)
+	checkRange("datapath.service_backend_max_entries", c.Datapath.ServiceBackendMaxEntries, 16, 1<<22)
 
 	// [bgp]
 	c.validateBGP(bad, cidrs)
+
+	// [[services]]
+	c.validateServices(bad, cidrs)
 
 	// [restart]
 	if c.Restart.FleetSize < 1 || c.Restart.FleetSize > 1_000_000 {

@@ -85,6 +85,13 @@ type Options struct {
 	// EventRate and EventBurst are each endpoint's event budget: events
 	// per second and bucket size; zero takes the defaults.
 	EventRate, EventBurst uint32
+	// ServiceCgroup is the cgroup-v2 directory the socket load balancer
+	// (service VIPs, service.go) attaches to; "" attaches nothing (the
+	// service maps still exist and SyncServices programs them).
+	ServiceCgroup string
+	// ServiceMaxEntries sizes rw_services and rw_svc_maglev (frontends),
+	// ServiceBackendMaxEntries rw_svc_backends (distinct backends).
+	ServiceMaxEntries, ServiceBackendMaxEntries int
 }
 
 // OptionsFromConfig maps the [datapath] config section to Options.
@@ -106,6 +113,10 @@ func OptionsFromConfig(c config.Datapath) Options {
 		EventRate:         c.EventsRate,
 		EventBurst:        c.EventsBurst,
 		HostRouting:       c.HostRouting,
+
+		ServiceCgroup:            c.ServiceCgroup,
+		ServiceMaxEntries:        c.ServiceMaxEntries,
+		ServiceBackendMaxEntries: c.ServiceBackendMaxEntries,
 	}
 }
 
@@ -148,6 +159,12 @@ func (o *Options) defaults() error {
 	if o.FragMaxEntries <= 0 {
 		o.FragMaxEntries = 8192
 	}
+	if o.ServiceMaxEntries <= 0 {
+		o.ServiceMaxEntries = DefaultServiceMaxEntries
+	}
+	if o.ServiceBackendMaxEntries <= 0 {
+		o.ServiceBackendMaxEntries = DefaultServiceBackendMaxEntries
+	}
 	return nil
 }
 
@@ -176,6 +193,9 @@ type Datapath struct {
 
 	// revMu serialises bumps of rw_verdict_rev (see bumpRev).
 	revMu sync.Mutex
+
+	// svc is the socket load balancer and what SyncServices programmed.
+	svc svcState
 }
 
 // Open mounts bpffs if needed, creates or re-uses the pinned maps under
@@ -205,6 +225,10 @@ func Open(opts Options, log *slog.Logger) (*Datapath, error) {
 		return nil, err
 	}
 	if err := d.load(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	if err := d.openServices(); err != nil {
 		d.Close()
 		return nil, err
 	}
@@ -506,6 +530,7 @@ func (d *Datapath) Close() error {
 		m.Close()
 	}
 	d.maps = map[string]*ebpf.Map{}
+	d.closeServices()
 	if d.from != nil {
 		d.from.Close()
 	}

@@ -154,6 +154,20 @@
 // Events reads either with the matching cilium/ebpf reader into the same
 // Event.
 //
+// Services (service.go, maglev.go, bpf/sock_lb.c; docs/datapath.md
+// "Services: socket load balancing"): connect-time socket load balancing.
+// Cgroup-v2 hooks on [datapath] service_cgroup rewrite a socket's
+// destination VIP:port to one active backend at connect()/sendmsg() and
+// the backend back to the VIP at recvmsg()/getpeername(), so the client
+// address is kept, replies need no per-packet NAT and the endpoint
+// programs (untouched) decide policy against the backend's identity.
+// Data: rw_services, rw_svc_maglev (one Maglev table per service),
+// rw_svc_backends, written only by SyncServices (the whole table, diffed,
+// undone on a kernel error, invalid parts skipped and listed by
+// SkippedServices); rw_svc_revnat, written by the programs. Restart: the
+// hooks are pinned links and keep balancing; SyncServices adopts the
+// pinned maps and rewrites nothing that is unchanged. Cleanup detaches.
+//
 // All methods are safe for concurrent use, except Close, which must be
 // the last call.
 package datapath

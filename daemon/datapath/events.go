@@ -89,6 +89,17 @@ type Event struct {
 	Reason      Reason         `json:"reason"`
 	Ifindex     uint32         `json:"ifindex"`
 	Len         uint32         `json:"len"`
+	// Service is set on the socket load balancer's events (a longer
+	// record, struct svc_event): Dst is then the backend chosen, or the
+	// VIP when there was none (drop "no service backend").
+	Service *ServiceEvent `json:"service,omitempty"`
+}
+
+// ServiceEvent is the translation a socket load balancer event reports.
+type ServiceEvent struct {
+	VIP     netip.AddrPort `json:"vip"`     // what the client asked for
+	ID      uint32         `json:"id"`      // rw_services id
+	Backend uint32         `json:"backend"` // rw_svc_backends id, 0 when none
 }
 
 func decodeEvent(b []byte, wall func(uint64) time.Time) (Event, error) {
@@ -99,7 +110,7 @@ func decodeEvent(b []byte, wall func(uint64) time.Time) (Event, error) {
 	if r.Family != 4 && r.Family != 6 {
 		return Event{}, fmt.Errorf("decode event: address family %d", r.Family)
 	}
-	return Event{
+	ev := Event{
 		Time:        wall(r.TsNS),
 		Endpoint:    r.Endpoint,
 		Direction:   Direction(r.Direction),
@@ -112,7 +123,16 @@ func decodeEvent(b []byte, wall func(uint64) time.Time) (Event, error) {
 		Reason:      Reason(r.Reason),
 		Ifindex:     r.Ifindex,
 		Len:         r.Len,
-	}, nil
+	}
+	if len(b) >= binary.Size(rawSvcEvent{}) {
+		var s rawSvcEvent
+		if _, err := binary.Decode(b, binary.NativeEndian, &s); err != nil {
+			return Event{}, fmt.Errorf("decode service event: %w", err)
+		}
+		ev.Service = &ServiceEvent{VIP: netip.AddrPortFrom(addrFrom(r.Family, s.VIP), s.VIPPort.uint16()),
+			ID: s.Service, Backend: s.Backend}
+	}
+	return ev, nil
 }
 
 // eventSource is either transport's reader: read returns the next record.

@@ -17,28 +17,37 @@ func TestLayoutMatchesBTF(t *testing.T) {
 	mirrors := []struct {
 		c      string
 		mirror any
+		svc    bool // only in the socket load balancer's object
 	}{
-		{"ip_key", ipKey{}},
-		{"ipcache_lpm_key", ipcacheLPMKey{}},
-		{"ipcache_value", ipcacheValue{}},
-		{"endpoint_info", endpointInfo{}},
-		{"policy_key", policyKey{}},
-		{"policy_value", policyValue{}},
-		{"ct4_key", ct4Key{}},
-		{"ct6_key", ct6Key{}},
-		{"ct_entry", ctEntry{}},
-		{"frag_key", fragKey{}},
-		{"frag_value", fragValue{}},
-		{"metrics_value", metricsValue{}},
-		{"event", rawEvent{}},
-		{"event_limit", eventLimit{}},
+		{"ip_key", ipKey{}, false},
+		{"ipcache_lpm_key", ipcacheLPMKey{}, false},
+		{"ipcache_value", ipcacheValue{}, false},
+		{"endpoint_info", endpointInfo{}, false},
+		{"policy_key", policyKey{}, false},
+		{"policy_value", policyValue{}, false},
+		{"ct4_key", ct4Key{}, false},
+		{"ct6_key", ct6Key{}, false},
+		{"ct_entry", ctEntry{}, false},
+		{"frag_key", fragKey{}, false},
+		{"frag_value", fragValue{}, false},
+		{"metrics_value", metricsValue{}, false},
+		{"event", rawEvent{}, false},
+		{"event_limit", eventLimit{}, false},
+		{"svc_key", svcKey{}, true},
+		{"svc_value", svcValue{}, true},
+		{"svc_addr", svcAddr{}, true},
+		{"svc_revnat_key", svcRevNATKey{}, true},
+		{"svc_event", rawSvcEvent{}, true},
 	}
-	for _, load := range []func() (*ebpf.CollectionSpec, error){bpf.LoadFromEndpoint, bpf.LoadToEndpoint} {
+	for i, load := range []func() (*ebpf.CollectionSpec, error){bpf.LoadFromEndpoint, bpf.LoadToEndpoint, bpf.LoadSockLB} {
 		spec, err := load()
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, m := range mirrors {
+			if m.svc && i < 2 {
+				continue
+			}
 			var st *btf.Struct
 			if err := spec.Types.TypeByName(m.c, &st); err != nil {
 				t.Errorf("struct %s not in BTF: %v", m.c, err)
@@ -81,7 +90,7 @@ func TestLayoutMatchesBTF(t *testing.T) {
 			"RW_DROP_UNSUPPORTED_L4": DropUnsupportedL4, "RW_AUDIT_WOULD_DENY": AuditWouldDeny,
 			"RW_DROP_NO_POLICY_MAP": DropNoPolicyMap, "RW_DROP_SPOOFED_SOURCE": DropSpoofedSource,
 			"RW_DROP_INVALID_PACKET": DropInvalidPacket, "RW_DROP_FRAGMENT": DropFragment,
-			"RW_DROP_FRAG_NO_HEAD": DropFragNoHead,
+			"RW_DROP_FRAG_NO_HEAD": DropFragNoHead, "RW_DROP_NO_SVC_BACKEND": DropNoSvcBackend,
 		}
 		seen := 0
 		for _, v := range reasons.Values {

@@ -67,7 +67,8 @@ const (
 	DropInvalidPacket  Reason = -10 // truncated or malformed headers
 	DropFragment       Reason = -11 // fragment that could change the L4 header it was decided on
 	DropFragNoHead     Reason = -12 // later fragment whose first fragment did not pass
-	reasonCount               = 13
+	DropNoSvcBackend   Reason = -13 // connect/sendmsg to a service VIP without an active backend
+	reasonCount               = 14
 )
 
 var reasonNames = map[Reason]string{
@@ -84,6 +85,7 @@ var reasonNames = map[Reason]string{
 	DropInvalidPacket:  "invalid packet",
 	DropFragment:       "fragment",
 	DropFragNoHead:     "fragment without head",
+	DropNoSvcBackend:   "no service backend",
 }
 
 func (r Reason) String() string {

@@ -13,7 +13,11 @@ const (
 	IPPrefix            = "state/ip/v1/"
 	NodePrefix          = "state/nodes/v1/"
 	PolicyPrefix        = "policies/v1/"
+	ServicePrefix       = "state/services/v1/"
 )
+
+// ServiceKey is the key of a cluster-wide service (`rackwire service add`).
+func ServiceKey(cluster, name string) string { return ServicePrefix + cluster + "/" + name }
 
 // IdentityIDKey is the source-of-truth key of an identity.
 func IdentityIDKey(id uint32) string { return fmt.Sprintf("%s%d", IdentityIDPrefix, id) }

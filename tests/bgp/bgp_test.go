@@ -91,6 +91,34 @@ type host struct {
 
 // config is the host's rackwire.toml; extraPeers is appended verbatim.
 func (h *host) config(extraPeers string) string {
+	return h.head(`backend = "local"`) + fmt.Sprintf(`vips = [%[1]q]
+import = ["0.0.0.0/0"]
+
+[[bgp.peers]]
+name = "tor"
+address = %[2]q
+asn = 65001
+bfd = true
+bfd_min_rx = "100ms"
+bfd_min_tx = "100ms"
+bfd_multiplier = 3
+hold_time = 9
+keepalive_time = 3
+%[3]s
+[[bgp.vip_health]]
+vip = %[1]q
+type = "tcp"
+target = %[4]q
+interval = "100ms"
+timeout = "100ms"
+rise = 1
+fall = 1
+`, vip, torAddr(h.uplink), extraPeers, healthPort)
+}
+
+// head is the config up to [bgp] local_asn, with store as the [store]
+// section's body.
+func (h *host) head(store string) string {
 	return fmt.Sprintf(`version = 1
 [node]
 name = %[1]q
@@ -102,7 +130,7 @@ socket_group = ""
 [ipam]
 cidrs = [%[5]q]
 [store]
-backend = "local"
+%[11]s
 [datapath]
 pin_dir = %[6]q
 policy_dir = %[7]q
@@ -119,31 +147,8 @@ bird_config = %[8]q
 bird_socket = %[9]q
 router_id = %[2]q
 local_asn = %[10]d
-vips = [%[11]q]
-import = ["0.0.0.0/0"]
-
-[[bgp.peers]]
-name = "tor"
-address = %[12]q
-asn = 65001
-bfd = true
-bfd_min_rx = "100ms"
-bfd_min_tx = "100ms"
-bfd_multiplier = 3
-hold_time = 9
-keepalive_time = 3
-%[13]s
-[[bgp.vip_health]]
-vip = %[11]q
-type = "tcp"
-target = %[14]q
-interval = "100ms"
-timeout = "100ms"
-rise = 1
-fall = 1
 `, h.name, h.uplink, filepath.Join(h.dir, "state"), h.socket, h.cidr,
-		"/sys/fs/bpf/"+h.name, filepath.Join(h.dir, "policies.d"), h.birdConf, h.birdSock,
-		h.asn, vip, torAddr(h.uplink), extraPeers, healthPort)
+		"/sys/fs/bpf/"+h.name, filepath.Join(h.dir, "policies.d"), h.birdConf, h.birdSock, h.asn, store)
 }
 
 // torAddr is the ToR's side of a host uplink: x.y.z.2 -> x.y.z.1.
@@ -154,12 +159,18 @@ func torAddr(uplink string) string { return strings.TrimSuffix(uplink, ".2") + "
 // shared bpffs), stopped by pid at cleanup; the pins go after it.
 func (h *host) startAgent(t *testing.T, extraPeers string) {
 	t.Helper()
+	h.runAgent(t, h.config(extraPeers))
+}
+
+// runAgent is startAgent with the whole config text given.
+func (h *host) runAgent(t *testing.T, config string) {
+	t.Helper()
 	rackwired, _ := binaries(t)
 	if err := os.MkdirAll(filepath.Join(h.dir, "policies.d"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	cfg := filepath.Join(h.dir, "rackwire.toml")
-	if err := os.WriteFile(cfg, []byte(h.config(extraPeers)), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	pins := "/sys/fs/bpf/" + h.name

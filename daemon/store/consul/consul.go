@@ -264,6 +264,20 @@ func newClient(opts Options) (*api.Client, bool, error) {
 	return client, token != "", nil
 }
 
+// NewAPIClient builds a Consul API client exactly as the store does (the
+// same address, TLS, token and the environment ignored), for other readers
+// of the local Consul agent such as the service catalog watch.
+func NewAPIClient(opts Options) (*api.Client, error) {
+	if opts.Address == "" {
+		opts.Address = config.Default().Store.Address
+	}
+	if opts.Scheme == "" {
+		opts.Scheme = "http"
+	}
+	c, _, err := newClient(opts)
+	return c, err
+}
+
 // pinnedAuth makes every request carry exactly the configured token (or
 // none) and no namespace or partition: what api.NewClient took from the
 // environment never reaches Consul.
