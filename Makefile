@@ -17,7 +17,7 @@ export RACKWIRE_CACHE := $(CACHE)
 # Fuzz time per target inside `make test` (bounded).
 FUZZTIME ?= 20s
 
-.PHONY: all build deps generate generate-check lint test test-unit test-systemd test-salt fuzz bench bench-consul bench-cni bench-fleet package quickstart quickstart-stop check clean
+.PHONY: all build deps generate generate-check lint test test-unit test-systemd test-salt fuzz bench bench-services bench-consul bench-cni bench-fleet package quickstart quickstart-stop check clean
 
 all: build
 
@@ -106,6 +106,13 @@ test-e2e-perf:
 
 bench:
 	bash tests/bench/run.sh
+
+# Service VIPs (socket load balancing) vs direct vs IPVS, 1 vs 10,000
+# services (~3 min; tests/bench/cmd/rwbench/svc.go). RWBENCH_SVC_ARGS=-quick
+# for a short run.
+bench-services:
+	$(GO) build -o /tmp/rwsd-rwbench ./tests/bench/cmd/rwbench
+	/tmp/rwsd-rwbench services $(RWBENCH_SVC_ARGS)
 
 # Consul at fleet scale (~4 min): 300,000 ipcache entries into one agent,
 # propagation of a new endpoint to 10 agents, recovery after an outage.

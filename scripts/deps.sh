@@ -19,7 +19,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 pkgs=(clang llvm libbpf-dev bpftool bird2 iproute2 iputils-ping netcat-openbsd
-	debootstrap rpm procps psmisc python3-pip python3-venv curl ca-certificates nftables
+	debootstrap rpm procps psmisc python3-pip python3-venv curl ca-certificates nftables ipvsadm
 	podman runc containernetworking-plugins docker.io)
 missing=()
 for p in "${pkgs[@]}"; do

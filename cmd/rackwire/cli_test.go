@@ -169,3 +169,30 @@ func TestMonitorSuppressedLine(t *testing.T) {
 		t.Errorf("monitor --json = %+v, want the suppressed line %+v as sent", got, lines[1])
 	}
 }
+
+// TestMonitorServiceLine: a service translation shows the VIP and the
+// backend it chose; a refusal names the VIP and the reason.
+func TestMonitorServiceLine(t *testing.T) {
+	lines := []api.Event{
+		{Type: "trace", Direction: "egress", Src: "0.0.0.0:0", Dst: "10.211.1.2:8080", VIP: "10.96.0.10:80",
+			Proto: "tcp", DstIdentity: 70311, Verdict: "forwarded"},
+		{Type: "drop", Direction: "egress", Src: "0.0.0.0:0", Dst: "10.96.0.11:80", VIP: "10.96.0.11:80",
+			Proto: "tcp", Verdict: "dropped", Reason: "no service backend"},
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/monitor", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		enc := json.NewEncoder(w)
+		for _, l := range lines {
+			_ = enc.Encode(l)
+		}
+	})
+	sock := fakeAgent(t, mux)
+	_, out, _ := runCLI(t, "--socket", sock, "monitor")
+	for _, want := range []string{"tcp 0.0.0.0:0 -> 10.96.0.10:80 => 10.211.1.2:8080 id 0 [] -> 70311",
+		"10.96.0.11:80 => 10.96.0.11:80", "dropped (no service backend)"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("monitor output lacks %q:\n%s", want, out)
+		}
+	}
+}

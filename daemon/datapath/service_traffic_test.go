@@ -26,6 +26,7 @@ type svcTopo struct {
 	host, client string
 	backends     []string // namespaces
 	beIPs        []netip.Addr
+	beIP6s       []netip.Addr
 	clientIP     netip.Addr
 	clientIf     int // host-side veth of the client
 	cgroup       string
@@ -112,13 +113,16 @@ func newSvcTopo(t *testing.T) *svcTopo {
 	for _, ns := range nss {
 		sh(t, "ip", "netns", "add", ns)
 		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+		sh(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+		sh(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0")
 	}
 	type side struct {
-		ns, hostIf, subnet string
+		ns, hostIf, subnet, subnet6 string
 	}
-	sides := []side{{tp.client, "rwsd" + id + "c", "10.211.10"}}
+	sides := []side{{tp.client, "rwsd" + id + "c", "10.211.10", "fd21:10:"}}
 	for i, ns := range tp.backends {
-		sides = append(sides, side{ns, fmt.Sprintf("rwsd%sb%d", id, i), fmt.Sprintf("10.211.%d", i+1)})
+		sides = append(sides, side{ns, fmt.Sprintf("rwsd%sb%d", id, i), fmt.Sprintf("10.211.%d", i+1), fmt.Sprintf("fd21:%d:", i+1)})
+		tp.beIP6s = append(tp.beIP6s, netip.MustParseAddr(fmt.Sprintf("fd21:%d::2", i+1)))
 	}
 	for _, s := range sides {
 		sh(t, "ip", "-n", tp.host, "link", "add", s.hostIf, "type", "veth", "peer", "name", "eth0", "netns", s.ns)
@@ -128,8 +132,12 @@ func newSvcTopo(t *testing.T) *svcTopo {
 		sh(t, "ip", "-n", s.ns, "link", "set", "eth0", "up")
 		sh(t, "ip", "-n", s.ns, "link", "set", "lo", "up")
 		sh(t, "ip", "-n", s.ns, "route", "add", "default", "via", s.subnet+".1")
+		sh(t, "ip", "-n", tp.host, "addr", "add", s.subnet6+":1/64", "dev", s.hostIf, "nodad")
+		sh(t, "ip", "-n", s.ns, "addr", "add", s.subnet6+":2/64", "dev", "eth0", "nodad")
+		sh(t, "ip", "-n", s.ns, "-6", "route", "add", "default", "via", s.subnet6+":1")
 	}
 	sh(t, "ip", "netns", "exec", tp.host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	sh(t, "ip", "netns", "exec", tp.host, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
 	inNS(t, tp.host, func() {
 		ifc, err := net.InterfaceByName(sides[0].hostIf)
 		if err != nil {
@@ -149,7 +157,7 @@ func (tp *svcTopo) serveTCP(t *testing.T, port uint16) {
 		var ln net.Listener
 		inNS(t, ns, func() {
 			var err error
-			ln, err = net.Listen("tcp", netip.AddrPortFrom(tp.beIPs[i], port).String())
+			ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port))
 			if err != nil {
 				t.Fatalf("listen in %s: %v", ns, err)
 			}
@@ -478,5 +486,50 @@ func TestServiceNoBackend(t *testing.T) {
 		case <-deadline:
 			t.Fatal("no drop event with reason \"no service backend\"")
 		}
+	}
+}
+
+// TestServiceIPv6: an IPv6 VIP balances over IPv6 backends (connect6,
+// getpeername6).
+func TestServiceIPv6(t *testing.T) {
+	tp := newSvcTopo(t)
+	d := openSvcTest(t, tp)
+	tp.serveTCP(t, 8080)
+	vip := netip.MustParseAddrPort("[fd96::10]:80")
+	s := service.Service{Name: "web6", Frontend: service.Frontend{VIP: vip.Addr(), Port: vip.Port(), Proto: service.TCP}}
+	for _, a := range tp.beIP6s {
+		s.Backends = append(s.Backends, service.Backend{Addr: a, Port: 8080, State: service.StateActive})
+	}
+	if err := d.SyncServices(service.Table{Services: []service.Service{s}}); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[int]bool{}
+	for n := range 60 {
+		var c net.Conn
+		var err error
+		for try := 0; try < 3; try++ { // the first may wait for neighbour discovery
+			if c, err = tp.dial(t, "tcp", vip); err == nil {
+				break
+			}
+		}
+		if err != nil {
+			t.Fatalf("IPv6 connection %d to the VIP: %v", n, err)
+		}
+		i, from, err := greeting(c)
+		if err != nil {
+			c.Close()
+			t.Fatal(err)
+		}
+		if got := netip.MustParseAddrPort(c.RemoteAddr().String()); got != vip {
+			t.Fatalf("getpeername = %s, want %s", got, vip)
+		}
+		if a := netip.MustParseAddrPort(from).Addr(); a != netip.MustParseAddr("fd21:10::2") {
+			t.Fatalf("backend saw the client as %s", from)
+		}
+		seen[i] = true
+		c.Close()
+	}
+	if len(seen) != 3 {
+		t.Errorf("60 IPv6 connections reached backends %v, want all three", seen)
 	}
 }

@@ -38,6 +38,7 @@ func main() {
 
 func usage(w io.Writer) {
 	fmt.Fprintln(w, `usage: rwbench run [flags]         measure (root; what make bench runs)
+       rwbench services [flags]    service VIPs vs direct vs IPVS (root; make bench-services)
        rwbench serve -listen ADDR   load server (run inside a namespace)
        rwbench client               load client: requests on stdin (run inside a namespace)`)
 }
@@ -53,6 +54,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "run":
 		err = cmdRun(ctx, args[1:], stdout, stderr)
+	case "services":
+		err = cmdServices(ctx, args[1:], stdout, stderr)
 	case "serve":
 		err = cmdServe(ctx, args[1:], stdout)
 	case "client":
