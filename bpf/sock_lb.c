@@ -110,6 +110,44 @@ static __always_inline int svc_key_proto(struct bpf_sock_addr *ctx, struct svc_k
 }
 
 /*
+ * sock_addr_get copies the call's destination address into out (16 bytes,
+ * IPv4 in the first 4); sock_addr_set writes in back. The context's
+ * address fields are read and written 4 bytes at a time, as the verifier
+ * requires.
+ */
+static __always_inline void sock_addr_get(struct bpf_sock_addr *ctx, __u8 family, __u8 *out)
+{
+	__u32 a[4];
+
+	if (family == 4) {
+		a[0] = ctx->user_ip4;
+		__builtin_memcpy(out, a, 4);
+		return;
+	}
+	a[0] = ctx->user_ip6[0];
+	a[1] = ctx->user_ip6[1];
+	a[2] = ctx->user_ip6[2];
+	a[3] = ctx->user_ip6[3];
+	__builtin_memcpy(out, a, 16);
+}
+
+static __always_inline void sock_addr_set(struct bpf_sock_addr *ctx, __u8 family, const __u8 *in)
+{
+	__u32 a[4];
+
+	if (family == 4) {
+		__builtin_memcpy(a, in, 4);
+		ctx->user_ip4 = a[0];
+		return;
+	}
+	__builtin_memcpy(a, in, 16);
+	ctx->user_ip6[0] = a[0];
+	ctx->user_ip6[1] = a[1];
+	ctx->user_ip6[2] = a[2];
+	ctx->user_ip6[3] = a[3];
+}
+
+/*
  * svc_xlate looks the destination up in rw_services and rewrites it to a
  * backend. Returns 1 (let the call go on, translated or not) or 0 (refuse).
  */
@@ -127,17 +165,7 @@ static __always_inline int svc_xlate(struct bpf_sock_addr *ctx, __u8 family)
 	if (svc_key_proto(ctx, &k))
 		return 1;
 	k.family = family;
-	if (family == 4) {
-		__u32 a = ctx->user_ip4;
-		__builtin_memcpy(k.addr, &a, 4);
-	} else {
-		__u32 a[4];
-		a[0] = ctx->user_ip6[0];
-		a[1] = ctx->user_ip6[1];
-		a[2] = ctx->user_ip6[2];
-		a[3] = ctx->user_ip6[3];
-		__builtin_memcpy(k.addr, a, 16);
-	}
+	sock_addr_get(ctx, family, k.addr);
 	k.port = (__be16)ctx->user_port;
 	sv = bpf_map_lookup_elem(&rw_services, &k);
 	if (!sv)
@@ -156,18 +184,7 @@ static __always_inline int svc_xlate(struct bpf_sock_addr *ctx, __u8 family)
 	if (!be || be->family != family)
 		return svc_refuse(ctx, &k, sv->id);
 
-	if (family == 4) {
-		__u32 a;
-		__builtin_memcpy(&a, be->addr, 4);
-		ctx->user_ip4 = a;
-	} else {
-		__u32 a[4];
-		__builtin_memcpy(a, be->addr, 16);
-		ctx->user_ip6[0] = a[0];
-		ctx->user_ip6[1] = a[1];
-		ctx->user_ip6[2] = a[2];
-		ctx->user_ip6[3] = a[3];
-	}
+	sock_addr_set(ctx, family, be->addr);
 	ctx->user_port = (__u32)be->port;
 
 	rk.cookie = cookie;
@@ -191,33 +208,12 @@ static __always_inline int svc_revnat(struct bpf_sock_addr *ctx, __u8 family)
 
 	rk.cookie = bpf_get_socket_cookie(ctx);
 	rk.family = family;
-	if (family == 4) {
-		__u32 a = ctx->user_ip4;
-		__builtin_memcpy(rk.addr, &a, 4);
-	} else {
-		__u32 a[4];
-		a[0] = ctx->user_ip6[0];
-		a[1] = ctx->user_ip6[1];
-		a[2] = ctx->user_ip6[2];
-		a[3] = ctx->user_ip6[3];
-		__builtin_memcpy(rk.addr, a, 16);
-	}
+	sock_addr_get(ctx, family, rk.addr);
 	rk.port = (__be16)ctx->user_port;
 	vip = bpf_map_lookup_elem(&rw_svc_revnat, &rk);
 	if (!vip)
 		return 1;
-	if (family == 4) {
-		__u32 a;
-		__builtin_memcpy(&a, vip->addr, 4);
-		ctx->user_ip4 = a;
-	} else {
-		__u32 a[4];
-		__builtin_memcpy(a, vip->addr, 16);
-		ctx->user_ip6[0] = a[0];
-		ctx->user_ip6[1] = a[1];
-		ctx->user_ip6[2] = a[2];
-		ctx->user_ip6[3] = a[3];
-	}
+	sock_addr_set(ctx, family, vip->addr);
 	ctx->user_port = (__u32)vip->port;
 	return 1;
 }

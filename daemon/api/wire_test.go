@@ -73,6 +73,13 @@ var wireGolden = map[string][]string{
 		"kernel_features", "kernel_features[].available", "kernel_features[].fallback", "kernel_features[].name",
 		"policy", "policy.detail", "policy.detail.k", "policy.message", "policy.since", "policy.state",
 		"store", "store.detail", "store.detail.k", "store.message", "store.since", "store.state"},
+	"Service": {"active", "backends", "backends[].address", "backends[].local", "backends[].node", "backends[].source", "backends[].state",
+		"frontend", "name", "port", "protocol", "source", "total", "vip"},
+	"ServiceBackend": {"address", "local", "node", "source", "state"},
+	"ServiceList": {"error", "problems", "programmed", "services", "services[].active", "services[].backends", "services[].backends[].address",
+		"services[].backends[].local", "services[].backends[].node", "services[].backends[].source", "services[].backends[].state",
+		"services[].frontend", "services[].name", "services[].port", "services[].protocol", "services[].source", "services[].total", "services[].vip"},
+	"ServiceSpec":   {"backends", "name", "port", "protocol", "vip"},
 	"TraceRequest":  {"dport", "dst", "dst.endpoint", "dst.ip", "dst.labels", "src", "src.endpoint", "src.ip", "src.labels"},
 	"TraceResolved": {"endpoint", "identity", "ip", "kind", "labels"},
 	"TraceResult": {"dport", "dst", "dst.endpoint", "dst.identity", "dst.ip", "dst.kind", "dst.labels",
@@ -93,6 +100,7 @@ var wireTypes = []any{
 	api.PolicyImport{}, api.PolicySummary{}, api.RawEntry{}, api.Status{}, api.TraceRequest{},
 	api.TraceResolved{}, api.TraceResult{}, api.TraceSide{}, api.TraceSubject{}, api.VIPStatus{},
 	api.Attachment{}, api.AttachmentGC{}, api.AttachmentGCResult{}, api.Ready{}, api.EndpointRoute{},
+	api.Service{}, api.ServiceBackend{}, api.ServiceList{}, api.ServiceSpec{},
 }
 
 func TestWireFieldNames(t *testing.T) {
