@@ -230,6 +230,46 @@ func TestElector(t *testing.T) {
 	_ = e2.Resign()
 }
 
+// TestElectorWaitEndsWithContext: a host waiting for a lock another host
+// holds returns as soon as its context ends (a stopping agent), not when
+// the lock's 30-second blocking query happens to return; and a lock it
+// acquires after giving up is released, never held by a host that left.
+func TestElectorWaitEndsWithContext(t *testing.T) {
+	a := consultest.Start(t)
+	s1 := newTestStore(t, a.HTTPAddr, "host-g", time.Second)
+	s2 := newTestStore(t, a.HTTPAddr, "host-h", time.Second)
+	e1, e2 := s1.Elector("locks/ctx"), s2.Elector("locks/ctx")
+	if _, err := e1.Lead(context.Background()); err != nil {
+		t.Fatalf("e1.Lead: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	got := make(chan error, 1)
+	go func() { _, err := e2.Lead(ctx); got <- err }()
+	time.Sleep(time.Second) // e2 is in its blocking query
+	start := time.Now()
+	cancel()
+	select {
+	case err := <-got:
+		if err == nil {
+			t.Fatalf("e2.Lead led after its context ended")
+		}
+		t.Logf("e2.Lead returned %v after %v", err, time.Since(start).Round(time.Millisecond))
+	case <-time.After(10 * time.Second):
+		t.Fatalf("e2.Lead still waiting 10s after its context ended (the lock's blocking query ignores it)")
+	}
+	// The abandoned wait must not take the lock: e1 resigns, a third
+	// elector leads within the wait of the abandoned query.
+	if err := e1.Resign(); err != nil {
+		t.Fatal(err)
+	}
+	s3 := newTestStore(t, a.HTTPAddr, "host-i", time.Second)
+	lctx, lcancel := context.WithTimeout(context.Background(), 45*time.Second)
+	defer lcancel()
+	if _, err := s3.Elector("locks/ctx").Lead(lctx); err != nil {
+		t.Fatalf("a third host could not lead after the first resigned and the second gave up: %v", err)
+	}
+}
+
 // TestTLS talks HTTPS to Consul with the CA and server name from Options,
 // and fails against the wrong server name, a CA that did not sign the
 // server's certificate, and no CA (the system roots). The environment says

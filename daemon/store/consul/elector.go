@@ -39,22 +39,38 @@ func (e *Elector) Lead(ctx context.Context) (<-chan struct{}, error) {
 	if err != nil {
 		return nil, fmt.Errorf("build lock %s: %w", e.key, err)
 	}
-	stop, acquired := make(chan struct{}), make(chan struct{})
-	go func() { // aborts the wait when ctx ends; ends with the wait
-		select {
-		case <-ctx.Done():
-			close(stop)
-		case <-acquired:
-		}
-	}()
-	lost, err := l.Lock(stop)
-	close(acquired)
-	if err != nil {
-		return nil, fmt.Errorf("acquire lock %s: %w", e.key, err)
+	// The lock's wait is a blocking query of up to LockWaitTime that no
+	// context reaches (the stop channel is read between queries), so it
+	// runs on its own: Lead returns as soon as ctx ends, and a lock the
+	// abandoned wait still acquires is released at once.
+	type result struct {
+		lost <-chan struct{}
+		err  error
 	}
-	if lost == nil {
+	stop, done := make(chan struct{}), make(chan result, 1)
+	go func() {
+		lost, err := l.Lock(stop)
+		done <- result{lost, err}
+	}()
+	var r result
+	select {
+	case r = <-done:
+	case <-ctx.Done():
+		close(stop)
+		go func() {
+			if r := <-done; r.err == nil && r.lost != nil {
+				_ = l.Unlock()
+			}
+		}()
 		return nil, fmt.Errorf("acquire lock %s: %w", e.key, ctx.Err())
 	}
+	if r.err != nil {
+		return nil, fmt.Errorf("acquire lock %s: %w", e.key, r.err)
+	}
+	if r.lost == nil {
+		return nil, fmt.Errorf("acquire lock %s: %w", e.key, ctx.Err())
+	}
+	lost := r.lost
 	e.mu.Lock()
 	e.lock = l
 	e.mu.Unlock()

@@ -116,16 +116,6 @@ func TestEnvironmentIgnored(t *testing.T) {
 	type seen struct {
 		token, auth, query string
 	}
-	var mu sync.Mutex
-	var got []seen
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		got = append(got, seen{r.Header.Get("X-Consul-Token"), r.Header.Get("Authorization"), r.URL.RawQuery})
-		mu.Unlock()
-		w.Header().Set("X-Consul-Index", "1")
-		w.WriteHeader(http.StatusNotFound)
-	}))
-	defer srv.Close()
 	envTok := writeToken(t, "env-file-token", 0o600)
 	t.Setenv("CONSUL_HTTP_TOKEN", "env-token")
 	t.Setenv("CONSUL_HTTP_TOKEN_FILE", envTok)
@@ -135,7 +125,6 @@ func TestEnvironmentIgnored(t *testing.T) {
 	t.Setenv("CONSUL_NAMESPACE", "env-ns")
 	t.Setenv("CONSUL_PARTITION", "env-partition")
 	t.Setenv("HTTP_PROXY", "http://127.0.0.1:1")
-	addr := strings.TrimPrefix(srv.URL, "http://")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 
@@ -145,9 +134,18 @@ func TestEnvironmentIgnored(t *testing.T) {
 		{"no token in the config", "", ""},
 		{"token in the config", writeToken(t, "config-token", 0o600), "config-token"},
 	} {
-		mu.Lock()
-		got = nil
-		mu.Unlock()
+		// A server per case: a request the previous store had written
+		// when Stop cancelled it may still reach its server's handler.
+		var mu sync.Mutex
+		var got []seen
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			got = append(got, seen{r.Header.Get("X-Consul-Token"), r.Header.Get("Authorization"), r.URL.RawQuery})
+			mu.Unlock()
+			w.Header().Set("X-Consul-Index", "1")
+			w.WriteHeader(http.StatusNotFound)
+		}))
+		addr := strings.TrimPrefix(srv.URL, "http://")
 		s, err := New(Options{Address: addr, TokenFile: tc.tokenFile, Prefix: "rwd-test/", Node: "host-env",
 			BackoffMin: time.Hour, BackoffMax: time.Hour}, nil)
 		if err != nil {
@@ -168,6 +166,7 @@ func TestEnvironmentIgnored(t *testing.T) {
 			}
 		}
 		mu.Unlock()
+		srv.Close()
 	}
 }
 
