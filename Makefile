@@ -110,7 +110,7 @@ test-e2e-perf:
 bench:
 	bash tests/bench/run.sh
 
-# Service VIPs (socket load balancing) vs direct vs IPVS, 1 vs 10,000
+# Service VIPs (socket load balancing) vs direct vs IPVS vs nftables DNAT, 1 vs 10,000
 # services (~3 min; tests/bench/cmd/rwbench/svc.go). RWBENCH_SVC_ARGS=-quick
 # for a short run.
 bench-services:

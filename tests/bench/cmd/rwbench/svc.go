@@ -31,6 +31,10 @@ import (
 //	vip10k:  the same VIP among 10,000 programmed services
 //	ipvs:    the same service in IPVS (ipvsadm, NAT mode) in the host
 //	         namespace, where the kernel has IPVS
+//	nft:     the same service as an nftables DNAT rule in the host
+//	         namespace (numgen over a backend map, as kube-proxy's
+//	         nftables mode writes it): the alternative an operator has
+//	         where the kernel has no IPVS
 //
 // Names: rwsd-bench-* namespaces, /sys/fs/bpf/rwsd-bench, cgroup
 // rwsd-bench under the cgroup2 mount; removed on exit and before a run.
@@ -44,6 +48,7 @@ var (
 	svcServerIP = netip.MustParseAddr("10.213.2.2")
 	svcVIP      = netip.MustParseAddrPort("10.96.213.1:80")
 	svcIPVSVIP  = netip.MustParseAddrPort("10.96.214.1:80")
+	svcNftVIP   = netip.MustParseAddrPort("10.96.215.1:80")
 )
 
 func cgroup2Mount() (string, error) {
@@ -209,6 +214,13 @@ func cmdServices(ctx context.Context, args []string, stdout, stderr io.Writer) (
 		}
 	}
 
+	nft, nftWhy := "nft", ""
+	if _, err := exec.LookPath("nft"); err != nil {
+		nftWhy = "nft not installed (make deps)"
+	} else if err := nftDNAT(svcNftVIP, netip.AddrPortFrom(svcServerIP, svcBackendPort)); err != nil {
+		nftWhy = strings.ReplaceAll(err.Error(), "\n", " ")
+	}
+
 	srv := exec.Command("ip", "netns", "exec", svcServerNS, self, "serve", "-listen", netip.AddrPortFrom(svcServerIP, svcBackendPort).String())
 	srv.Env, srv.Stderr = loadEnv(), stderr
 	srv.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -259,6 +271,12 @@ func cmdServices(ctx context.Context, args []string, stdout, stderr io.Writer) (
 			addr netip.AddrPort
 		}{ipvs, svcIPVSVIP})
 	}
+	if nftWhy == "" {
+		configs = append(configs, struct {
+			name string
+			addr netip.AddrPort
+		}{nft, svcNftVIP})
+	}
 	// Check every path works before measuring, and that the VIP really is
 	// translated (the server counts connections by the address it sees).
 	for _, cf := range configs {
@@ -285,6 +303,11 @@ func cmdServices(ctx context.Context, args []string, stdout, stderr io.Writer) (
 	} else {
 		fmt.Fprintf(stdout, "  ipvs: NOT MEASURED: %s\n", ipvsWhy)
 	}
+	if nftWhy == "" {
+		fmt.Fprintf(stdout, "  nft: an nftables DNAT rule (numgen over a backend map) in the host namespace, VIP %s\n", svcNftVIP)
+	} else {
+		fmt.Fprintf(stdout, "  nft: NOT MEASURED: %s\n", nftWhy)
+	}
 	fmt.Fprintf(stdout, "SyncServices: %d services %v, back to 1 service %v\n\n", *many, syncBig.Round(time.Millisecond), syncSmall.Round(time.Millisecond))
 
 	rates := map[string]map[string][]float64{} // kind -> config -> per round
@@ -296,7 +319,7 @@ func cmdServices(ctx context.Context, args []string, stdout, stderr io.Writer) (
 	}
 	kinds := []string{kindCRR, kindRR}
 	for round := range *rounds {
-		// One service: direct, vip, ipvs in rotating order.
+		// One service: direct, vip, ipvs, nft in rotating order.
 		for _, kind := range kinds {
 			for j := range configs {
 				cf := configs[(j+round)%len(configs)]
@@ -332,7 +355,7 @@ func cmdServices(ctx context.Context, args []string, stdout, stderr io.Writer) (
 	for _, kind := range kinds {
 		label := map[string]string{kindCRR: "connect/request/close (conn/s)", kindRR: "request/response, 1 B, one connection (trans/s)"}[kind]
 		fmt.Fprintf(stdout, "%s\n", label)
-		for _, name := range []string{"direct", "vip", ipvs, "direct10k", "vip10k"} {
+		for _, name := range []string{"direct", "vip", ipvs, nft, "direct10k", "vip10k"} {
 			if xs := rates[kind][name]; len(xs) > 0 {
 				fmt.Fprintf(stdout, "  %-10s median %10.0f  (p10 %.0f, p90 %.0f)\n", name, median(xs), quantile(xs, 0.1), quantile(xs, 0.9))
 			}
@@ -352,8 +375,30 @@ func cmdServices(ctx context.Context, args []string, stdout, stderr io.Writer) (
 		if ipvsWhy == "" {
 			fmt.Fprintf(stdout, "  vip / ipvs              %.3f (goal >= 1.0) %s\n", ratio("vip", ipvs), verdict(ratio("vip", ipvs), 1.0))
 		}
+		if nftWhy == "" {
+			fmt.Fprintf(stdout, "  vip / nft               %.3f (goal >= 1.0) %s\n", ratio("vip", nft), verdict(ratio("vip", nft), 1.0))
+		}
 		fmt.Fprintln(stdout)
 	}
 	fmt.Fprintf(stdout, "services benchmark took %v\n", time.Since(start).Round(time.Second))
+	return nil
+}
+
+// nftDNAT writes the nftables equivalent of a one-backend service in the
+// host namespace: a destination NAT in prerouting choosing among the
+// backends with numgen, the rule kube-proxy's nftables mode generates.
+func nftDNAT(vip, backend netip.AddrPort) error {
+	rules := fmt.Sprintf(`table ip rwsd_bench {
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr %s tcp dport %d dnat ip to numgen random mod 1 map { 0 : %s . %d }
+	}
+}
+`, vip.Addr(), vip.Port(), backend.Addr(), backend.Port())
+	cmd := exec.Command("ip", "netns", "exec", svcHostNS, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("nft in %s: %v: %s", svcHostNS, err, out)
+	}
 	return nil
 }
