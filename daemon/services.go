@@ -136,7 +136,17 @@ func (a *agent) wireServices(cfg config.Config, log *slog.Logger) error {
 		return err
 	}
 	if a.bgp != nil && sink != nil {
-		a.svc.m.Subscribe(func(t service.Table) { a.bgp.SetServiceVIPs(t.AnnounceVIPs()) })
+		a.svc.m.Subscribe(func(t service.Table) {
+			// Nothing would answer on a VIP whose traffic is not balanced.
+			if on, why := a.dp.NorthSouth(); !on {
+				if vips := t.AnnounceVIPs(); len(vips) > 0 && a.nsWanted.Load() {
+					a.log.Error("service VIPs are not announced: north-south balancing is off", "why", why, "vips", len(vips))
+				}
+				a.bgp.SetServiceVIPs(nil)
+				return
+			}
+			a.bgp.SetServiceVIPs(t.AnnounceVIPs())
+		})
 	}
 	return nil
 }
