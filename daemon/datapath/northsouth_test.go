@@ -28,7 +28,9 @@ type nsTopo struct {
 	host, client string
 	backends     []string
 	beIPs        []netip.Addr
+	beIP6s       []netip.Addr
 	clientIP     netip.Addr
+	clientIP6    netip.Addr
 	hostIP       netip.Addr
 	d            *Datapath
 }
@@ -38,6 +40,7 @@ var (
 	nsTCPVIP    = netip.AddrPortFrom(nsVIP, 80)
 	nsUDPVIP    = netip.AddrPortFrom(nsVIP, 53)
 	nsRemoteVIP = netip.AddrPortFrom(nsVIP, 81) // only a backend on another host
+	nsTCPVIP6   = netip.MustParseAddrPort("[fd96:50::10]:80")
 )
 
 func newNSTopo(t *testing.T, hostRouting string) *nsTopo {
@@ -47,10 +50,12 @@ func newNSTopo(t *testing.T, hostRouting string) *nsTopo {
 	testenv.RequireCommand(t, "ping")
 	id := fmt.Sprintf("%d_%d", os.Getpid()%100000, pinSeq.Add(1))
 	tp := &nsTopo{host: "rwns_h" + id, client: "rwns_c" + id,
-		clientIP: netip.MustParseAddr("10.212.0.2"), hostIP: netip.MustParseAddr("10.212.0.1")}
+		clientIP: netip.MustParseAddr("10.212.0.2"), hostIP: netip.MustParseAddr("10.212.0.1"),
+		clientIP6: netip.MustParseAddr("fd22:ff::2")}
 	for i := range 3 {
 		tp.backends = append(tp.backends, fmt.Sprintf("rwns_b%d_%s", i, id))
 		tp.beIPs = append(tp.beIPs, netip.MustParseAddr(fmt.Sprintf("10.213.%d.2", i)))
+		tp.beIP6s = append(tp.beIP6s, netip.MustParseAddr(fmt.Sprintf("fd22:%d::2", i)))
 	}
 	for _, ns := range append([]string{tp.host, tp.client}, tp.backends...) {
 		sh(t, "ip", "netns", "add", ns)
@@ -68,7 +73,11 @@ func newNSTopo(t *testing.T, hostRouting string) *nsTopo {
 	sh(t, "ip", "-n", tp.client, "addr", "add", "10.212.0.2/24", "dev", "eth0")
 	sh(t, "ip", "-n", tp.client, "link", "set", "eth0", "up")
 	sh(t, "ip", "-n", tp.client, "route", "add", "default", "via", "10.212.0.1")
+	sh(t, "ip", "-n", tp.host, "addr", "add", "fd22:ff::1/64", "dev", "rwnsup", "nodad")
+	sh(t, "ip", "-n", tp.client, "addr", "add", "fd22:ff::2/64", "dev", "eth0", "nodad")
+	sh(t, "ip", "-n", tp.client, "-6", "route", "add", "default", "via", "fd22:ff::1")
 	sh(t, "ip", "netns", "exec", tp.host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	sh(t, "ip", "netns", "exec", tp.host, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
 
 	pin := filepath.Join("/sys/fs/bpf", "rwns_"+id)
 	t.Cleanup(func() { os.RemoveAll(pin) })
@@ -82,7 +91,7 @@ func newNSTopo(t *testing.T, hostRouting string) *nsTopo {
 	}
 	for i, ns := range tp.backends {
 		hostIf := fmt.Sprintf("rwnsb%d", i)
-		spec := EndpointSpec{ID: uint16(301 + i), IfIndex: ifIndexIn(t, tp.host, hostIf), IPs: []netip.Addr{tp.beIPs[i]},
+		spec := EndpointSpec{ID: uint16(301 + i), IfIndex: ifIndexIn(t, tp.host, hostIf), IPs: []netip.Addr{tp.beIPs[i], tp.beIP6s[i]},
 			Identity: uint32(70301 + i), MAC: macOf(t, ns, "eth0"), NodeMAC: macOf(t, tp.host, hostIf)}
 		inNS(t, tp.host, func() {
 			if err := tp.d.AttachEndpoint(spec); err != nil {
@@ -90,8 +99,10 @@ func newNSTopo(t *testing.T, hostRouting string) *nsTopo {
 			}
 		})
 		t.Cleanup(func() { inNS(t, tp.host, func() { tp.d.DetachEndpoint(spec.ID, spec.IfIndex) }) })
-		if err := tp.d.UpsertIPCache(netip.PrefixFrom(tp.beIPs[i], 32), spec.Identity, netip.Addr{}); err != nil {
-			t.Fatal(err)
+		for _, ip := range spec.IPs {
+			if err := tp.d.UpsertIPCache(netip.PrefixFrom(ip, ip.BitLen()), spec.Identity, netip.Addr{}); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if err := tp.d.SetPolicy(spec.ID, OpenEntries()); err != nil {
 			t.Fatal(err)
@@ -110,8 +121,8 @@ func newNSTopo(t *testing.T, hostRouting string) *nsTopo {
 }
 
 // table: VIP:80/tcp and VIP:53/udp on b0, b1 (this host) and 10.213.9.2
-// (another host); VIP:81/tcp only on that other host. local adds b2 as a
-// local backend of VIP:80.
+// (another host); VIP:81/tcp only on that other host; [VIP6]:80/tcp on b0
+// and b1. withB2 adds b2 as a local backend of VIP:80.
 func (tp *nsTopo) table(withB2 bool) service.Table {
 	remote := service.Backend{Addr: netip.MustParseAddr("10.213.9.2"), Port: 8080, Node: "other", State: service.StateActive, Source: service.SourceConfig}
 	mk := func(name string, f netip.AddrPort, proto service.Proto, port uint16, bes ...int) service.Service {
@@ -128,10 +139,15 @@ func (tp *nsTopo) table(withB2 bool) service.Table {
 	if withB2 {
 		web = append(web, 2)
 	}
+	web6 := service.Service{Name: "web6", Frontend: service.Frontend{VIP: nsTCPVIP6.Addr(), Port: 80, Proto: service.TCP}, Source: service.SourceConfig}
+	for _, i := range []int{0, 1} {
+		web6.Backends = append(web6.Backends, service.Backend{Addr: tp.beIP6s[i], Port: 8080, State: service.StateActive, Local: true, Source: service.SourceConfig})
+	}
 	return service.Table{Services: []service.Service{
 		mk("dns", nsUDPVIP, service.UDP, 5353, 0, 1),
 		mk("web", nsTCPVIP, service.TCP, 8080, web...),
 		mk("remote", nsRemoteVIP, service.TCP, 8080),
+		web6,
 	}}
 }
 
@@ -296,6 +312,30 @@ func testNorthSouth(t *testing.T, mode string) {
 	}
 	if per2[2] == 0 {
 		t.Errorf("after b2 joined, 30 connections per backend = %v, want b2 among them", per2)
+	}
+
+	// IPv6: both local backends, the client's own address, the VIP.
+	per6 := map[int]int{}
+	for n := range 20 {
+		c, err := tp.dial(t, nsTCPVIP6, 2*time.Second)
+		if err != nil {
+			t.Fatalf("IPv6 connection %d to %s: %v", n, nsTCPVIP6, err)
+		}
+		i, from, err := greeting(c)
+		if err != nil {
+			t.Fatalf("IPv6 connection %d: %v", n, err)
+		}
+		if got := c.RemoteAddr().String(); got != nsTCPVIP6.String() {
+			t.Errorf("IPv6 connection %d: client's peer is %s, want the VIP %s", n, got, nsTCPVIP6)
+		}
+		if ap, err := netip.ParseAddrPort(from); err != nil || ap.Addr() != tp.clientIP6 {
+			t.Errorf("IPv6 connection %d: backend %d saw peer %s, want the client's own %s", n, i, from, tp.clientIP6)
+		}
+		c.Close()
+		per6[i]++
+	}
+	if per6[0] == 0 || per6[1] == 0 || len(per6) != 2 {
+		t.Errorf("IPv6 connections per backend = %v, want both local backends (0, 1)", per6)
 	}
 
 	// UDP request/response: answered from VIP:53, the backend saw the client.
