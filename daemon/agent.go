@@ -63,7 +63,9 @@ type agent struct {
 	// nsWanted: the config announces service VIPs, so north-south
 	// balancing must be on (setNorthSouth).
 	nsWanted atomic.Bool
-	svc      *services // the service table and its sources (services.go)
+	// annMu serialises reannounceServiceVIPs.
+	annMu sync.Mutex
+	svc   *services // the service table and its sources (services.go)
 
 	hostIP netip.Addr
 	hostID string
@@ -382,6 +384,8 @@ func (a *agent) applyUplinksLocked() {
 	}
 	a.uplinkErr = err
 	a.uplinkSet = strings.Join(names, ",")
+	// Service VIPs are announced only while rw_from_uplink is on an uplink.
+	a.reannounceServiceVIPs()
 }
 
 // uplinkLoop follows the default routes when [datapath] uplinks is empty

@@ -343,19 +343,23 @@ func (d *Datapath) SetNorthSouth(on bool) {
 }
 
 // NorthSouth reports whether traffic from the uplinks to a service VIP is
-// balanced to local backends, and why or why not.
+// balanced to local backends: rw_from_uplink is loaded, wanted on the
+// uplinks (host routing "bpf" or SetNorthSouth) and attached to at least
+// one; and why or why not.
 func (d *Datapath) NorthSouth() (bool, string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	switch {
 	case d.uplink == nil:
 		return false, fmt.Sprintf("rw_from_uplink does not load on this kernel: %v", d.uplinkErr)
+	case d.hostRouting != HostRoutingBPF && !d.northSouth:
+		return false, `host_routing "legacy" and [bgp] announce_service_vips off: rw_from_uplink is not attached`
+	case len(d.attachedUplinks()) == 0:
+		return false, "rw_from_uplink is on no uplink (yet): [datapath] uplinks, or no default route"
 	case d.northSouth:
-		return true, "[bgp] announce_service_vips"
-	case d.hostRouting == HostRoutingBPF:
-		return true, `host_routing "bpf" (rw_from_uplink is on the uplinks)`
+		return true, "[bgp] announce_service_vips; uplinks " + strings.Join(d.attachedUplinks(), ",")
 	}
-	return false, `host_routing "legacy" and [bgp] announce_service_vips off: rw_from_uplink is not attached`
+	return true, `host_routing "bpf"; uplinks ` + strings.Join(d.attachedUplinks(), ",")
 }
 
 // loadUplink loads rw_from_uplink on the datapath's maps.

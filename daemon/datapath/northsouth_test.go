@@ -86,9 +86,6 @@ func newNSTopo(t *testing.T, hostRouting string) *nsTopo {
 		t.Fatalf("HostRouting() = %q (%s), want %q", mode, why, hostRouting)
 	}
 	tp.d.SetNorthSouth(true)
-	if on, why := tp.d.NorthSouth(); !on {
-		t.Fatalf("NorthSouth() = off (%s), want on", why)
-	}
 	for i, ns := range tp.backends {
 		hostIf := fmt.Sprintf("rwnsb%d", i)
 		spec := EndpointSpec{ID: uint16(301 + i), IfIndex: ifIndexIn(t, tp.host, hostIf), IPs: []netip.Addr{tp.beIPs[i], tp.beIP6s[i]},
@@ -114,6 +111,9 @@ func newNSTopo(t *testing.T, hostRouting string) *nsTopo {
 		}
 	})
 	t.Cleanup(func() { inNS(t, tp.host, func() { tp.d.SetUplinks(nil) }) })
+	if on, why := tp.d.NorthSouth(); !on {
+		t.Fatalf("NorthSouth() = off (%s), want on", why)
+	}
 	if !(&topo{}).pingRetry(t, tp.client, tp.hostIP, 3) {
 		t.Fatal("the client cannot reach the host")
 	}
