@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * North-south balancing on the uplink: ns_balance, the DNAT half of
- * northsouth.h, for rw_from_uplink only (it reads the service maps of
- * service.h, which the endpoint programs do not have).
+ * North-south balancing on the uplink: rw_ns_balance, the DNAT half of
+ * northsouth.h, and rw_ns_report, its event; for rw_from_uplink only (they
+ * read the service maps of service.h, which the endpoint programs do not
+ * have).
  *
  * Backend choice: the frontend's table of its active backends on this host
  * (svc_value.local, a Maglev table in rw_svc_maglev built by the agent
@@ -22,7 +23,10 @@
 #include "datapath.h"
 #include "service.h"
 
-/* rw_ns_scratch: rw_ns_balance's working set and rw_ns_report's event, one per CPU. */
+/*
+ * rw_ns_scratch: rw_ns_balance's working set and rw_ns_report's event, one
+ * per CPU (not pinned: nothing in it outlives one packet).
+ */
 struct ns_scratch {
 	struct flow f;
 	struct svc_key k;
