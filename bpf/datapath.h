@@ -31,6 +31,7 @@
 #include "frag.h"
 #include "events.h"
 #include "hostrt.h"
+#include "northsouth.h"
 
 /*
  * rw_flow_scratch: one struct flow per CPU for the packet an ICMP error
@@ -117,6 +118,7 @@ static __always_inline int rw_enforce(struct __sk_buff *skb, struct flow *f, __u
 
 	ret = ct_lookup(f, dir, ep, skb->len, &key, &e);
 	if (ret == RW_CT_REPLY) {
+		f->reply = 1;
 		metrics_count(RW_REASON_FORWARDED, dir, skb->len);
 		return RW_PASS;
 	}
@@ -334,6 +336,17 @@ static __always_inline int rw_handle(struct __sk_buff *skb, __u8 dir)
 	ret = rw_enforce(skb, &f, dir, epi, skb->ifindex);
 	if (ret == RW_PASS)
 		frag_remember(skb, &f);
+	/*
+	 * A backend's reply to a client that came in on an uplink for a VIP
+	 * (north-south, northsouth.h) leaves with the VIP as its source: after
+	 * connection tracking and policy, which saw the flow as the backend
+	 * did, before it is forwarded.
+	 */
+	if (dir == RW_DIR_EGRESS && ret == RW_PASS && f.reply && f.frag == RW_FRAG_NONE &&
+	    (f.proto == IPPROTO_TCP || f.proto == IPPROTO_UDP) &&
+	    rw_ns_revnat(skb, f.family | (__u32)f.proto << 8, (__u32)f.sport << 16 | f.dport) < 0)
+		return __rw_drop(skb, &f, dir, epi->endpoint, 0, 0, RW_DROP_INVALID_PACKET,
+				 skb->ifindex);
 	if (dir == RW_DIR_EGRESS && (rw_redirect_peer || rw_host_routing) && ret == RW_PASS)
 		return rw_forward(skb, &f, epi);
 	return ret;

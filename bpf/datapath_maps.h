@@ -170,5 +170,7 @@ struct rw_btf_types {
 	struct event_limit event_limit;
 	enum rw_reason reason;
 	enum rw_hostrt_slot hostrt_slot;
+	struct svc_nat_key svc_nat_key;
+	struct svc_nat_value svc_nat_value;
 };
 struct rw_btf_types rw_btf_types SEC(".rw_btf") __attribute__((used));

@@ -53,7 +53,7 @@ enum rw_reason {
 	RW_DROP_INVALID_PACKET   = -10, /* truncated or malformed headers */
 	RW_DROP_FRAGMENT         = -11, /* fragment that could change the L4 header it was decided on */
 	RW_DROP_FRAG_NO_HEAD     = -12, /* later fragment whose first fragment was not seen or passed */
-	RW_DROP_NO_SVC_BACKEND   = -13, /* connect/sendmsg to a service VIP with no active backend (sock_lb.c) */
+	RW_DROP_NO_SVC_BACKEND   = -13, /* to a service VIP with no active backend (sock_lb.c), or from an uplink with no local one (northsouth.h) */
 	RW_REASON_COUNT          = 14,  /* metrics slots: -reason */
 };
 
@@ -71,7 +71,10 @@ enum rw_hostrt_slot {
 	RW_HR_STACK_FIB       = 5, /* route lookup did not say "forward" (local, unreachable, ...) */
 	RW_HR_STACK_OTHER     = 6, /* not for the host's MAC, no MACs known, fragment, ... */
 	RW_HR_STACK_NOT_LOCAL = 7, /* uplink: no local endpoint has the destination */
-	RW_HR_SLOTS           = 8,
+	RW_HR_SVC_NEW_FLOW    = 8, /* uplink: a flow to a service VIP got a local backend (north-south) */
+	RW_HR_SVC_TRANSLATED  = 9, /* uplink: a packet to a service VIP sent to its flow's local backend */
+	RW_HR_SVC_REPLY       = 10, /* endpoint: a backend's reply given the VIP back as its source */
+	RW_HR_SLOTS           = 11,
 };
 
 /* IP address as a map key (rw_endpoints, rw_ipcache): IPv4 in the first 4 bytes. */
@@ -191,6 +194,30 @@ struct frag_value {
 	__be16 dport;        /* network order */
 	__be16 policy_port;  /* dport or ICMP type, network order */
 	__u8 proto;          /* L4 protocol */
+	__u8 pad;
+};
+
+/* svc_nat_key.dir */
+#define RW_NAT_FWD 0 /* client -> VIP, as it arrived on the uplink; value: the backend */
+#define RW_NAT_REV 1 /* backend -> client, the reply; value: the VIP */
+
+/* rw_svc_nat key: one direction of a north-south flow (northsouth.h). */
+struct svc_nat_key {
+	__u8 saddr[16]; /* network order; IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+	__be16 sport;   /* network order */
+	__be16 dport;   /* network order */
+	__u8 proto;     /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 family;    /* 4 or 6 */
+	__u8 dir;       /* RW_NAT_* */
+	__u8 pad;
+};
+
+/* rw_svc_nat value: the address a packet of that direction is rewritten to. */
+struct svc_nat_value {
+	__u8 addr[16];  /* network order */
+	__be16 port;    /* network order */
+	__u8 family;    /* 4 or 6 */
 	__u8 pad;
 };
 

@@ -97,6 +97,23 @@ static __always_inline struct event_limit *event_budget(__u16 ep)
 }
 
 /*
+ * event_send hands the record rec of size bytes to the transport, counting
+ * it as lost in l when the transport refuses it. ctx is the program's
+ * context (perf transport).
+ */
+static __always_inline void event_send(void *ctx, struct event_limit *l, void *rec, __u64 size)
+{
+	long err;
+
+	if (rw_events_perf)
+		err = bpf_perf_event_output(ctx, &rw_events, BPF_F_CURRENT_CPU, rec, size);
+	else
+		err = bpf_ringbuf_output(&rw_events, rec, size, 0);
+	if (err)
+		__sync_fetch_and_add(&l->lost, 1);
+}
+
+/*
  * event_emit reports one packet to rw_events, within ep's budget; ifindex
  * is the host-side veth of endpoint ep (the receiver's when the sender's
  * program decided for it).
@@ -108,7 +125,6 @@ static __always_inline void event_emit(struct __sk_buff *skb, struct flow *f, __
 	struct event_limit *l = event_budget(ep);
 	__u32 zero = 0;
 	struct event *e;
-	long err;
 
 	if (!l)
 		return;
@@ -134,10 +150,5 @@ static __always_inline void event_emit(struct __sk_buff *skb, struct flow *f, __
 	e->reason = reason;
 	e->ifindex = ifindex;
 	e->len = skb->len;
-	if (rw_events_perf)
-		err = bpf_perf_event_output(skb, &rw_events, BPF_F_CURRENT_CPU, e, sizeof(*e));
-	else
-		err = bpf_ringbuf_output(&rw_events, e, sizeof(*e), 0);
-	if (err)
-		__sync_fetch_and_add(&l->lost, 1);
+	event_send(skb, l, e, sizeof(*e));
 }

@@ -32,6 +32,7 @@ const (
 	FromEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
 	FromEndpointMapRwMetrics         = "rw_metrics"
 	FromEndpointMapRwPolicyMaps      = "rw_policy_maps"
+	FromEndpointMapRwSvcNat          = "rw_svc_nat"
 	FromEndpointMapRwVerdictRev      = "rw_verdict_rev"
 	FromEndpointProgRwFromEndpoint   = "rw_from_endpoint"
 	FromEndpointVarRwAuditMode       = "rw_audit_mode"
@@ -112,6 +113,7 @@ type FromEndpointMapSpecs struct {
 	RwIpcacheLpm   *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.MapSpec `ebpf:"rw_metrics"`
 	RwPolicyMaps   *ebpf.MapSpec `ebpf:"rw_policy_maps"`
+	RwSvcNat       *ebpf.MapSpec `ebpf:"rw_svc_nat"`
 	RwVerdictRev   *ebpf.MapSpec `ebpf:"rw_verdict_rev"`
 }
 
@@ -168,6 +170,7 @@ type FromEndpointMaps struct {
 	RwIpcacheLpm   *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.Map `ebpf:"rw_metrics"`
 	RwPolicyMaps   *ebpf.Map `ebpf:"rw_policy_maps"`
+	RwSvcNat       *ebpf.Map `ebpf:"rw_svc_nat"`
 	RwVerdictRev   *ebpf.Map `ebpf:"rw_verdict_rev"`
 }
 
@@ -189,6 +192,7 @@ func (m *FromEndpointMaps) Close() error {
 		m.RwIpcacheLpm,
 		m.RwMetrics,
 		m.RwPolicyMaps,
+		m.RwSvcNat,
 		m.RwVerdictRev,
 	)
 }

@@ -3,18 +3,31 @@
 
 /*
  * rw_from_uplink: tc/tcx ingress of the host's uplinks ([datapath]
- * uplinks), attached only with host_routing "bpf". A packet from another
- * host for a local endpoint is decided by that endpoint's ingress policy
+ * uplinks), attached with host_routing "bpf" and wherever north-south
+ * balancing is on ([bgp] announce_service_vips).
+ *
+ * A packet for a service VIP:port (a frontend in rw_services) is first
+ * balanced to one of the service's backends on this host and translated
+ * to it (rw_ns_balance, northsouth_lb.h); from there on it is a packet for
+ * that local endpoint. A frontend without an active local backend drops.
+ *
+ * With host routing "bpf", a packet from another host (or a translated
+ * one) for a local endpoint is decided by that endpoint's ingress policy
  * (the source's identity from the ipcache, connection tracking, events and
  * metrics exactly as rw_to_endpoint) and delivered straight into the
- * endpoint's namespace (rw_peer_deliver, bpf_redirect_peer). Everything
- * else — the host's own traffic (BGP, BFD, SSH), ARP and neighbour
- * discovery, fragments, what does not parse, destinations that are no local
- * endpoint — passes untouched (TC_ACT_UNSPEC: the next tcx program or tc
- * filter, then the stack), and so does what rw_peer_deliver leaves to the
- * stack. rackwire never drops on an uplink except by an endpoint's policy.
+ * endpoint's namespace (rw_peer_deliver, bpf_redirect_peer). With
+ * "legacy", it goes to the stack, which routes it to the endpoint, where
+ * rw_to_endpoint decides.
+ *
+ * Everything else — the host's own traffic (BGP, BFD, SSH), ARP and
+ * neighbour discovery, fragments, what does not parse, destinations that
+ * are no local endpoint — passes untouched (TC_ACT_UNSPEC: the next tcx
+ * program or tc filter, then the stack), and so does what rw_peer_deliver
+ * leaves to the stack. rackwire drops on an uplink only by an endpoint's
+ * policy or for a VIP it cannot balance.
  */
 #include "datapath.h"
+#include "northsouth_lb.h"
 
 SEC("tc")
 int rw_from_uplink(struct __sk_buff *skb)
@@ -28,6 +41,20 @@ int rw_from_uplink(struct __sk_buff *skb)
 		return RW_PASS;
 	ret = parse_packet(skb, &f);
 	if (ret != 0 || f.ndisc)
+		return RW_PASS;
+	ret = rw_ns_balance(skb, f.family | (__u32)f.proto << 8 | (__u32)f.tcp_flags << 16 |
+				    (__u32)f.frag << 24, (__u32)f.sport << 16 | f.dport);
+	if (ret)
+		rw_ns_report(skb);
+	if (ret < 0)
+		return RW_DROP;
+	/* Translated: the packet is now for the backend. */
+	if (ret == 1) {
+		__builtin_memset(&f, 0, sizeof(f));
+		if (parse_packet(skb, &f) != 0)
+			return RW_DROP;
+	}
+	if (!rw_host_routing)
 		return RW_PASS;
 	__builtin_memcpy(k.addr, f.daddr, 16);
 	k.family = f.family;

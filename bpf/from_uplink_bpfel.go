@@ -31,7 +31,13 @@ const (
 	FromUplinkMapRwIpcache         = "rw_ipcache"
 	FromUplinkMapRwIpcacheLpm      = "rw_ipcache_lpm"
 	FromUplinkMapRwMetrics         = "rw_metrics"
+	FromUplinkMapRwNsScratch       = "rw_ns_scratch"
 	FromUplinkMapRwPolicyMaps      = "rw_policy_maps"
+	FromUplinkMapRwServices        = "rw_services"
+	FromUplinkMapRwSvcBackends     = "rw_svc_backends"
+	FromUplinkMapRwSvcMaglev       = "rw_svc_maglev"
+	FromUplinkMapRwSvcNat          = "rw_svc_nat"
+	FromUplinkMapRwSvcRevnat       = "rw_svc_revnat"
 	FromUplinkMapRwVerdictRev      = "rw_verdict_rev"
 	FromUplinkProgRwFromUplink     = "rw_from_uplink"
 	FromUplinkVarRwAuditMode       = "rw_audit_mode"
@@ -111,7 +117,13 @@ type FromUplinkMapSpecs struct {
 	RwIpcache      *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm   *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.MapSpec `ebpf:"rw_metrics"`
+	RwNsScratch    *ebpf.MapSpec `ebpf:"rw_ns_scratch"`
 	RwPolicyMaps   *ebpf.MapSpec `ebpf:"rw_policy_maps"`
+	RwServices     *ebpf.MapSpec `ebpf:"rw_services"`
+	RwSvcBackends  *ebpf.MapSpec `ebpf:"rw_svc_backends"`
+	RwSvcMaglev    *ebpf.MapSpec `ebpf:"rw_svc_maglev"`
+	RwSvcNat       *ebpf.MapSpec `ebpf:"rw_svc_nat"`
+	RwSvcRevnat    *ebpf.MapSpec `ebpf:"rw_svc_revnat"`
 	RwVerdictRev   *ebpf.MapSpec `ebpf:"rw_verdict_rev"`
 }
 
@@ -167,7 +179,13 @@ type FromUplinkMaps struct {
 	RwIpcache      *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm   *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.Map `ebpf:"rw_metrics"`
+	RwNsScratch    *ebpf.Map `ebpf:"rw_ns_scratch"`
 	RwPolicyMaps   *ebpf.Map `ebpf:"rw_policy_maps"`
+	RwServices     *ebpf.Map `ebpf:"rw_services"`
+	RwSvcBackends  *ebpf.Map `ebpf:"rw_svc_backends"`
+	RwSvcMaglev    *ebpf.Map `ebpf:"rw_svc_maglev"`
+	RwSvcNat       *ebpf.Map `ebpf:"rw_svc_nat"`
+	RwSvcRevnat    *ebpf.Map `ebpf:"rw_svc_revnat"`
 	RwVerdictRev   *ebpf.Map `ebpf:"rw_verdict_rev"`
 }
 
@@ -188,7 +206,13 @@ func (m *FromUplinkMaps) Close() error {
 		m.RwIpcache,
 		m.RwIpcacheLpm,
 		m.RwMetrics,
+		m.RwNsScratch,
 		m.RwPolicyMaps,
+		m.RwServices,
+		m.RwSvcBackends,
+		m.RwSvcMaglev,
+		m.RwSvcNat,
+		m.RwSvcRevnat,
 		m.RwVerdictRev,
 	)
 }

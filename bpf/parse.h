@@ -42,6 +42,7 @@ struct flow {
 	__u32 frag_id;       /* fragment: IPv4 identification or IPv6 fragment id */
 	__u8 frag;           /* RW_FRAG_* */
 	__u8 frag_proto;     /* fragment: rw_frag key proto (IPv6: fragment header's next header) */
+	__u8 reply;          /* set by rw_enforce: connection tracking passed it as a reply */
 };
 
 #define RW_FRAG_NONE 0 /* not a fragment */

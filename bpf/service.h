@@ -7,6 +7,8 @@
  *
  * The agent owns every map here (SyncServices); the programs only read them,
  * except rw_svc_revnat, which the programs write at each translation.
+ * rw_from_uplink includes it too: north-south balancing (northsouth_lb.h)
+ * reads rw_services, the local backends' Maglev tables and rw_svc_backends.
  */
 #pragma once
 
@@ -18,6 +20,17 @@
 
 /* Slots of every service's Maglev table (a prime; Go: maglevM). */
 #define RW_MAGLEV_M 1021
+
+/* rw_mix spreads a socket cookie or a flow's hash over the Maglev slots. */
+static __always_inline __u32 rw_mix(__u64 x)
+{
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdULL;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53ULL;
+	x ^= x >> 33;
+	return (__u32)x;
+}
 
 /* rw_services key: a frontend. */
 struct svc_key {
@@ -32,7 +45,7 @@ struct svc_value {
 	__u32 id;       /* index of the service's Maglev table in rw_svc_maglev */
 	__u32 count;    /* active backends; 0: connect fails (no service backend) */
 	__u32 hash;     /* agent's digest of the backend set, for diffing after a restart */
-	__u32 flags;    /* reserved, 0 */
+	__u32 local;    /* rw_svc_maglev table of the active backends on this host, + 1; 0: none (north-south) */
 };
 
 /* rw_svc_backends value, and rw_svc_revnat value (the VIP). */

@@ -42,23 +42,11 @@ volatile const __u8 rw_have_set_retval = 0;
 /* Egress is the only direction of a socket translation. */
 #define RW_SVC_DIR RW_DIR_EGRESS
 
-/* rw_mix spreads sequential socket cookies over the Maglev slots. */
-static __always_inline __u32 rw_mix(__u64 x)
-{
-	x ^= x >> 33;
-	x *= 0xff51afd7ed558ccdULL;
-	x ^= x >> 33;
-	x *= 0xc4ceb9fe1a85ec53ULL;
-	x ^= x >> 33;
-	return (__u32)x;
-}
-
 static __always_inline void svc_emit(void *ctx, const struct svc_key *k, const struct svc_addr *be,
 				     __u32 svc, __u32 bid, __u8 verdict, int reason)
 {
 	struct event_limit *l = event_budget(0);
 	struct svc_event e = {};
-	long err;
 
 	if (!l)
 		return;
@@ -80,12 +68,7 @@ static __always_inline void svc_emit(void *ctx, const struct svc_key *k, const s
 	e.vip_port = k->port;
 	e.service = svc;
 	e.backend = bid;
-	if (rw_events_perf)
-		err = bpf_perf_event_output(ctx, &rw_events, BPF_F_CURRENT_CPU, &e, sizeof(e));
-	else
-		err = bpf_ringbuf_output(&rw_events, &e, sizeof(e), 0);
-	if (err)
-		__sync_fetch_and_add(&l->lost, 1);
+	event_send(ctx, l, &e, sizeof(e));
 }
 
 /* svc_refuse fails the call: ECONNREFUSED where the kernel lets us say so. */

@@ -32,6 +32,7 @@ const (
 	ToEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
 	ToEndpointMapRwMetrics         = "rw_metrics"
 	ToEndpointMapRwPolicyMaps      = "rw_policy_maps"
+	ToEndpointMapRwSvcNat          = "rw_svc_nat"
 	ToEndpointMapRwVerdictRev      = "rw_verdict_rev"
 	ToEndpointProgRwToEndpoint     = "rw_to_endpoint"
 	ToEndpointVarRwAuditMode       = "rw_audit_mode"
@@ -112,6 +113,7 @@ type ToEndpointMapSpecs struct {
 	RwIpcacheLpm   *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.MapSpec `ebpf:"rw_metrics"`
 	RwPolicyMaps   *ebpf.MapSpec `ebpf:"rw_policy_maps"`
+	RwSvcNat       *ebpf.MapSpec `ebpf:"rw_svc_nat"`
 	RwVerdictRev   *ebpf.MapSpec `ebpf:"rw_verdict_rev"`
 }
 
@@ -168,6 +170,7 @@ type ToEndpointMaps struct {
 	RwIpcacheLpm   *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.Map `ebpf:"rw_metrics"`
 	RwPolicyMaps   *ebpf.Map `ebpf:"rw_policy_maps"`
+	RwSvcNat       *ebpf.Map `ebpf:"rw_svc_nat"`
 	RwVerdictRev   *ebpf.Map `ebpf:"rw_verdict_rev"`
 }
 
@@ -189,6 +192,7 @@ func (m *ToEndpointMaps) Close() error {
 		m.RwIpcacheLpm,
 		m.RwMetrics,
 		m.RwPolicyMaps,
+		m.RwSvcNat,
 		m.RwVerdictRev,
 	)
 }

@@ -58,9 +58,14 @@ type agent struct {
 	// it); guarded by uplinkMu.
 	uplinkMu  sync.Mutex
 	uplinkErr error
-	uplinkCfg []string  // [datapath] uplinks in force; empty: follow the default routes
-	uplinkSet string    // the devices last applied, joined
-	svc       *services // the service table and its sources (services.go)
+	uplinkCfg []string // [datapath] uplinks in force; empty: follow the default routes
+	uplinkSet string   // the devices last applied, joined
+	// nsWanted: the config announces service VIPs, so north-south
+	// balancing must be on (setNorthSouth).
+	nsWanted atomic.Bool
+	// annMu serialises reannounceServiceVIPs.
+	annMu sync.Mutex
+	svc   *services // the service table and its sources (services.go)
 
 	hostIP netip.Addr
 	hostID string
@@ -99,6 +104,9 @@ func newAgent(ctx context.Context, cfg config.Config, st store.Store, log *slog.
 		a.ids.Close()
 		return nil, fmt.Errorf("load datapath: %w", err)
 	}
+	// North-south balancing goes with announcing service VIPs: the router
+	// then sends clients' packets for them here (SetUplinks attaches).
+	a.setNorthSouth(cfg)
 	a.ipc = ipcache.New(a.dp, log.With("subsys", "ipcache"))
 	// The pinned map keeps the previous run's entries: they stay in force
 	// until every source has spoken, then what no source claims goes.
@@ -314,7 +322,8 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 	if old.Datapath.HostRouting != next.Datapath.HostRouting {
 		a.log.Warn("[datapath] host_routing changes only on restart (systemctl restart rackwired; forwarding continues)")
 	}
-	if fmt.Sprint(old.Datapath.Uplinks) != fmt.Sprint(next.Datapath.Uplinks) {
+	if fmt.Sprint(old.Datapath.Uplinks) != fmt.Sprint(next.Datapath.Uplinks) || northSouthWanted(old) != northSouthWanted(next) {
+		a.setNorthSouth(next)
 		a.applyUplinks(next.Datapath)
 	}
 	if o, n := old.Datapath, next.Datapath; o.CTTimeoutTCP != n.CTTimeoutTCP || o.CTTimeoutTCPSYN != n.CTTimeoutTCPSYN ||
@@ -331,6 +340,22 @@ func (a *agent) reload(ctx context.Context, old, next config.Config) error {
 		a.log.Warn("[bgp] was disabled by a reload; BIRD keeps its last config until the agent restarts")
 	}
 	return nil
+}
+
+// northSouthWanted reports whether cfg announces service VIPs, which is
+// when traffic from outside for a VIP arrives on the uplinks and must be
+// balanced to local backends (north-south, docs/services.md).
+func northSouthWanted(cfg config.Config) bool {
+	return cfg.BGP.Enabled && cfg.BGP.AnnounceServiceVIPs
+}
+
+// setNorthSouth tells the datapath whether cfg wants north-south
+// balancing (the next applyUplinks attaches or detaches) and remembers it
+// for status and the VIP announcement.
+func (a *agent) setNorthSouth(cfg config.Config) {
+	w := northSouthWanted(cfg)
+	a.nsWanted.Store(w)
+	a.dp.SetNorthSouth(w)
 }
 
 // applyUplinks attaches rw_from_uplink to the configured uplinks (default:
@@ -359,6 +384,8 @@ func (a *agent) applyUplinksLocked() {
 	}
 	a.uplinkErr = err
 	a.uplinkSet = strings.Join(names, ",")
+	// Service VIPs are announced only while rw_from_uplink is on an uplink.
+	a.reannounceServiceVIPs()
 }
 
 // uplinkLoop follows the default routes when [datapath] uplinks is empty

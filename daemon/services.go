@@ -136,9 +136,34 @@ func (a *agent) wireServices(cfg config.Config, log *slog.Logger) error {
 		return err
 	}
 	if a.bgp != nil && sink != nil {
-		a.svc.m.Subscribe(func(t service.Table) { a.bgp.SetServiceVIPs(t.AnnounceVIPs()) })
+		a.svc.m.Subscribe(func(service.Table) { a.reannounceServiceVIPs() })
 	}
 	return nil
+}
+
+// reannounceServiceVIPs hands BGP the VIPs this host may announce, from
+// the newest table the datapath took: none while north-south balancing
+// does not run (nothing would answer on them; e.g. before rw_from_uplink
+// is on an uplink). Called after every table the datapath took and after
+// the uplinks changed; annMu keeps an older call from overwriting a newer.
+func (a *agent) reannounceServiceVIPs() {
+	if a.svc == nil || a.bgp == nil {
+		return
+	}
+	a.annMu.Lock()
+	defer a.annMu.Unlock()
+	t, synced, _ := a.svc.m.Table()
+	if !synced {
+		return
+	}
+	if on, why := a.dp.NorthSouth(); !on {
+		if vips := t.AnnounceVIPs(); len(vips) > 0 && a.nsWanted.Load() {
+			a.log.Info("service VIPs are not announced while north-south balancing is off", "why", why, "vips", len(vips))
+		}
+		a.bgp.SetServiceVIPs(nil)
+		return
+	}
+	a.bgp.SetServiceVIPs(t.AnnounceVIPs())
 }
 
 // serviceLoops returns the goroutines of the service table.

@@ -78,6 +78,9 @@ func (a *agent) status(ctx context.Context, st *api.Status) {
 	st.Datapath.Detail["host_routing"] = f.HostRoutingMode
 	st.Datapath.Detail["host_routing_why"] = f.HostRoutingWhy
 	st.Datapath.Detail["uplinks"] = strings.Join(a.dp.Uplinks(), ",")
+	ns, nsWhy := a.dp.NorthSouth()
+	st.Datapath.Detail["north_south"] = strconv.FormatBool(ns)
+	st.Datapath.Detail["north_south_why"] = nsWhy
 	if len(f.Fallbacks) > 0 {
 		st.Datapath.State = api.StateDegraded
 		st.Datapath.Message = strings.Join(f.Fallbacks, "; ")
@@ -88,6 +91,10 @@ func (a *agent) status(ctx context.Context, st *api.Status) {
 		st.Datapath.Message = strings.TrimPrefix(st.Datapath.Message+"; uplinks: "+a.uplinkErr.Error()+" (their traffic takes the host stack)", "; ")
 	}
 	a.uplinkMu.Unlock()
+	if !ns && a.nsWanted.Load() {
+		st.Datapath.State = api.StateDegraded
+		st.Datapath.Message = strings.TrimPrefix(st.Datapath.Message+"; north-south service balancing is off ("+nsWhy+"): service VIPs are not announced", "; ")
+	}
 	st.Kernel = []api.KernelFeature{
 		{Name: "tcx", Available: f.TCX, Fallback: fallback(f.TCX, "legacy clsact tc filters")},
 		{Name: "ringbuf", Available: f.RingBuf, Fallback: fallback(f.RingBuf, "events on a perf event array")},

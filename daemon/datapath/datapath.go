@@ -183,13 +183,19 @@ type Datapath struct {
 
 	maps     map[string]*ebpf.Map // rw_* maps by name, pinned
 	from, to *ebpf.Program
-	uplink   *ebpf.Program // rw_from_uplink; nil unless host routing is "bpf"
-	inner    *ebpf.MapSpec // template of rw_policy_NNNNN
+	uplink   *ebpf.Program // rw_from_uplink; nil when it failed to load (uplinkErr)
+	// uplinkErr is why rw_from_uplink is not loaded (host routing "legacy" only).
+	uplinkErr error
+	inner     *ebpf.MapSpec // template of rw_policy_NNNNN
 
 	// mu guards policy, the open per-endpoint policy maps, and serialises
 	// read-modify-write of their meta entries.
 	mu     sync.Mutex
 	policy map[uint16]*ebpf.Map
+
+	// northSouth: rw_from_uplink goes on the uplinks for north-south
+	// balancing even with host routing "legacy" (SetNorthSouth); guarded by mu.
+	northSouth bool
 
 	// revMu serialises bumps of rw_verdict_rev (see bumpRev).
 	revMu sync.Mutex
@@ -231,6 +237,18 @@ func Open(opts Options, log *slog.Logger) (*Datapath, error) {
 	if err := d.openServices(); err != nil {
 		d.Close()
 		return nil, err
+	}
+	// After the service maps: north-south balancing reads them. Loaded in
+	// both host routing modes; SetUplinks decides where it is attached.
+	// With "legacy" a kernel that refuses it costs north-south balancing
+	// only (NorthSouth says so), not the agent.
+	if d.uplink, err = d.loadUplink(); err != nil {
+		if d.hostRouting == HostRoutingBPF {
+			d.Close()
+			return nil, err
+		}
+		d.uplinkErr = err
+		log.Warn("rw_from_uplink does not load; north-south service balancing is off", "err", err)
 	}
 	log.Info("datapath ready", "pin_dir", opts.PinDir, "attach", d.mode, "events", d.events, "events_why", d.eventsWhy,
 		"host_routing", d.hostRouting, "host_routing_why", d.hostRoutingWhy)
@@ -409,11 +427,6 @@ func (d *Datapath) load() error {
 	d.to, err = loadProgram(to, d.maps, "rw_to_endpoint")
 	if err != nil {
 		return err
-	}
-	if d.hostRouting == HostRoutingBPF {
-		if d.uplink, err = d.loadUplink(); err != nil {
-			return err
-		}
 	}
 	if err := d.migrateAfter(mig); err != nil {
 		return err

@@ -168,6 +168,21 @@
 // hooks are pinned links and keep balancing; SyncServices adopts the
 // pinned maps and rewrites nothing that is unchanged. Cleanup detaches.
 //
+// North-south (northsouth.go, bpf/northsouth.h, bpf/northsouth_lb.h;
+// docs/datapath.md "Services: north-south"): traffic that arrives on an
+// uplink for a VIP:port (the router sends it once [bgp]
+// announce_service_vips announces the VIP) is balanced by rw_from_uplink
+// over the service's active backends on this host (a second Maglev table
+// per service, svc_value.local, built by SyncServices from Backend.Local),
+// DNATed, and then handled as any packet for that endpoint; the backend's
+// replies get VIP:port back as their source in rw_from_endpoint, after CT
+// passed them as replies. A VIP:port without a local backend drops ("no
+// service backend", ingress). Data: rw_svc_nat (LRU, both directions of
+// each flow), written only by the programs; it survives restarts like CT.
+// SetNorthSouth (the agent: [bgp] enabled && announce_service_vips) puts
+// rw_from_uplink on the uplinks also with host routing "legacy", where it
+// only balances; NorthSouth says whether it runs and why.
+//
 // All methods are safe for concurrent use, except Close, which must be
 // the last call.
 package datapath

@@ -107,15 +107,16 @@ func (d *Datapath) uplinkPin(name string) string {
 
 // SetUplinks attaches rw_from_uplink to the ingress of each named device
 // and detaches it from every uplink it was attached to before (by this or
-// a previous agent) that is not named. With host routing "legacy" it only
-// detaches. Attachments are pinned (tcx links under links/rw_uplink_NAME)
-// or legacy tc filters of their own priority, so forwarding survives an
-// agent restart, and they never displace another program on the device.
+// a previous agent) that is not named. With host routing "legacy" and
+// north-south balancing off (SetNorthSouth) it only detaches.
+// Attachments are pinned (tcx links under links/rw_uplink_NAME) or legacy
+// tc filters of their own priority, so forwarding survives an agent
+// restart, and they never displace another program on the device.
 // A device that does not exist is an error; the others are attached.
 func (d *Datapath) SetUplinks(names []string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.hostRouting != HostRoutingBPF {
+	if d.hostRouting != HostRoutingBPF && !d.northSouth || d.uplink == nil {
 		names = nil
 	}
 	var errs []error
@@ -278,12 +279,19 @@ const (
 	HRStackFIB         HostRoutingSlot = 5
 	HRStackOther       HostRoutingSlot = 6
 	HRStackNotLocal    HostRoutingSlot = 7
-	hostRoutingSlots                   = 8
+	// North-south service balancing (bpf/northsouth.h): flows from an
+	// uplink to a VIP that got a local backend, packets translated to it,
+	// and replies given the VIP back.
+	HRSvcNewFlow     HostRoutingSlot = 8
+	HRSvcTranslated  HostRoutingSlot = 9
+	HRSvcReply       HostRoutingSlot = 10
+	hostRoutingSlots                 = 11
 )
 
 var hostRoutingSlotNames = [hostRoutingSlots]string{
 	"egress_forwarded", "ingress_forwarded", "stack_ttl", "stack_mtu",
 	"stack_no_neighbour", "stack_fib", "stack_other", "stack_not_local",
+	"service_new_flow", "service_translated", "service_reply",
 }
 
 func (s HostRoutingSlot) String() string {
@@ -319,6 +327,39 @@ func (d *Datapath) HostRoutingCounters() ([]HostRoutingCounter, error) {
 		out = append(out, c)
 	}
 	return out, nil
+}
+
+// SetNorthSouth turns north-south service balancing on or off: traffic
+// from the uplinks to a service VIP:port balanced to the service's
+// backends on this host (bpf/northsouth.h). It needs rw_from_uplink on the
+// uplinks, so with host routing "legacy" the next SetUplinks attaches it
+// (it then only balances and leaves every packet to the stack) or, when
+// off, detaches it. With host routing "bpf" the uplinks carry it anyway,
+// and a VIP that arrives there is balanced either way.
+func (d *Datapath) SetNorthSouth(on bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.northSouth = on
+}
+
+// NorthSouth reports whether traffic from the uplinks to a service VIP is
+// balanced to local backends: rw_from_uplink is loaded, wanted on the
+// uplinks (host routing "bpf" or SetNorthSouth) and attached to at least
+// one; and why or why not.
+func (d *Datapath) NorthSouth() (bool, string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	switch {
+	case d.uplink == nil:
+		return false, fmt.Sprintf("rw_from_uplink does not load on this kernel: %v", d.uplinkErr)
+	case d.hostRouting != HostRoutingBPF && !d.northSouth:
+		return false, `host_routing "legacy" and [bgp] announce_service_vips off: rw_from_uplink is not attached`
+	case len(d.attachedUplinks()) == 0:
+		return false, "rw_from_uplink is on no uplink (yet): [datapath] uplinks, or no default route"
+	case d.northSouth:
+		return true, "[bgp] announce_service_vips; uplinks " + strings.Join(d.attachedUplinks(), ",")
+	}
+	return true, `host_routing "bpf"; uplinks ` + strings.Join(d.attachedUplinks(), ",")
 }
 
 // loadUplink loads rw_from_uplink on the datapath's maps.

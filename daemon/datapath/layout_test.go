@@ -33,6 +33,8 @@ func TestLayoutMatchesBTF(t *testing.T) {
 		{"metrics_value", metricsValue{}, false},
 		{"event", rawEvent{}, false},
 		{"event_limit", eventLimit{}, false},
+		{"svc_nat_key", svcNATKey{}, false},
+		{"svc_nat_value", svcNATValue{}, false},
 		{"svc_key", svcKey{}, true},
 		{"svc_value", svcValue{}, true},
 		{"svc_addr", svcAddr{}, true},

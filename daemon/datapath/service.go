@@ -66,7 +66,7 @@ type svcValue struct {
 	ID    uint32
 	Count uint32
 	Hash  uint32
-	Flags uint32
+	Local uint32 // table of the local active backends + 1; 0 none (north-south)
 }
 
 // svcAddr mirrors struct svc_addr.
@@ -173,7 +173,7 @@ func (d *Datapath) openServices() error {
 	}
 	sizes := map[string]int{
 		"rw_services":     d.opts.ServiceMaxEntries,
-		"rw_svc_maglev":   2 * d.opts.ServiceMaxEntries, // old and new table of every service during a sync
+		"rw_svc_maglev":   4 * d.opts.ServiceMaxEntries, // old and new tables (all and local backends) of every service during a sync
 		"rw_svc_backends": d.opts.ServiceBackendMaxEntries,
 	}
 	for name, ms := range spec.Maps {
@@ -347,7 +347,8 @@ func (d *Datapath) ServiceCgroup() string {
 type desiredService struct {
 	name     string
 	backends []svcAddr // active, valid, distinct, sorted by address
-	hash     uint32
+	local    []svcAddr // those of backends that run on this host (Backend.Local)
+	hash     uint32    // of backends and which are local
 }
 
 // desiredServices validates t: a frontend that cannot be programmed (bad
@@ -380,6 +381,7 @@ func desiredServices(t service.Table) (map[svcKey]desiredService, []string) {
 			continue
 		}
 		seen := map[svcAddr]bool{}
+		isLocal := map[svcAddr]bool{}
 		var bes []svcAddr
 		for _, b := range s.Active() {
 			a := b.Addr.Unmap()
@@ -399,6 +401,9 @@ func desiredServices(t service.Table) (map[svcKey]desiredService, []string) {
 				seen[sa] = true
 				bes = append(bes, sa)
 			}
+			if b.Local {
+				isLocal[sa] = true
+			}
 		}
 		slices.SortFunc(bes, func(x, y svcAddr) int { return x.addrPort().Compare(y.addrPort()) })
 		if len(bes) > maglevMaxBackends {
@@ -406,11 +411,16 @@ func desiredServices(t service.Table) (map[svcKey]desiredService, []string) {
 			bes = bes[:maglevMaxBackends]
 		}
 		h := fnv.New32a()
+		var local []svcAddr
 		for _, b := range bes {
 			h.Write([]byte(b.addrPort().String()))
+			if isLocal[b] {
+				local = append(local, b)
+				h.Write([]byte{'L'})
+			}
 			h.Write([]byte{0})
 		}
-		out[k] = desiredService{name: s.Name, backends: bes, hash: h.Sum32()}
+		out[k] = desiredService{name: s.Name, backends: bes, local: local, hash: h.Sum32()}
 	}
 	return out, skipped
 }
@@ -455,8 +465,12 @@ func (d *Datapath) SyncServices(t service.Table) error {
 		d.log.Warn("service left out", "why", s)
 	}
 	d.svc.skipped = skipped
-	if len(want) > int(svcs.MaxEntries()) || 2*len(want) > int(outer.MaxEntries()) {
-		return fmt.Errorf("%d services, the service maps hold %d: raise [datapath] service_max_entries (and restart after cleanup)", len(want), svcs.MaxEntries())
+	nTables := 0 // Maglev tables wanted: all active backends, and the local ones
+	for _, s := range want {
+		nTables += min(len(s.backends), 1) + min(len(s.local), 1)
+	}
+	if len(want) > int(svcs.MaxEntries()) || 2*nTables > int(outer.MaxEntries()) {
+		return fmt.Errorf("%d services (%d Maglev tables), the service maps hold %d (%d tables during a sync): raise [datapath] service_max_entries (and restart after cleanup)", len(want), nTables, svcs.MaxEntries(), outer.MaxEntries()/2)
 	}
 	used := map[svcAddr]bool{}
 	for _, s := range want {
@@ -501,6 +515,9 @@ func (d *Datapath) SyncServices(t service.Table) error {
 		if v.Count > 0 {
 			tableIDs[v.ID] = true
 		}
+		if v.Local > 0 {
+			tableIDs[v.Local-1] = true
+		}
 	}
 	keys := make([]svcKey, 0, len(want))
 	for k := range want {
@@ -530,6 +547,14 @@ func (d *Datapath) SyncServices(t service.Table) error {
 			nv.ID = id
 			tables = append(tables, pendingTable{id: id, backends: w.backends})
 		}
+		if len(w.local) > 0 {
+			id, ok := allocID(tableIDs, &d.svc.cursor.svc, 0, outer.MaxEntries())
+			if !ok {
+				return fail(errors.New("no free Maglev table slot"))
+			}
+			nv.Local = id + 1
+			tables = append(tables, pendingTable{id: id, backends: w.local})
+		}
 		changes = append(changes, change{k, nv, old, exists})
 	}
 	if err := d.installTables(tx, outer, tables, backends); err != nil {
@@ -543,9 +568,7 @@ func (d *Datapath) SyncServices(t service.Table) error {
 		}
 		if c.exists {
 			tx.add(func() { svcs.Put(c.k, c.old) })
-			if c.old.Count > 0 {
-				retired = append(retired, c.old.ID)
-			}
+			retired = append(retired, c.old.tables()...)
 		} else {
 			tx.add(func() { svcs.Delete(c.k) })
 		}
@@ -560,9 +583,7 @@ func (d *Datapath) SyncServices(t service.Table) error {
 			return fail(fmt.Errorf("delete service %s: %w", k.frontend(), err))
 		}
 		tx.add(func() { svcs.Put(k, v) })
-		if v.Count > 0 {
-			retired = append(retired, v.ID)
-		}
+		retired = append(retired, v.tables()...)
 		delete(services, k)
 	}
 	// 5. Backends no table names any more.
@@ -587,6 +608,18 @@ func (d *Datapath) SyncServices(t service.Table) error {
 
 // noTable is svc_value.id of a frontend without active backends.
 const noTable = ^uint32(0)
+
+// tables lists the rw_svc_maglev slots v names.
+func (v svcValue) tables() []uint32 {
+	var out []uint32
+	if v.Count > 0 {
+		out = append(out, v.ID)
+	}
+	if v.Local > 0 {
+		out = append(out, v.Local-1)
+	}
+	return out
+}
 
 // tableBatch is how many Maglev tables are built before they are put in
 // rw_svc_maglev in one batch: every update of a map-in-map waits for an
@@ -745,7 +778,8 @@ func (d *Datapath) SkippedServices() []string {
 type ProgrammedService struct {
 	Frontend service.Frontend `json:"frontend"`
 	ID       uint32           `json:"id"`
-	Backends []netip.AddrPort `json:"backends"` // active backends, by address
+	Backends []netip.AddrPort `json:"backends"`                 // active backends, by address
+	Local    []netip.AddrPort `json:"local_backends,omitempty"` // those on this host: north-south
 }
 
 // Services reads the programmed services back from the maps (rw_services,
@@ -771,22 +805,11 @@ func (d *Datapath) Services() ([]ProgrammedService, error) {
 	for it.Next(&k, &v) {
 		ps := ProgrammedService{Frontend: k.frontend(), ID: v.ID}
 		if v.Count > 0 {
-			if m := innerMap(d.maps["rw_svc_maglev"], v.ID); m != nil {
-				seen := map[uint32]bool{}
-				var slot, bid uint32
-				mi := m.Iterate()
-				for mi.Next(&slot, &bid) {
-					if !seen[bid] {
-						seen[bid] = true
-						if ap, ok := addrs[bid]; ok {
-							ps.Backends = append(ps.Backends, ap)
-						}
-					}
-				}
-				m.Close()
-			}
+			ps.Backends = tableBackends(d.maps["rw_svc_maglev"], v.ID, addrs)
 		}
-		slices.SortFunc(ps.Backends, netip.AddrPort.Compare)
+		if v.Local > 0 {
+			ps.Local = tableBackends(d.maps["rw_svc_maglev"], v.Local-1, addrs)
+		}
 		out = append(out, ps)
 	}
 	if err := it.Err(); err != nil {
@@ -796,6 +819,29 @@ func (d *Datapath) Services() ([]ProgrammedService, error) {
 		return strings.Compare(x.Frontend.String(), y.Frontend.String())
 	})
 	return out, nil
+}
+
+// tableBackends reads the distinct backends of Maglev table id, sorted.
+func tableBackends(outer *ebpf.Map, id uint32, addrs map[uint32]netip.AddrPort) []netip.AddrPort {
+	m := innerMap(outer, id)
+	if m == nil {
+		return nil
+	}
+	defer m.Close()
+	var out []netip.AddrPort
+	seen := map[uint32]bool{}
+	var slot, bid uint32
+	mi := m.Iterate()
+	for mi.Next(&slot, &bid) {
+		if !seen[bid] {
+			seen[bid] = true
+			if ap, ok := addrs[bid]; ok {
+				out = append(out, ap)
+			}
+		}
+	}
+	slices.SortFunc(out, netip.AddrPort.Compare)
+	return out
 }
 
 // allocID takes a free id in [lo, hi) starting at the cursor.

@@ -9,14 +9,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/rackwire/rackwire/birdconf/birdtest"
 	"github.com/rackwire/rackwire/daemon/api"
@@ -280,41 +277,19 @@ func listenIn(t *testing.T, ns, addr string) *listener {
 	return l
 }
 
-// up opens the socket from a thread moved into the namespace; the thread
-// is never unlocked, so it ends with its goroutine and no other goroutine
-// runs in the wrong namespace.
+// up opens the socket in the namespace (inNetNS).
 func (l *listener) up(t *testing.T) {
 	t.Helper()
-	type result struct {
-		ln  net.Listener
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		f, err := os.Open("/run/netns/" + l.ns)
-		if err != nil {
-			ch <- result{err: err}
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{err: fmt.Errorf("setns %s: %w", l.ns, err)}
-			return
-		}
-		ln, err := net.Listen("tcp", l.addr)
-		ch <- result{ln, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		t.Fatalf("listen on %s in %s: %v", l.addr, l.ns, r.err)
+	ln, err := inNetNS(l.ns, func() (net.Listener, error) { return net.Listen("tcp", l.addr) })
+	if err != nil {
+		t.Fatalf("listen on %s in %s: %v", l.addr, l.ns, err)
 	}
 	l.mu.Lock()
-	l.ln = r.ln
+	l.ln = ln
 	l.mu.Unlock()
 	go func() {
 		for {
-			c, err := r.ln.Accept()
+			c, err := ln.Accept()
 			if err != nil {
 				return
 			}

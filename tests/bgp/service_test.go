@@ -1,14 +1,19 @@
 package bgp
 
 import (
+	"bufio"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	capi "github.com/hashicorp/consul/api"
 
@@ -18,6 +23,92 @@ import (
 )
 
 const svcVIP = "10.96.254.10"
+
+// greetIn serves TCP on addr inside namespace ns: each connection gets
+// "name peer\n" (peer: the address the server accepted) and is closed.
+func greetIn(t *testing.T, ns, addr, name string) {
+	t.Helper()
+	ln, err := inNetNS(ns, func() (net.Listener, error) { return net.Listen("tcp", addr) })
+	if err != nil {
+		t.Fatalf("listen on %s in %s: %v", addr, ns, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "%s %s\n", name, c.RemoteAddr())
+			c.Close()
+		}
+	}()
+}
+
+// dialGreeting connects from namespace ns to addr and reads greetIn's line:
+// the server's name, the peer it saw and the client's own address.
+func dialGreeting(ns, addr string) (name, peer, local string, err error) {
+	c, err := inNetNS(ns, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, 2*time.Second) })
+	if err != nil {
+		return "", "", "", err
+	}
+	defer c.Close()
+	if got := c.RemoteAddr().String(); got != addr {
+		return "", "", "", fmt.Errorf("connected to %s, the client's peer is %s", addr, got)
+	}
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return "", "", "", fmt.Errorf("read greeting from %s: %w", addr, err)
+	}
+	if _, err := fmt.Sscanf(line, "%s %s", &name, &peer); err != nil {
+		return "", "", "", fmt.Errorf("greeting %q: %w", line, err)
+	}
+	return name, peer, c.LocalAddr().String(), nil
+}
+
+// inNetNS runs fn on a thread moved into namespace ns, then moves the
+// thread back and releases it. Sockets fn makes stay in ns. The thread
+// must not die there: a process it started with Pdeathsig (consultest's
+// Consul) would die with it; only when the way back fails is it left
+// locked, to end with its goroutine.
+func inNetNS[T any](ns string, fn func() (T, error)) (T, error) {
+	type result struct {
+		v   T
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		var zero T
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{zero, err}
+			return
+		}
+		defer orig.Close()
+		f, err := os.Open("/run/netns/" + ns)
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{zero, err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{zero, fmt.Errorf("setns %s: %w", ns, err)}
+			return
+		}
+		v, err := fn()
+		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		ch <- result{v, err}
+	}()
+	r := <-ch
+	return r.v, r.err
+}
 
 // svcTorConf is the ToR of the service test: as torConf, on its own
 // addresses, learning /32 VIPs with ECMP (merge paths).
@@ -42,9 +133,14 @@ protocol bgp h2 from host { local 10.254.202.1 as 65001; neighbor 10.254.202.2 a
 `
 
 // svcConfig is a host's config with announce_service_vips on and no VIP of
-// its own: whatever VIP the ToR learns comes from the service table.
+// its own: whatever VIP the ToR learns comes from the service table. The
+// socket load balancer is off (service_cgroup = ""): its hooks would sit
+// on the machine's root cgroup, where they would translate the test's own
+// connections to the VIP before a packet leaves, so the traffic test
+// would not reach the hosts' uplinks (north-south) at all.
 func (h *host) svcConfig(consulAddr string) string {
-	return h.head(fmt.Sprintf("backend = \"consul\"\naddress = %q\n# The test's Consul speaks plain http on a non-loopback test address.\nallow_insecure = true", consulAddr)) +
+	head := h.head(fmt.Sprintf("backend = \"consul\"\naddress = %q\n# The test's Consul speaks plain http on a non-loopback test address.\nallow_insecure = true", consulAddr))
+	return strings.Replace(head, "[metrics]\n", "service_cgroup = \"\"\n[metrics]\n", 1) +
 		fmt.Sprintf(`vip_ranges = ["10.96.0.0/16"]
 import = ["0.0.0.0/0"]
 announce_service_vips = true
@@ -162,6 +258,62 @@ func TestServiceVIPAnnouncedWhileLocalBackendActive(t *testing.T) {
 		return len(h) == 2 && contains(h, "10.254.201.2") && contains(h, "10.254.202.2")
 	})
 	t.Logf("ToR route to the VIP after %v:\n%s", d.Truncate(time.Millisecond), route())
+
+	t.Run("clients behind the ToR reach the VIP on both hosts", func(t *testing.T) {
+		// The backends are real endpoints at the registered addresses,
+		// each greeting with its host and the peer it accepted. The ToR
+		// spreads connections over both hosts by L4 ECMP; each host
+		// balances them to its local backend (north-south).
+		birdtest.Run(t, "ip", "netns", "exec", "rwsc-tor", "sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1")
+		for _, w := range []struct {
+			h        *host
+			ns, addr string
+		}{{h1, "rwsc-w1", "10.254.1.10"}, {h2, "rwsc-w2", "10.254.2.10"}} {
+			birdtest.NetNS(t, w.ns)
+			w.h.mustRW(t, "endpoint", "add", "--name", "web", "--netns", "/run/netns/"+w.ns, "--labels", "app=web", "--ip", w.addr)
+			greetIn(t, w.ns, w.addr+":8080", w.h.name)
+		}
+		per := map[string]int{}
+		var last error
+		tries := 0
+		defer func() {
+			if t.Failed() {
+				t.Logf("of %d connections to %s:80, answered per host: %v; last error: %v", tries, svcVIP, per, last)
+			}
+		}()
+		waitFor(t, "connections to the VIP answered by both hosts", 60*time.Second, func() bool {
+			for range 20 {
+				tries++
+				host, peer, local, err := dialGreeting("rwsc-tor", svcVIP+":80")
+				if err != nil {
+					last = err
+					continue
+				}
+				if peer != local {
+					t.Fatalf("a backend on %s saw the peer %s, want the client's own %s", host, peer, local)
+				}
+				per[host]++
+			}
+			return per[h1.name] > 0 && per[h2.name] > 0
+		})
+		t.Logf("of %d connections from the ToR to %s:80 while the hosts came up, answered per host: %v (last error %v)", tries, svcVIP, per, last)
+		// Settled: every connection is answered.
+		steady := map[string]int{}
+		for n := range 40 {
+			host, peer, local, err := dialGreeting("rwsc-tor", svcVIP+":80")
+			if err != nil {
+				t.Fatalf("settled connection %d to %s:80: %v (answered so far %v)", n, svcVIP, err, steady)
+			}
+			if peer != local {
+				t.Fatalf("a backend on %s saw the peer %s, want the client's own %s", host, peer, local)
+			}
+			steady[host]++
+		}
+		if steady[h1.name] == 0 || steady[h2.name] == 0 {
+			t.Errorf("40 settled connections answered per host %v, want both", steady)
+		}
+		t.Logf("40 of 40 settled connections answered, per host %v", steady)
+	})
 
 	// h2's only local backend fails its check: h2 withdraws, h1 stays.
 	if err := cc.Agent().FailTTL("chk-web-2", "rwsc test"); err != nil {
