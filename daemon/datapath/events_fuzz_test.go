@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"net/netip"
+	"reflect"
 	"testing"
 	"time"
 )
@@ -94,14 +95,40 @@ func FuzzDecodeEvent(f *testing.F) {
 			t.Fatalf("event does not marshal: %v", err)
 		}
 		_ = ev.Direction.String() + ev.Verdict.String() + ev.Reason.String()
+		// A record long enough for the service tail (the socket and
+		// north-south load balancers write struct svc_event) carries it.
+		if len(b) >= binary.Size(rawSvcEvent{}) {
+			var sv rawSvcEvent
+			if _, err := binary.Decode(b, binary.NativeEndian, &sv); err != nil {
+				t.Fatal(err)
+			}
+			want := ServiceEvent{VIP: netip.AddrPortFrom(addrFrom(r.Family, sv.VIP), sv.VIPPort.uint16()), ID: sv.Service, Backend: sv.Backend}
+			if ev.Service == nil || *ev.Service != want {
+				t.Fatalf("service tail %+v read as %+v", want, ev.Service)
+			}
+		} else if ev.Service != nil {
+			t.Fatalf("a %d-byte record has a service tail: %+v", len(b), ev.Service)
+		}
 		// Round trip through the record the programs write.
-		back, err := binary.Append(nil, binary.NativeEndian, rawOf(ev, r.TsNS))
+		var back []byte
+		if ev.Service == nil {
+			back, err = binary.Append(nil, binary.NativeEndian, rawOf(ev, r.TsNS))
+		} else {
+			sv := rawSvcEvent{Ev: rawOf(ev, r.TsNS), VIPPort: toBE16(ev.Service.VIP.Port()), Service: ev.Service.ID, Backend: ev.Service.Backend}
+			if r.Family == 4 {
+				a := ev.Service.VIP.Addr().As4()
+				copy(sv.VIP[:], a[:])
+			} else {
+				sv.VIP = ev.Service.VIP.Addr().As16()
+			}
+			back, err = binary.Append(nil, binary.NativeEndian, sv)
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
 		again, err := decodeEvent(back, wall)
-		if err != nil || again != ev {
-			t.Fatalf("round trip of %+v: %+v, %v", ev, again, err)
+		if err != nil || !reflect.DeepEqual(again, ev) {
+			t.Fatalf("round trip of %+v (service %+v): %+v (service %+v), %v", ev, ev.Service, again, again.Service, err)
 		}
 	})
 }
