@@ -56,8 +56,13 @@ type Agent struct {
 	token    string // management token when ACLs are on
 	caFile   string // set when the API is HTTPS
 
-	mu  sync.Mutex // guards cmd
+	mu  sync.Mutex // guards cmd, done, died
 	cmd *exec.Cmd
+	// done is closed when the running process has been reaped (by the
+	// waiter start launches); died says how it ended when nobody asked
+	// for it (Kill clears cmd first).
+	done chan struct{}
+	died string
 }
 
 var portMu sync.Mutex // serializes port picking within one test binary
@@ -286,9 +291,55 @@ func (a *Agent) start() {
 		a.t.Fatalf("start consul %s: %v", a.Name, err)
 	}
 	logf.Close()
+	done := make(chan struct{})
 	a.mu.Lock()
-	a.cmd = cmd
+	a.cmd, a.done, a.died = cmd, done, ""
 	a.mu.Unlock()
+	// One waiter per process: it reaps it at once, so that an agent that
+	// dies on its own (the kernel's OOM killer under a fleet's load) is
+	// noticed (Died) instead of looking like a slow server.
+	go func() {
+		err := cmd.Wait()
+		a.mu.Lock()
+		if a.cmd == cmd { // not stopped through Kill
+			a.cmd = nil
+			a.died = fmt.Sprintf("consul %s (pid %d) exited by itself: %v (see %s)", a.Name, cmd.Process.Pid, err, filepath.Join(a.dir, "consul.log"))
+		}
+		a.mu.Unlock()
+		close(done)
+	}()
+}
+
+// Died reports how the agent ended if it exited without Kill ("" while it
+// runs or after Kill). The process is reaped already; its pid is in the
+// text, so a test can look for the OOM killer's line about it.
+func (a *Agent) Died() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.died
+}
+
+// Pid is the running agent's process id (0 when it does not run).
+func (a *Agent) Pid() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cmd == nil || a.cmd.Process == nil {
+		return 0
+	}
+	return a.cmd.Process.Pid
+}
+
+// LogTail returns the last n lines of the agent's log.
+func (a *Agent) LogTail(n int) string {
+	b, err := os.ReadFile(filepath.Join(a.dir, "consul.log"))
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }
 
 // Client returns an API client for this agent.
@@ -311,14 +362,14 @@ func (a *Agent) Client(t testing.TB) *api.Client {
 // twice.
 func (a *Agent) Kill() {
 	a.mu.Lock()
-	cmd := a.cmd
+	cmd, done := a.cmd, a.done
 	a.cmd = nil
 	a.mu.Unlock()
 	if cmd == nil || cmd.Process == nil {
 		return
 	}
 	_ = cmd.Process.Signal(syscall.SIGKILL)
-	_ = cmd.Wait()
+	<-done
 }
 
 // Pause stops the agent with SIGSTOP: its sockets stay open and every

@@ -143,6 +143,13 @@ type fleet struct {
 	sim     int           // simulated ipcache entries now in the store
 	retries atomic.Int64  // endpoint adds retried
 	seq     atomic.Uint64 // change-log entries written by the test
+	// deaths are the Consul servers that exited by themselves (the
+	// kernel's OOM killer took two in the 99,900-entry step of an earlier
+	// run, and the records of the hosts behind the first went with its
+	// sessions: docs/scale.md); watchServers fills it.
+	deathMu sync.Mutex
+	deaths  []string
+	stopMon chan struct{}
 }
 
 func (f *fleet) sample() counters {
@@ -183,6 +190,7 @@ func newFleet(t *testing.T, n int) *fleet {
 		f.proxies = append(f.proxies, startProxy(t, s.HTTPAddr))
 	}
 	f.consul = f.servers[0].Client(t)
+	f.watchServers()
 
 	for i := 1; i <= n; i++ {
 		a := &agent{f: f, idx: i, name: fmt.Sprintf("fl-%03d", i), ns: fmt.Sprintf("%sh%03d", prefix, i),
@@ -200,7 +208,80 @@ func newFleet(t *testing.T, n int) *fleet {
 	return f
 }
 
+// watchServers notes every Consul server that exits by itself, at once
+// and with the kernel's word on it when there is one: a server lost
+// mid-run changes what the agents see (a dead server is reaped by
+// autopilot after about 15 s, and every session created through it is
+// invalidated with it: TestServerDeathTakesItsSessions), so such a run
+// must not pass for the store's normal behaviour.
+func (f *fleet) watchServers() {
+	f.stopMon = make(chan struct{})
+	seen := make([]bool, len(f.servers))
+	go func() {
+		tk := time.NewTicker(time.Second)
+		defer tk.Stop()
+		for {
+			select {
+			case <-f.stopMon:
+				return
+			case <-tk.C:
+			}
+			for i, s := range f.servers {
+				d := s.Died()
+				if d == "" {
+					seen[i] = false
+					continue
+				}
+				if seen[i] {
+					continue
+				}
+				seen[i] = true
+				d = fmt.Sprintf("%s at %s%s", d, time.Now().UTC().Format("15:04:05"), oomNote(d))
+				f.deathMu.Lock()
+				f.deaths = append(f.deaths, d)
+				f.deathMu.Unlock()
+			}
+		}
+	}()
+}
+
+// oomNote returns the kernel's OOM-kill line about the pid in a Died text.
+func oomNote(died string) string {
+	var pid int
+	if i := strings.Index(died, "(pid "); i >= 0 {
+		fmt.Sscanf(died[i+len("(pid "):], "%d", &pid)
+	}
+	if pid == 0 {
+		return ""
+	}
+	out, _ := exec.Command("dmesg").Output()
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, fmt.Sprintf("Killed process %d ", pid)) {
+			return "; the kernel's OOM killer: " + strings.TrimSpace(l)
+		}
+	}
+	return ""
+}
+
+// serverDeaths returns what watchServers saw so far.
+func (f *fleet) serverDeaths() []string {
+	f.deathMu.Lock()
+	defer f.deathMu.Unlock()
+	return slices.Clone(f.deaths)
+}
+
 func (f *fleet) cleanup() {
+	if f.stopMon != nil {
+		close(f.stopMon)
+	}
+	for _, d := range f.serverDeaths() {
+		f.t.Errorf("a Consul server died during the run; what follows it is not the store's normal behaviour: %s", d)
+	}
+	for _, s := range f.servers {
+		if s.Died() != "" {
+			f.t.Logf("---- %s (last 20 lines) ----\n%s", s.Name, s.LogTail(20))
+		}
+	}
 	var wg sync.WaitGroup
 	for _, a := range f.agents {
 		wg.Add(1)
@@ -745,6 +826,9 @@ func (f *fleet) waitAll(t testing.TB, timeout time.Duration, what string, cond f
 			return time.Since(start)
 		}
 		if time.Since(start) > timeout {
+			for _, d := range f.serverDeaths() {
+				t.Logf("meanwhile a Consul server died: %s", d)
+			}
 			for i, a := range f.agents {
 				if !done[i] {
 					f.explain(t, a)
@@ -812,8 +896,17 @@ func (f *fleet) resources(t testing.TB, when string) (medRSS float64) {
 	for _, c := range cpu {
 		sum += c
 	}
-	t.Logf("BENCH resources %s (%d agents): RSS median %.1f MB, max %.1f MB; peak RSS median %.1f MB, max %.1f MB; CPU per agent median %.2f s, max %.2f s, all agents %.1f s",
-		when, len(rss), med(rss), slices.Max(rss), med(hwm), slices.Max(hwm), med(cpu), slices.Max(cpu), sum)
+	var srv []string
+	for _, s := range f.servers {
+		if p := s.Pid(); p > 0 {
+			r, h, c := procStat(p)
+			srv = append(srv, fmt.Sprintf("%s %.0f MB (peak %.0f MB, CPU %.0f s)", s.Name, float64(r)/1024, float64(h)/1024, c))
+		} else {
+			srv = append(srv, s.Name+" not running")
+		}
+	}
+	t.Logf("BENCH resources %s (%d agents): RSS median %.1f MB, max %.1f MB; peak RSS median %.1f MB, max %.1f MB; CPU per agent median %.2f s, max %.2f s, all agents %.1f s; Consul servers: %s",
+		when, len(rss), med(rss), slices.Max(rss), med(hwm), slices.Max(hwm), med(cpu), slices.Max(cpu), sum, strings.Join(srv, ", "))
 	return med(rss)
 }
 

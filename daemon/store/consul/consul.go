@@ -122,6 +122,10 @@ type Store struct {
 	// that a new session can take them all back.
 	owned       map[string][]byte
 	searchedOld bool // sessions of an earlier run were looked for (session loop only)
+	// sessionNode is the Consul node the session is bound to (the agent
+	// this backend talks to), and onServer whether that agent is a server.
+	sessionNode string
+	onServer    bool
 	state       string
 	since       time.Time
 	lastErr     string
@@ -805,6 +809,14 @@ func (s *Store) Health() store.Health {
 		"session": s.session,
 		"owned":   fmt.Sprint(len(s.owned)),
 	}
+	if s.sessionNode != "" {
+		d["session_node"] = s.sessionNode
+		if s.onServer {
+			d["session_node_role"] = "server"
+		} else {
+			d["session_node_role"] = "client"
+		}
+	}
 	if !s.lastContact.IsZero() {
 		d["last_contact"] = s.lastContact.UTC().Format(time.RFC3339Nano)
 	}
@@ -950,6 +962,7 @@ func (s *Store) createSession(ctx context.Context) (string, error) {
 		return "", err
 	}
 	s.searchedOld = true
+	s.noteSessionNode(sid)
 	var stale []string
 	for _, e := range old {
 		if e.Name == s.sessionName() && e.ID != sid {
@@ -962,6 +975,31 @@ func (s *Store) createSession(ctx context.Context) (string, error) {
 		go s.destroyLater(ctx, stale)
 	}
 	return sid, nil
+}
+
+// noteSessionNode finds out which Consul node the session is bound to. A
+// session lives and dies with its node whatever its checks: when that
+// node is deregistered (a server that died is reaped by autopilot about
+// 15 s later; a client agent that leaves), Consul invalidates the session
+// and deletes every key it holds (tests/fleet
+// TestServerDeathTakesItsSessions). With a client agent on the host that
+// is the host's own fate; talking to a server directly ties this host's
+// records to that server's, so it is said loudly, once per session.
+func (s *Store) noteSessionNode(sid string) {
+	self, err := s.client.Agent().Self()
+	if err != nil {
+		return
+	}
+	cfg := self["Config"]
+	name, _ := cfg["NodeName"].(string)
+	server, _ := cfg["Server"].(bool)
+	s.mu.Lock()
+	s.sessionNode, s.onServer = name, server
+	s.mu.Unlock()
+	if server {
+		s.log.Warn("the store address is a Consul server, not a client agent on this host: this host's session is bound to that server's node, and if the server dies and is removed, Consul deletes this host's records with the session until this host reaches Consul again; run a Consul client agent on every host and point [store] address at it",
+			"session", sid, "consul_node", name, "address", s.opts.Address)
+	}
 }
 
 // listOwnSessions lists the sessions on the Consul node this backend talks

@@ -347,3 +347,31 @@ func TestCASPutOwned(t *testing.T) {
 		t.Fatalf("owned keys remembered = %s, want 1", n)
 	}
 }
+
+// TestSessionNodeRole: the store says which Consul node its session lives
+// and dies with, and warns when that node is a server (a server that dies
+// is reaped, and every session bound to it is invalidated with its keys).
+func TestSessionNodeRole(t *testing.T) {
+	a := consultest.Start(t)
+	logs := &syncBuffer{}
+	s, err := New(Options{Address: a.HTTPAddr, Prefix: "rwd-test/", Node: "host-r", CallTimeout: 3 * time.Second},
+		slog.New(slog.NewTextHandler(logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	deadline := time.Now().Add(20 * time.Second)
+	for s.Health().Detail["session_node"] == "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("no session node after 20s: %v", s.Health())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	d := s.Health().Detail
+	if d["session_node"] != a.Name || d["session_node_role"] != "server" {
+		t.Fatalf("session_node %q role %q, want %q server", d["session_node"], d["session_node_role"], a.Name)
+	}
+	if !strings.Contains(logs.String(), "is a Consul server, not a client agent") {
+		t.Fatalf("no warning about a server as the store address:\n%s", logs.String())
+	}
+}
