@@ -154,6 +154,7 @@ func (r *remote) syncDetail() map[string]string {
 		"ipcache_sync_lists":        strconv.Itoa(r.logStats.Lists),
 		"ipcache_log_reads":         strconv.Itoa(r.logStats.LogReads),
 		"ipcache_log_key_reads":     strconv.Itoa(r.logStats.KeyReads),
+		"ipcache_log_entry_reads":   strconv.Itoa(r.logStats.EntryReads),
 		"ipcache_log_behind":        strconv.Itoa(r.logStats.Behind),
 		"ipcache_log_behind_list":   strconv.Itoa(r.logStats.BehindAfterList),
 		"ipcache_log_malformed":     strconv.Itoa(r.logStats.Malformed),

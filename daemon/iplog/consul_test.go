@@ -54,6 +54,14 @@ func (m *meter) WatchKeys(ctx context.Context, p string, idx uint64, w time.Dura
 	return ks, i, err
 }
 
+func (m *meter) GetMany(ctx context.Context, keys []string) ([]store.KV, uint64, error) {
+	m.hold.RLock()
+	defer m.hold.RUnlock()
+	kvs, i, err := m.Store.GetMany(ctx, keys)
+	m.count(kvs)
+	return kvs, i, err
+}
+
 // TestPruneOfBulkConsul: after a bulk of entries, the pruner's deletions
 // cost a follower on real Consul a few reads of key names, not a read of
 // the rest of the log per deletion. Before: the pruner deleted one entry
@@ -174,4 +182,111 @@ func TestPruneOfBulkConsul(t *testing.T) {
 	waitFor("the follower lists after missing a pruned entry", func(s iplog.Stats, n int) bool {
 		return s.Behind > after.Behind && n == entries*opsPer+1
 	})
+}
+
+// TestFollowerReadsOnlyNewEntriesConsul: one change costs a follower on
+// real Consul that change's entry (and the log's key names), not the log's
+// window of recent changes. Before, every new entry name made the follower
+// read the whole log, values and all: with 300 recent entries of 16 keys
+// in the log, one new entry of one key cost 709,459 B of values (the
+// entries with their JSON framing); now 173 B.
+func TestFollowerReadsOnlyNewEntriesConsul(t *testing.T) {
+	srv := consultest.Start(t)
+	ctx := context.Background()
+	open := func(node string) *consul.Store {
+		s, err := consul.New(consul.Options{Address: srv.HTTPAddr, Prefix: "rwt/", Node: node, SessionTTL: time.Minute,
+			RenewInterval: time.Second, BackoffMin: 100 * time.Millisecond, BackoffMax: time.Second, CallTimeout: 10 * time.Second}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	}
+	st := open("h1")
+	w := &iplog.Writer{St: st, Cluster: "default", Node: "h1"}
+	const entries, opsPer = 300, 16
+	value := []byte(`{"identity":12345,"node":"h1","tunnel":"10.0.0.1","padding":"0123456789"}`)
+	kv := srv.Client(t).KV()
+	put := func(e, ops int) {
+		var lops []iplog.Op
+		var txn api.KVTxnOps
+		for o := range ops {
+			k := fmt.Sprintf("%sdefault/10.1.%d.%d", store.IPPrefix, e, o)
+			lops = append(lops, iplog.Op{Key: k, Value: value})
+			txn = append(txn, &api.KVTxnOp{Verb: api.KVSet, Key: "rwt/" + k, Value: value})
+		}
+		if ok, _, _, err := kv.Txn(txn, nil); err != nil || !ok {
+			t.Fatalf("write the ipcache keys: %v %v", ok, err)
+		}
+		if err := w.Append(ctx, lops); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for e := range entries {
+		put(e, opsPer)
+	}
+	m := &meter{Store: open("h2")}
+	var mu sync.Mutex
+	var got map[string]bool
+	var stats iplog.Stats
+	fctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	f := &iplog.Follower{St: m, Cluster: "default", Log: slog.New(slog.DiscardHandler), Wait: 5 * time.Second,
+		Stats: func(s iplog.Stats) { mu.Lock(); stats = s; mu.Unlock() }}
+	go func() {
+		defer close(done)
+		f.Run(fctx, func(kvs []store.KV) {
+			s := map[string]bool{}
+			for _, kv := range kvs {
+				s[kv.Key] = true
+			}
+			mu.Lock()
+			got = s
+			mu.Unlock()
+		})
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	waitFor := func(what string, cond func(iplog.Stats, map[string]bool) bool) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			mu.Lock()
+			ok := cond(stats, got)
+			s, n := stats, len(got)
+			mu.Unlock()
+			if ok {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not after 30s (stats %+v, %d keys)", what, s, n)
+			}
+		}
+	}
+	waitFor("the follower holds the log", func(s iplog.Stats, g map[string]bool) bool {
+		return s.Mode == "log" && s.KeyReads > 0 && len(g) == entries*opsPer
+	})
+	time.Sleep(300 * time.Millisecond)
+	const changes = 5
+	m.reads.Store(0)
+	m.valueBytes.Store(0)
+	for c := range changes {
+		put(entries+c, 1)
+		want := fmt.Sprintf("%sdefault/10.1.%d.0", store.IPPrefix, entries+c)
+		waitFor("the follower applies change "+fmt.Sprint(c), func(_ iplog.Stats, g map[string]bool) bool { return g[want] })
+	}
+	time.Sleep(300 * time.Millisecond)
+	reads, vb := m.reads.Load(), m.valueBytes.Load()
+	logBytes := entries * opsPer * len(value)
+	t.Logf("%d changes of one key with %d entries (%d B of values) in the log: the follower made %d reads returning %d B of values (%.0f B per change)",
+		changes, entries, logBytes, reads, vb, float64(vb)/changes)
+	// Each change's entry holds one value (~80 B) plus its JSON framing; a
+	// read of the log would return the log's values (363,300 B).
+	if perChange := vb / changes; perChange > 1024 {
+		t.Errorf("one change of one key cost the follower %d B of values read (the log holds %d B): it reads the log, not the change", perChange, logBytes)
+	}
+	mu.Lock()
+	s := stats
+	mu.Unlock()
+	if s.EntryReads == 0 {
+		t.Errorf("no read of new entries only (stats %+v)", s)
+	}
 }

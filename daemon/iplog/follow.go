@@ -47,13 +47,16 @@ type Follower struct {
 
 // Stats counts what the follower did, for status and metrics.
 type Stats struct {
-	Mode      string // "log" or "list" (legacy hosts in the fleet)
-	Lists     int    // full lists of the ipcache prefix
-	LogReads  int    // reads of the log's entries
-	KeyReads  int    // reads of the log's key names only
-	Applied   int    // entries applied
-	Behind    int    // lists because the log was pruned past this follower
-	Malformed int    // entries skipped
+	Mode     string // "log" or "list" (legacy hosts in the fleet)
+	Lists    int    // full lists of the ipcache prefix
+	LogReads int    // reads of the log's entries
+	// EntryReads counts reads of new entries only (store.MultiGetter),
+	// each of at most store.MaxBatch keys.
+	EntryReads int
+	KeyReads   int // reads of the log's key names only
+	Applied    int // entries applied
+	Behind     int // lists because the log was pruned past this follower
+	Malformed  int // entries skipped
 	// BehindAfterList counts the times it was behind right after a list
 	// (a list slower than the log's keep: it cannot catch up).
 	BehindAfterList int
@@ -158,7 +161,7 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 		f.logIndex = 0 // read the log at once: it may hold changes after idx
 		return true, nil
 	}
-	kvs, next, err := f.readLog(ctx)
+	kvs, next, seen, err := f.readLog(ctx)
 	if err != nil {
 		return false, err
 	}
@@ -195,9 +198,13 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 		return false, nil
 	}
 	f.fresh = false
-	f.seen = make(map[string]bool, len(p.entries))
-	for _, l := range p.entries {
-		f.seen[l.key] = true
+	if seen != nil {
+		f.seen = seen
+	} else {
+		f.seen = make(map[string]bool, len(p.entries))
+		for _, l := range p.entries {
+			f.seen[l.key] = true
+		}
 	}
 	sort.Slice(p.entries, func(i, j int) bool { return p.entries[i].index < p.entries[j].index })
 	prefix := f.ipPrefix()
@@ -231,14 +238,17 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 }
 
 // readLog reads the log after f.logIndex. With a store that can watch key
-// names (Consul), it blocks on the names only and reads the entries when
-// a name it has not seen appears; kvs is nil when none did. The pruner
+// names (Consul), it blocks on the names only and reads entries when a
+// name it has not seen appears; kvs is nil when none did. The pruner
 // deletes entries in batches, and every batch wakes every follower: read
 // whole, each wake cost every follower the rest of the log, values and
 // all (after a large bulk, hundreds of reads of megabytes per follower:
-// the "list loop" of docs/scale.md). Without a key watcher it reads the
-// log whole.
-func (f *Follower) readLog(ctx context.Context) ([]store.KV, uint64, error) {
+// the "list loop" of docs/scale.md). With a store that reads many keys at
+// once (store.MultiGetter) it reads only the new entries and the horizon,
+// so a change costs a follower that change, not the log's window of
+// recent changes; seen is then the entry names the log held at next.
+// Without a key watcher it reads the log whole.
+func (f *Follower) readLog(ctx context.Context) (kvs []store.KV, next uint64, seen map[string]bool, err error) {
 	kw, ok := f.St.(store.KeyWatcher)
 	if !ok || f.logIndex == 0 || f.seen == nil {
 		kvs, next, err := f.St.Watch(ctx, ClusterPrefix(f.Cluster), f.logIndex, f.Wait)
@@ -248,25 +258,24 @@ func (f *Follower) readLog(ctx context.Context) ([]store.KV, uint64, error) {
 				kvs = []store.KV{}
 			}
 		}
-		return kvs, next, err
+		return kvs, next, nil, err
 	}
 	keys, next, err := kw.WatchKeys(ctx, ClusterPrefix(f.Cluster), f.logIndex, f.Wait)
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, nil, err
 	}
 	f.stats.KeyReads++
 	if next <= f.logIndex {
-		return nil, next, nil
+		return nil, next, nil, nil
 	}
 	ep := entryPrefix(f.Cluster)
-	fresh := false
+	var fresh []string
 	for _, k := range keys {
 		if strings.HasPrefix(k, ep) && !f.seen[k] {
-			fresh = true
-			break
+			fresh = append(fresh, k)
 		}
 	}
-	if !fresh {
+	if len(fresh) == 0 {
 		// Forget what was pruned, so that the set stays the log's size.
 		seen := make(map[string]bool, len(keys))
 		for _, k := range keys {
@@ -275,17 +284,50 @@ func (f *Follower) readLog(ctx context.Context) ([]store.KV, uint64, error) {
 			}
 		}
 		f.seen = seen
-		return nil, next, nil
+		return nil, next, nil, nil
+	}
+	if mg, ok := f.St.(store.MultiGetter); ok {
+		return f.readNew(ctx, mg, keys, fresh, next)
 	}
 	kvs, idx, err := f.St.List(ctx, ClusterPrefix(f.Cluster))
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, nil, err
 	}
 	f.stats.LogReads++
 	if kvs == nil {
 		kvs = []store.KV{}
 	}
-	return kvs, max(idx, next), nil
+	return kvs, max(idx, next), nil, nil
+}
+
+// readNew reads the entries named in fresh and the horizon, in
+// transactions of store.MaxBatch keys (the horizon in the last, so that
+// it is read after the entries). The index it reports is the names'
+// (next), not the reads': an entry written after the names were listed
+// is read at the next wake, and one that came and went meanwhile is
+// caught by the horizon. An entry of fresh that is gone was pruned; the
+// horizon read after it says so.
+func (f *Follower) readNew(ctx context.Context, mg store.MultiGetter, keys, fresh []string, next uint64) ([]store.KV, uint64, map[string]bool, error) {
+	want := append(fresh, HorizonKey(f.Cluster))
+	kvs := make([]store.KV, 0, len(want))
+	for len(want) > 0 {
+		n := min(len(want), store.MaxBatch)
+		got, _, err := mg.GetMany(ctx, want[:n])
+		if err != nil {
+			return nil, 0, nil, err
+		}
+		f.stats.EntryReads++
+		kvs = append(kvs, got...)
+		want = want[n:]
+	}
+	ep := entryPrefix(f.Cluster)
+	seen := make(map[string]bool, len(keys))
+	for _, k := range keys {
+		if strings.HasPrefix(k, ep) {
+			seen[k] = true
+		}
+	}
+	return kvs, next, seen, nil
 }
 
 // horizon reads the log's horizon (0 when there is none).

@@ -368,3 +368,95 @@ func TestFollowerSaysListSlowerThanKeep(t *testing.T) {
 		t.Fatalf("stats %+v: want 1 time behind right after a list, 2 lists", s)
 	}
 }
+
+// keyed gives the embedded store what Consul has: a watch of key names
+// and reads of many keys at once. Its first GetMany runs inject first:
+// writes that land between the names and the read of the entries.
+type keyed struct {
+	store.Store
+	inject   func()
+	getMany  atomic.Int64
+	injected atomic.Bool
+}
+
+func (k *keyed) WatchKeys(ctx context.Context, p string, idx uint64, w time.Duration) ([]string, uint64, error) {
+	kvs, i, err := k.Store.Watch(ctx, p, idx, w)
+	names := make([]string, 0, len(kvs))
+	for _, kv := range kvs {
+		names = append(names, kv.Key)
+	}
+	return names, i, err
+}
+
+func (k *keyed) GetMany(ctx context.Context, keys []string) ([]store.KV, uint64, error) {
+	if k.inject != nil && !k.injected.Swap(true) {
+		k.inject()
+	}
+	k.getMany.Add(1)
+	var out []store.KV
+	for _, key := range keys {
+		kv, err := k.Store.Get(ctx, key)
+		if err == nil {
+			out = append(out, kv)
+		}
+	}
+	_, idx, err := k.Store.List(ctx, ClusterPrefix("default"))
+	return out, idx, err
+}
+
+// TestFollowerReadsNewEntriesOnly: with a store that reads many keys at
+// once, a follower reads only the entries it has not seen; an entry
+// written between the names and that read is applied at the next wake
+// (the read's own, later index is not taken as applied), and one pruned
+// before the read is caught by the horizon.
+func TestFollowerReadsNewEntriesOnly(t *testing.T) {
+	c := newStore(t)
+	st := &keyed{Store: c}
+	w := &Writer{St: c, Cluster: "default", Node: "h1"}
+	for i := range 20 {
+		write(t, c, w, i, fmt.Sprintf("v%d", i))
+	}
+	fl := follow(t, st, nil)
+	fl.want(t, c)
+	for deadline := time.Now().Add(10 * time.Second); fl.stats().KeyReads == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the follower does not watch key names: %+v", fl.stats())
+		}
+	}
+	// The write that lands in the middle of the follower's next read.
+	st.inject = func() { write(t, c, w, 101, "mid") }
+	write(t, c, w, 100, "a")
+	for deadline := time.Now().Add(10 * time.Second); !st.injected.Load(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the follower never read new entries by name")
+		}
+	}
+	fl.want(t, c) // 100 and 101
+	if st.getMany.Load() == 0 {
+		t.Fatal("the follower never read new entries by name")
+	}
+	s := fl.stats()
+	if s.EntryReads == 0 || s.Lists != 1 {
+		t.Fatalf("stats %+v: want entry reads and the first list only", s)
+	}
+
+	// Pruned before it was read: the horizon sends the follower to list.
+	before := fl.stats()
+	p := &Pruner{St: c, Cluster: "default", Keep: time.Minute, Log: slog.New(slog.DiscardHandler),
+		Now: func() time.Time { return time.Now().Add(time.Hour) }}
+	st.injected.Store(false)
+	st.inject = func() {
+		if _, err := p.Round(context.Background()); err != nil {
+			t.Error(err)
+		}
+	}
+	write(t, c, w, 102, "gone")
+	fl.want(t, c)
+	deadline := time.Now().Add(10 * time.Second)
+	for fl.stats().Behind == before.Behind {
+		if time.Now().After(deadline) {
+			t.Fatalf("an entry pruned before its read did not make the follower list: %+v", fl.stats())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -105,6 +105,15 @@ type KeyWatcher interface {
 	WatchKeys(ctx context.Context, prefix string, index uint64, wait time.Duration) ([]string, uint64, error)
 }
 
+// MultiGetter is implemented by backends that read several keys in one
+// request (Consul: a read-only transaction). GetMany returns the keys that
+// exist, in no order (missing ones are left out), and the store's index
+// of the read; it takes at most MaxBatch keys. The ipcache change log
+// reads only the entries it has not seen with it, instead of the whole log.
+type MultiGetter interface {
+	GetMany(ctx context.Context, keys []string) ([]KV, uint64, error)
+}
+
 // Health is the store's state as the operator sees it.
 type Health struct {
 	Backend string    `json:"backend"`

@@ -775,6 +775,50 @@ func (s *Store) DeleteCASBatch(ctx context.Context, kvs []store.KV) (bool, error
 	return ok, nil
 }
 
+// GetMany implements store.MultiGetter: one read-only transaction of
+// get-or-empty operations (a plain get would fail the whole transaction
+// for a key deleted meanwhile), default consistency like Get.
+func (s *Store) GetMany(ctx context.Context, keys []string) ([]store.KV, uint64, error) {
+	if err := s.checkClosed(); err != nil {
+		return nil, 0, err
+	}
+	if len(keys) > store.MaxBatch {
+		return nil, 0, fmt.Errorf("get %d keys in one transaction: at most %d", len(keys), store.MaxBatch)
+	}
+	if len(keys) == 0 {
+		return nil, 0, nil
+	}
+	ops := make(api.KVTxnOps, 0, len(keys))
+	for _, k := range keys {
+		ops = append(ops, &api.KVTxnOp{Verb: api.KVGetOrEmpty, Key: s.full(k)})
+	}
+	ok, resp, meta, err := s.kv.Txn(ops, s.qopts(ctx, false))
+	if err != nil {
+		return nil, 0, s.noteErr(fmt.Sprintf("get %d keys", len(keys)), err)
+	}
+	if !ok {
+		var errs []string
+		if resp != nil {
+			for _, e := range resp.Errors {
+				errs = append(errs, e.What)
+			}
+		}
+		return nil, 0, fmt.Errorf("get %d keys: transaction refused: %s", len(keys), strings.Join(errs, "; "))
+	}
+	s.noteOK()
+	out := make([]store.KV, 0, len(keys))
+	for _, p := range resp.Results {
+		if p != nil && p.ModifyIndex != 0 { // get-or-empty: index 0 is a missing key
+			out = append(out, s.toKV(p))
+		}
+	}
+	var idx uint64
+	if meta != nil {
+		idx = meta.LastIndex
+	}
+	return out, nonZero(idx), nil
+}
+
 // WatchKeys implements store.KeyWatcher (a blocking ?keys query).
 func (s *Store) WatchKeys(ctx context.Context, prefix string, index uint64, wait time.Duration) ([]string, uint64, error) {
 	if err := s.checkClosed(); err != nil {
