@@ -83,10 +83,10 @@ type Store struct {
 	SessionTTL    Duration `toml:"session_ttl" json:"session_ttl"`
 	ListTimeout   Duration `toml:"list_timeout" json:"list_timeout"`
 	// IPCacheSync is how the other hosts' ipcache entries are followed:
-	// "list" re-lists the ipcache prefix on every change (every release
-	// reads it), "log" lists once and follows the change log that this
-	// release writes (docs/scale.md). Set "log" once every host of the
-	// fleet runs a release that writes the log.
+	// "log" (the default) lists once and follows the change log that
+	// this release writes, and lists on every change by itself while a
+	// host of the fleet does not write the log (an older release);
+	// "list" re-lists the ipcache prefix on every change (docs/scale.md).
 	IPCacheSync string `toml:"ipcache_sync" json:"ipcache_sync"`
 	// IPCacheLogKeep is how long a change-log entry stays before the
 	// elected pruner deletes it; an agent further behind lists again.
@@ -289,7 +289,7 @@ func Default() Config {
 			Prefix:      "rackwire/",
 			SessionTTL:  D(24 * time.Hour),
 			ListTimeout: D(3 * time.Hour),
-			IPCacheSync: "list", IPCacheLogKeep: D(2 * time.Minute),
+			IPCacheSync: "log", IPCacheLogKeep: D(2 * time.Minute),
 		},
 		Datapath: Datapath{
 			PinDir:            "/sys/fs/bpf/rackwire",

@@ -16,6 +16,8 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	rwapi "github.com/rackwire/rackwire/daemon/api"
+	"github.com/rackwire/rackwire/daemon/iplog"
+	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/internal/consultest"
 )
 
@@ -240,10 +242,31 @@ func TestHostileStoreData(t *testing.T) {
 	if _, err := kv.Put(&api.KVPair{Key: ipKeyOf(client.ip), Value: ipEntryJSON(client.ip, webEP.Identity, bHost, b.name)}, nil); err != nil {
 		t.Fatal(err)
 	}
+	// Whoever can write the ipcache keys can write the change log too:
+	// one entry carries every hostile ipcache write, so that agents that
+	// follow the log ([store] ipcache_sync = "log", the default) meet
+	// them as agents that list do.
+	var ops []iplog.Op
+	for k, v := range hostile {
+		if rel, ok := strings.CutPrefix(k, "rackwire/"); ok && strings.HasPrefix(rel, store.IPPrefix) {
+			ops = append(ops, iplog.Op{Key: rel, Value: v})
+		}
+	}
+	ops = append(ops, iplog.Op{Key: strings.TrimPrefix(ipKeyOf(client.ip), "rackwire/"), Value: ipEntryJSON(client.ip, webEP.Identity, bHost, b.name)})
+	now := time.Now()
+	entry, err := iplog.Encode(now, ops)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logKey := "rackwire/" + iplog.EntryKey("default", "hX", now, 1)
+	if _, err := kv.Put(&api.KVPair{Key: logKey, Value: entry}, nil); err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() {
 		for k := range hostile {
 			_, _ = kv.Delete(k, nil)
 		}
+		_, _ = kv.Delete(logKey, nil)
 	})
 	time.Sleep(5 * time.Second)
 
@@ -263,6 +286,9 @@ func TestHostileStoreData(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Logf("%s refused records: %s", h.name, st.Store.Detail["refused_records"])
+		if m := st.Store.Detail["ipcache_sync"]; m != "log" {
+			t.Errorf("%s follows the ipcache in mode %q; the default is the change log (\"log\")", h.name, m)
+		}
 	}
 	// The records claim to come from B: A checks them (B skips records
 	// of its own name as its own).
