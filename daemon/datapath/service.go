@@ -288,6 +288,9 @@ func (d *Datapath) attachSockHook(cg string, cgID uint64, prog string, attach eb
 		return nil, fmt.Errorf("load pinned link %s: %w", pin, err)
 	}
 	l, err := link.AttachCgroup(link.CgroupOptions{Path: cg, Attach: attach, Program: p})
+	if errors.Is(err, unix.E2BIG) {
+		return nil, fmt.Errorf("attach %s to cgroup %s: the cgroup has the kernel's maximum of 64 programs on this hook already (other agents, or other rackwired instances on one machine, attach there too): give this rackwired a cgroup of its own with [datapath] service_cgroup, or set it to \"\" to turn service load balancing off: %w", prog, cg, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("attach %s to cgroup %s: %w", prog, cg, err)
 	}

@@ -10,8 +10,11 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/rackwire/rackwire/daemon/service"
+	"github.com/rackwire/rackwire/internal/testenv"
 )
 
 // TestServicePolicyThroughVIP: the client's egress policy is decided
@@ -317,5 +320,45 @@ func TestServiceRestartAndCleanup(t *testing.T) {
 			t.Fatal("connect to the VIP still translated 2 s after Cleanup")
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestServiceCgroupFull: a cgroup that already holds the kernel's 64
+// programs on a hook (a hundred agents of the fleet bench on one cgroup
+// did) makes Open fail with what to do, not a bare "argument list too
+// long".
+func TestServiceCgroupFull(t *testing.T) {
+	testenv.RequireRoot(t)
+	cg := testCgroup(t)
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type: ebpf.CGroupSockAddr, AttachType: ebpf.AttachCGroupInet4Connect, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prog.Close()
+	var links []link.Link
+	t.Cleanup(func() {
+		for _, l := range links {
+			l.Close()
+		}
+	})
+	for len(links) < 64 {
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: cg, Attach: ebpf.AttachCGroupInet4Connect, Program: prog})
+		if err != nil {
+			t.Fatalf("attach program %d of 64: %v", len(links)+1, err)
+		}
+		links = append(links, l)
+	}
+	d, err := Open(Options{PinDir: testPinDir(t), ServiceCgroup: cg, CTMaxEntries: 4096, IPCacheMaxEntries: 4096, PolicyMaxEntries: 1024, ServiceMaxEntries: 16}, quietLog())
+	if err == nil {
+		d.Close()
+		t.Fatal("Open attached a 65th program to one cgroup hook")
+	}
+	for _, want := range []string{"64 programs", "service_cgroup", cg} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("Open error %q does not say %q", err, want)
+		}
 	}
 }

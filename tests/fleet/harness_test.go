@@ -208,6 +208,22 @@ func newFleet(t *testing.T, n int) *fleet {
 	return f
 }
 
+// cgroup2Root is the cgroup-v2 mount (/sys/fs/cgroup, or its unified
+// part on a hybrid host).
+func cgroup2Root(t testing.TB) string {
+	b, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 2 && f[2] == "cgroup2" {
+			return f[1]
+		}
+	}
+	t.Fatal("no cgroup2 mount in /proc/mounts: the socket load balancer needs one")
+	return ""
+}
+
 // watchServers notes every Consul server that exits by itself, at once
 // and with the kernel's word on it when there is one: a server lost
 // mid-run changes what the agents see (a dead server is reaped by
@@ -307,6 +323,9 @@ func (f *fleet) cleanup() {
 	for _, a := range f.agents {
 		runQuiet("ip", "netns", "del", a.ns)
 		os.RemoveAll(a.pinDir)
+		if a.cgroup != "" {
+			_ = os.Remove(a.cgroup)
+		}
 	}
 	runQuiet("ip", "link", "del", bridge)
 }
@@ -329,6 +348,7 @@ type agent struct {
 	config string
 	socket string
 	pinDir string
+	cgroup string // the agent's [datapath] service_cgroup
 	logf   string
 	// jitter is [restart] jitter_window ("0s": gate off).
 	jitter string
@@ -352,6 +372,14 @@ func (a *agent) writeConfig(t testing.TB) {
 	a.socket = filepath.Join(a.dir, "rackwire.sock")
 	a.config = filepath.Join(a.dir, "rackwire.toml")
 	a.pinDir = "/sys/fs/bpf/" + a.ns
+	// A cgroup per agent for the socket load balancer: a cgroup takes at
+	// most 64 programs per hook, and a hundred agents on the root cgroup
+	// stopped at the 65th ("argument list too long"). On a real host there
+	// is one rackwired per machine.
+	a.cgroup = filepath.Join(cgroup2Root(t), a.ns)
+	if err := os.Mkdir(a.cgroup, 0o755); err != nil && !os.IsExist(err) {
+		t.Fatalf("cgroup for %s: %v", a.name, err)
+	}
 	a.logf = filepath.Join(a.dir, "rackwired.log")
 	if err := os.MkdirAll(filepath.Join(a.dir, "policies.d"), 0o755); err != nil {
 		t.Fatal(err)
@@ -361,8 +389,9 @@ func (a *agent) writeConfig(t testing.TB) {
 		jitter = "0s"
 	}
 	// Keys an older release does not know are left out of its config.
-	storeExtra := ""
+	storeExtra, svcExtra := "", ""
 	if a.bin == "" {
+		svcExtra = fmt.Sprintf("service_cgroup = %q\n", a.cgroup)
 		sync := a.sync
 		if sync == "" {
 			sync = "list"
@@ -396,7 +425,7 @@ address = %q
 allow_insecure = true
 %s[datapath]
 pin_dir = %q
-policy_dir = %q
+%spolicy_dir = %q
 ct_max_entries = 4096
 policy_max_entries = 1024
 ipcache_max_entries = 131072
@@ -410,7 +439,7 @@ listen = ""
 [log]
 format = "text"
 level = "warn"
-`, a.name, a.addr, filepath.Join(a.dir, "state"), a.socket, a.cidr, a.proxy.addr, storeExtra, a.pinDir,
+`, a.name, a.addr, filepath.Join(a.dir, "state"), a.socket, a.cidr, a.proxy.addr, storeExtra, a.pinDir, svcExtra,
 		filepath.Join(a.dir, "policies.d"), len(a.f.agents), jitter)
 	if err := os.WriteFile(a.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -464,7 +493,7 @@ func (a *agent) start(t testing.TB) error {
 		select {
 		case <-exited:
 			b, _ := os.ReadFile(a.logf)
-			return fmt.Errorf("rackwired on %s exited at start: %s", a.name, tail(string(b), 20))
+			return fmt.Errorf("rackwired on %s exited at start (%v): %s", a.name, cmd.ProcessState, tail(string(b), 20))
 		default:
 		}
 		if time.Now().After(deadline) {
