@@ -208,6 +208,26 @@ func newFleet(t *testing.T, n int) *fleet {
 	return f
 }
 
+// logKeep is the agents' ipcache_log_keep: RACKWIRE_FLEET_KEEP, default 6s.
+func logKeep(t testing.TB) time.Duration {
+	s := os.Getenv("RACKWIRE_FLEET_KEEP")
+	if s == "" {
+		return 6 * time.Second
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 5*time.Second {
+		t.Fatalf("RACKWIRE_FLEET_KEEP=%q: write a duration of at least 5s", s)
+	}
+	return d
+}
+
+// pruned is how long the change log takes to drop an entry written now:
+// its keep, then the pruner's next round (every keep/2), and a margin.
+func pruned(t testing.TB) time.Duration {
+	k := logKeep(t)
+	return k + k/2 + 2*time.Second
+}
+
 // cgroup2Root is the cgroup-v2 mount (/sys/fs/cgroup, or its unified
 // part on a hybrid host).
 func cgroup2Root(t testing.TB) string {
@@ -401,11 +421,7 @@ func (a *agent) writeConfig(t testing.TB) {
 		// RACKWIRE_FLEET_KEEP overrides it: with 100 agents on this VM a
 		// list can take longer than 6 s, and a follower whose list is
 		// slower than the keep lists in a loop (docs/scale.md).
-		keep := "6s"
-		if k := os.Getenv("RACKWIRE_FLEET_KEEP"); k != "" {
-			keep = k
-		}
-		storeExtra = fmt.Sprintf("ipcache_sync = %q\nipcache_log_keep = %q\n", sync, keep)
+		storeExtra = fmt.Sprintf("ipcache_sync = %q\nipcache_log_keep = %q\n", sync, logKeep(t).String())
 	}
 	cfg := fmt.Sprintf(`version = 1
 [node]
