@@ -362,6 +362,9 @@ func (d *Datapath) configuredSizes() map[string]int {
 		"rw_ipcache":     d.opts.IPCacheMaxEntries,
 		"rw_ipcache_lpm": max(d.opts.IPCacheMaxEntries/8, 1024),
 		"rw_frag":        d.opts.FragMaxEntries,
+		// A north-south flow holds one NAT entry and one TCP CT entry per
+		// direction; the default (524,288 / 2) is the size it always had.
+		"rw_svc_nat": max(d.opts.CTMaxEntries/2, 1024),
 	}
 }
 

@@ -77,6 +77,11 @@ func TestPinReuse(t *testing.T) {
 	if n := d2.maps["rw_ct4_tcp"].MaxEntries(); n != 4096 {
 		t.Errorf("rw_ct4_tcp max entries after reopen = %d, want the pinned 4096", n)
 	}
+	// The north-south NAT map follows ct_max_entries (half of it), so a
+	// host with small CT tables does not hold 32 MB of NAT entries.
+	if n := d2.maps["rw_svc_nat"].MaxEntries(); n != 2048 {
+		t.Errorf("rw_svc_nat max entries = %d, want 2048 (ct_max_entries 4096 / 2, as first opened)", n)
+	}
 }
 
 // TestBpftoolRecipes runs the operator's recipes of docs/datapath.md with

@@ -411,7 +411,7 @@ func (a *agent) writeConfig(t testing.TB) {
 	// Keys an older release does not know are left out of its config.
 	storeExtra, svcExtra := "", ""
 	if a.bin == "" {
-		svcExtra = fmt.Sprintf("service_cgroup = %q\n", a.cgroup)
+		svcExtra = fmt.Sprintf("service_cgroup = %q\nservice_max_entries = 1024\nservice_backend_max_entries = 1024\n", a.cgroup)
 		sync := a.sync
 		if sync == "" {
 			sync = "list"
@@ -443,6 +443,8 @@ allow_insecure = true
 pin_dir = %q
 %spolicy_dir = %q
 ct_max_entries = 4096
+ct_other_max_entries = 4096
+frag_max_entries = 1024
 policy_max_entries = 1024
 ipcache_max_entries = 131072
 [restart]
