@@ -775,6 +775,38 @@ func (s *Store) DeleteCASBatch(ctx context.Context, kvs []store.KV) (bool, error
 	return ok, nil
 }
 
+// CASDeleteCASBatch implements store.CASBatchDeleter: one transaction of
+// a check-and-set (index 0: create only) and delete-cas operations.
+func (s *Store) CASDeleteCASBatch(ctx context.Context, set store.KV, kvs []store.KV) (bool, error) {
+	if err := s.checkClosed(); err != nil {
+		return false, err
+	}
+	if len(kvs)+1 > store.MaxBatch {
+		return false, fmt.Errorf("set %s and delete %d keys in one transaction: at most %d operations", set.Key, len(kvs), store.MaxBatch)
+	}
+	if err := checkSize(set.Key, set.Value); err != nil {
+		return false, err
+	}
+	ops := make(api.KVTxnOps, 0, len(kvs)+1)
+	ops = append(ops, &api.KVTxnOp{Verb: api.KVCAS, Key: s.full(set.Key), Value: set.Value, Index: set.ModifyIndex})
+	for _, kv := range kvs {
+		ops = append(ops, &api.KVTxnOp{Verb: api.KVDeleteCAS, Key: s.full(kv.Key), Index: kv.ModifyIndex})
+	}
+	ok, _, _, err := s.kv.Txn(ops, s.qopts(ctx, false))
+	if err != nil {
+		return false, s.noteErr(fmt.Sprintf("set %s and delete %d keys", set.Key, len(kvs)), err)
+	}
+	s.noteOK()
+	if ok {
+		s.mu.Lock()
+		for _, kv := range kvs {
+			delete(s.owned, kv.Key)
+		}
+		s.mu.Unlock()
+	}
+	return ok, nil
+}
+
 // GetMany implements store.MultiGetter: one read-only transaction of
 // get-or-empty operations (a plain get would fail the whole transaction
 // for a key deleted meanwhile), default consistency like Get.

@@ -375,3 +375,44 @@ func TestSessionNodeRole(t *testing.T) {
 		t.Fatalf("no warning about a server as the store address:\n%s", logs.String())
 	}
 }
+
+// TestCASDeleteCASBatch: the set and the deletions happen together or not
+// at all.
+func TestCASDeleteCASBatch(t *testing.T) {
+	a := consultest.Start(t)
+	s := newTestStore(t, a.HTTPAddr, "host-t", time.Second)
+	ctx := context.Background()
+	var kvs []store.KV
+	for _, k := range []string{"log/e/1", "log/e/2"} {
+		if err := s.Put(ctx, k, []byte("x"), store.PutOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		kv, err := s.Get(ctx, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kvs = append(kvs, kv)
+	}
+	// A stale index on one deletion: nothing happens.
+	stale := []store.KV{kvs[0], {Key: kvs[1].Key, ModifyIndex: kvs[1].ModifyIndex - 1}}
+	if ok, err := s.CASDeleteCASBatch(ctx, store.KV{Key: "log/horizon", Value: []byte("7")}, stale); err != nil || ok {
+		t.Fatalf("with a stale index = %v, %v; want false", ok, err)
+	}
+	if _, err := s.Get(ctx, "log/horizon"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("horizon written by a refused transaction: %v", err)
+	}
+	if ok, err := s.CASDeleteCASBatch(ctx, store.KV{Key: "log/horizon", Value: []byte("7")}, kvs); err != nil || !ok {
+		t.Fatalf("CASDeleteCASBatch = %v, %v", ok, err)
+	}
+	if h, err := s.Get(ctx, "log/horizon"); err != nil || string(h.Value) != "7" {
+		t.Fatalf("horizon = %v, %v", h, err)
+	}
+	for _, kv := range kvs {
+		if _, err := s.Get(ctx, kv.Key); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("%s not deleted: %v", kv.Key, err)
+		}
+	}
+	if _, err := s.CASDeleteCASBatch(ctx, store.KV{Key: "log/horizon"}, make([]store.KV, store.MaxBatch)); err == nil {
+		t.Fatal("a transaction over the limit was sent")
+	}
+}
