@@ -756,13 +756,18 @@ func (s *Store) DeleteCASBatch(ctx context.Context, kvs []store.KV) (bool, error
 	if len(kvs) > store.MaxBatch {
 		return false, fmt.Errorf("delete %d keys in one transaction: at most %d", len(kvs), store.MaxBatch)
 	}
-	ops := make(api.KVTxnOps, 0, len(kvs))
+	return s.deleteTxn(ctx, nil, kvs, fmt.Sprintf("delete-cas %d keys", len(kvs)))
+}
+
+// deleteTxn runs ops and then a delete-cas of every key of kvs in one
+// transaction; the deleted keys are no longer owned.
+func (s *Store) deleteTxn(ctx context.Context, ops api.KVTxnOps, kvs []store.KV, what string) (bool, error) {
 	for _, kv := range kvs {
 		ops = append(ops, &api.KVTxnOp{Verb: api.KVDeleteCAS, Key: s.full(kv.Key), Index: kv.ModifyIndex})
 	}
 	ok, _, _, err := s.kv.Txn(ops, s.qopts(ctx, false))
 	if err != nil {
-		return false, s.noteErr(fmt.Sprintf("delete-cas %d keys", len(kvs)), err)
+		return false, s.noteErr(what, err)
 	}
 	s.noteOK()
 	if ok {
@@ -789,22 +794,7 @@ func (s *Store) CASDeleteCASBatch(ctx context.Context, set store.KV, kvs []store
 	}
 	ops := make(api.KVTxnOps, 0, len(kvs)+1)
 	ops = append(ops, &api.KVTxnOp{Verb: api.KVCAS, Key: s.full(set.Key), Value: set.Value, Index: set.ModifyIndex})
-	for _, kv := range kvs {
-		ops = append(ops, &api.KVTxnOp{Verb: api.KVDeleteCAS, Key: s.full(kv.Key), Index: kv.ModifyIndex})
-	}
-	ok, _, _, err := s.kv.Txn(ops, s.qopts(ctx, false))
-	if err != nil {
-		return false, s.noteErr(fmt.Sprintf("set %s and delete %d keys", set.Key, len(kvs)), err)
-	}
-	s.noteOK()
-	if ok {
-		s.mu.Lock()
-		for _, kv := range kvs {
-			delete(s.owned, kv.Key)
-		}
-		s.mu.Unlock()
-	}
-	return ok, nil
+	return s.deleteTxn(ctx, ops, kvs, fmt.Sprintf("set %s and delete %d keys", set.Key, len(kvs)))
 }
 
 // GetMany implements store.MultiGetter: one read-only transaction of
