@@ -160,8 +160,22 @@ __attribute__((noinline)) int rw_fib_forward(struct __sk_buff *skb, __u32 family
 		slot = RW_HR_STACK_FIB;
 		goto stack;
 	}
-	/* Too big for the next device: the stack sends "fragmentation needed". */
-	if (bpf_check_mtu(skb, p->ifindex, &mtu_len, 0, 0) != 0) {
+	/*
+	 * Too big for the next device: the stack sends "fragmentation needed".
+	 * The lookup above checked skb->len against that device's MTU with 4
+	 * bytes of slack (a VLAN tag) and left the MTU in mtu_result, so only
+	 * a frame longer than MTU + Ethernet header that is not GSO (the stack
+	 * segments those, as bpf_check_mtu lets them pass) is left to the
+	 * stack: the same answer as bpf_check_mtu for an Ethernet device,
+	 * without a second helper call and device lookup. A kernel that left
+	 * mtu_result at 0 gets bpf_check_mtu.
+	 */
+	if (!p->mtu_result) {
+		if (bpf_check_mtu(skb, p->ifindex, &mtu_len, 0, 0) != 0) {
+			slot = RW_HR_STACK_MTU;
+			goto stack;
+		}
+	} else if (skb->len > (__u32)p->mtu_result + ETH_HLEN && !skb->gso_size) {
 		slot = RW_HR_STACK_MTU;
 		goto stack;
 	}
