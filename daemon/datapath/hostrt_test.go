@@ -487,8 +487,9 @@ func TestHostRoutingHonoursForwardingOff(t *testing.T) {
 // it: with forwarding blocked in netfilter (only the fast path could
 // deliver), e1 no longer reaches e2, the packets go to the stack (which
 // refuses them by the rule's route); removing the rules restores the fast
-// path. A lookup of the main table only (BPF_FIB_LOOKUP_DIRECT) would
-// forward them past the rule.
+// path, and h1's own loopback addresses (in its local table) stay
+// reachable. A lookup of the main table only (BPF_FIB_LOOKUP_DIRECT) would
+// forward the packets past the rule and send those for h1 to its router.
 func TestHostRoutingFollowsPolicyRules(t *testing.T) {
 	ch := newCrossHost(t, AttachTCX, HostRoutingBPF)
 	if !ch.d1.Features().HostRouting {
@@ -534,6 +535,19 @@ func TestHostRoutingFollowsPolicyRules(t *testing.T) {
 	}
 	if after := ch.counters(t, ch.d1); after[HREgressForwarded] <= before[HREgressForwarded] {
 		t.Errorf("h1: %v did not move after the rules were removed", HREgressForwarded)
+	}
+
+	// Since a rule was added, h1's IPv4 local table stands apart from main
+	// (IPv6 always has it apart): a loopback address of h1 and a range h1
+	// takes as its own (`ip route add local`, which goes to the local
+	// table) are only there. e1 still reaches them (the stack delivers them
+	// to h1); a main-only lookup would send them to h1's default router.
+	sh(t, "ip", "-n", ch.h1, "addr", "add", "10.212.0.1/32", "dev", "lo")
+	sh(t, "ip", "-n", ch.h1, "-6", "route", "add", "local", "fd21:fe::/64", "dev", "lo")
+	for _, dst := range []netip.Addr{netip.MustParseAddr("10.212.0.1"), netip.MustParseAddr("fd21:fe::5")} {
+		if !ch.to2.pingRetry(t, ch.e1, dst, 3) {
+			t.Errorf("ping e1->%v (an address of h1's local table) failed", dst)
+		}
 	}
 }
 
