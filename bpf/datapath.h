@@ -210,7 +210,7 @@ static __always_inline int __mac_eq(const __u8 *a, const __u8 *b)
 static __always_inline int rw_peer_deliver(struct __sk_buff *skb, struct flow *f,
 					   struct endpoint_info *dst, __u32 slot)
 {
-	__u8 l2[12], ttl[2];
+	__u8 l2[12], hb[4];
 	__u32 ifindex, hop_off, mtu_len = 0;
 	int ret;
 
@@ -220,9 +220,12 @@ static __always_inline int rw_peer_deliver(struct __sk_buff *skb, struct flow *f
 			hostrt_count(RW_HR_STACK_OTHER, skb->len);
 		return RW_PASS;
 	}
-	/* TTL 1: the stack answers with time exceeded. ttl[1] is the IPv4 protocol. */
+	/*
+	 * TTL 1: the stack answers with time exceeded. For IPv4 the protocol
+	 * and header checksum come along, for __hop_decrement.
+	 */
 	hop_off = f->family == 4 ? ETH_HLEN + 8 : ETH_HLEN + 7;
-	if (bpf_skb_load_bytes(skb, hop_off, ttl, 2) < 0 || ttl[0] <= 1) {
+	if (bpf_skb_load_bytes(skb, hop_off, hb, 4) < 0 || hb[0] <= 1) {
 		if (slot < RW_HR_SLOTS)
 			hostrt_count(RW_HR_STACK_TTL, skb->len);
 		return RW_PASS;
@@ -243,7 +246,7 @@ static __always_inline int rw_peer_deliver(struct __sk_buff *skb, struct flow *f
 
 	__builtin_memcpy(&l2[0], dst->mac, 6);
 	__builtin_memcpy(&l2[6], dst->node_mac, 6);
-	if (__hop_decrement(skb, f->family, hop_off, ttl) < 0 ||
+	if (__hop_decrement(skb, f->family, hop_off, hb) < 0 ||
 	    bpf_skb_store_bytes(skb, 0, l2, 12, 0) < 0)
 		goto fail;
 	if (slot < RW_HR_SLOTS)

@@ -67,25 +67,30 @@ static __always_inline void hostrt_count(__u32 slot, __u32 len)
 }
 
 /*
- * __hop_decrement lowers the TTL (family 4, with the header checksum) or
- * hop limit at hop_off; ttl holds the two bytes read there. Returns < 0 if
- * the skb could not be written.
+ * __hop_decrement lowers the TTL (family 4) or hop limit of the packet. hb
+ * holds the bytes read at hop_off: for IPv4 the four at ETH_HLEN + 8 (TTL,
+ * protocol, header checksum), for IPv6 the hop limit. The IPv4 checksum is
+ * updated incrementally in place (RFC 1624, as the kernel's own
+ * ip_decrease_ttl does), so one store writes TTL and checksum together and
+ * the 16-bit sum over the header, which CHECKSUM_COMPLETE covers, stays the
+ * same. Returns < 0 if the skb could not be written.
  */
 static __always_inline int __hop_decrement(struct __sk_buff *skb, __u32 family, __u32 hop_off,
-					   __u8 *ttl)
+					   __u8 *hb)
 {
 	if (family == 4) {
-		__be16 old, new;
+		__u16 csum;
+		__u32 c;
 
-		__builtin_memcpy(&old, ttl, 2);
-		ttl[0]--;
-		__builtin_memcpy(&new, ttl, 2);
-		if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, old, new, 2) < 0)
-			return -1;
-	} else {
-		ttl[0]--;
+		__builtin_memcpy(&csum, &hb[2], 2);
+		c = (__u32)csum + bpf_htons(0x0100);
+		csum = (__u16)(c + (c >= 0xffff));
+		__builtin_memcpy(&hb[2], &csum, 2);
+		hb[0]--;
+		return bpf_skb_store_bytes(skb, hop_off, hb, 4, 0);
 	}
-	return bpf_skb_store_bytes(skb, hop_off, ttl, 1, 0);
+	hb[0]--;
+	return bpf_skb_store_bytes(skb, hop_off, hb, 1, 0);
 }
 
 /*
@@ -104,7 +109,8 @@ __attribute__((noinline)) int rw_fib_forward(struct __sk_buff *skb, __u32 family
 {
 	struct bpf_fib_lookup *p;
 	__u32 zero = 0, hop_off, mtu_len = 0, slot = RW_HR_STACK_OTHER;
-	__u8 ttl[2];
+	/* The IPv4 header, or the first 8 bytes of the IPv6 header; then the MACs. */
+	__u8 h[20], *hb;
 	int rc;
 
 	if (!skb || !rw_host_routing)
@@ -116,31 +122,34 @@ __attribute__((noinline)) int rw_fib_forward(struct __sk_buff *skb, __u32 family
 	if (!p)
 		goto stack;
 	__builtin_memset(p, 0, sizeof(*p));
-	/* ttl[1] is the IPv4 protocol; for IPv6 the first source byte. */
-	hop_off = family == 4 ? ETH_HLEN + 8 : ETH_HLEN + 7;
-	if (bpf_skb_load_bytes(skb, hop_off, ttl, 2) < 0)
-		goto stack;
-	if (ttl[0] <= 1) {
-		slot = RW_HR_STACK_TTL;
-		goto stack;
-	}
+	/* One load per header (parse_packet checked the lengths before). */
 	if (family == 4) {
-		p->family = AF_INET;
-		p->l4_protocol = ttl[1];
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + 1, &p->tos, 1) < 0 ||
-		    bpf_skb_load_bytes(skb, ETH_HLEN + 12, &p->ipv4_src, 4) < 0 ||
-		    bpf_skb_load_bytes(skb, ETH_HLEN + 16, &p->ipv4_dst, 4) < 0)
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, h, 20) < 0)
 			goto stack;
+		hop_off = ETH_HLEN + 8;
+		p->family = AF_INET;
+		p->tos = h[1];
+		p->l4_protocol = h[9];
+		__builtin_memcpy(&p->ipv4_src, &h[12], 4);
+		__builtin_memcpy(&p->ipv4_dst, &h[16], 4);
 	} else {
 		__be32 fi;
 
-		p->family = AF_INET6;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &fi, 4) < 0 ||
-		    bpf_skb_load_bytes(skb, ETH_HLEN + 6, &p->l4_protocol, 1) < 0 ||
-		    bpf_skb_load_bytes(skb, ETH_HLEN + 8, p->ipv6_src, 16) < 0 ||
-		    bpf_skb_load_bytes(skb, ETH_HLEN + 24, p->ipv6_dst, 16) < 0)
+		/* Source and destination lie back to back in both. */
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, h, 8) < 0 ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + 8, p->ipv6_src, 32) < 0)
 			goto stack;
+		hop_off = ETH_HLEN + 7;
+		p->family = AF_INET6;
+		p->l4_protocol = h[6];
+		__builtin_memcpy(&fi, h, 4);
 		p->flowinfo = fi & bpf_htonl(0x0fffffff);
+	}
+	/* The TTL / hop limit, then (IPv4) protocol and header checksum. */
+	hb = family == 4 ? &h[8] : &h[7];
+	if (hb[0] <= 1) {
+		slot = RW_HR_STACK_TTL;
+		goto stack;
 	}
 	p->sport = ports >> 16;
 	p->dport = ports & 0xffff;
@@ -160,19 +169,37 @@ __attribute__((noinline)) int rw_fib_forward(struct __sk_buff *skb, __u32 family
 		slot = RW_HR_STACK_FIB;
 		goto stack;
 	}
-	/* Too big for the next device: the stack sends "fragmentation needed". */
-	if (bpf_check_mtu(skb, p->ifindex, &mtu_len, 0, 0) != 0) {
+	/*
+	 * Too big for the next device: the stack sends "fragmentation needed".
+	 * The lookup above checked skb->len against that device's MTU with 4
+	 * bytes of slack (a VLAN tag) and left the MTU in mtu_result, so only
+	 * a frame longer than MTU + Ethernet header that is not GSO (the stack
+	 * segments those, as bpf_check_mtu lets them pass) is left to the
+	 * stack: the same answer as bpf_check_mtu for an Ethernet device,
+	 * without a second helper call and device lookup. A kernel that left
+	 * mtu_result at 0 gets bpf_check_mtu.
+	 */
+	if (!p->mtu_result) {
+		if (bpf_check_mtu(skb, p->ifindex, &mtu_len, 0, 0) != 0) {
+			slot = RW_HR_STACK_MTU;
+			goto stack;
+		}
+	} else if (skb->len > (__u32)p->mtu_result + ETH_HLEN && !skb->gso_size) {
 		slot = RW_HR_STACK_MTU;
 		goto stack;
 	}
-	if (__hop_decrement(skb, family, hop_off, ttl) < 0 ||
-	    bpf_skb_store_bytes(skb, 0, p->dmac, 6, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, 6, p->smac, 6, 0) < 0) {
-		metrics_count(RW_DROP_INVALID_PACKET, RW_DIR_EGRESS, skb->len);
-		return TC_ACT_SHOT;
-	}
+	if (__hop_decrement(skb, family, hop_off, hb) < 0)
+		goto fail;
+	/* Both MACs in one store (the header bytes in h are written). */
+	__builtin_memcpy(&h[0], p->dmac, 6);
+	__builtin_memcpy(&h[6], p->smac, 6);
+	if (bpf_skb_store_bytes(skb, 0, h, 12, 0) < 0)
+		goto fail;
 	hostrt_count(RW_HR_EGRESS_FWD, skb->len);
 	return bpf_redirect(p->ifindex, 0);
+fail:
+	metrics_count(RW_DROP_INVALID_PACKET, RW_DIR_EGRESS, skb->len);
+	return TC_ACT_SHOT;
 stack:
 	hostrt_count(slot, skb->len);
 	return TC_ACT_UNSPEC;

@@ -374,14 +374,23 @@ func TestHostRoutingFallbacks(t *testing.T) {
 	}
 
 	// Above the uplink's MTU: h2's uplink (both ends) carries 1400 bytes;
-	// e2's DF packets of 1450 bytes get "fragmentation needed" from h2.
+	// e2's DF packets of 1450 bytes get "fragmentation needed" from h2, and
+	// so do packets of 1402 bytes, which bpf_fib_lookup's own check lets
+	// through (it allows 4 bytes for a VLAN tag): the fast path's check
+	// after the lookup must catch them.
 	sh(t, "ip", "-n", ch.h2, "link", "set", "rwhup", "mtu", "1400")
 	sh(t, "ip", "-n", ch.r, "link", "set", "h2", "mtu", "1400")
 	for _, x := range []struct {
 		dst  netip.Addr
 		size string
 		want string
-	}{{ch.e1v4, "1422", "mtu = 1400"}, {ch.e1v6, "1402", "mtu=1400"}} {
+	}{
+		{ch.e1v4, "1422", "mtu = 1400"}, {ch.e1v6, "1402", "mtu=1400"},
+		{ch.e1v4, "1374", "mtu = 1400"}, {ch.e1v6, "1354", "mtu=1400"},
+	} {
+		// Forget the path MTU the previous case taught e2.
+		sh(t, "ip", "-n", ch.e2, "-4", "route", "flush", "cache")
+		sh(t, "ip", "-n", ch.e2, "-6", "route", "flush", "cache")
 		before := ctrs(ch.d2)
 		out, _ := exec.Command("ip", "netns", "exec", ch.e2, "ping", "-c2", "-W1", "-M", "do", "-s", x.size, x.dst.String()).CombinedOutput()
 		if !strings.Contains(strings.ToLower(string(out)), x.want) {
@@ -468,6 +477,77 @@ func TestHostRoutingHonoursForwardingOff(t *testing.T) {
 	}
 	if after[HREgressForwarded] != before[HREgressForwarded] {
 		t.Errorf("h1 forwarded %d packets with forwarding off", after[HREgressForwarded]-before[HREgressForwarded])
+	}
+}
+
+// TestHostRoutingFollowsPolicyRules: the fast path asks the kernel's FIB
+// with its policy rules, so a packet that an `ip rule` steers to another
+// table takes that table's route, exactly as the stack would route it.
+// Here h1 sends what e1 sends to e2's subnet to table 100, which prohibits
+// it: with forwarding blocked in netfilter (only the fast path could
+// deliver), e1 no longer reaches e2, the packets go to the stack (which
+// refuses them by the rule's route); removing the rules restores the fast
+// path, and h1's own loopback addresses (in its local table) stay
+// reachable. A lookup of the main table only (BPF_FIB_LOOKUP_DIRECT) would
+// forward the packets past the rule and send those for h1 to its router.
+func TestHostRoutingFollowsPolicyRules(t *testing.T) {
+	ch := newCrossHost(t, AttachTCX, HostRoutingBPF)
+	if !ch.d1.Features().HostRouting {
+		testenv.Missing(t, "a kernel with bpf_fib_lookup, bpf_redirect_peer and bpf_check_mtu (5.12+)")
+	}
+	ch.blockForwarding(t)
+	dsts := []netip.Addr{ch.e2v4, ch.e2v6}
+	for _, dst := range dsts {
+		if !ch.to2.pingRetry(t, ch.e1, dst, 3) {
+			t.Fatalf("ping e1->%v through the fast path failed before any rule", dst)
+		}
+	}
+	rules := [][]string{
+		{"-4", "rule", "add", "from", ch.e1v4.String(), "lookup", "100", "pref", "100"},
+		{"-6", "rule", "add", "from", ch.e1v6.String(), "lookup", "100", "pref", "100"},
+		{"-4", "route", "add", "prohibit", "10.211.2.0/24", "table", "100"},
+		{"-6", "route", "add", "prohibit", "fd21:2::/64", "table", "100"},
+	}
+	for _, r := range rules {
+		sh(t, append([]string{"ip", "-n", ch.h1}, r...)...)
+	}
+	before := ch.counters(t, ch.d1)
+	for _, dst := range dsts {
+		if ch.to2.ping(t, ch.e1, dst) {
+			t.Errorf("ping e1->%v succeeded although h1's rule sends it to a table that prohibits it", dst)
+		}
+	}
+	after := ch.counters(t, ch.d1)
+	if got := after[HREgressForwarded] - before[HREgressForwarded]; got != 0 {
+		t.Errorf("h1 forwarded %d packets past its policy rule (%v)", got, HREgressForwarded)
+	}
+	if after[HRStackFIB] < before[HRStackFIB]+2 {
+		t.Errorf("h1: %v moved %d -> %d, want +2 (the FIB's prohibit answer leaves the packets to the stack)",
+			HRStackFIB, before[HRStackFIB], after[HRStackFIB])
+	}
+	sh(t, "ip", "-n", ch.h1, "-4", "rule", "del", "pref", "100")
+	sh(t, "ip", "-n", ch.h1, "-6", "rule", "del", "pref", "100")
+	before = ch.counters(t, ch.d1)
+	for _, dst := range dsts {
+		if !ch.to2.pingRetry(t, ch.e1, dst, 3) {
+			t.Errorf("ping e1->%v failed after the rules were removed", dst)
+		}
+	}
+	if after := ch.counters(t, ch.d1); after[HREgressForwarded] <= before[HREgressForwarded] {
+		t.Errorf("h1: %v did not move after the rules were removed", HREgressForwarded)
+	}
+
+	// Since a rule was added, h1's IPv4 local table stands apart from main
+	// (IPv6 always has it apart): a loopback address of h1 and a range h1
+	// takes as its own (`ip route add local`, which goes to the local
+	// table) are only there. e1 still reaches them (the stack delivers them
+	// to h1); a main-only lookup would send them to h1's default router.
+	sh(t, "ip", "-n", ch.h1, "addr", "add", "10.212.0.1/32", "dev", "lo")
+	sh(t, "ip", "-n", ch.h1, "-6", "route", "add", "local", "fd21:fe::/64", "dev", "lo")
+	for _, dst := range []netip.Addr{netip.MustParseAddr("10.212.0.1"), netip.MustParseAddr("fd21:fe::5")} {
+		if !ch.to2.pingRetry(t, ch.e1, dst, 3) {
+			t.Errorf("ping e1->%v (an address of h1's local table) failed", dst)
+		}
 	}
 }
 
