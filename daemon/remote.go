@@ -160,10 +160,11 @@ func (r *remote) syncDetail() map[string]string {
 	}
 }
 
-// nodeWatch follows the other hosts' node records.
+// nodeWatch follows the other hosts' node records; every host's start
+// changes them, so the watch coalesces (watchCoalesced).
 func (a *agent) nodeWatch(ctx context.Context) {
 	prefix := store.NodePrefix + a.cfg.Node.Cluster + "/"
-	a.watch(ctx, prefix, func(kvs []store.KV) {
+	a.watchCoalesced(ctx, prefix, func(kvs []store.KV) {
 		a.remote.setNodes(kvs)
 		a.pub.Seen(prefix, values(kvs), false)
 	})

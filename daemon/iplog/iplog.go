@@ -145,6 +145,9 @@ type parsed struct {
 	badHorizon bool
 	entries    []logged
 	malformed  int
+
+	// horizonIndex is the horizon key's ModifyIndex (0: no horizon yet).
+	horizonIndex uint64
 }
 
 type logged struct {
@@ -159,6 +162,7 @@ func parse(kvs []store.KV, cluster string) parsed {
 	for _, kv := range kvs {
 		switch {
 		case kv.Key == hk:
+			p.horizonIndex = kv.ModifyIndex
 			h, err := strconv.ParseUint(strings.TrimSpace(string(kv.Value)), 10, 64)
 			if err != nil {
 				p.badHorizon = true

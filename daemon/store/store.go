@@ -93,6 +93,19 @@ type BatchDeleter interface {
 	DeleteCASBatch(ctx context.Context, kvs []KV) (bool, error)
 }
 
+// CASBatchDeleter is implemented by backends that can check-and-set one
+// key and delete-cas others in one write (Consul: one transaction).
+// CASDeleteCASBatch writes set.Value to set.Key if its ModifyIndex still
+// equals set.ModifyIndex (0: only if the key does not exist) and deletes
+// every key of kvs whose ModifyIndex still equals the one given; all of
+// it or nothing, reporting false when a check failed. At most MaxBatch
+// operations in all (the set counts). The change log's pruner raises its
+// horizon and deletes the first batch with it: one change of the log's
+// prefix, so one wake-up of every follower, where two writes were two.
+type CASBatchDeleter interface {
+	CASDeleteCASBatch(ctx context.Context, set KV, kvs []KV) (bool, error)
+}
+
 // MaxBatch is the most keys one DeleteCASBatch takes (Consul's limit of
 // operations per transaction).
 const MaxBatch = 64

@@ -339,10 +339,12 @@ func (f *fleet) ladder(t *testing.T, mode string, eps []netip.Addr) {
 		if total >= 50_000 {
 			changes = 1 // each costs the machine tens of seconds of CPU
 		}
+		classes := f.classes()
 		for c := range changes {
 			r, b, w := f.oneChange(t, c, sr, sb)
 			rs, bs, worst = append(rs, r), append(bs, b), max(worst, w)
 		}
+		f.logClasses(t, fmt.Sprintf("[%s] %d endpoint changes and their removals at %d entries", mode, changes, total), classes, f.classes())
 		slices.Sort(rs)
 		slices.Sort(bs)
 		t.Logf("BENCH store [%s] at %d entries (%d agents): steady %.1f requests/s, %s/s served; one endpoint change: %.0f requests, %s served (median of %d; %.0f bytes per agent), in every agent after %s; reconverged after the bulk in %s",
@@ -360,6 +362,7 @@ func (f *fleet) restartAll(t *testing.T) ([][2]float64, time.Duration) {
 	_ = f.each(len(f.agents), func(a *agent) error { a.stop(); return nil })
 	stop := make(chan struct{})
 	series := f.rateSeries(time.Second, stop)
+	classes := f.classes()
 	start := time.Now()
 	var wg sync.WaitGroup
 	errs := make(chan error, len(f.agents))
@@ -387,6 +390,7 @@ func (f *fleet) restartAll(t *testing.T) ([][2]float64, time.Duration) {
 	})
 	time.Sleep(5 * time.Second)
 	close(stop)
+	f.logClasses(t, "fleet-wide restart", classes, f.classes())
 	wg.Wait()
 	close(errs)
 	for err := range errs {
@@ -432,7 +436,9 @@ func TestFleetRestart(t *testing.T) {
 		syncModes(t)[0], n, len(eps)+f.sim, len(eps), f.sim, cold.Truncate(time.Millisecond))
 	f.resources(t, "after cold convergence")
 	time.Sleep(5 * time.Second)
+	classes := f.classes()
 	sr, _ := f.steady(10 * time.Second)
+	f.logClasses(t, "10 s steady", classes, f.classes())
 
 	offRates, offBack := f.restartAll(t)
 	offPeak, offMean := peakMean(offRates, 0)
