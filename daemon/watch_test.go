@@ -10,7 +10,9 @@ import (
 	"time"
 
 	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/daemon/store/consul"
 	"github.com/rackwire/rackwire/daemon/store/local"
+	"github.com/rackwire/rackwire/internal/consultest"
 )
 
 // countingStore counts the store's watch reads (entered: begun).
@@ -208,4 +210,55 @@ func TestWatchSpuriousWakePauses(t *testing.T) {
 	p := []store.KV{{Key: store.PolicyPrefix + "p1", Value: []byte("{}"), ModifyIndex: 12}}
 	step("a policy written", scriptedAnswer{p, 12}, true, watchPace, watchPace)
 	step("another write elsewhere", scriptedAnswer{p, 14}, false, settleMin, settleMin+settleSpread)
+}
+
+// TestWatchEmptyPrefixConsul: on real Consul a blocking query on an empty
+// prefix returns on writes elsewhere (what made every agent's policy and
+// service watches read once per write of a fleet-wide restart); the watch
+// hands none of them on and pauses 1–2 s after each.
+func TestWatchEmptyPrefixConsul(t *testing.T) {
+	srv := consultest.Start(t)
+	st, err := consul.New(consul.Options{Address: srv.HTTPAddr, Prefix: "rwt/", Node: "h1", SessionTTL: time.Minute}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	pauses := make(chan time.Duration, 64)
+	var deliveries atomic.Int64
+	a := &agent{st: st, log: slog.New(slog.DiscardHandler),
+		watchSleep: func(ctx context.Context, d time.Duration) bool { pauses <- d; return ctx.Err() == nil }}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a.watch(ctx, store.PolicyPrefix, func([]store.KV) { deliveries.Add(1) })
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	next := func(what string) time.Duration {
+		t.Helper()
+		select {
+		case d := <-pauses:
+			return d
+		case <-time.After(20 * time.Second):
+			t.Fatalf("%s: the watch did not wake", what)
+			return 0
+		}
+	}
+	if d := next("first read"); d != watchPace {
+		t.Errorf("pause after the first read %s, want %s", d, watchPace)
+	}
+	const writes = 5
+	for i := range writes {
+		if err := st.Put(ctx, fmt.Sprintf("%sdefault/h%d", store.NodePrefix, i), []byte(`{}`), store.PutOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		// Each write wakes the empty prefix's query (Consul gives it the
+		// index of the whole store).
+		if d := next(fmt.Sprintf("write %d elsewhere", i)); d < settleMin || d >= settleMin+settleSpread {
+			t.Errorf("pause after a wake by a write elsewhere %s, want in [%s, %s)", d, settleMin, settleMin+settleSpread)
+		}
+	}
+	if n := deliveries.Load(); n != 1 {
+		t.Errorf("%d deliveries, want 1 (the first read; %d writes elsewhere changed nothing)", n, writes)
+	}
 }
