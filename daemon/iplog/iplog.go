@@ -12,7 +12,9 @@
 // the blocking query asks for the key names only, and the entries are read
 // when a new name appears; the pruner deletes in transactions of
 // store.MaxBatch, so a prune wakes the followers once per batch, for a
-// read of names.
+// read of names; the horizon goes in the first batch's transaction
+// (store.CASBatchDeleter, ConsulTxn), so a round of up to MaxBatch-1
+// entries is one wake-up, not two.
 //
 // Layout (under the store prefix; the ipcache keys themselves are
 // unchanged, so agents that only list them keep working):
@@ -27,9 +29,11 @@
 //     keys (not session-bound): they outlive a dead writer until pruned.
 //   - The horizon and the deletion of old entries belong to the elected
 //     pruner (Pruner, one host). The horizon is raised to the highest
-//     index of the entries about to be deleted before they are deleted, so
-//     a follower that has not seen everything up to the horizon knows it
-//     may have missed something, and lists again.
+//     index of the entries about to be deleted before they are deleted, or
+//     in the same transaction as the first of them, so a follower that has
+//     not seen everything up to the horizon knows it may have missed
+//     something, and lists again: no follower sees a deletion without the
+//     horizon that covers it.
 //   - Each agent's Follower owns its copy of the ipcache keys.
 //
 // Ordering and restart: a follower that listed the ipcache prefix at
@@ -48,7 +52,9 @@
 // prefix, is skipped and counted; values are checked later like listed
 // ones (ipcache.Remote). A horizon that does not parse forces a list.
 //
-// Who may import it: daemon (wiring). It imports only daemon/store.
+// Who may import it: daemon (wiring). It imports only daemon/store, and
+// Consul's API client for ConsulTxn (until the Consul store implements
+// store.CASBatchDeleter itself).
 package iplog
 
 import (
