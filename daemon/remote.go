@@ -69,7 +69,7 @@ func (a *agent) ipcacheWatch(ctx context.Context) {
 		return
 	}
 	f := &iplog.Follower{St: a.st, Cluster: a.cfg.Node.Cluster, Log: a.log.With("subsys", "iplog"),
-		Legacy: a.remote.legacy, Retry: a.retryWait, Stats: a.remote.setLogStats}
+		Legacy: a.remote.legacy, Retry: a.retryWait, Stats: a.remote.setLogStats, Quiet: settle}
 	f.Run(ctx, deliver)
 }
 
