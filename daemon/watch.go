@@ -9,6 +9,7 @@ import (
 	"github.com/rackwire/rackwire/daemon/iplog"
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/daemon/store/consul"
+	"github.com/rackwire/rackwire/daemon/store/consultxn"
 	"github.com/rackwire/rackwire/internal/backoff"
 )
 
@@ -207,7 +208,7 @@ func (a *agent) pruneIPLog(ctx context.Context) {
 	// every follower per round, not two), through a client built like the
 	// store's; without it, two writes as before.
 	if c, err := consul.NewAPIClient(consul.FromConfig(a.cfg.Store, a.cfg.Node.Name)); err == nil {
-		p.Txn = iplog.ConsulTxn{KV: c.KV(), Prefix: a.cfg.Store.Prefix}
+		p.Txn = consultxn.Txn{KV: c.KV(), Prefix: a.cfg.Store.Prefix}
 	} else {
 		a.log.Warn("no Consul client for the ipcache log pruner's transactions; it raises the horizon and deletes in two writes", "err", err)
 	}

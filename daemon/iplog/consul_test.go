@@ -14,6 +14,7 @@ import (
 	"github.com/rackwire/rackwire/daemon/iplog"
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/daemon/store/consul"
+	"github.com/rackwire/rackwire/daemon/store/consultxn"
 	"github.com/rackwire/rackwire/internal/consultest"
 )
 
@@ -190,7 +191,7 @@ func TestPruneOfBulkConsul(t *testing.T) {
 // writes counts the pruner's writes under the log's prefix.
 type writes struct {
 	*consul.Store
-	txn iplog.ConsulTxn
+	txn consultxn.Txn
 	n   atomic.Int64
 }
 
@@ -226,7 +227,7 @@ func TestPruneWakesOnceConsul(t *testing.T) {
 	srv := consultest.Start(t)
 	ctx := context.Background()
 	open := func(node string) *consul.Store { return openConsul(t, srv, node) }
-	st := &writes{Store: open("h1"), txn: iplog.ConsulTxn{KV: srv.Client(t).KV(), Prefix: "rwt/"}}
+	st := &writes{Store: open("h1"), txn: consultxn.Txn{KV: srv.Client(t).KV(), Prefix: "rwt/"}}
 	w := &iplog.Writer{St: st, Cluster: "default", Node: "h1"}
 	value := []byte(`{"identity":12345,"node":"h1","tunnel":"10.0.0.1"}`)
 	put := func(i int) {

@@ -13,7 +13,7 @@
 // when a new name appears; the pruner deletes in transactions of
 // store.MaxBatch, so a prune wakes the followers once per batch, for a
 // read of names; the horizon goes in the first batch's transaction
-// (store.CASBatchDeleter, ConsulTxn), so a round of up to MaxBatch-1
+// (store.CASBatchDeleter), so a round of up to MaxBatch-1
 // entries is one wake-up, not two.
 //
 // Layout (under the store prefix; the ipcache keys themselves are
@@ -52,9 +52,7 @@
 // prefix, is skipped and counted; values are checked later like listed
 // ones (ipcache.Remote). A horizon that does not parse forces a list.
 //
-// Who may import it: daemon (wiring). It imports only daemon/store, and
-// Consul's API client for ConsulTxn (until the Consul store implements
-// store.CASBatchDeleter itself).
+// Who may import it: daemon (wiring). It imports only daemon/store.
 package iplog
 
 import (

@@ -30,7 +30,7 @@ type Pruner struct {
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
 	// Txn raises the horizon and deletes the first batch in one write
-	// (ConsulTxn) when St cannot (store.CASBatchDeleter); nil: St's own,
+	// (store/consultxn.Txn) when St cannot (store.CASBatchDeleter); nil: St's own,
 	// else two writes.
 	Txn store.CASBatchDeleter
 }

@@ -1,4 +1,14 @@
-package iplog
+// Package consultxn holds store operations on Consul's transaction API
+// that the Consul store (daemon/store/consul) does not offer yet, for the
+// one user each has. Today: Txn, store.CASBatchDeleter, for the ipcache
+// change log's pruner (daemon/iplog), which raises its horizon and deletes
+// the first batch of entries in one write. When the Consul store
+// implements store.CASBatchDeleter itself, the pruner uses the store's and
+// this package can go.
+//
+// Who may import it: daemon (wiring) and tests. It imports daemon/store
+// and Consul's API client.
+package consultxn
 
 import (
 	"context"
@@ -9,22 +19,19 @@ import (
 	"github.com/rackwire/rackwire/daemon/store"
 )
 
-// ConsulTxn is store.CASBatchDeleter on Consul's transaction API, for the
-// pruner: the horizon's check-and-set and the first batch's delete-cas in
-// one transaction. It lives here, beside its one user, until the Consul
-// store (daemon/store/consul) implements store.CASBatchDeleter itself; the
-// pruner prefers the store's own once it does.
+// Txn is store.CASBatchDeleter on Consul's transaction API: one key's
+// check-and-set and other keys' delete-cas in one transaction.
 //
 // KV is a client built like the store's (consul.NewAPIClient with the
 // store's options), Prefix the store's key prefix (keys given are relative
 // to it, as the store's are).
-type ConsulTxn struct {
+type Txn struct {
 	KV     *api.KV
 	Prefix string
 }
 
 // CASDeleteCASBatch implements store.CASBatchDeleter.
-func (c ConsulTxn) CASDeleteCASBatch(ctx context.Context, set store.KV, kvs []store.KV) (bool, error) {
+func (c Txn) CASDeleteCASBatch(ctx context.Context, set store.KV, kvs []store.KV) (bool, error) {
 	if len(kvs)+1 > store.MaxBatch {
 		return false, fmt.Errorf("set %s and delete %d keys in one transaction: at most %d operations", set.Key, len(kvs), store.MaxBatch)
 	}
