@@ -77,6 +77,10 @@ type agent struct {
 	// policyDirMu serialises reloads of the policy directory.
 	policyDirMu sync.Mutex
 	policyDir   string // guarded by policyDirMu
+
+	// watchSleep is the watches' pause after a change (tests); nil:
+	// backoff.Sleep.
+	watchSleep func(context.Context, time.Duration) bool
 }
 
 func newAgent(ctx context.Context, cfg config.Config, st store.Store, log *slog.Logger) (*agent, error) {

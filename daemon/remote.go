@@ -69,7 +69,7 @@ func (a *agent) ipcacheWatch(ctx context.Context) {
 		return
 	}
 	f := &iplog.Follower{St: a.st, Cluster: a.cfg.Node.Cluster, Log: a.log.With("subsys", "iplog"),
-		Legacy: a.remote.legacy, Retry: a.retryWait, Stats: a.remote.setLogStats}
+		Legacy: a.remote.legacy, Retry: a.retryWait, Stats: a.remote.setLogStats, Quiet: settle}
 	f.Run(ctx, deliver)
 }
 
@@ -161,10 +161,11 @@ func (r *remote) syncDetail() map[string]string {
 	}
 }
 
-// nodeWatch follows the other hosts' node records.
+// nodeWatch follows the other hosts' node records; every host's start
+// changes them, so the watch coalesces (watchCoalesced).
 func (a *agent) nodeWatch(ctx context.Context) {
 	prefix := store.NodePrefix + a.cfg.Node.Cluster + "/"
-	a.watch(ctx, prefix, func(kvs []store.KV) {
+	a.watchCoalesced(ctx, prefix, func(kvs []store.KV) {
 		a.remote.setNodes(kvs)
 		a.pub.Seen(prefix, values(kvs), false)
 	})

@@ -15,8 +15,60 @@ import (
 // watch follows a prefix of the store with blocking queries, backing off
 // with jitter on errors; fn gets the whole prefix after each change. fn
 // runs in the watch's goroutine and must not do store I/O of its own.
+// After a change it reads again no sooner than watchPace: changes of
+// operators' objects (policies, services) reach the agent at once. A wake
+// that changed nothing under the prefix is not handed to fn, and is
+// followed by the pause of watchCoalesced (below).
 func (a *agent) watch(ctx context.Context, prefix string, fn func([]store.KV)) {
+	a.watchPaced(ctx, prefix, false, fn)
+}
+
+// watchPace bounds the read rate of a busy prefix.
+const watchPace = 100 * time.Millisecond
+
+// Coalescing the wake-ups that other hosts' starts cause. Measured with
+// the fleet harness (docs/scale.md "Fleet-wide restart"), a start woke
+// every running agent's watches: the node prefix (every start writes its
+// node record; a read of every record per change), and the policy and
+// service prefixes although nothing under them changed: on Consul a
+// blocking query on an empty prefix carries the index of the whole KV
+// store, so any write anywhere (a start writes tens) wakes it. The gate
+// spread the starts over its window, but each start still cost a read by
+// every agent of each of those prefixes.
+//
+// So after a change of the node prefix, and after any wake that changed
+// nothing, a watch waits settleMin plus a random part of up to
+// settleSpread before it reads again: a window of starts costs each agent
+// about one read per 1–2 s and prefix, whatever the rate of starts, and
+// the jitter keeps the fleet's reads apart. The first change after a quiet
+// spell still reaches the agent at once (its read is parked in the
+// store). The cost: a node record change that follows another within the
+// pause, or a policy or service written within the pause after an
+// unrelated write, reaches the agent up to settleMin+settleSpread (2 s)
+// later.
+const (
+	settleMin    = time.Second
+	settleSpread = time.Second
+)
+
+// settle is the pause after a coalesced wake.
+func settle() time.Duration { return settleMin + backoff.Random(settleSpread) }
+
+// watchCoalesced is watch for a prefix that other hosts' starts change
+// (node records): after every change it waits settle() before it reads
+// again.
+func (a *agent) watchCoalesced(ctx context.Context, prefix string, fn func([]store.KV)) {
+	a.watchPaced(ctx, prefix, true, fn)
+}
+
+// watchPaced is watch; coalesce: settle after every change.
+func (a *agent) watchPaced(ctx context.Context, prefix string, coalesce bool, fn func([]store.KV)) {
+	sleep := a.watchSleep
+	if sleep == nil {
+		sleep = backoff.Sleep
+	}
 	var index uint64
+	var last []store.KV // what fn got last; nil: nothing yet
 	bo := backoff.New(time.Second, time.Minute)
 	for ctx.Err() == nil {
 		kvs, next, err := a.st.Watch(ctx, prefix, index, 5*time.Minute)
@@ -39,10 +91,36 @@ func (a *agent) watch(ctx context.Context, prefix string, fn func([]store.KV)) {
 			continue
 		}
 		index = next
+		if last != nil && sameKVs(last, kvs) {
+			// The store's index moved for a write elsewhere.
+			sleep(ctx, settle())
+			continue
+		}
+		if kvs == nil {
+			kvs = []store.KV{}
+		}
+		last = kvs
 		fn(kvs)
-		// Bound the rate of a busy prefix.
-		backoff.Sleep(ctx, 100*time.Millisecond)
+		if coalesce {
+			sleep(ctx, settle())
+		} else {
+			sleep(ctx, watchPace)
+		}
 	}
+}
+
+// sameKVs reports whether two lists of a prefix hold the same keys at the
+// same indexes.
+func sameKVs(a, b []store.KV) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i].Key != b[i].Key || a[i].ModifyIndex != b[i].ModifyIndex {
+			return false
+		}
+	}
+	return true
 }
 
 // retryWait waits d before a failed watch is retried, but returns early,
@@ -125,5 +203,8 @@ func (a *agent) pruneIPLog(ctx context.Context) {
 	}
 	p := &iplog.Pruner{St: a.st, Cluster: a.cfg.Node.Cluster, Keep: a.cfg.Store.IPCacheLogKeep.Duration,
 		Elector: e.Elector("locks/iplog-prune"), Log: a.log.With("subsys", "iplog-prune")}
+	// The Consul store raises the horizon and deletes the first batch in
+	// one transaction (store.CASBatchDeleter): one wake-up of every
+	// follower per round, not two.
 	p.Run(ctx)
 }

@@ -32,6 +32,12 @@ type Follower struct {
 	Retry func(ctx context.Context, d time.Duration)
 	// Stats, if set, gets the follower's counters after every step.
 	Stats func(Stats)
+	// Quiet is the pause after a read that changed none of the keys (an
+	// entry of values it held already: a restarted host journals its keys
+	// again; a prune): the daemon's coalescing pause, so that a fleet-wide
+	// restart does not cost every follower a read per start. nil: the
+	// 100 ms pace after every read.
+	Quiet func() time.Duration
 
 	ips      map[string]store.KV
 	base     uint64 // every change up to this index is applied
@@ -97,7 +103,11 @@ func (f *Follower) Run(ctx context.Context, deliver func([]store.KV)) {
 		}
 		// Bound the rate of a busy fleet, and of a store that answers a
 		// blocking query at once.
-		backoff.Sleep(ctx, 100*time.Millisecond)
+		pause := 100 * time.Millisecond
+		if !changed && f.Quiet != nil && f.ips != nil {
+			pause = f.Quiet()
+		}
+		backoff.Sleep(ctx, pause)
 	}
 }
 

@@ -12,7 +12,9 @@
 // the blocking query asks for the key names only, and the entries are read
 // when a new name appears; the pruner deletes in transactions of
 // store.MaxBatch, so a prune wakes the followers once per batch, for a
-// read of names.
+// read of names; the horizon goes in the first batch's transaction
+// (store.CASBatchDeleter), so a round of up to MaxBatch-1
+// entries is one wake-up, not two.
 //
 // Layout (under the store prefix; the ipcache keys themselves are
 // unchanged, so agents that only list them keep working):
@@ -27,9 +29,11 @@
 //     keys (not session-bound): they outlive a dead writer until pruned.
 //   - The horizon and the deletion of old entries belong to the elected
 //     pruner (Pruner, one host). The horizon is raised to the highest
-//     index of the entries about to be deleted before they are deleted, so
-//     a follower that has not seen everything up to the horizon knows it
-//     may have missed something, and lists again.
+//     index of the entries about to be deleted before they are deleted, or
+//     in the same transaction as the first of them, so a follower that has
+//     not seen everything up to the horizon knows it may have missed
+//     something, and lists again: no follower sees a deletion without the
+//     horizon that covers it.
 //   - Each agent's Follower owns its copy of the ipcache keys.
 //
 // Ordering and restart: a follower that listed the ipcache prefix at
@@ -145,6 +149,9 @@ type parsed struct {
 	badHorizon bool
 	entries    []logged
 	malformed  int
+
+	// horizonIndex is the horizon key's ModifyIndex (0: no horizon yet).
+	horizonIndex uint64
 }
 
 type logged struct {
@@ -159,6 +166,7 @@ func parse(kvs []store.KV, cluster string) parsed {
 	for _, kv := range kvs {
 		switch {
 		case kv.Key == hk:
+			p.horizonIndex = kv.ModifyIndex
 			h, err := strconv.ParseUint(strings.TrimSpace(string(kv.Value)), 10, 64)
 			if err != nil {
 				p.badHorizon = true

@@ -79,12 +79,15 @@ type follower struct {
 	done chan struct{}
 }
 
-func follow(t *testing.T, st store.Store, legacy func() bool) *follower {
+func follow(t *testing.T, st store.Store, legacy func() bool, opts ...func(*Follower)) *follower {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	fl := &follower{stop: cancel, done: make(chan struct{})}
 	fl.f = &Follower{St: st, Cluster: "default", Log: slog.New(slog.DiscardHandler), Wait: 2 * time.Second, Legacy: legacy,
 		Stats: func(s Stats) { fl.mu.Lock(); fl.st = s; fl.mu.Unlock() }}
+	for _, o := range opts {
+		o(fl.f)
+	}
 	go func() {
 		defer close(fl.done)
 		fl.f.Run(ctx, func(kvs []store.KV) {
@@ -458,5 +461,40 @@ func TestFollowerReadsNewEntriesOnly(t *testing.T) {
 			t.Fatalf("an entry pruned before its read did not make the follower list: %+v", fl.stats())
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestFollowerQuietPause: a log read that changed none of the keys (a
+// restarted host journals its unchanged keys again) is followed by the
+// Quiet pause, so a fleet-wide restart costs a follower about one read
+// per pause rather than one per start; a read that changed keys is
+// followed by the short pace only.
+func TestFollowerQuietPause(t *testing.T) {
+	st := newStore(t)
+	w := &Writer{St: st, Cluster: "default", Node: "h1"}
+	var quiet atomic.Int64
+	fl := follow(t, st, nil, func(f *Follower) {
+		f.Quiet = func() time.Duration { quiet.Add(1); return time.Millisecond }
+	})
+	write(t, st, w, 1, "v1")
+	fl.want(t, st)
+	time.Sleep(300 * time.Millisecond)
+	q := quiet.Load()
+	// The same value journaled again: read, nothing changed, a pause.
+	if err := w.Append(context.Background(), []Op{{Key: ipKey(1), Value: []byte("v1")}}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); quiet.Load() == q; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no quiet pause after a read that changed nothing")
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
+	q = quiet.Load()
+	write(t, st, w, 2, "v2")
+	fl.want(t, st)
+	time.Sleep(300 * time.Millisecond)
+	if n := quiet.Load() - q; n != 0 {
+		t.Errorf("%d quiet pauses after a read that changed a key, want 0", n)
 	}
 }

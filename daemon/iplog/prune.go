@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sort"
 	"strconv"
 	"time"
 
@@ -54,9 +55,37 @@ func (p *Pruner) Round(ctx context.Context) (int, error) {
 	if len(old) == 0 {
 		return 0, nil
 	}
+	sort.Slice(old, func(i, j int) bool { return old[i].index < old[j].index })
+	n := 0
 	// The horizon first: a follower must never miss a deleted entry
-	// without knowing it.
-	if top > pr.horizon || pr.badHorizon {
+	// without knowing it. Where the store can, the horizon and the first
+	// batch go in one transaction: every write under the log's prefix
+	// wakes every follower (a read of the key names and one of the
+	// horizon), so a round of two writes cost the fleet two wake-ups. In
+	// one transaction a follower sees both or neither; it still lists
+	// again when the deleted entries held something it had not applied.
+	raise := top > pr.horizon || pr.badHorizon
+	if txn := p.txn(); raise && txn != nil {
+		// top is the highest index of all the old entries, so the horizon
+		// covers whatever batch goes with it; the oldest go first.
+		chunk := old[:min(len(old), store.MaxBatch-1)]
+		kvs := make([]store.KV, 0, len(chunk))
+		for _, l := range chunk {
+			kvs = append(kvs, store.KV{Key: l.key, ModifyIndex: l.index})
+		}
+		set := store.KV{Key: HorizonKey(p.Cluster), Value: []byte(strconv.FormatUint(top, 10)), ModifyIndex: pr.horizonIndex}
+		ok, err := txn.CASDeleteCASBatch(ctx, set, kvs)
+		if err != nil {
+			return 0, fmt.Errorf("raise the ipcache log horizon and delete %d entries: %w", len(kvs), err)
+		}
+		if ok {
+			n, old, raise = len(chunk), old[len(chunk):], false
+		}
+		// Else the horizon or an entry changed since the list: the
+		// two-write way below reads the horizon again and skips what
+		// changed.
+	}
+	if raise {
 		cur, err := p.St.Get(ctx, HorizonKey(p.Cluster))
 		var idx uint64
 		switch {
@@ -82,7 +111,6 @@ func (p *Pruner) Round(ctx context.Context) (int, error) {
 	// prefix that wakes every follower, so one by one, a large bulk woke
 	// the whole fleet once per entry.
 	bd, _ := p.St.(store.BatchDeleter)
-	n := 0
 	for len(old) > 0 {
 		chunk := old[:min(len(old), store.MaxBatch)]
 		old = old[len(chunk):]
@@ -110,6 +138,13 @@ func (p *Pruner) Round(ctx context.Context) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// txn is the store's CASBatchDeleter (Consul: the horizon and the first
+// batch in one transaction), or nil: two writes.
+func (p *Pruner) txn() store.CASBatchDeleter {
+	t, _ := p.St.(store.CASBatchDeleter)
+	return t
 }
 
 // Run prunes every Keep/2 while this host leads.

@@ -220,6 +220,24 @@ func (f *fleet) oneChange(t *testing.T, c int, steadyReqs, steadyBytes float64) 
 	return reqs, bytes, slowest
 }
 
+// logPruned waits (at most d) until the change log holds no entry, plus
+// 2 s for the followers' last wake-ups.
+func (f *fleet) logPruned(t *testing.T, d time.Duration) {
+	t.Helper()
+	prefix := kvPrefix + iplog.ClusterPrefix(cluster) + "e/"
+	for deadline := time.Now().Add(d); ; time.Sleep(time.Second) {
+		keys, _, err := f.consul.KV().Keys(prefix, "", nil)
+		if err == nil && len(keys) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Logf("the change log still holds %d entries after %s (err %v); measuring anyway", len(keys), d, err)
+			break
+		}
+	}
+	time.Sleep(2 * time.Second)
+}
+
 // ladderSizes is RACKWIRE_FLEET_LADDER (total ipcache entries, comma-separated),
 // default 1000,10000,100000.
 func ladderSizes(t *testing.T) []int {
@@ -336,6 +354,7 @@ func (f *fleet) ladder(t *testing.T, mode string, eps []netip.Addr) {
 		// steady window or the first change and made its figure
 		// meaningless: -890 requests per change at 1,000 entries, keep 20s).
 		time.Sleep(max(15*time.Second, pruned(t)+5*time.Second))
+		f.logPruned(t, 3*time.Minute)
 		sr, sb := f.steady(15 * time.Second)
 		var rs, bs []float64
 		var worst time.Duration
@@ -343,10 +362,12 @@ func (f *fleet) ladder(t *testing.T, mode string, eps []netip.Addr) {
 		if total >= 50_000 {
 			changes = 1 // each costs the machine tens of seconds of CPU
 		}
+		classes := f.classes()
 		for c := range changes {
 			r, b, w := f.oneChange(t, c, sr, sb)
 			rs, bs, worst = append(rs, r), append(bs, b), max(worst, w)
 		}
+		f.logClasses(t, fmt.Sprintf("[%s] %d endpoint changes and their removals at %d entries", mode, changes, total), classes, f.classes())
 		slices.Sort(rs)
 		slices.Sort(bs)
 		t.Logf("BENCH store [%s] at %d entries (%d agents): steady %.1f requests/s, %s/s served; one endpoint change: %.0f requests, %s served (median of %d; %.0f bytes per agent), in every agent after %s; reconverged after the bulk in %s",
@@ -364,6 +385,7 @@ func (f *fleet) restartAll(t *testing.T) ([][2]float64, time.Duration) {
 	_ = f.each(len(f.agents), func(a *agent) error { a.stop(); return nil })
 	stop := make(chan struct{})
 	series := f.rateSeries(time.Second, stop)
+	classes := f.classes()
 	start := time.Now()
 	var wg sync.WaitGroup
 	errs := make(chan error, len(f.agents))
@@ -391,6 +413,7 @@ func (f *fleet) restartAll(t *testing.T) ([][2]float64, time.Duration) {
 	})
 	time.Sleep(5 * time.Second)
 	close(stop)
+	f.logClasses(t, "fleet-wide restart", classes, f.classes())
 	wg.Wait()
 	close(errs)
 	for err := range errs {
@@ -436,7 +459,9 @@ func TestFleetRestart(t *testing.T) {
 		syncModes(t)[0], n, len(eps)+f.sim, len(eps), f.sim, cold.Truncate(time.Millisecond))
 	f.resources(t, "after cold convergence")
 	time.Sleep(5 * time.Second)
+	classes := f.classes()
 	sr, _ := f.steady(10 * time.Second)
+	f.logClasses(t, "10 s steady", classes, f.classes())
 
 	offRates, offBack := f.restartAll(t)
 	offPeak, offMean := peakMean(offRates, 0)

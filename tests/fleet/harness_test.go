@@ -82,6 +82,35 @@ type proxy struct {
 	addr  string // as the agents see it
 	reqs  atomic.Int64
 	bytes atomic.Int64
+
+	mu      sync.Mutex       // guards classes
+	classes map[string]int64 // requests by requestClass
+}
+
+// requestClass names what a request asks for, to tell which of the
+// agents' reads a start wakes: the method, the API, and for the KV API the
+// first three segments of the key under the agents' prefix, whether it
+// blocks (index) and whether it asks for key names only (keys). Entry
+// and node names are left out, so one class is one kind of read.
+func requestClass(r *http.Request) string {
+	path := strings.TrimPrefix(r.URL.Path, "/v1/")
+	q := r.URL.Query()
+	if key, ok := strings.CutPrefix(path, "kv/"); ok {
+		key = strings.TrimPrefix(key, kvPrefix)
+		segs := strings.SplitN(key, "/", 4)
+		key = strings.Join(segs[:min(3, len(segs))], "/")
+		if q.Has("keys") {
+			key += " ?keys"
+		} else if q.Has("recurse") {
+			key += " ?recurse"
+		}
+		if q.Has("index") {
+			key += " (blocking)"
+		}
+		return r.Method + " kv " + key
+	}
+	segs := strings.SplitN(path, "/", 3)
+	return r.Method + " " + strings.Join(segs[:min(2, len(segs))], "/")
 }
 
 type countingWriter struct {
@@ -108,9 +137,13 @@ func startProxy(t testing.TB, target string) *proxy {
 	rp.Transport = &http.Transport{MaxIdleConns: 2000, MaxIdleConnsPerHost: 2000, IdleConnTimeout: time.Minute}
 	// Agents cancel their blocking queries when they stop: not news.
 	rp.ErrorLog = log.New(io.Discard, "", 0)
-	p := &proxy{}
+	p := &proxy{classes: map[string]int64{}}
 	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p.reqs.Add(1)
+		c := requestClass(r)
+		p.mu.Lock()
+		p.classes[c]++
+		p.mu.Unlock()
 		rp.ServeHTTP(countingWriter{w, &p.bytes}, r)
 	})}
 	ln, err := net.Listen("tcp", bridgeIP+":0")
@@ -150,6 +183,40 @@ type fleet struct {
 	deathMu sync.Mutex
 	deaths  []string
 	stopMon chan struct{}
+}
+
+// classes sums every proxy's requests by class.
+func (f *fleet) classes() map[string]int64 {
+	out := map[string]int64{}
+	for _, p := range f.proxies {
+		p.mu.Lock()
+		for c, n := range p.classes {
+			out[c] += n
+		}
+		p.mu.Unlock()
+	}
+	return out
+}
+
+// logClasses logs the requests by class between two classes() samples,
+// the largest first, with their number per agent.
+func (f *fleet) logClasses(t testing.TB, what string, before, after map[string]int64) {
+	type row struct {
+		c string
+		n int64
+	}
+	var rows []row
+	for c, n := range after {
+		if d := n - before[c]; d > 0 {
+			rows = append(rows, row{c, d})
+		}
+	}
+	slices.SortFunc(rows, func(a, b row) int { return int(b.n - a.n) })
+	var b strings.Builder
+	for _, r := range rows[:min(12, len(rows))] {
+		fmt.Fprintf(&b, "\n  %7d (%6.1f per agent)  %s", r.n, float64(r.n)/float64(len(f.agents)), r.c)
+	}
+	t.Logf("BENCH requests by kind, %s (%d agents):%s", what, len(f.agents), b.String())
 }
 
 func (f *fleet) sample() counters {
