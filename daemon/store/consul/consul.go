@@ -1028,7 +1028,7 @@ func (s *Store) createSession(ctx context.Context) (string, error) {
 		return "", err
 	}
 	s.searchedOld = true
-	s.noteSessionNode(sid)
+	s.noteSessionNode(cctx, sid)
 	var stale []string
 	for _, e := range old {
 		if e.Name == s.sessionName() && e.ID != sid {
@@ -1051,9 +1051,12 @@ func (s *Store) createSession(ctx context.Context) (string, error) {
 // TestServerDeathTakesItsSessions). With a client agent on the host that
 // is the host's own fate; talking to a server directly ties this host's
 // records to that server's, so it is said loudly, once per session.
-func (s *Store) noteSessionNode(sid string) {
-	self, err := s.client.Agent().Self()
-	if err != nil {
+//
+// The read is bounded by ctx (Agent().Self() takes none, and a hung agent
+// must not stop the session loop, which renews the session).
+func (s *Store) noteSessionNode(ctx context.Context, sid string) {
+	var self map[string]map[string]any
+	if _, err := s.client.Raw().Query("/v1/agent/self", &self, s.qopts(ctx, false)); err != nil {
 		return
 	}
 	cfg := self["Config"]
