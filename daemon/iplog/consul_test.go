@@ -62,6 +62,26 @@ func (m *meter) GetMany(ctx context.Context, keys []string) ([]store.KV, uint64,
 	return kvs, i, err
 }
 
+// putEntry writes ops ipcache keys of entry e (10.1.e.0, 10.1.e.1, ...)
+// straight into Consul in one transaction, then their change-log entry, as
+// a host's publisher does.
+func putEntry(t *testing.T, kv *api.KV, w *iplog.Writer, e, ops int, value []byte) {
+	t.Helper()
+	var lops []iplog.Op
+	var txn api.KVTxnOps
+	for o := range ops {
+		k := fmt.Sprintf("%sdefault/10.1.%d.%d", store.IPPrefix, e, o)
+		lops = append(lops, iplog.Op{Key: k, Value: value})
+		txn = append(txn, &api.KVTxnOp{Verb: api.KVSet, Key: "rwt/" + k, Value: value})
+	}
+	if ok, _, _, err := kv.Txn(txn, nil); err != nil || !ok {
+		t.Fatalf("write the ipcache keys: %v %v", ok, err)
+	}
+	if err := w.Append(context.Background(), lops); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func openConsul(t *testing.T, srv *consultest.Agent, node string) *consul.Store {
 	t.Helper()
 	s, err := consul.New(consul.Options{Address: srv.HTTPAddr, Prefix: "rwt/", Node: node, SessionTTL: time.Minute,
@@ -130,20 +150,8 @@ func TestPruneOfBulkConsul(t *testing.T) {
 	logBytes := 0
 	kv := srv.Client(t).KV()
 	for e := range entries {
-		var ops []iplog.Op
-		var txn api.KVTxnOps
-		for o := range opsPer {
-			k := fmt.Sprintf("%sdefault/10.1.%d.%d", store.IPPrefix, e, o)
-			ops = append(ops, iplog.Op{Key: k, Value: value})
-			txn = append(txn, &api.KVTxnOp{Verb: api.KVSet, Key: "rwt/" + k, Value: value})
-			logBytes += len(value)
-		}
-		if ok, _, _, err := kv.Txn(txn, nil); err != nil || !ok {
-			t.Fatalf("write the ipcache keys: %v %v", ok, err)
-		}
-		if err := w.Append(ctx, ops); err != nil {
-			t.Fatal(err)
-		}
+		putEntry(t, kv, w, e, opsPer, value)
+		logBytes += opsPer * len(value)
 	}
 
 	m := &meter{Store: open("h2")}
@@ -319,27 +327,12 @@ func TestPruneWakesOnceConsul(t *testing.T) {
 // entries with their JSON framing); now 173 B.
 func TestFollowerReadsOnlyNewEntriesConsul(t *testing.T) {
 	srv := consultest.Start(t)
-	ctx := context.Background()
 	st := openConsul(t, srv, "h1")
 	w := &iplog.Writer{St: st, Cluster: "default", Node: "h1"}
 	const entries, opsPer = 300, 16
 	value := []byte(`{"identity":12345,"node":"h1","tunnel":"10.0.0.1","padding":"0123456789"}`)
 	kv := srv.Client(t).KV()
-	put := func(e, ops int) {
-		var lops []iplog.Op
-		var txn api.KVTxnOps
-		for o := range ops {
-			k := fmt.Sprintf("%sdefault/10.1.%d.%d", store.IPPrefix, e, o)
-			lops = append(lops, iplog.Op{Key: k, Value: value})
-			txn = append(txn, &api.KVTxnOp{Verb: api.KVSet, Key: "rwt/" + k, Value: value})
-		}
-		if ok, _, _, err := kv.Txn(txn, nil); err != nil || !ok {
-			t.Fatalf("write the ipcache keys: %v %v", ok, err)
-		}
-		if err := w.Append(ctx, lops); err != nil {
-			t.Fatal(err)
-		}
-	}
+	put := func(e, ops int) { putEntry(t, kv, w, e, ops, value) }
 	for e := range entries {
 		put(e, opsPer)
 	}
