@@ -78,6 +78,10 @@ type agent struct {
 	policyDirMu sync.Mutex
 	policyDir   string // guarded by policyDirMu
 
+	// anchors: whether the anchored prefixes hold their folder keys
+	// (anchor.go).
+	anchors anchors
+
 	// watchSleep is the watches' pause after a change (tests); nil:
 	// backoff.Sleep.
 	watchSleep func(context.Context, time.Duration) bool
@@ -224,7 +228,7 @@ func (a *agent) start(ctx context.Context, wg *sync.WaitGroup, status func(strin
 	a.publishNode()
 
 	loops := []func(context.Context){a.syncLoop, a.policyWatch, a.ipcacheWatch, a.nodeWatch, a.hostAddrLoop, a.mon.run,
-		a.uplinkLoop, a.waitFirstList, a.runGC, a.pruneIPLog, a.probeStore, func(ctx context.Context) { a.pub.Run(ctx, time.Minute) }}
+		a.uplinkLoop, a.waitFirstList, a.runGC, a.pruneIPLog, a.probeStore, a.anchorLoop, func(ctx context.Context) { a.pub.Run(ctx, time.Minute) }}
 	loops = append(loops, a.serviceLoops()...)
 	if a.bgp != nil {
 		loops = append(loops, func(ctx context.Context) {

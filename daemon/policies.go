@@ -37,9 +37,10 @@ func (a *agent) loadPolicyDir() {
 	a.trigger()
 }
 
-// policyWatch follows the store's cluster-wide policies.
+// policyWatch follows the store's cluster-wide policies (an anchored
+// prefix: anchor.go).
 func (a *agent) policyWatch(ctx context.Context) {
-	a.watch(ctx, store.PolicyPrefix, func(kvs []store.KV) {
+	a.watchAnchored(ctx, store.PolicyPrefix, func(kvs []store.KV) {
 		a.sync.SetStorePolicies(kvs)
 		a.trigger()
 	})

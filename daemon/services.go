@@ -172,7 +172,7 @@ func (a *agent) serviceLoops() []func(context.Context) {
 	loops := []func(context.Context){
 		s.m.Run,
 		func(ctx context.Context) {
-			a.watch(ctx, store.ServicePrefix+s.cluster+"/", func(kvs []store.KV) {
+			a.watchAnchored(ctx, store.ServicePrefix+s.cluster+"/", func(kvs []store.KV) {
 				svcs, problems := s.storeServices(kvs)
 				s.m.Set(service.SourceStore, svcs, problems)
 			})

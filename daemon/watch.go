@@ -20,7 +20,14 @@ import (
 // that changed nothing under the prefix is not handed to fn, and is
 // followed by the pause of watchCoalesced (below).
 func (a *agent) watch(ctx context.Context, prefix string, fn func([]store.KV)) {
-	a.watchPaced(ctx, prefix, false, fn)
+	a.watchPaced(ctx, prefix, false, false, fn)
+}
+
+// watchAnchored is watch for an operator prefix that is often empty (the
+// policies, the services): it lists the prefix with its anchor (anchor.go)
+// and hands fn the keys under the prefix only.
+func (a *agent) watchAnchored(ctx context.Context, prefix string, fn func([]store.KV)) {
+	a.watchPaced(ctx, prefix, false, true, fn)
 }
 
 // watchPace bounds the read rate of a busy prefix.
@@ -58,11 +65,16 @@ func settle() time.Duration { return settleMin + backoff.Random(settleSpread) }
 // (node records): after every change it waits settle() before it reads
 // again.
 func (a *agent) watchCoalesced(ctx context.Context, prefix string, fn func([]store.KV)) {
-	a.watchPaced(ctx, prefix, true, fn)
+	a.watchPaced(ctx, prefix, true, false, fn)
 }
 
-// watchPaced is watch; coalesce: settle after every change.
-func (a *agent) watchPaced(ctx context.Context, prefix string, coalesce bool, fn func([]store.KV)) {
+// watchPaced is watch; coalesce: settle after every change; anchored:
+// list the prefix with its anchor (watchAnchored).
+func (a *agent) watchPaced(ctx context.Context, prefix string, coalesce, anchored bool, fn func([]store.KV)) {
+	listed := prefix
+	if anchored {
+		listed = anchorKey(prefix)
+	}
 	sleep := a.watchSleep
 	if sleep == nil {
 		sleep = backoff.Sleep
@@ -71,7 +83,7 @@ func (a *agent) watchPaced(ctx context.Context, prefix string, coalesce bool, fn
 	var last []store.KV // what fn got last; nil: nothing yet
 	bo := backoff.New(time.Second, time.Minute)
 	for ctx.Err() == nil {
-		kvs, next, err := a.st.Watch(ctx, prefix, index, 5*time.Minute)
+		kvs, next, err := a.st.Watch(ctx, listed, index, 5*time.Minute)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -91,6 +103,9 @@ func (a *agent) watchPaced(ctx context.Context, prefix string, coalesce bool, fn
 			continue
 		}
 		index = next
+		if anchored {
+			kvs = a.anchors.under(prefix, kvs)
+		}
 		if last != nil && sameKVs(last, kvs) {
 			// The store's index moved for a write elsewhere.
 			sleep(ctx, settle())
