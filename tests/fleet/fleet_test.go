@@ -386,7 +386,6 @@ func (f *fleet) restartAll(t *testing.T) ([][2]float64, time.Duration) {
 	stop := make(chan struct{})
 	series := f.rateSeries(time.Second, stop)
 	classes := f.classes()
-	start := time.Now()
 	var wg sync.WaitGroup
 	errs := make(chan error, len(f.agents))
 	for _, a := range f.agents {
@@ -414,13 +413,16 @@ func (f *fleet) restartAll(t *testing.T) ([][2]float64, time.Duration) {
 	time.Sleep(5 * time.Second)
 	close(stop)
 	f.logClasses(t, "fleet-wide restart", classes, f.classes())
+	r := <-series
+	if r.peak[0] != nil {
+		f.logClasses(t, "the restart's busiest second", r.peak[0], r.peak[1])
+	}
 	wg.Wait()
 	close(errs)
 	for err := range errs {
 		t.Error(err)
 	}
-	_ = start
-	return <-series, back
+	return r.steps, back
 }
 
 func peakMean(rs [][2]float64, col int) (peak, mean float64) {

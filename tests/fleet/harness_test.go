@@ -1031,24 +1031,35 @@ func uptime(t testing.TB, when string) {
 }
 
 // rateSeries samples the proxies' request and byte totals every step until
-// stop is closed, and returns the per-step rates.
-func (f *fleet) rateSeries(step time.Duration, stop <-chan struct{}) <-chan [][2]float64 {
-	out := make(chan [][2]float64, 1)
+// stop is closed and returns the rates per step, and the requests by
+// class of the step with the most requests (what the peak is made of).
+type rates struct {
+	steps [][2]float64
+	peak  [2]map[string]int64 // classes before and after the busiest step
+}
+
+func (f *fleet) rateSeries(step time.Duration, stop <-chan struct{}) <-chan rates {
+	out := make(chan rates, 1)
 	go func() {
-		var rs [][2]float64
-		prev := f.sample()
+		var r rates
+		prev, prevC := f.sample(), f.classes()
+		best := -1.0
 		tk := time.NewTicker(step)
 		defer tk.Stop()
 		for {
 			select {
 			case <-stop:
-				out <- rs
+				out <- r
 				return
 			case <-tk.C:
-				c := f.sample()
+				c, cc := f.sample(), f.classes()
 				dt := c.at.Sub(prev.at).Seconds()
-				rs = append(rs, [2]float64{float64(c.reqs-prev.reqs) / dt, float64(c.bytes-prev.bytes) / dt})
-				prev = c
+				rq := float64(c.reqs-prev.reqs) / dt
+				r.steps = append(r.steps, [2]float64{rq, float64(c.bytes-prev.bytes) / dt})
+				if rq > best {
+					best, r.peak = rq, [2]map[string]int64{prevC, cc}
+				}
+				prev, prevC = c, cc
 			}
 		}
 	}()
