@@ -142,6 +142,8 @@ func newAgent(ctx context.Context, cfg config.Config, st store.Store, log *slog.
 			}
 			return w.Append(ctx, ops)
 		})
+		// A restart journals only the keys it changed (publish package doc).
+		a.pub.SetJournaledMark(filepath.Join(cfg.Agent.StateDir, journaledMarkFile))
 	}
 	a.remote = newRemote(a.ipc, a.pub, a.self(), a.hostID, log.With("subsys", "remote"))
 	eopts := endpoint.OptionsFromConfig(&cfg)

@@ -40,6 +40,10 @@ func openStore(ctx context.Context, cfg config.Config, log *slog.Logger) (store.
 	}
 }
 
+// journaledMarkFile, in the state dir, says that every own ipcache write
+// of the previous run reached the change log (publish.SetJournaledMark).
+const journaledMarkFile = "publish-journaled"
+
 // countGateDecision exports the prestart gate's decision for this start.
 func countGateDecision(stateDir string, m *metrics.Registry) {
 	if reason, delayed := restart.LastReason(stateDir); reason != "" {

@@ -10,13 +10,30 @@
 // stalled store never blocks an API call or the policy sync.
 //
 // On restart the set starts empty and every wanted key is written once (a
-// put of an unchanged owned key is cheap). A failed write is retried with
+// put of an unchanged owned key is cheap; on Consul it takes the key over
+// from the previous run's session). A failed write is retried with
 // jittered backoff; nothing is lost.
 //
 // A journal (SetJournal, the ipcache change log of daemon/iplog) gets the
 // writes and deletions of keys under its prefix after each pass, once they
 // are in the store; changes it could not take are handed to it again on
 // the next pass, before newer ones.
+//
+// A restart journals only what changed. Every host follows the journal,
+// so a fleet-wide restart that journaled every key of every host again
+// cost each host a read of every other host's entries (docs/scale.md
+// "Fleet-wide restart"), for values nobody's ipcache lacked. So the first
+// pass reads (store.MultiGetter: one read per 64 keys) what the store
+// holds of the keys it is about to write under the journal's prefix; a
+// key that already holds the wanted value is written (taken over) but not
+// journaled. That is safe only if the previous run journaled every write
+// it made: a run that died between a write and its journal entry left a
+// value in the store that followers never saw. The journaled mark
+// (SetJournaledMark, a file in the state dir) says so: it is removed
+// before any write under the journal's prefix and put back after a pass
+// that left nothing pending and nothing unjournaled. Without it at start
+// (a crash, a first run, an older release) every key is journaled, as
+// before.
 package publish
 
 import (
@@ -24,6 +41,8 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -31,6 +50,7 @@ import (
 	"time"
 
 	"github.com/rackwire/rackwire/daemon/store"
+	"github.com/rackwire/rackwire/internal/atomicfile"
 	"github.com/rackwire/rackwire/internal/backoff"
 )
 
@@ -52,6 +72,12 @@ type Publisher struct {
 	journal       func(context.Context, []Change) error
 	unjournaled   []Change // changes the journal has not taken yet
 	rejournal     atomic.Bool
+
+	// The journaled mark (package doc). Set before Run; owned by Run.
+	markPath  string
+	markOn    bool // the mark file exists
+	trustMark bool // it existed at start: unchanged keys need no journal entry
+	firstDone bool // the first pass's read of the store was made
 }
 
 // Change is one write (or deletion) of a pass, as the journal gets it.
@@ -65,6 +91,18 @@ type Change struct {
 // order, after they are in the store. Call it before Run.
 func (p *Publisher) SetJournal(prefix string, fn func(context.Context, []Change) error) {
 	p.journalPrefix, p.journal = prefix, fn
+}
+
+// SetJournaledMark names the journaled mark's file (package doc) and reads
+// whether the previous run left it. Call it after SetJournal, before Run.
+func (p *Publisher) SetJournaledMark(path string) {
+	p.markPath = path
+	_, err := os.Stat(path)
+	p.markOn = err == nil
+	p.trustMark = p.markOn
+	if !p.markOn && !errors.Is(err, os.ErrNotExist) {
+		p.log.Warn("cannot read the journaled mark; every own ipcache key is journaled again", "file", path, "err", err)
+	}
 }
 
 // New returns a Publisher; timeout bounds each store call (default 5s).
@@ -198,11 +236,13 @@ func (p *Publisher) Run(ctx context.Context, interval time.Duration) {
 
 // pass writes every wanted key not yet published and deletes published
 // keys no longer wanted. It holds no lock during store calls.
+// op is one write (val) or deletion of a pass.
+type op struct {
+	key string
+	val []byte
+}
+
 func (p *Publisher) pass(ctx context.Context) error {
-	type op struct {
-		key string
-		val []byte
-	}
 	p.mu.Lock()
 	var puts, dels []op
 	for k, v := range p.want {
@@ -217,6 +257,17 @@ func (p *Publisher) pass(ctx context.Context) error {
 	}
 	p.mu.Unlock()
 	sort.Slice(puts, func(i, j int) bool { return puts[i].key < puts[j].key })
+	var quiet map[string]bool
+	if !p.firstDone && p.touchesJournal(puts, nil) {
+		quiet = p.unchanged(ctx, puts)
+		p.firstDone = true
+	}
+	if p.markOn && p.touchesJournal(puts, dels) {
+		if err := os.Remove(p.markPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+			p.log.Error("cannot remove the journaled mark; the next run will trust it", "file", p.markPath, "err", err)
+		}
+		p.markOn = false
+	}
 	var errs []error
 	for _, o := range puts {
 		cctx, cancel := context.WithTimeout(ctx, p.timeout)
@@ -231,7 +282,9 @@ func (p *Publisher) pass(ctx context.Context) error {
 			p.published[o.key] = o.val
 		}
 		p.mu.Unlock()
-		p.note(o.key, o.val, false)
+		if !quiet[o.key] {
+			p.note(o.key, o.val, false)
+		}
 	}
 	for _, o := range dels {
 		if len(errs) > 0 {
@@ -275,7 +328,95 @@ func (p *Publisher) pass(ctx context.Context) error {
 			p.unjournaled = nil
 		}
 	}
+	// The mark is made only once this run's own keys were written and
+	// journaled (firstDone): a run that started without it and died
+	// before that must not leave it for the next.
+	if p.markPath != "" && !p.markOn && p.firstDone && len(errs) == 0 && len(p.unjournaled) == 0 && p.Pending() == 0 {
+		if err := atomicfile.Write(p.markPath, []byte("every own ipcache write was journaled\n"), atomicfile.Options{Mode: 0o600}); err != nil {
+			p.log.Warn("cannot write the journaled mark; the next run journals every own ipcache key again", "file", p.markPath, "err", err)
+		} else {
+			p.markOn = true
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// touchesJournal reports whether a pass writes or deletes a key under the
+// journal's prefix.
+func (p *Publisher) touchesJournal(puts, dels []op) bool {
+	if p.journal == nil {
+		return false
+	}
+	for _, o := range slices.Concat(puts, dels) {
+		if strings.HasPrefix(o.key, p.journalPrefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// unchanged returns the keys of puts under the journal's prefix that the
+// store already holds with the wanted value: written, not journaled
+// (package doc). Called on the first pass that writes under the prefix;
+// only when the previous run left the journaled mark. A failed read
+// leaves every key journaled.
+func (p *Publisher) unchanged(ctx context.Context, puts []op) map[string]bool {
+	if !p.trustMark {
+		return nil
+	}
+	var keys []string
+	want := map[string][]byte{}
+	for _, o := range puts {
+		if strings.HasPrefix(o.key, p.journalPrefix) {
+			keys = append(keys, o.key)
+			want[o.key] = o.val
+		}
+	}
+	held, err := getMany(ctx, p.st, keys, p.timeout)
+	if err != nil {
+		p.log.Warn("cannot read the own ipcache keys the previous run left; journaling every one again", "keys", len(keys), "err", err)
+		return nil
+	}
+	quiet := map[string]bool{}
+	for _, kv := range held {
+		if v, ok := want[kv.Key]; ok && bytes.Equal(kv.Value, v) {
+			quiet[kv.Key] = true
+		}
+	}
+	p.log.Info("own ipcache keys the previous run left unchanged are taken over without a journal entry", "unchanged", len(quiet), "journaled", len(keys)-len(quiet))
+	return quiet
+}
+
+// getMany reads keys with store.MultiGetter where the store has it (one
+// read per store.MaxBatch keys), else one Get per key; missing keys are
+// left out.
+func getMany(ctx context.Context, st store.Store, keys []string, timeout time.Duration) ([]store.KV, error) {
+	var out []store.KV
+	if mg, ok := st.(store.MultiGetter); ok {
+		for b := range slices.Chunk(keys, store.MaxBatch) {
+			cctx, cancel := context.WithTimeout(ctx, timeout)
+			kvs, _, err := mg.GetMany(cctx, b)
+			cancel()
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, kvs...)
+		}
+		return out, nil
+	}
+	for _, k := range keys {
+		cctx, cancel := context.WithTimeout(ctx, timeout)
+		kv, err := st.Get(cctx, k)
+		cancel()
+		if errors.Is(err, store.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, kv)
+	}
+	return out, nil
 }
 
 // Rejournal hands every published key under the journal's prefix to the

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -150,4 +152,77 @@ func TestJournal(t *testing.T) {
 	before := journal()
 	p.Rejournal()
 	eventually(t, "published keys journaled again", func() bool { return journal() == before+" ip/2=b/false" })
+}
+
+// TestRestartJournalsOnlyChanges: a restart writes every own key again but
+// journals only the ones whose value changed, when the previous run left
+// the journaled mark; without the mark (a run that died between a write
+// and its journal entry) it journals every key, as before. Every host
+// follows the journal, so what a fleet-wide restart journals, every host
+// reads (docs/scale.md "Fleet-wide restart").
+func TestRestartJournalsOnlyChanges(t *testing.T) {
+	st := newStore(t)
+	mark := filepath.Join(t.TempDir(), "publish-journaled")
+	// run starts a publisher, sets kvs, waits until the store holds them
+	// and nothing is pending, stops it and returns what it journaled.
+	run := func(what string, kvs map[string][]byte, refuse bool) []string {
+		t.Helper()
+		p := New(st, time.Second, slog.New(slog.DiscardHandler))
+		var mu sync.Mutex
+		var got []string
+		p.SetJournal("ip/", func(_ context.Context, cs []Change) error {
+			if refuse {
+				return errors.New("journal down")
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			for _, c := range cs {
+				got = append(got, fmt.Sprintf("%s=%s", c.Key, c.Value))
+			}
+			return nil
+		})
+		p.SetJournaledMark(mark)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { p.Run(ctx, 50*time.Millisecond); close(done) }()
+		p.Set("node", map[string][]byte{"node/h": []byte("n")})
+		p.Set("eps", kvs)
+		eventually(t, what+": written", func() bool { return p.Pending() == 0 })
+		if !refuse {
+			eventually(t, what+": mark made", func() bool { _, err := os.Stat(mark); return err == nil })
+		} else {
+			time.Sleep(200 * time.Millisecond) // a few passes that fail to journal
+		}
+		cancel()
+		<-done
+		mu.Lock()
+		defer mu.Unlock()
+		slices.Sort(got)
+		return got
+	}
+	eq := func(what string, got []string, want ...string) {
+		t.Helper()
+		if !slices.Equal(got, want) {
+			t.Errorf("%s journaled %q, want %q", what, got, want)
+		}
+	}
+	eq("first run", run("first run", map[string][]byte{"ip/1": []byte("a"), "ip/2": []byte("b")}, false), "ip/1=a", "ip/2=b")
+	puts := st.puts.Load()
+	eq("restart", run("restart", map[string][]byte{"ip/1": []byte("a"), "ip/2": []byte("c"), "ip/3": []byte("d")}, false), "ip/2=c", "ip/3=d")
+	if n := st.puts.Load() - puts; n != 4 {
+		t.Errorf("the restart wrote %d keys, want 4 (every own key is written again: taken over)", n)
+	}
+	if value(st, "ip/1") != "a" || value(st, "ip/2") != "c" || value(st, "ip/3") != "d" {
+		t.Errorf("store holds ip/1=%q ip/2=%q ip/3=%q after the restart", value(st, "ip/1"), value(st, "ip/2"), value(st, "ip/3"))
+	}
+	// A run whose writes never reached the journal leaves no mark ...
+	run("journal down", map[string][]byte{"ip/1": []byte("a"), "ip/2": []byte("e"), "ip/3": []byte("d")}, true)
+	if _, err := os.Stat(mark); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the mark is there after a run whose journal refused every change (%v)", err)
+	}
+	// ... so the next run journals every key, the unjournaled ip/2=e too.
+	eq("restart without the mark", run("restart without the mark", map[string][]byte{"ip/1": []byte("a"), "ip/2": []byte("e"), "ip/3": []byte("d")}, false),
+		"ip/1=a", "ip/2=e", "ip/3=d")
+	// And with the mark back, a restart that changes nothing journals nothing.
+	eq("unchanged restart", run("unchanged restart", map[string][]byte{"ip/1": []byte("a"), "ip/2": []byte("e"), "ip/3": []byte("d")}, false))
 }
