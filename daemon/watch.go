@@ -61,8 +61,31 @@ const (
 // settle is the pause after a coalesced wake.
 func settle() time.Duration { return settleMin + backoff.Random(settleSpread) }
 
+// While changes keep coming, a coalescing watch pauses longer. With the
+// pause above, a window of starts (a start every 0.6 s in the 100-agent
+// gated restart) still cost every agent a read of every node record per
+// 1–2 s: 21 of the node prefix per agent in that restart, the largest
+// kind left once the anchors and the journal of changes only were in
+// (docs/scale.md). A read that returns at once after a pause found
+// changes piled up during it: the prefix is busy, and the next pause
+// doubles its floor, up to settleMax (1–2 s, 2–3 s, then 4–5 s). A read
+// that waited (busyRead or more) resets it. The cost: during sustained
+// churn of node records, a node record change reaches the agent up to
+// settleMax+settleSpread (5 s) later; a change after a quiet spell still
+// at once.
+const (
+	settleMax = 4 * time.Second
+	busyRead  = 250 * time.Millisecond
+)
+
+// settleBusy is the pause after a change of a coalescing watch that has
+// found changes waiting busy times in a row.
+func settleBusy(busy int) time.Duration {
+	return min(settleMin<<min(busy, 3), settleMax) + backoff.Random(settleSpread)
+}
+
 // watchCoalesced is watch for a prefix that other hosts' starts change
-// (node records): after every change it waits settle() before it reads
+// (node records): after every change it waits settleBusy before it reads
 // again.
 func (a *agent) watchCoalesced(ctx context.Context, prefix string, fn func([]store.KV)) {
 	a.watchPaced(ctx, prefix, true, false, fn)
@@ -81,9 +104,12 @@ func (a *agent) watchPaced(ctx context.Context, prefix string, coalesce, anchore
 	}
 	var index uint64
 	var last []store.KV // what fn got last; nil: nothing yet
+	busy := 0           // reads in a row that found changes waiting (settleBusy)
 	bo := backoff.New(time.Second, time.Minute)
 	for ctx.Err() == nil {
+		began := time.Now()
 		kvs, next, err := a.st.Watch(ctx, listed, index, 5*time.Minute)
+		waited := time.Since(began) >= busyRead
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -114,10 +140,16 @@ func (a *agent) watchPaced(ctx context.Context, prefix string, coalesce, anchore
 		if kvs == nil {
 			kvs = []store.KV{}
 		}
+		first := last == nil
 		last = kvs
 		fn(kvs)
 		if coalesce {
-			sleep(ctx, settle())
+			if first || waited {
+				busy = 0
+			} else {
+				busy++
+			}
+			sleep(ctx, settleBusy(busy))
 		} else {
 			sleep(ctx, watchPace)
 		}

@@ -262,3 +262,59 @@ func TestWatchEmptyPrefixConsul(t *testing.T) {
 		t.Errorf("%d deliveries, want 1 (the first read; %d writes elsewhere changed nothing)", n, writes)
 	}
 }
+
+// TestWatchCoalescedPauseGrowsWhileBusy: a node-record watch whose reads
+// keep finding changes waiting (a window of starts) pauses longer each
+// time, 1–2 s, 2–3 s, then 4–5 s at most; a read that had to wait (a
+// quiet spell) brings the pause back to 1–2 s. With the fixed 1–2 s pause
+// the 100-agent gated restart cost 21 node-prefix reads per agent
+// (docs/scale.md).
+func TestWatchCoalescedPauseGrowsWhileBusy(t *testing.T) {
+	sc := &scripted{answers: make(chan scriptedAnswer)}
+	pauses := make(chan time.Duration, 16)
+	a := &agent{st: sc, log: slog.New(slog.DiscardHandler),
+		watchSleep: func(ctx context.Context, d time.Duration) bool { pauses <- d; return ctx.Err() == nil }}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a.watchCoalesced(ctx, store.NodePrefix+"default/", func([]store.KV) {})
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	idx := uint64(0)
+	answer := func() {
+		t.Helper()
+		idx++
+		kvs := make([]store.KV, 0, idx)
+		for i := range idx {
+			kvs = append(kvs, store.KV{Key: fmt.Sprintf("%sdefault/h%d", store.NodePrefix, i), ModifyIndex: i + 1})
+		}
+		select {
+		case sc.answers <- scriptedAnswer{kvs: kvs, idx: idx}:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the watch did not read")
+		}
+	}
+	check := func(what string, lo time.Duration) {
+		t.Helper()
+		select {
+		case d := <-pauses:
+			if d < lo || d >= lo+settleSpread {
+				t.Errorf("%s: pause %s, want in [%s, %s)", what, d, lo, lo+settleSpread)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: no pause", what)
+		}
+	}
+	answer()
+	check("first read", settleMin)
+	answer() // at once: changes were waiting
+	check("busy once", 2*settleMin)
+	answer()
+	check("busy twice", settleMax)
+	answer()
+	check("busy three times (the cap)", settleMax)
+	time.Sleep(busyRead + 150*time.Millisecond) // the read waits: a quiet spell
+	answer()
+	check("after a quiet spell", settleMin)
+}

@@ -425,6 +425,21 @@ func (f *fleet) restartAll(t *testing.T) ([][2]float64, time.Duration) {
 	return r.steps, back
 }
 
+// peakOver is the highest mean rate over w consecutive steps: on two
+// shared cores the 1 s peak is partly the scheduler's (requests queued
+// behind a busy CPU leave in one burst), so the restart prints both.
+func peakOver(rs [][2]float64, col, w int) float64 {
+	var best float64
+	for i := 0; i+w <= len(rs); i++ {
+		var sum float64
+		for _, r := range rs[i : i+w] {
+			sum += r[col]
+		}
+		best = max(best, sum/float64(w))
+	}
+	return best
+}
+
 func peakMean(rs [][2]float64, col int) (peak, mean float64) {
 	for _, r := range rs {
 		peak = max(peak, r[col])
@@ -481,6 +496,8 @@ func TestFleetRestart(t *testing.T) {
 	t.Logf("BENCH restart gate on (window %s): %d agents back %s after the restart (window + %s); Consul requests/s peak %.0f, mean %.1f over %d s; bytes/s peak %s",
 		w, n, onBack.Truncate(time.Millisecond), (onBack - w).Truncate(time.Millisecond), onPeak, onMean, len(onRates), mb(onPeakB))
 	t.Logf("BENCH restart ratio: peak request rate gate on / gate off = %.3f (goal ≤ 0.2); peak bytes/s on / off = %.3f", onPeak/offPeak, onPeakB/offPeakB)
+	on5, off5 := peakOver(onRates, 0, 5), peakOver(offRates, 0, 5)
+	t.Logf("BENCH restart ratio over 5 s: peak mean request rate over 5 s gate on %.0f / gate off %.0f = %.3f", on5, off5, on5/off5)
 	f.noExits(t)
 	f.verify(t)
 	uptime(t, "after")
