@@ -129,7 +129,7 @@ bench-cni:
 # A fleet on one machine (docs/scale.md): RACKWIRE_FLEET_AGENTS agents
 # (default 100) in namespaces on a 3-server Consul. RACKWIRE_FLEET_LADDER
 # (entry totals, default 1000,10000,100000) and RACKWIRE_FLEET_WINDOW (the
-# restart gate's window scaled to the test, default 60s) tune it.
+# restart gate's window scaled to the test, default 120s) tune it.
 bench-fleet:
 	$(GO) test -tags rackwire_fleet -count=1 -v -run TestFleet -timeout 40m ./tests/fleet/
 

@@ -453,13 +453,16 @@ func peakMean(rs [][2]float64, col int) (peak, mean float64) {
 
 // TestFleetRestart: every agent restarted at once through `rackwired
 // prestart`, with the gate off (jitter_window = "0s") and on (the window
-// scaled to the test with RACKWIRE_FLEET_WINDOW, default 60s, instead of
+// scaled to the test with RACKWIRE_FLEET_WINDOW, default 120s, instead of
 // the minutes a real fleet of this size gets).
 func TestFleetRestart(t *testing.T) {
 	n := agentCount(t)
 	window := os.Getenv("RACKWIRE_FLEET_WINDOW")
 	if window == "" {
-		window = "60s"
+		// Half of the 4m9s fleet_size = 100 gives: 100 starts cost about
+		// 130 CPU-seconds, more than two shared cores have in 60 s
+		// (docs/scale.md "Fleet-wide restart: anchors ...").
+		window = "120s"
 	}
 	w, err := time.ParseDuration(window)
 	if err != nil || w <= 0 {
@@ -493,8 +496,12 @@ func TestFleetRestart(t *testing.T) {
 	onRates, onBack := f.restartAll(t)
 	onPeak, onMean := peakMean(onRates, 0)
 	onPeakB, _ := peakMean(onRates, 1)
-	t.Logf("BENCH restart gate on (window %s): %d agents back %s after the restart (window + %s); Consul requests/s peak %.0f, mean %.1f over %d s; bytes/s peak %s",
-		w, n, onBack.Truncate(time.Millisecond), (onBack - w).Truncate(time.Millisecond), onPeak, onMean, len(onRates), mb(onPeakB))
+	within := "within the window"
+	if onBack > w {
+		within = "window + " + (onBack - w).Truncate(time.Millisecond).String()
+	}
+	t.Logf("BENCH restart gate on (window %s): %d agents back %s after the restart (%s); Consul requests/s peak %.0f, mean %.1f over %d s; bytes/s peak %s",
+		w, n, onBack.Truncate(time.Millisecond), within, onPeak, onMean, len(onRates), mb(onPeakB))
 	t.Logf("BENCH restart ratio: peak request rate gate on / gate off = %.3f (goal ≤ 0.2); peak bytes/s on / off = %.3f", onPeak/offPeak, onPeakB/offPeakB)
 	on5, off5 := peakOver(onRates, 0, 5), peakOver(offRates, 0, 5)
 	t.Logf("BENCH restart ratio over 5 s: peak mean request rate over 5 s gate on %.0f / gate off %.0f = %.3f", on5, off5, on5/off5)
