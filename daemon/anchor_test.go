@@ -45,26 +45,8 @@ func TestAnchoredWatchSleepsThroughOtherWritesConsul(t *testing.T) {
 		a.watchAnchored(ctx, prefix, func(kvs []store.KV) { delivered <- kvs })
 	}()
 	t.Cleanup(func() { cancel(); <-done })
-	deliver := func(what string) []store.KV {
-		t.Helper()
-		select {
-		case kvs := <-delivered:
-			return kvs
-		case <-time.After(20 * time.Second):
-			t.Fatalf("%s: nothing delivered", what)
-			return nil
-		}
-	}
-	pause := func(what string) time.Duration {
-		t.Helper()
-		select {
-		case d := <-pauses:
-			return d
-		case <-time.After(20 * time.Second):
-			t.Fatalf("%s: the watch did not wake", what)
-			return 0
-		}
-	}
+	deliver := func(what string) []store.KV { t.Helper(); return within(t, delivered, what) }
+	pause := func(what string) time.Duration { t.Helper(); return within(t, pauses, what) }
 	writeElsewhere := func(i int) {
 		t.Helper()
 		if err := st.Put(ctx, fmt.Sprintf("%sprod/h%d", store.NodePrefix, i), []byte(`{}`), store.PutOptions{}); err != nil {

@@ -133,6 +133,20 @@ func TestWatchCoalescedReadsOncePerPause(t *testing.T) {
 	pause()
 }
 
+// within returns the next value of ch, failing the test when none comes
+// within 20 s (what says what was awaited).
+func within[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(20 * time.Second):
+		t.Fatalf("%s: nothing within 20s", what)
+		var zero T
+		return zero
+	}
+}
+
 // scripted is a store whose watch answers come from the test.
 type scripted struct {
 	store.Store
@@ -234,16 +248,7 @@ func TestWatchEmptyPrefixConsul(t *testing.T) {
 		a.watch(ctx, store.PolicyPrefix, func([]store.KV) { deliveries.Add(1) })
 	}()
 	t.Cleanup(func() { cancel(); <-done })
-	next := func(what string) time.Duration {
-		t.Helper()
-		select {
-		case d := <-pauses:
-			return d
-		case <-time.After(20 * time.Second):
-			t.Fatalf("%s: the watch did not wake", what)
-			return 0
-		}
-	}
+	next := func(what string) time.Duration { t.Helper(); return within(t, pauses, what) }
 	if d := next("first read"); d != watchPace {
 		t.Errorf("pause after the first read %s, want %s", d, watchPace)
 	}
@@ -297,13 +302,8 @@ func TestWatchCoalescedPauseGrowsWhileBusy(t *testing.T) {
 	}
 	check := func(what string, lo time.Duration) {
 		t.Helper()
-		select {
-		case d := <-pauses:
-			if d < lo || d >= lo+settleSpread {
-				t.Errorf("%s: pause %s, want in [%s, %s)", what, d, lo, lo+settleSpread)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatalf("%s: no pause", what)
+		if d := within(t, pauses, what); d < lo || d >= lo+settleSpread {
+			t.Errorf("%s: pause %s, want in [%s, %s)", what, d, lo, lo+settleSpread)
 		}
 	}
 	answer()
