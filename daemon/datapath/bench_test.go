@@ -406,3 +406,33 @@ func BenchmarkPolicySwap(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkUplinkPass measures, in BPF_PROG_TEST_RUN, what rw_from_uplink
+// costs a packet that is for no service frontend and no local endpoint:
+// the host's own traffic on an uplink (BGP, SSH), which it parses, looks
+// up as a frontend and as an endpoint, and passes. Run with
+// -bench BenchmarkUplinkPass (root).
+func BenchmarkUplinkPass(b *testing.B) {
+	testenv.RequireRoot(b)
+	d := openTest(b, Options{HostRouting: HostRoutingAuto})
+	if d.uplink == nil {
+		b.Fatalf("rw_from_uplink did not load: %v", d.uplinkErr)
+	}
+	data := pkt{src: netip.MustParseAddr("192.0.2.1"), dst: netip.MustParseAddr("198.51.100.1"),
+		proto: protoTCP, sport: 40000, dport: 179, tcpFlags: tcpACK, payloadLen: 10}.bytes()
+	const repeat = 10000
+	var total time.Duration
+	b.ResetTimer()
+	for range b.N {
+		ret, dur, err := d.uplink.Benchmark(data, repeat, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if ret != passRet {
+			b.Fatalf("rw_from_uplink returned %d for the host's own traffic, want %d (pass)", ret, passRet)
+		}
+		total += dur
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(total.Nanoseconds())/float64(b.N), "ns/pkt")
+}

@@ -53,7 +53,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (err e
 	quick := fs.Bool("quick", false, "a short run while developing: 3 rounds of 200ms (overrides -rounds and -dur)")
 	attach := fs.String("attach", datapath.AttachAuto, "attach mode: auto, tcx or tc")
 	verbose := fs.Bool("v", false, "log the datapath and endpoint steps")
-	profile := fs.String("profile", "", "after the rounds, record `perf record -a -g` of cross-host request/response in each cross-host mode into this directory")
+	profile := fs.String("profile", "", "after the rounds, record `perf record -a -g` of cross-host request/response and connect/request/close in each cross-host mode into this directory")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return err
@@ -248,9 +248,10 @@ func (p *pair) measure(ctx context.Context, kind string, dur time.Duration) (r r
 }
 
 // profileCross records a system-wide perf profile (call graphs) while the
-// cross-host pair runs request/response for 5 s in each mode, one file per
-// mode (DIR/cross-MODE.data), and the CPU cost per transaction of that
-// run, for `perf report --no-children --sort sym -i FILE`.
+// cross-host pair runs request/response, then connect/request/close, for
+// 5 s in each mode, one file per test and mode (DIR/cross-KIND-MODE.data),
+// and the CPU cost per transaction (connection) of that run, for
+// `perf report --no-children --sort sym -i FILE`.
 func profileCross(ctx context.Context, t *topo, modes []mode, dir string, stdout io.Writer) error {
 	if _, err := exec.LookPath("perf"); err != nil {
 		return fmt.Errorf("-profile needs perf (apt-get install linux-perf): %w", err)
@@ -266,46 +267,56 @@ func profileCross(ctx context.Context, t *topo, modes []mode, dir string, stdout
 		return fmt.Errorf("enable BPF run time statistics: %w", err)
 	}
 	defer stats.Close()
-	for _, m := range modes {
-		if err := t.cross.setMode(m); err != nil {
-			return err
-		}
-		before, err := t.cross.programStats(m)
-		if err != nil {
-			return err
-		}
-		out := filepath.Join(dir, fmt.Sprintf("cross-%s.data", m))
-		rec := exec.CommandContext(ctx, "perf", "record", "-a", "-g", "-q", "-o", out, "--", "sleep", fmt.Sprint(d.Seconds()+1))
-		if err := rec.Start(); err != nil {
-			return fmt.Errorf("perf record: %w", err)
-		}
-		time.Sleep(500 * time.Millisecond)
-		r, cpu, _, _, err := t.cross.measure(ctx, kindRR, d)
-		if werr := rec.Wait(); werr != nil && err == nil {
-			err = fmt.Errorf("perf record: %w", werr)
-		}
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "profile cross-host %s: %.0f trans/s, %.2f us CPU per transaction (client+server) -> %s\n", modeLabels[m], r.rate(), cpu/1e3, out)
-		after, err := t.cross.programStats(m)
-		if err != nil {
-			return err
-		}
-		var total time.Duration
-		for _, k := range slices.Sorted(maps.Keys(after)) {
-			runs := after[k].RunCount - before[k].RunCount
-			rt := after[k].Runtime - before[k].Runtime
-			if runs == 0 || r.Ops == 0 {
-				continue
+	for _, kind := range []string{kindRR, kindCRR} {
+		for _, m := range modes {
+			if err := profileOne(ctx, t, kind, m, d, dir, stdout); err != nil {
+				return err
 			}
-			total += rt
-			fmt.Fprintf(stdout, "  %-28s %.2f runs per transaction, %4.0f ns per run, %.2f us per transaction\n",
-				k, float64(runs)/float64(r.Ops), float64(rt.Nanoseconds())/float64(runs), float64(rt.Nanoseconds())/float64(r.Ops)/1e3)
 		}
-		if r.Ops > 0 {
-			fmt.Fprintf(stdout, "  BPF programs in total: %.2f us per transaction\n", float64(total.Nanoseconds())/float64(r.Ops)/1e3)
+	}
+	return nil
+}
+
+// profileOne is one profiled run of profileCross: test kind in mode m.
+func profileOne(ctx context.Context, t *topo, kind string, m mode, d time.Duration, dir string, stdout io.Writer) error {
+	if err := t.cross.setMode(m); err != nil {
+		return err
+	}
+	before, err := t.cross.programStats(m)
+	if err != nil {
+		return err
+	}
+	out := filepath.Join(dir, fmt.Sprintf("cross-%s-%s.data", kind, m))
+	rec := exec.CommandContext(ctx, "perf", "record", "-a", "-g", "-q", "-o", out, "--", "sleep", fmt.Sprint(d.Seconds()+1))
+	if err := rec.Start(); err != nil {
+		return fmt.Errorf("perf record: %w", err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	r, cpu, _, _, err := t.cross.measure(ctx, kind, d)
+	if werr := rec.Wait(); werr != nil && err == nil {
+		err = fmt.Errorf("perf record: %w", werr)
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "profile cross-host %s %s: %.0f ops/s, %.2f us CPU per op (client+server) -> %s\n", kind, modeLabels[m], r.rate(), cpu/1e3, out)
+	after, err := t.cross.programStats(m)
+	if err != nil {
+		return err
+	}
+	var total time.Duration
+	for _, k := range slices.Sorted(maps.Keys(after)) {
+		runs := after[k].RunCount - before[k].RunCount
+		rt := after[k].Runtime - before[k].Runtime
+		if runs == 0 || r.Ops == 0 {
+			continue
 		}
+		total += rt
+		fmt.Fprintf(stdout, "  %-28s %.2f runs per op, %4.0f ns per run, %.2f us per op\n",
+			k, float64(runs)/float64(r.Ops), float64(rt.Nanoseconds())/float64(runs), float64(rt.Nanoseconds())/float64(r.Ops)/1e3)
+	}
+	if r.Ops > 0 {
+		fmt.Fprintf(stdout, "  BPF programs in total: %.2f us per op\n", float64(total.Nanoseconds())/float64(r.Ops)/1e3)
 	}
 	return nil
 }
