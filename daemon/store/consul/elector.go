@@ -55,13 +55,14 @@ func (e *Elector) Lead(ctx context.Context) (<-chan struct{}, error) {
 	}
 	bo := backoff.New(time.Second, 30*time.Second)
 	var index uint64
+	wait := spread // doubles after each failed try while the key stays free
 	for {
 		free, next, err := e.free(ctx, index, 5*time.Minute)
 		if err == nil && free {
 			// Free: wait a random part of spread, watching; a host
 			// that takes the lock meanwhile wakes this query.
 			// (never 0: a blocking query without a wait waits 5 min)
-			free, next, err = e.free(ctx, next, max(backoff.Random(spread), 50*time.Millisecond))
+			free, next, err = e.free(ctx, next, max(backoff.Random(wait), 50*time.Millisecond))
 		}
 		if err != nil {
 			if ctx.Err() != nil {
@@ -76,14 +77,18 @@ func (e *Elector) Lead(ctx context.Context) (<-chan struct{}, error) {
 		bo.Reset()
 		index = next
 		if !free {
+			wait = spread
 			continue
 		}
 		lost, err := e.tryLock(ctx)
 		if err != nil || lost != nil {
 			return lost, err
 		}
-		// Another host was faster, or Consul's lock delay is on: watch
-		// again (from the start: the key changed).
+		// Another host was faster (the key is held: watch it again), or
+		// Consul's lock delay after a dead leader's session is on (the
+		// key stays free for 15 s): wait longer before the next try, so
+		// that a fleet does not take a session per host per try.
+		wait = min(2*wait, 8*spread)
 		index = 0
 	}
 }

@@ -79,3 +79,49 @@ func TestElectorWaitersHoldNoSession(t *testing.T) {
 	}
 	_ = next.Resign()
 }
+
+// TestElectorAfterLeaderSessionLost: a leader whose lock session is
+// invalidated (a dead host: TTL expired) is replaced once Consul's lock
+// delay (15 s) is over; the waiters' failed tries during the delay back
+// off instead of taking a session each every few seconds.
+func TestElectorAfterLeaderSessionLost(t *testing.T) {
+	a := consultest.Start(t)
+	ls := newTestStore(t, a.HTTPAddr, "host-dead", time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	if _, err := ls.Elector("locks/dead").Lead(ctx); err != nil {
+		t.Fatalf("first Lead: %v", err)
+	}
+	w := newTestStore(t, a.HTTPAddr, "host-next", time.Second).Elector("locks/dead")
+	w.spread = time.Second
+	led := make(chan error, 1)
+	go func() { _, err := w.Lead(ctx); led <- err }()
+	time.Sleep(time.Second)
+	ss, _, err := ls.client.Session().List(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	destroyed := 0
+	for _, s := range ss {
+		if s.Name == "rackwire-lock:host-dead" {
+			if _, err := ls.client.Session().Destroy(s.ID, nil); err != nil {
+				t.Fatal(err)
+			}
+			destroyed++
+		}
+	}
+	if destroyed != 1 {
+		t.Fatalf("destroyed %d lock sessions of the leader, want 1", destroyed)
+	}
+	start := time.Now()
+	select {
+	case err := <-led:
+		if err != nil {
+			t.Fatalf("waiter Lead: %v", err)
+		}
+		t.Logf("the waiter leads %s after the leader's session was destroyed", time.Since(start).Round(100*time.Millisecond))
+	case <-time.After(60 * time.Second):
+		t.Fatal("no new leader within 60 s of the leader's session loss")
+	}
+	_ = w.Resign()
+}
