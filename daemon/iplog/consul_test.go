@@ -95,8 +95,9 @@ func openConsul(t *testing.T, srv *consultest.Agent, node string) *consul.Store 
 
 // follow runs a follower on m until the test ends; snap returns its last
 // stats and the number of keys it last delivered, waitFor waits (≤ 30 s)
-// until cond holds for them.
-func follow(t *testing.T, m *meter, wait time.Duration) (snap func() (iplog.Stats, int), waitFor func(string, func(iplog.Stats, int) bool)) {
+// until cond holds for them, holds reports whether its last delivery
+// held a key.
+func follow(t *testing.T, m *meter, wait time.Duration) (snap func() (iplog.Stats, int), waitFor func(string, func(iplog.Stats, int) bool), holds func(string) bool) {
 	var mu sync.Mutex
 	var got map[string]bool
 	var stats iplog.Stats
@@ -118,6 +119,7 @@ func follow(t *testing.T, m *meter, wait time.Duration) (snap func() (iplog.Stat
 	}()
 	t.Cleanup(func() { cancel(); <-done })
 	snap = func() (iplog.Stats, int) { mu.Lock(); defer mu.Unlock(); return stats, len(got) }
+	holds = func(key string) bool { mu.Lock(); defer mu.Unlock(); return got[key] }
 	waitFor = func(what string, cond func(iplog.Stats, int) bool) {
 		t.Helper()
 		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
@@ -130,7 +132,7 @@ func follow(t *testing.T, m *meter, wait time.Duration) (snap func() (iplog.Stat
 			}
 		}
 	}
-	return snap, waitFor
+	return snap, waitFor, holds
 }
 
 // TestPruneOfBulkConsul: after a bulk of entries, the pruner's deletions
@@ -155,7 +157,7 @@ func TestPruneOfBulkConsul(t *testing.T) {
 	}
 
 	m := &meter{Store: open("h2")}
-	snap, waitFor := follow(t, m, 5*time.Second)
+	snap, waitFor, _ := follow(t, m, 5*time.Second)
 	waitFor("the follower read the bulk", func(s iplog.Stats, n int) bool { return s.Mode == "log" && s.LogReads > 0 && n == entries*opsPer })
 	time.Sleep(300 * time.Millisecond)
 	before, _ := snap()
@@ -264,7 +266,7 @@ func TestPruneWakesOnceConsul(t *testing.T) {
 	// follower's last read): every key read counted is a wake-up by a
 	// change, none a wait that elapsed. Holding the follower below waits
 	// for its parked read to end (≤ this wait).
-	snap, waitFor := follow(t, m, 10*time.Second)
+	snap, waitFor, _ := follow(t, m, 10*time.Second)
 	// Caught up, and parked in a blocking read of the key names.
 	waitFor("the follower read the log", func(s iplog.Stats, n int) bool { return s.Mode == "log" && s.KeyReads > 0 && n == entries })
 	time.Sleep(500 * time.Millisecond)
@@ -337,7 +339,7 @@ func TestFollowerReadsOnlyNewEntriesConsul(t *testing.T) {
 		put(e, opsPer)
 	}
 	m := &meter{Store: openConsul(t, srv, "h2")}
-	snap, waitFor := follow(t, m, 5*time.Second)
+	snap, waitFor, holds := follow(t, m, 5*time.Second)
 	waitFor("the follower holds the log", func(s iplog.Stats, n int) bool {
 		return s.Mode == "log" && s.KeyReads > 0 && n == entries*opsPer
 	})
@@ -347,8 +349,8 @@ func TestFollowerReadsOnlyNewEntriesConsul(t *testing.T) {
 	m.valueBytes.Store(0)
 	for c := range changes {
 		put(entries+c, 1)
-		want := entries*opsPer + c + 1
-		waitFor("the follower applies change "+fmt.Sprint(c), func(_ iplog.Stats, n int) bool { return n == want })
+		want, key := entries*opsPer+c+1, fmt.Sprintf("%sdefault/10.1.%d.0", store.IPPrefix, entries+c)
+		waitFor("the follower applies change "+fmt.Sprint(c), func(_ iplog.Stats, n int) bool { return n == want && holds(key) })
 	}
 	time.Sleep(300 * time.Millisecond)
 	reads, vb := m.reads.Load(), m.valueBytes.Load()
