@@ -296,8 +296,8 @@ func (f *Follower) readLog(ctx context.Context) (kvs []store.KV, next uint64, se
 		f.seen = seen
 		return nil, next, nil, nil
 	}
-	if mg, ok := f.St.(store.MultiGetter); ok {
-		return f.readNew(ctx, mg, keys, fresh, next)
+	if _, ok := f.St.(store.MultiGetter); ok {
+		return f.readNew(ctx, keys, fresh, next)
 	}
 	kvs, idx, err := f.St.List(ctx, ClusterPrefix(f.Cluster))
 	if err != nil {
@@ -317,18 +317,11 @@ func (f *Follower) readLog(ctx context.Context) (kvs []store.KV, next uint64, se
 // is read at the next wake, and one that came and went meanwhile is
 // caught by the horizon. An entry of fresh that is gone was pruned; the
 // horizon read after it says so.
-func (f *Follower) readNew(ctx context.Context, mg store.MultiGetter, keys, fresh []string, next uint64) ([]store.KV, uint64, map[string]bool, error) {
-	want := append(fresh, HorizonKey(f.Cluster))
-	kvs := make([]store.KV, 0, len(want))
-	for len(want) > 0 {
-		n := min(len(want), store.MaxBatch)
-		got, _, err := mg.GetMany(ctx, want[:n])
-		if err != nil {
-			return nil, 0, nil, err
-		}
-		f.stats.EntryReads++
-		kvs = append(kvs, got...)
-		want = want[n:]
+func (f *Follower) readNew(ctx context.Context, keys, fresh []string, next uint64) ([]store.KV, uint64, map[string]bool, error) {
+	kvs, reads, err := store.ReadKeys(ctx, f.St, append(fresh, HorizonKey(f.Cluster)))
+	f.stats.EntryReads += reads
+	if err != nil {
+		return nil, 0, nil, err
 	}
 	ep := entryPrefix(f.Cluster)
 	seen := make(map[string]bool, len(keys))

@@ -347,12 +347,8 @@ func (p *Publisher) touchesJournal(puts, dels []op) bool {
 	if p.journal == nil {
 		return false
 	}
-	for _, o := range slices.Concat(puts, dels) {
-		if strings.HasPrefix(o.key, p.journalPrefix) {
-			return true
-		}
-	}
-	return false
+	under := func(o op) bool { return strings.HasPrefix(o.key, p.journalPrefix) }
+	return slices.ContainsFunc(puts, under) || slices.ContainsFunc(dels, under)
 }
 
 // unchanged returns the keys of puts under the journal's prefix that the
@@ -372,7 +368,9 @@ func (p *Publisher) unchanged(ctx context.Context, puts []op) map[string]bool {
 			want[o.key] = o.val
 		}
 	}
-	held, err := getMany(ctx, p.st, keys, p.timeout)
+	rctx, cancel := context.WithTimeout(ctx, p.timeout)
+	held, _, err := store.ReadKeys(rctx, p.st, keys)
+	cancel()
 	if err != nil {
 		p.log.Warn("cannot read the own ipcache keys the previous run left; journaling every one again", "keys", len(keys), "err", err)
 		return nil
@@ -385,38 +383,6 @@ func (p *Publisher) unchanged(ctx context.Context, puts []op) map[string]bool {
 	}
 	p.log.Info("own ipcache keys the previous run left unchanged are taken over without a journal entry", "unchanged", len(quiet), "journaled", len(keys)-len(quiet))
 	return quiet
-}
-
-// getMany reads keys with store.MultiGetter where the store has it (one
-// read per store.MaxBatch keys), else one Get per key; missing keys are
-// left out.
-func getMany(ctx context.Context, st store.Store, keys []string, timeout time.Duration) ([]store.KV, error) {
-	var out []store.KV
-	if mg, ok := st.(store.MultiGetter); ok {
-		for b := range slices.Chunk(keys, store.MaxBatch) {
-			cctx, cancel := context.WithTimeout(ctx, timeout)
-			kvs, _, err := mg.GetMany(cctx, b)
-			cancel()
-			if err != nil {
-				return nil, err
-			}
-			out = append(out, kvs...)
-		}
-		return out, nil
-	}
-	for _, k := range keys {
-		cctx, cancel := context.WithTimeout(ctx, timeout)
-		kv, err := st.Get(cctx, k)
-		cancel()
-		if errors.Is(err, store.ErrNotFound) {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, kv)
-	}
-	return out, nil
 }
 
 // Rejournal hands every published key under the journal's prefix to the

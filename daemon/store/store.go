@@ -127,6 +127,39 @@ type MultiGetter interface {
 	GetMany(ctx context.Context, keys []string) ([]KV, uint64, error)
 }
 
+// ReadKeys reads keys, in order of the batches: with MultiGetter in reads
+// of MaxBatch keys, else one Get per key. Missing keys are left out. It
+// returns the requests made, also on error.
+func ReadKeys(ctx context.Context, st Store, keys []string) ([]KV, int, error) {
+	out := make([]KV, 0, len(keys))
+	reads := 0
+	if mg, ok := st.(MultiGetter); ok {
+		for len(keys) > 0 {
+			n := min(len(keys), MaxBatch)
+			got, _, err := mg.GetMany(ctx, keys[:n])
+			if err != nil {
+				return nil, reads, err
+			}
+			reads++
+			out = append(out, got...)
+			keys = keys[n:]
+		}
+		return out, reads, nil
+	}
+	for _, k := range keys {
+		kv, err := st.Get(ctx, k)
+		reads++
+		if errors.Is(err, ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, reads, err
+		}
+		out = append(out, kv)
+	}
+	return out, reads, nil
+}
+
 // Health is the store's state as the operator sees it.
 type Health struct {
 	Backend string    `json:"backend"`
