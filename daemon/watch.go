@@ -59,7 +59,7 @@ const (
 )
 
 // settle is the pause after a coalesced wake.
-func settle() time.Duration { return settleMin + backoff.Random(settleSpread) }
+func settle() time.Duration { return settleBusy(0) }
 
 // While changes keep coming, a coalescing watch pauses longer. With the
 // pause above, a window of starts (a start every 0.6 s in the 100-agent

@@ -73,26 +73,8 @@ func TestWatchCoalescedReadsOncePerPause(t *testing.T) {
 		a.watchCoalesced(ctx, store.NodePrefix+"default/", func(kvs []store.KV) { delivered <- len(kvs) })
 	}()
 	t.Cleanup(func() { cancel(); <-done })
-	recv := func(what string, ch <-chan int) int {
-		t.Helper()
-		select {
-		case n := <-ch:
-			return n
-		case <-time.After(10 * time.Second):
-			t.Fatalf("%s: nothing after 10s", what)
-			return 0
-		}
-	}
-	pause := func() time.Duration {
-		t.Helper()
-		select {
-		case d := <-pauses:
-			return d
-		case <-time.After(10 * time.Second):
-			t.Fatal("the watch did not pause after a change")
-			return 0
-		}
-	}
+	recv := func(what string, ch <-chan int) int { t.Helper(); return within(t, ch, what) }
+	pause := func() time.Duration { t.Helper(); return within(t, pauses, "the watch's pause after a change") }
 
 	if n := recv("first read", delivered); n != 1 {
 		t.Fatalf("first delivery holds %d records, want 1", n)
