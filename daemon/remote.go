@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"runtime/debug"
@@ -23,9 +24,17 @@ import (
 // to the ipcache owner. It also notices another host publishing under this
 // host's node name, and own records lost with the session.
 //
-// It owns the last lists the two watches delivered, because an ipcache
-// record is checked against its publisher's node record: a change of
-// either list re-checks the records.
+// It owns the node list the node watch delivered and, through the memo
+// (ipcache.RemoteMemo), each ipcache record's last check, because an
+// ipcache record is checked against its publisher's node record. The log
+// follower delivers changes, not the fleet's whole set: a changed record
+// is checked again, and a node record changed in its addresses or CIDRs
+// re-checks that node's records; the ipcache gets the difference. A list
+// (at start, when behind the log, every 30 min, and every change in list
+// mode) is checked whole, reusing every unchanged check, and replaces
+// the remote endpoints. Records that arrive before the first node list
+// wait in ipsWaiting (checked with no nodes, every record would be an
+// unknown node's and be withdrawn).
 type remote struct {
 	ipc    *ipcache.Cache
 	pub    *publish.Publisher
@@ -36,16 +45,20 @@ type remote struct {
 	mu        sync.Mutex // guards the fields below
 	nodes     map[string]ipcache.Node
 	nodesSeen bool
-	ips       []store.KV
-	ipsSeen   bool
-	rejected  map[string]string // key -> reason, of the last lists
-	duplicate string            // what is known of another host using this node name; "" if none
-	pruned    bool
+	// ipsSeen: a list of the ipcache records was delivered. applied: the
+	// ipcache holds its check, so changes apply to it; until then the
+	// records wait in ipsWaiting.
+	ipsSeen    bool
+	applied    bool
+	ipsWaiting map[string]store.KV
+	rejected   map[string]string // key -> reason, of the last lists
+	duplicate  string            // what is known of another host using this node name; "" if none
+	pruned     bool
 	// legacyNodes counts hosts that do not write the ipcache change log;
 	// logStats is the log follower's last report.
 	legacyNodes int
 	logStats    iplog.Stats
-	// checked remembers the checks of ips while nodes are the same.
+	// checked holds the node view and every record's check.
 	checked ipcache.RemoteMemo
 }
 
@@ -59,13 +72,13 @@ func newRemote(ipc *ipcache.Cache, pub *publish.Publisher, self ipcache.Self, ho
 func (a *agent) ipcacheWatch(ctx context.Context) {
 	prefix := store.IPPrefix + a.cfg.Node.Cluster + "/"
 	var rel memRelease
-	deliver := func(kvs []store.KV) {
-		a.remote.setIPs(kvs)
-		a.pub.Seen(prefix, values(kvs), true)
-		rel.after(len(kvs), time.Now())
+	deliver := func(d iplog.Delivery) {
+		a.remote.deliverIPs(d)
+		a.pub.Seen(prefix, d.Get, true)
+		rel.after(d.Size(), time.Now())
 	}
 	if a.cfg.Store.IPCacheSync != "log" {
-		a.watch(ctx, prefix, deliver)
+		a.watch(ctx, prefix, func(kvs []store.KV) { deliver(iplog.WholeDelivery(kvs)) })
 		return
 	}
 	f := &iplog.Follower{St: a.st, Cluster: a.cfg.Node.Cluster, Log: a.log.With("subsys", "iplog"),
@@ -167,16 +180,8 @@ func (a *agent) nodeWatch(ctx context.Context) {
 	prefix := store.NodePrefix + a.cfg.Node.Cluster + "/"
 	a.watchCoalesced(ctx, prefix, func(kvs []store.KV) {
 		a.remote.setNodes(kvs)
-		a.pub.Seen(prefix, values(kvs), false)
+		a.pub.Seen(prefix, iplog.WholeDelivery(kvs).Get, false)
 	})
-}
-
-func values(kvs []store.KV) map[string][]byte {
-	m := make(map[string][]byte, len(kvs))
-	for _, kv := range kvs {
-		m[kv.Key] = kv.Value
-	}
-	return m
 }
 
 func (r *remote) setNodes(kvs []store.KV) {
@@ -185,7 +190,7 @@ func (r *remote) setNodes(kvs []store.KV) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.nodes, r.nodesSeen = nodes, true
-	r.checked.Reset()
+	moved := r.checked.SetNodes(nodes, r.self)
 	r.noteRejected(store.NodePrefix, rej)
 	if dup {
 		msg := fmt.Sprintf("another host (host_id %s, addresses %v) publishes under this host's node name %q; give each host a unique [node] name",
@@ -202,27 +207,86 @@ func (r *remote) setNodes(kvs []store.KV) {
 	if err := r.ipc.Replace(ipcache.RemoteNode, ipcache.NodeEntries(nodes, r.self)); err != nil {
 		r.log.Warn("cannot write every node address to the ipcache; retrying", "err", err)
 	}
-	if r.ipsSeen {
-		r.applyIPsLocked()
+	switch {
+	case r.applied:
+		r.applyDeltaLocked(moved)
+	case r.ipsSeen:
+		kvs := make([]store.KV, 0, len(r.ipsWaiting))
+		for _, kv := range r.ipsWaiting {
+			kvs = append(kvs, kv)
+		}
+		r.ipsWaiting = nil
+		r.applyWholeLocked(kvs)
 	}
 }
 
-func (r *remote) setIPs(kvs []store.KV) {
+// deliverIPs takes a delivery of the ipcache watch: a list is checked
+// whole, a change as itself once the ipcache holds a list's check.
+func (r *remote) deliverIPs(d iplog.Delivery) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.ips, r.ipsSeen = kvs, true
-	if r.nodesSeen {
-		r.applyIPsLocked()
+	switch {
+	case d.Whole && r.nodesSeen:
+		r.ipsSeen, r.ipsWaiting = true, nil
+		r.applyWholeLocked(d.Set)
+	case d.Whole:
+		r.ipsSeen = true
+		r.ipsWaiting = make(map[string]store.KV, len(d.Set))
+		for _, kv := range d.Set {
+			r.ipsWaiting[kv.Key] = kv
+		}
+	case r.applied:
+		r.applyDeltaLocked(r.checked.Update(d.Changed, d.Removed, r.self))
+	default: // before the node list: the records wait
+		if r.ipsWaiting == nil {
+			r.ipsWaiting = map[string]store.KV{}
+		}
+		for _, kv := range d.Changed {
+			r.ipsWaiting[kv.Key] = kv
+		}
+		for _, k := range d.Removed {
+			delete(r.ipsWaiting, k)
+		}
 	}
 }
 
-// applyIPsLocked checks the ipcache records against the node records and
-// makes the ipcache's remote endpoints equal to what passes. r.mu held.
-func (r *remote) applyIPsLocked() {
-	set, rej := r.checked.Remote(r.ips, r.nodes, r.self)
+// applyWholeLocked checks a list of the ipcache records against the node
+// records and makes the ipcache's remote endpoints equal to what passes.
+// r.mu held.
+func (r *remote) applyWholeLocked(kvs []store.KV) {
+	set, rej := r.checked.Whole(kvs, r.self)
+	r.applied = true
 	r.noteRejected(store.IPPrefix, rej)
 	if err := r.ipc.Replace(ipcache.RemoteEndpoint, set); err != nil {
 		r.log.Warn("cannot write every remote endpoint to the ipcache; retrying", "err", err)
+	}
+}
+
+// applyDeltaLocked writes a change of the checked set to the ipcache.
+// r.mu held.
+func (r *remote) applyDeltaLocked(d ipcache.Delta) {
+	var errs []error
+	for _, p := range d.Delete {
+		if err := r.ipc.Delete(ipcache.RemoteEndpoint, p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for p, e := range d.Upsert {
+		if err := r.ipc.Upsert(ipcache.RemoteEndpoint, p, e); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		r.log.Warn("cannot write every remote endpoint to the ipcache; retrying", "failed", len(errs), "err", errors.Join(errs...))
+	}
+	for k, reason := range d.Refused {
+		switch {
+		case reason == "":
+			delete(r.rejected, k)
+		case r.rejected[k] != reason:
+			r.log.Warn("store record refused; it does not reach the datapath", "key", k, "reason", reason)
+			r.rejected[k] = reason
+		}
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/netip"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/rackwire/rackwire/daemon/identity"
@@ -208,44 +209,62 @@ func Remote(kvs []store.KV, nodes map[string]Node, self Self) (set map[netip.Pre
 	prefix := store.IPPrefix + self.Cluster + "/"
 	var buf []byte
 	for _, kv := range kvs {
-		var reason string
-		var ip netip.Addr
-		var e Entry
-		ip, e, reason, buf = checkIP(kv, nodes, self, prefix, buf)
+		var r checkResult
+		r, buf = checkIP(kv, nodes, self, prefix, buf)
 		switch {
-		case reason == skipSelf:
-		case reason != "":
-			rejected = append(rejected, Rejected{Key: kv.Key, Reason: reason})
+		case r.reason == skipSelf:
+		case r.reason != "":
+			rejected = append(rejected, Rejected{Key: kv.Key, Reason: r.reason})
 		default:
-			set[netip.PrefixFrom(ip, ip.BitLen())] = e
+			set[netip.PrefixFrom(r.ip, r.ip.BitLen())] = r.e
 		}
 	}
 	return set, rejected
 }
 
-// RemoteMemo is Remote with a memory of its last checks: a record whose
-// value is the same as at the last call is not decoded and checked again
-// while the node records are the same (Reset when they change). In log
-// mode every change of the fleet hands the agent the whole set again, and
-// checking 30,000 records costs ≈ 65 ms of CPU; with 100 agents on one
+// RemoteMemo is Remote with a memory of its checks, for an agent that
+// follows the fleet's records change by change (the ipcache change log)
+// and must not pay for the fleet's size on every change: at 30,000
+// records a whole check costs ≈ 65 ms of CPU, and with 100 agents on one
 // machine and hundreds of changes a second that was the machine's CPU
-// (docs/scale.md). Not safe for concurrent use.
+// (docs/scale.md).
+//
+// It owns the node view the records are checked against (SetNodes) and
+// each record's last result. A record is checked again only when its
+// value changes (Update) or when the record of the node it names changes
+// in what a check reads: the node's addresses and CIDRs, or its existence.
+// A node record rewritten with the same addresses (every start of that
+// host) re-checks nothing. Update and SetNodes return the change of the
+// checked set as a Delta for the ipcache; Whole returns the whole set
+// (for Cache.Replace after a list). Not safe for concurrent use.
 type RemoteMemo struct {
-	memo map[string]memoIP
+	memo  map[string]memoIP
+	nodes map[string]Node
+	// checks counts checkIP calls, for the tests.
+	checks int
 }
 
 type memoIP struct {
-	val    []byte
-	ip     netip.Addr
-	e      Entry
-	reason string
+	val []byte
+	checkResult
 }
 
-// Reset forgets every check: the node records changed.
-func (m *RemoteMemo) Reset() { m.memo = nil }
+// Delta is a change of the checked set: entries to write, prefixes to
+// withdraw, and the keys whose refusal changed (reason "" when a key is
+// no longer refused, or is gone).
+type Delta struct {
+	Upsert  map[netip.Prefix]Entry
+	Delete  []netip.Prefix
+	Refused map[string]string
+}
 
-// Remote is Remote, remembering each record's result.
-func (m *RemoteMemo) Remote(kvs []store.KV, nodes map[string]Node, self Self) (set map[netip.Prefix]Entry, rejected []Rejected) {
+// Empty reports whether d changes nothing.
+func (d Delta) Empty() bool { return len(d.Upsert) == 0 && len(d.Delete) == 0 && len(d.Refused) == 0 }
+
+// Whole checks kvs, the whole list of ipcache records, against the node
+// view, reusing every result whose record and node are the same, and
+// forgets records kvs does not hold. It is Remote's answer.
+func (m *RemoteMemo) Whole(kvs []store.KV, self Self) (set map[netip.Prefix]Entry, rejected []Rejected) {
 	set = make(map[netip.Prefix]Entry, len(kvs))
 	next := make(map[string]memoIP, len(kvs))
 	prefix := store.IPPrefix + self.Cluster + "/"
@@ -254,7 +273,8 @@ func (m *RemoteMemo) Remote(kvs []store.KV, nodes map[string]Node, self Self) (s
 		r, ok := m.memo[kv.Key]
 		if !ok || !bytes.Equal(r.val, kv.Value) {
 			r.val = kv.Value
-			r.ip, r.e, r.reason, buf = checkIP(kv, nodes, self, prefix, buf)
+			r.checkResult, buf = checkIP(kv, m.nodes, self, prefix, buf)
+			m.checks++
 		}
 		next[kv.Key] = r
 		switch {
@@ -269,63 +289,172 @@ func (m *RemoteMemo) Remote(kvs []store.KV, nodes map[string]Node, self Self) (s
 	return set, rejected
 }
 
+// SetNodes makes nodes the node view and checks again the records of the
+// nodes whose addresses or CIDRs changed, appeared or went away.
+func (m *RemoteMemo) SetNodes(nodes map[string]Node, self Self) Delta {
+	moved := map[string]bool{}
+	for name, o := range m.nodes {
+		if n, ok := nodes[name]; !ok || !sameChecks(o, n) {
+			moved[name] = true
+		}
+	}
+	for name := range nodes {
+		if _, ok := m.nodes[name]; !ok {
+			moved[name] = true
+		}
+	}
+	m.nodes = nodes
+	d := newDelta()
+	if len(moved) == 0 {
+		return d
+	}
+	prefix := store.IPPrefix + self.Cluster + "/"
+	var buf []byte
+	for k, r := range m.memo {
+		if r.node != "" && moved[r.node] {
+			buf = m.recheck(&d, store.KV{Key: k, Value: r.val}, self, prefix, buf)
+		}
+	}
+	return d
+}
+
+// Update checks the records written (changed) and withdraws those deleted
+// (removed) since the last call.
+func (m *RemoteMemo) Update(changed []store.KV, removed []string, self Self) Delta {
+	d := newDelta()
+	if m.memo == nil {
+		m.memo = make(map[string]memoIP, len(changed))
+	}
+	prefix := store.IPPrefix + self.Cluster + "/"
+	var buf []byte
+	for _, kv := range changed {
+		if r, ok := m.memo[kv.Key]; ok && bytes.Equal(r.val, kv.Value) {
+			continue
+		}
+		buf = m.recheck(&d, kv, self, prefix, buf)
+	}
+	for _, k := range removed {
+		r, ok := m.memo[k]
+		if !ok {
+			continue
+		}
+		delete(m.memo, k)
+		if r.accepted() {
+			d.Delete = append(d.Delete, netip.PrefixFrom(r.ip, r.ip.BitLen()))
+		}
+		if r.reason != "" && r.reason != skipSelf {
+			d.Refused[k] = ""
+		}
+	}
+	return d
+}
+
+func newDelta() Delta {
+	return Delta{Upsert: map[netip.Prefix]Entry{}, Refused: map[string]string{}}
+}
+
+// recheck checks kv and records in d how its result differs from the
+// last one.
+func (m *RemoteMemo) recheck(d *Delta, kv store.KV, self Self, prefix string, buf []byte) []byte {
+	old, had := m.memo[kv.Key]
+	r := memoIP{val: kv.Value}
+	r.checkResult, buf = checkIP(kv, m.nodes, self, prefix, buf)
+	m.checks++
+	m.memo[kv.Key] = r
+	if had && old.accepted() && (!r.accepted() || old.ip != r.ip) {
+		d.Delete = append(d.Delete, netip.PrefixFrom(old.ip, old.ip.BitLen()))
+	}
+	if r.accepted() && (!had || !old.accepted() || old.ip != r.ip || old.e != r.e) {
+		d.Upsert[netip.PrefixFrom(r.ip, r.ip.BitLen())] = r.e
+	}
+	was, now := "", r.reason
+	if had && old.reason != skipSelf {
+		was = old.reason
+	}
+	if now == skipSelf {
+		now = ""
+	}
+	if was != now {
+		d.Refused[kv.Key] = now
+	}
+	return buf
+}
+
+// sameChecks reports whether a check of a record reads the same of a and b.
+func sameChecks(a, b Node) bool {
+	return slices.Equal(a.IPs, b.IPs) && slices.Equal(a.CIDRs, b.CIDRs)
+}
+
+// checkResult is what checkIP decided of one record: the node it names
+// ("" when it was refused before that was read), and either the entry or
+// the reason for refusing it.
+type checkResult struct {
+	node   string
+	ip     netip.Addr
+	e      Entry
+	reason string
+}
+
+func (r checkResult) accepted() bool { return r.reason == "" }
+
 const skipSelf = "\x00self"
 
-func checkIP(kv store.KV, nodes map[string]Node, self Self, prefix string, buf []byte) (netip.Addr, Entry, string, []byte) {
+func checkIP(kv store.KV, nodes map[string]Node, self Self, prefix string, buf []byte) (checkResult, []byte) {
 	if !strings.HasPrefix(kv.Key, prefix) {
 		if strings.HasPrefix(kv.Key, store.IPPrefix) {
-			return netip.Addr{}, Entry{}, ReasonOtherCluster, buf
+			return checkResult{reason: ReasonOtherCluster}, buf
 		}
-		return netip.Addr{}, Entry{}, ReasonMalformed, buf
+		return checkResult{reason: ReasonMalformed}, buf
 	}
 	if len(kv.Value) > MaxIPValue {
-		return netip.Addr{}, Entry{}, ReasonTooLarge, buf
+		return checkResult{reason: ReasonTooLarge}, buf
 	}
 	var r store.IPEntry
 	if err := json.Unmarshal(kv.Value, &r); err != nil {
-		return netip.Addr{}, Entry{}, ReasonMalformed, buf
+		return checkResult{reason: ReasonMalformed}, buf
 	}
+	node := r.Node
 	ip, err := netip.ParseAddr(r.IP)
 	if err != nil {
-		return netip.Addr{}, Entry{}, ReasonMalformed, buf
+		return checkResult{node: node, reason: ReasonMalformed}, buf
 	}
 	if ip = ip.Unmap(); !usable(ip) {
-		return netip.Addr{}, Entry{}, ReasonBadAddress, buf
+		return checkResult{node: node, reason: ReasonBadAddress}, buf
 	}
 	// The key must be store.IPKey(cluster, ip): compared without building
 	// the key string.
 	buf = ip.AppendTo(buf[:0])
 	if kv.Key[len(prefix):] != string(buf) {
-		return netip.Addr{}, Entry{}, ReasonKeyNotAddress, buf
+		return checkResult{node: node, reason: ReasonKeyNotAddress}, buf
 	}
 	if r.Node == self.Node {
-		return netip.Addr{}, Entry{}, skipSelf, buf
+		return checkResult{node: node, reason: skipSelf}, buf
 	}
 	switch id := identity.ID(r.Identity); {
 	case id.IsReserved():
-		return netip.Addr{}, Entry{}, ReasonReserved, buf
+		return checkResult{node: node, reason: ReasonReserved}, buf
 	case id.Cluster() == 0:
-		return netip.Addr{}, Entry{}, ReasonHostLocal, buf
+		return checkResult{node: node, reason: ReasonHostLocal}, buf
 	case id.Cluster() != self.ClusterID:
-		return netip.Addr{}, Entry{}, ReasonOtherCluster, buf
+		return checkResult{node: node, reason: ReasonOtherCluster}, buf
 	case !id.IsCluster():
 		// This cluster's byte over a local number below 256: that range
 		// mirrors the reserved one and is never allocated.
-		return netip.Addr{}, Entry{}, ReasonReserved, buf
+		return checkResult{node: node, reason: ReasonReserved}, buf
 	}
 	for _, a := range self.Addrs {
 		if a.Unmap() == ip {
-			return netip.Addr{}, Entry{}, ReasonThisHost, buf
+			return checkResult{node: node, reason: ReasonThisHost}, buf
 		}
 	}
 	for _, p := range self.CIDRs {
 		if p.Contains(ip) {
-			return netip.Addr{}, Entry{}, ReasonThisHostCIDR, buf
+			return checkResult{node: node, reason: ReasonThisHostCIDR}, buf
 		}
 	}
 	n, ok := nodes[r.Node]
 	if !ok {
-		return netip.Addr{}, Entry{}, ReasonUnknownNode, buf
+		return checkResult{node: node, reason: ReasonUnknownNode}, buf
 	}
 	inside := false
 	for _, p := range n.CIDRs {
@@ -335,13 +464,13 @@ func checkIP(kv store.KV, nodes map[string]Node, self Self, prefix string, buf [
 		}
 	}
 	if !inside {
-		return netip.Addr{}, Entry{}, ReasonOutsideCIDRs, buf
+		return checkResult{node: node, reason: ReasonOutsideCIDRs}, buf
 	}
 	e := Entry{Identity: r.Identity}
 	if r.HostIP != "" {
 		h, err := netip.ParseAddr(r.HostIP)
 		if err != nil {
-			return netip.Addr{}, Entry{}, ReasonMalformed, buf
+			return checkResult{node: node, reason: ReasonMalformed}, buf
 		}
 		h = h.Unmap()
 		known := false
@@ -352,11 +481,11 @@ func checkIP(kv store.KV, nodes map[string]Node, self Self, prefix string, buf [
 			}
 		}
 		if !known {
-			return netip.Addr{}, Entry{}, ReasonHostIP, buf
+			return checkResult{node: node, reason: ReasonHostIP}, buf
 		}
 		e.HostIP = h
 	}
-	return ip, e, "", buf
+	return checkResult{node: node, ip: ip, e: e}, buf
 }
 
 // NodeEntries returns the other hosts' addresses as RemoteNode entries:

@@ -3,6 +3,8 @@ package ipcache
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
+	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -292,8 +294,9 @@ func TestLoadHostID(t *testing.T) {
 	}
 }
 
-// TestRemoteMemoSameAsRemote: the memo gives Remote's answer after values
-// change, records come and go, and the node records change (Reset).
+// TestRemoteMemoSameAsRemote: the memo's whole check gives Remote's
+// answer after values change, records come and go, and the node records
+// change.
 func TestRemoteMemoSameAsRemote(t *testing.T) {
 	self := Self{Node: "me", Cluster: "default", ClusterID: 1}
 	nodes := map[string]Node{"h1": {Name: "h1", IPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")},
@@ -308,14 +311,15 @@ func TestRemoteMemoSameAsRemote(t *testing.T) {
 	check := func(step string, kvs []store.KV, nodes map[string]Node) {
 		t.Helper()
 		ws, wr := Remote(kvs, nodes, self)
-		gs, gr := m.Remote(kvs, nodes, self)
+		m.SetNodes(nodes, self)
+		gs, gr := m.Whole(kvs, self)
 		if fmt.Sprint(ws, wr) != fmt.Sprint(gs, gr) {
 			t.Fatalf("%s: memo gives %v %v, Remote %v %v", step, gs, gr, ws, wr)
 		}
 	}
 	kvs := []store.KV{rec("10.1.0.1", id, "h1"), rec("10.1.0.2", id, "h1"), rec("10.1.0.3", 5, "h1"), rec("10.1.0.4", id, "me")}
 	check("first", kvs, nodes)
-	if s, r := m.Remote(kvs, nodes, self); len(s) != 2 || len(r) != 1 {
+	if s, r := m.Whole(kvs, self); len(s) != 2 || len(r) != 1 {
 		t.Fatalf("first set %v, rejected %v: want 2 passed, 1 refused", s, r)
 	}
 	check("same", kvs, nodes)
@@ -326,9 +330,138 @@ func TestRemoteMemoSameAsRemote(t *testing.T) {
 	// h1's CIDR moves: every record of it must be checked again.
 	nodes = map[string]Node{"h1": {Name: "h1", IPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")},
 		CIDRs: []netip.Prefix{netip.MustParsePrefix("10.2.0.0/16")}}}
-	m.Reset()
 	check("nodes changed", kvs, nodes)
-	if s, _ := m.Remote(kvs, nodes, self); len(s) != 0 {
+	if s, _ := m.Whole(kvs, self); len(s) != 0 {
 		t.Fatalf("records outside h1's CIDR passed after the node change: %v", s)
+	}
+}
+
+// TestRemoteMemoDeltasSameAsRemote: the set built by applying the memo's
+// deltas (records changed and removed one batch at a time, node records
+// changed, appearing and going away) is, after every step, what Remote
+// checks of the whole list; and a check is done again only where a value
+// or the addresses of its node changed.
+func TestRemoteMemoDeltasSameAsRemote(t *testing.T) {
+	self := Self{Node: "me", Cluster: "default", ClusterID: 1}
+	node := func(name, ip, cidr, hostID string) Node {
+		return Node{Name: name, IPs: []netip.Addr{netip.MustParseAddr(ip)}, CIDRs: []netip.Prefix{netip.MustParsePrefix(cidr)}, HostID: hostID}
+	}
+	hosts := []string{"h1", "h2", "h3", "me", "ghost"}
+	hostIP := map[string]string{"h1": "192.0.2.1", "h2": "192.0.2.2", "h3": "192.0.2.3", "me": "192.0.2.9", "ghost": "192.0.2.8"}
+	nodes := map[string]Node{"h1": node("h1", "192.0.2.1", "10.1.0.0/16", "a"), "h2": node("h2", "192.0.2.2", "10.2.0.0/16", "b")}
+	rnd := rand.New(rand.NewPCG(1, 2))
+	store1 := map[string][]byte{}
+	var m RemoteMemo
+	applied := map[netip.Prefix]Entry{}
+	refused := map[string]string{}
+	apply := func(d Delta) {
+		for _, p := range d.Delete {
+			delete(applied, p)
+		}
+		maps.Copy(applied, d.Upsert)
+		for k, r := range d.Refused {
+			if r == "" {
+				delete(refused, k)
+			} else {
+				refused[k] = r
+			}
+		}
+	}
+	compare := func(step int, what string) {
+		t.Helper()
+		var kvs []store.KV
+		for k, v := range store1 {
+			kvs = append(kvs, store.KV{Key: k, Value: v})
+		}
+		ws, wr := Remote(kvs, nodes, self)
+		want := map[string]string{}
+		for _, r := range wr {
+			want[r.Key] = r.Reason
+		}
+		if !maps.Equal(ws, applied) || !maps.Equal(want, refused) {
+			t.Fatalf("step %d (%s): deltas give %v refusing %v; Remote gives %v refusing %v", step, what, applied, refused, ws, want)
+		}
+	}
+	apply(m.SetNodes(nodes, self))
+	for step := range 400 {
+		switch op := rnd.IntN(10); {
+		case op < 7: // a batch of record writes and deletions
+			dirty := map[string]bool{}
+			for range 1 + rnd.IntN(4) {
+				a := netip.AddrFrom4([4]byte{10, byte(1 + rnd.IntN(3)), 0, byte(1 + rnd.IntN(12))})
+				k := store.IPKey("default", a)
+				dirty[k] = true
+				if rnd.IntN(4) == 0 {
+					delete(store1, k)
+					continue
+				}
+				h := hosts[rnd.IntN(len(hosts))]
+				id := uint32(1)<<24 | uint32(300+rnd.IntN(3))
+				if rnd.IntN(8) == 0 {
+					id = 5 // reserved
+				}
+				v := fmt.Sprintf(`{"ip":%q,"identity":%d,"host_ip":%q,"node":%q}`, a, id, hostIP[h], h)
+				if rnd.IntN(15) == 0 {
+					v = "{not json"
+				}
+				store1[k] = []byte(v)
+			}
+			var changed []store.KV
+			var removed []string
+			for k := range dirty {
+				if v, ok := store1[k]; ok {
+					changed = append(changed, store.KV{Key: k, Value: v})
+				} else {
+					removed = append(removed, k)
+				}
+			}
+			apply(m.Update(changed, removed, self))
+			compare(step, "records")
+		case op < 8: // a node record rewritten by its host's start: nothing to check again
+			next := maps.Clone(nodes)
+			for name, n := range next {
+				n.HostID += "x"
+				next[name] = n
+			}
+			before := m.checks
+			d := m.SetNodes(next, self)
+			nodes = next
+			if m.checks != before || !d.Empty() {
+				t.Fatalf("step %d: a node record with the same addresses checked %d records again, delta %+v", step, m.checks-before, d)
+			}
+			apply(d)
+			compare(step, "same addresses")
+		default: // a node moves its CIDR, appears or goes away
+			next := maps.Clone(nodes)
+			name := []string{"h2", "h3"}[rnd.IntN(2)]
+			switch _, ok := next[name]; {
+			case !ok:
+				next[name] = node(name, hostIP[name], "10.3.0.0/16", "c")
+			case rnd.IntN(2) == 0:
+				delete(next, name)
+			default:
+				cidr := "10.2.0.0/16"
+				if next[name].CIDRs[0].String() == cidr {
+					cidr = "10.3.0.0/16"
+				}
+				next[name] = node(name, hostIP[name], cidr, "c")
+			}
+			of := 0
+			for _, r := range m.memo {
+				if r.node == name {
+					of++
+				}
+			}
+			before := m.checks
+			apply(m.SetNodes(next, self))
+			nodes = next
+			if got := m.checks - before; got != of {
+				t.Fatalf("step %d: node %s changed: %d records checked again, want its %d", step, name, got, of)
+			}
+			compare(step, "node "+name)
+		}
+	}
+	if len(applied) == 0 || len(refused) == 0 {
+		t.Fatalf("the walk never reached both an accepted and a refused record: %d accepted, %d refused", len(applied), len(refused))
 	}
 }

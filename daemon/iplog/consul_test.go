@@ -107,14 +107,21 @@ func follow(t *testing.T, m *meter, wait time.Duration) (snap func() (iplog.Stat
 		Stats: func(s iplog.Stats) { mu.Lock(); stats = s; mu.Unlock() }}
 	go func() {
 		defer close(done)
-		f.Run(fctx, func(kvs []store.KV) {
-			s := map[string]bool{}
-			for _, kv := range kvs {
-				s[kv.Key] = true
-			}
+		f.Run(fctx, func(d iplog.Delivery) {
 			mu.Lock()
-			got = s
-			mu.Unlock()
+			defer mu.Unlock()
+			if d.Whole || got == nil {
+				got = map[string]bool{}
+				for _, kv := range d.Set {
+					got[kv.Key] = true
+				}
+			}
+			for _, kv := range d.Changed {
+				got[kv.Key] = true
+			}
+			for _, k := range d.Removed {
+				delete(got, k)
+			}
 		})
 	}()
 	t.Cleanup(func() { cancel(); <-done })

@@ -49,6 +49,39 @@ type Follower struct {
 	seen   map[string]bool
 	legacy bool
 	stats  Stats
+	// whole: the keys were listed since the last delivery; else dirty
+	// holds the keys written or deleted since then.
+	whole bool
+	dirty map[string]struct{}
+}
+
+// Delivery is what the follower hands on after a change: the whole set of
+// keys after a list, else only the keys written and deleted since the
+// last delivery (a change costs the agent the change, not the fleet's
+// 30,000 keys: docs/scale.md).
+type Delivery struct {
+	// Whole: Set holds every key (in no order). Else Changed holds the
+	// keys written since the last delivery, with their values, and
+	// Removed the keys deleted.
+	Whole   bool
+	Set     []store.KV
+	Changed []store.KV
+	Removed []string
+	// Get looks a key up in the follower's whole set. Valid during the
+	// call only.
+	Get func(key string) ([]byte, bool)
+}
+
+// Size is the number of keys d carries.
+func (d Delivery) Size() int { return len(d.Set) + len(d.Changed) + len(d.Removed) }
+
+// WholeDelivery is the delivery of a list: every key.
+func WholeDelivery(kvs []store.KV) Delivery {
+	m := make(map[string][]byte, len(kvs))
+	for _, kv := range kvs {
+		m[kv.Key] = kv.Value
+	}
+	return Delivery{Whole: true, Set: kvs, Get: func(k string) ([]byte, bool) { v, ok := m[k]; return v, ok }}
 }
 
 // Stats counts what the follower did, for status and metrics.
@@ -68,10 +101,10 @@ type Stats struct {
 	BehindAfterList int
 }
 
-// Run follows the ipcache until ctx ends; deliver gets the whole set of
-// keys (in no order: sorting 30,000 keys on every change was a third of
-// the agent's CPU per change) after every change. It runs in the caller's goroutine.
-func (f *Follower) Run(ctx context.Context, deliver func([]store.KV)) {
+// Run follows the ipcache until ctx ends; deliver gets every change: the
+// whole set after a list, the keys changed since the last delivery
+// otherwise. It runs in the caller's goroutine.
+func (f *Follower) Run(ctx context.Context, deliver func(Delivery)) {
 	if f.Wait <= 0 {
 		f.Wait = 5 * time.Minute
 	}
@@ -99,7 +132,7 @@ func (f *Follower) Run(ctx context.Context, deliver func([]store.KV)) {
 			f.Stats(f.stats)
 		}
 		if changed {
-			deliver(f.snapshot())
+			deliver(f.delivery())
 		}
 		// Bound the rate of a busy fleet, and of a store that answers a
 		// blocking query at once.
@@ -232,12 +265,14 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 			if op.Delete {
 				if _, ok := f.ips[op.Key]; ok {
 					delete(f.ips, op.Key)
+					f.dirty[op.Key] = struct{}{}
 					changed = true
 				}
 				continue
 			}
 			if cur, ok := f.ips[op.Key]; !ok || string(cur.Value) != string(op.Value) {
 				f.ips[op.Key] = store.KV{Key: op.Key, Value: op.Value, ModifyIndex: l.index}
+				f.dirty[op.Key] = struct{}{}
 				changed = true
 			}
 		}
@@ -371,12 +406,27 @@ func (f *Follower) setList(kvs []store.KV, idx uint64) {
 	f.base = idx
 	f.listed = time.Now()
 	f.stats.Lists++
+	f.whole, f.dirty = true, map[string]struct{}{}
 }
 
-func (f *Follower) snapshot() []store.KV {
-	out := make([]store.KV, 0, len(f.ips))
-	for _, kv := range f.ips {
-		out = append(out, kv)
+// delivery hands on what changed since the last one and forgets it.
+func (f *Follower) delivery() Delivery {
+	d := Delivery{Whole: f.whole, Get: func(k string) ([]byte, bool) { kv, ok := f.ips[k]; return kv.Value, ok }}
+	if f.whole {
+		d.Set = make([]store.KV, 0, len(f.ips))
+		for _, kv := range f.ips {
+			d.Set = append(d.Set, kv)
+		}
+	} else {
+		for k := range f.dirty {
+			if kv, ok := f.ips[k]; ok {
+				d.Changed = append(d.Changed, kv)
+			} else {
+				d.Removed = append(d.Removed, k)
+			}
+		}
 	}
-	return out
+	f.whole = false
+	clear(f.dirty)
+	return d
 }

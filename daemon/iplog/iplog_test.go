@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -69,14 +70,36 @@ func write(t *testing.T, st store.Store, w *Writer, i int, val string) {
 	}
 }
 
-// follower runs a Follower and keeps its last delivery.
+// applyDelivery applies d to m (a copy when d is whole) and returns it:
+// what a consumer of the follower holds.
+func applyDelivery(m map[string]string, d Delivery) map[string]string {
+	if d.Whole || m == nil {
+		m = map[string]string{}
+		for _, kv := range d.Set {
+			m[kv.Key] = string(kv.Value)
+		}
+	}
+	for _, kv := range d.Changed {
+		m[kv.Key] = string(kv.Value)
+	}
+	for _, k := range d.Removed {
+		delete(m, k)
+	}
+	return m
+}
+
+// follower runs a Follower and keeps what its deliveries add up to.
 type follower struct {
 	f    *Follower
 	mu   sync.Mutex
 	last map[string]string
-	st   Stats
-	stop context.CancelFunc
-	done chan struct{}
+	// deliveries records whether each delivery was whole, sizes the
+	// keys each carried.
+	deliveries []bool
+	sizes      []int
+	st         Stats
+	stop       context.CancelFunc
+	done       chan struct{}
 }
 
 func follow(t *testing.T, st store.Store, legacy func() bool, opts ...func(*Follower)) *follower {
@@ -90,14 +113,12 @@ func follow(t *testing.T, st store.Store, legacy func() bool, opts ...func(*Foll
 	}
 	go func() {
 		defer close(fl.done)
-		fl.f.Run(ctx, func(kvs []store.KV) {
-			m := map[string]string{}
-			for _, kv := range kvs {
-				m[kv.Key] = string(kv.Value)
-			}
+		fl.f.Run(ctx, func(d Delivery) {
 			fl.mu.Lock()
-			fl.last = m
-			fl.mu.Unlock()
+			defer fl.mu.Unlock()
+			fl.deliveries = append(fl.deliveries, d.Whole)
+			fl.sizes = append(fl.sizes, d.Size())
+			fl.last = applyDelivery(fl.last, d)
 		})
 	}()
 	t.Cleanup(func() { cancel(); <-fl.done })
@@ -171,6 +192,23 @@ func TestFollowerReadsChangesNotState(t *testing.T) {
 	if n := st.watchKeys.Load(); n > 51*52/2+51 {
 		t.Errorf("log reads returned %d keys for 51 changes, want at most %d", n, 51*52/2+51)
 	}
+	// The list is delivered whole, each change as itself: the agent's
+	// cost per change is the change, not the 500 keys.
+	fl.mu.Lock()
+	defer fl.mu.Unlock()
+	if len(fl.deliveries) < 2 || !fl.deliveries[0] || fl.sizes[0] != 500 {
+		t.Fatalf("deliveries (whole?) %v of %v keys: want the list of 500 first", fl.deliveries, fl.sizes)
+	}
+	carried := 0
+	for i, whole := range fl.deliveries[1:] {
+		if whole {
+			t.Errorf("delivery %d after the list was whole (%d keys); want the change only", i+1, fl.sizes[i+1])
+		}
+		carried += fl.sizes[i+1]
+	}
+	if carried > 51 {
+		t.Errorf("51 changes were delivered as %d keys, want at most 51", carried)
+	}
 }
 
 // TestFollowerListsAfterPrune: a follower that did not read the log
@@ -199,6 +237,13 @@ func TestFollowerListsAfterPrune(t *testing.T) {
 	fl.want(t, st)
 	if s := fl.stats(); s.Behind < 1 || s.Lists < 2 {
 		t.Errorf("stats = %+v, want a list after falling behind the horizon %s", s, h.Value)
+	}
+	// The list after falling behind is delivered whole: the consumer's
+	// copy must lose key 1, whose deletion it never saw.
+	fl.mu.Lock()
+	defer fl.mu.Unlock()
+	if whole := slices.Index(fl.deliveries[1:], true); whole < 0 {
+		t.Errorf("deliveries (whole?) %v: the list after falling behind was not delivered whole", fl.deliveries)
 	}
 }
 

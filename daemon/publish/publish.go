@@ -141,20 +141,22 @@ func (p *Publisher) Set(group string, kvs map[string][]byte) {
 	}
 }
 
-// Seen tells the publisher what a watch found under prefix (key -> value).
+// Seen tells the publisher what a watch holds under prefix: get looks a
+// key up in the watch's whole view (called only for own keys, so that a
+// watch that follows changes need not build a map of the fleet's keys).
 // A published key that is missing was lost (with an expired session, or
 // deleted by hand) and is written again. With reassert, a published key
 // that holds another value (overwritten by someone else) is written again
 // too; without it (the node record, which a duplicate host would fight
 // over) an overwrite is left for the duplicate detection to report.
-func (p *Publisher) Seen(prefix string, present map[string][]byte, reassert bool) {
+func (p *Publisher) Seen(prefix string, get func(key string) ([]byte, bool), reassert bool) {
 	p.mu.Lock()
 	lost := 0
 	for k, v := range p.published {
 		if !strings.HasPrefix(k, prefix) {
 			continue
 		}
-		cur, ok := present[k]
+		cur, ok := get(k)
 		if ok && (!reassert || bytes.Equal(cur, v)) {
 			continue
 		}

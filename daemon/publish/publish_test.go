@@ -84,17 +84,17 @@ func TestPublisher(t *testing.T) {
 	if err := st.Delete(context.Background(), "k/3"); err != nil {
 		t.Fatal(err)
 	}
-	p.Seen("k/", map[string][]byte{"k/1": []byte("uno")}, false)
+	p.Seen("k/", lookup(map[string][]byte{"k/1": []byte("uno")}), false)
 	eventually(t, "lost key republished", func() bool { return value(st, "k/3") == "three" })
 	if err := st.Put(context.Background(), "k/1", []byte("evil"), store.PutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	p.Seen("k/", map[string][]byte{"k/1": []byte("evil"), "k/3": []byte("three")}, false)
+	p.Seen("k/", lookup(map[string][]byte{"k/1": []byte("evil"), "k/3": []byte("three")}), false)
 	time.Sleep(100 * time.Millisecond)
 	if v := value(st, "k/1"); v != "evil" {
 		t.Fatalf("without reassert an overwritten key was rewritten: %q", v)
 	}
-	p.Seen("k/", map[string][]byte{"k/1": []byte("evil"), "k/3": []byte("three")}, true)
+	p.Seen("k/", lookup(map[string][]byte{"k/1": []byte("evil"), "k/3": []byte("three")}), true)
 	eventually(t, "overwritten key reasserted", func() bool { return value(st, "k/1") == "uno" })
 
 	// While the store fails, nothing is lost; it converges once it works.
@@ -225,4 +225,9 @@ func TestRestartJournalsOnlyChanges(t *testing.T) {
 		"ip/1=a", "ip/2=e", "ip/3=d")
 	// And with the mark back, a restart that changes nothing journals nothing.
 	eq("unchanged restart", run("unchanged restart", map[string][]byte{"ip/1": []byte("a"), "ip/2": []byte("e"), "ip/3": []byte("d")}, false))
+}
+
+// lookup is a watch's view for Seen.
+func lookup(m map[string][]byte) func(string) ([]byte, bool) {
+	return func(k string) ([]byte, bool) { v, ok := m[k]; return v, ok }
 }
