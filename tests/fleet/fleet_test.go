@@ -53,12 +53,21 @@ func (f *fleet) seed(t *testing.T) {
 
 // boot writes every agent's config, starts them all at once (through
 // prestart when gated), adds the endpoints, and returns when each agent
-// answers.
+// answers. It logs how long each of the two phases took.
 func (f *fleet) boot(t *testing.T, prestart bool) {
 	t.Helper()
 	for _, a := range f.agents {
 		a.writeConfig(t)
 	}
+	start := time.Now()
+	var started time.Time // every agent answers
+	defer func() {
+		if !started.IsZero() {
+			t.Logf("BENCH boot: %d agents answering %s after the first start, their %d endpoints added %s later",
+				len(f.agents), started.Sub(start).Truncate(time.Millisecond), len(f.agents)*endpointsPerAgent,
+				time.Since(started).Truncate(time.Millisecond))
+		}
+	}()
 	if err := f.each(startWave(t, len(f.agents)), func(a *agent) error {
 		if prestart {
 			if err := a.prestart(t); err != nil {
@@ -69,6 +78,7 @@ func (f *fleet) boot(t *testing.T, prestart bool) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	started = time.Now()
 	if err := f.each(8, func(a *agent) error {
 		for k := range endpointsPerAgent {
 			if err := a.addEndpoint(t, k); err != nil {
