@@ -74,7 +74,7 @@ func (a *agent) ipcacheWatch(ctx context.Context) {
 	var rel memRelease
 	deliver := func(d iplog.Delivery) {
 		a.remote.deliverIPs(d)
-		a.pub.Seen(prefix, d.Get, true)
+		a.pub.Seen(prefix, a.remote.ipValue, true)
 		rel.after(d.Size(), time.Now())
 	}
 	if a.cfg.Store.IPCacheSync != "log" {
@@ -180,7 +180,7 @@ func (a *agent) nodeWatch(ctx context.Context) {
 	prefix := store.NodePrefix + a.cfg.Node.Cluster + "/"
 	a.watchCoalesced(ctx, prefix, func(kvs []store.KV) {
 		a.remote.setNodes(kvs)
-		a.pub.Seen(prefix, iplog.WholeDelivery(kvs).Get, false)
+		a.pub.Seen(prefix, lookupIn(kvs), false)
 	})
 }
 
@@ -218,6 +218,28 @@ func (r *remote) setNodes(kvs []store.KV) {
 		r.ipsWaiting = nil
 		r.applyWholeLocked(kvs)
 	}
+}
+
+// lookupIn looks a key up in a list.
+func lookupIn(kvs []store.KV) func(string) ([]byte, bool) {
+	m := make(map[string][]byte, len(kvs))
+	for _, kv := range kvs {
+		m[kv.Key] = kv.Value
+	}
+	return func(k string) ([]byte, bool) { v, ok := m[k]; return v, ok }
+}
+
+// ipValue looks an ipcache record up in what the watch delivered: the
+// agent's one copy of the fleet's records (the memo, or the records
+// waiting for the node list).
+func (r *remote) ipValue(key string) ([]byte, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.applied {
+		kv, ok := r.ipsWaiting[key]
+		return kv.Value, ok
+	}
+	return r.checked.Value(key)
 }
 
 // deliverIPs takes a delivery of the ipcache watch: a list is checked

@@ -122,8 +122,19 @@ func TestRemoteDeltasMatchWholeCheck(t *testing.T) {
 	if n := c.Stats()[ipcache.RemoteEndpoint]; n != 0 {
 		t.Fatalf("%d remote endpoints written before the node list was read", n)
 	}
+	// This host's own record: skipped by the check, but the publisher's
+	// lost-key check looks it up in what the watch delivered.
+	own := store.IPKey("prod", netip.MustParseAddr("10.250.0.7"))
+	v.ips[own] = []byte(`{"ip":"10.250.0.7","identity":16777516,"node":"self"}`)
+	r.deliverIPs(v.change(own))
+	if val, ok := r.ipValue(own); !ok || string(val) != string(v.ips[own]) {
+		t.Fatalf("own record before the node list: %q, %v", val, ok)
+	}
 	r.setNodes(kvsOf(v.nodes))
 	sameAsWholeCheck(t, "node list after the records", r, c, v)
+	if val, ok := r.ipValue(own); !ok || string(val) != string(v.ips[own]) {
+		t.Fatalf("own record after the node list: %q, %v", val, ok)
+	}
 
 	// Changes: a new endpoint, a new identity, a deletion, a refused one.
 	k := v.setEP(2, 0, id)
@@ -140,6 +151,12 @@ func TestRemoteDeltasMatchWholeCheck(t *testing.T) {
 	delete(v.ips, k)
 	r.deliverIPs(v.change(k))
 	sameAsWholeCheck(t, "record deleted", r, c, v)
+
+	delete(v.ips, own)
+	r.deliverIPs(v.change(own))
+	if _, ok := r.ipValue(own); ok {
+		t.Fatal("own record deleted from the store is still found")
+	}
 
 	// Every host restarts: same addresses, new host id. Nothing to write.
 	for i := range 5 {

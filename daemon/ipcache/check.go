@@ -261,6 +261,14 @@ type Delta struct {
 // Empty reports whether d changes nothing.
 func (d Delta) Empty() bool { return len(d.Upsert) == 0 && len(d.Delete) == 0 && len(d.Refused) == 0 }
 
+// Value returns the value of a record as the memo last saw it: the memo
+// holds every record of the last list and the changes since, so it is
+// the agent's one copy of the fleet's ipcache records.
+func (m *RemoteMemo) Value(key string) ([]byte, bool) {
+	r, ok := m.memo[key]
+	return r.val, ok
+}
+
 // Whole checks kvs, the whole list of ipcache records, against the node
 // view, reusing every result whose record and node are the same, and
 // forgets records kvs does not hold. It is Remote's answer.

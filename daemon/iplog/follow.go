@@ -3,6 +3,7 @@ package iplog
 import (
 	"context"
 	"errors"
+	"hash/maphash"
 	"log/slog"
 	"sort"
 	"strconv"
@@ -39,7 +40,12 @@ type Follower struct {
 	// 100 ms pace after every read.
 	Quiet func() time.Duration
 
-	ips      map[string]store.KV
+	// ips holds a hash of each key's value (hash/maphash, seed): enough
+	// to tell a change from a rewrite of the same value. The values
+	// themselves are the consumer's (every delivery hands them on), so
+	// an agent does not hold the fleet's records twice (docs/scale.md).
+	ips      map[string]uint64
+	seed     maphash.Seed
 	base     uint64 // every change up to this index is applied
 	logIndex uint64 // index of the last log read, 0 = read at once
 	listed   time.Time
@@ -49,10 +55,17 @@ type Follower struct {
 	seen   map[string]bool
 	legacy bool
 	stats  Stats
-	// whole: the keys were listed since the last delivery; else dirty
-	// holds the keys written or deleted since then.
-	whole bool
-	dirty map[string]struct{}
+	// whole: the keys were listed (list) since the last delivery; else
+	// changes holds the keys written or deleted since then.
+	whole   bool
+	list    []store.KV
+	changes map[string]change
+}
+
+// change is a key's last write (or deletion) since the last delivery.
+type change struct {
+	val []byte
+	del bool
 }
 
 // Delivery is what the follower hands on after a change: the whole set of
@@ -67,22 +80,13 @@ type Delivery struct {
 	Set     []store.KV
 	Changed []store.KV
 	Removed []string
-	// Get looks a key up in the follower's whole set. Valid during the
-	// call only.
-	Get func(key string) ([]byte, bool)
 }
 
 // Size is the number of keys d carries.
 func (d Delivery) Size() int { return len(d.Set) + len(d.Changed) + len(d.Removed) }
 
 // WholeDelivery is the delivery of a list: every key.
-func WholeDelivery(kvs []store.KV) Delivery {
-	m := make(map[string][]byte, len(kvs))
-	for _, kv := range kvs {
-		m[kv.Key] = kv.Value
-	}
-	return Delivery{Whole: true, Set: kvs, Get: func(k string) ([]byte, bool) { v, ok := m[k]; return v, ok }}
-}
+func WholeDelivery(kvs []store.KV) Delivery { return Delivery{Whole: true, Set: kvs} }
 
 // Stats counts what the follower did, for status and metrics.
 type Stats struct {
@@ -114,6 +118,7 @@ func (f *Follower) Run(ctx context.Context, deliver func(Delivery)) {
 	if f.Retry == nil {
 		f.Retry = func(ctx context.Context, d time.Duration) { backoff.Sleep(ctx, d) }
 	}
+	f.seed = maphash.MakeSeed()
 	bo := backoff.New(time.Second, time.Minute)
 	resync := backoff.Jitter(f.Resync)
 	for ctx.Err() == nil {
@@ -265,14 +270,15 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 			if op.Delete {
 				if _, ok := f.ips[op.Key]; ok {
 					delete(f.ips, op.Key)
-					f.dirty[op.Key] = struct{}{}
+					f.changes[op.Key] = change{del: true}
 					changed = true
 				}
 				continue
 			}
-			if cur, ok := f.ips[op.Key]; !ok || string(cur.Value) != string(op.Value) {
-				f.ips[op.Key] = store.KV{Key: op.Key, Value: op.Value, ModifyIndex: l.index}
-				f.dirty[op.Key] = struct{}{}
+			h := maphash.Bytes(f.seed, op.Value)
+			if cur, ok := f.ips[op.Key]; !ok || cur != h {
+				f.ips[op.Key] = h
+				f.changes[op.Key] = change{val: op.Value}
 				changed = true
 			}
 		}
@@ -399,34 +405,32 @@ func (f *Follower) behind(horizon uint64) {
 }
 
 func (f *Follower) setList(kvs []store.KV, idx uint64) {
-	f.ips = make(map[string]store.KV, len(kvs))
+	f.ips = make(map[string]uint64, len(kvs))
 	for _, kv := range kvs {
-		f.ips[kv.Key] = kv
+		f.ips[kv.Key] = maphash.Bytes(f.seed, kv.Value)
 	}
 	f.base = idx
 	f.listed = time.Now()
 	f.stats.Lists++
-	f.whole, f.dirty = true, map[string]struct{}{}
+	f.whole, f.list, f.changes = true, kvs, map[string]change{}
 }
 
 // delivery hands on what changed since the last one and forgets it.
 func (f *Follower) delivery() Delivery {
-	d := Delivery{Whole: f.whole, Get: func(k string) ([]byte, bool) { kv, ok := f.ips[k]; return kv.Value, ok }}
 	if f.whole {
-		d.Set = make([]store.KV, 0, len(f.ips))
-		for _, kv := range f.ips {
-			d.Set = append(d.Set, kv)
-		}
-	} else {
-		for k := range f.dirty {
-			if kv, ok := f.ips[k]; ok {
-				d.Changed = append(d.Changed, kv)
-			} else {
-				d.Removed = append(d.Removed, k)
-			}
+		d := WholeDelivery(f.list)
+		f.whole, f.list = false, nil
+		clear(f.changes)
+		return d
+	}
+	var d Delivery
+	for k, c := range f.changes {
+		if c.del {
+			d.Removed = append(d.Removed, k)
+		} else {
+			d.Changed = append(d.Changed, store.KV{Key: k, Value: c.val})
 		}
 	}
-	f.whole = false
-	clear(f.dirty)
+	clear(f.changes)
 	return d
 }

@@ -34,7 +34,8 @@
 //     not seen everything up to the horizon knows it may have missed
 //     something, and lists again: no follower sees a deletion without the
 //     horizon that covers it.
-//   - Each agent's Follower owns its copy of the ipcache keys, and hands
+//   - Each agent's Follower owns its view of the ipcache keys (each key
+//     with a hash of its value: the values are the consumer's), and hands
 //     on what changed in it (Delivery): the whole set after a list, the
 //     keys written and deleted since the last delivery otherwise, so that
 //     a change costs the agent the change, not the fleet's entries.

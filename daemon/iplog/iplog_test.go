@@ -543,3 +543,33 @@ func TestFollowerQuietPause(t *testing.T) {
 		t.Errorf("%d quiet pauses after a read that changed a key, want 0", n)
 	}
 }
+
+// TestFollowerDeliversEmptyListWhole: a list of an empty prefix is a
+// delivery (whole, no key), so that the consumer learns the fleet has no
+// records; the first change after it is delivered as itself.
+func TestFollowerDeliversEmptyListWhole(t *testing.T) {
+	st := newStore(t)
+	w := &Writer{St: st, Cluster: "default", Node: "h1"}
+	fl := follow(t, st, nil)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		fl.mu.Lock()
+		n := len(fl.deliveries)
+		fl.mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no delivery after listing an empty prefix")
+		}
+	}
+	write(t, st, w, 1, "a")
+	fl.want(t, st)
+	fl.mu.Lock()
+	defer fl.mu.Unlock()
+	if !fl.deliveries[0] || fl.sizes[0] != 0 {
+		t.Fatalf("first delivery whole=%v with %d keys; want the empty list, whole", fl.deliveries[0], fl.sizes[0])
+	}
+	if last := len(fl.deliveries) - 1; fl.deliveries[last] || fl.sizes[last] != 1 {
+		t.Fatalf("the change was delivered whole=%v with %d keys; want itself", fl.deliveries[last], fl.sizes[last])
+	}
+}
