@@ -271,14 +271,7 @@ func (p *Publisher) pass(ctx context.Context) error {
 		p.markOn = false
 	}
 	var errs []error
-	for _, o := range puts {
-		cctx, cancel := context.WithTimeout(ctx, p.timeout)
-		err := p.st.Put(cctx, o.key, o.val, store.PutOptions{Owned: true})
-		cancel()
-		if err != nil {
-			errs = append(errs, err)
-			break // the store is likely down; back off rather than time out once per key
-		}
+	written := func(o op) {
 		p.mu.Lock()
 		if bytes.Equal(p.want[o.key], o.val) {
 			p.published[o.key] = o.val
@@ -286,6 +279,39 @@ func (p *Publisher) pass(ctx context.Context) error {
 		p.mu.Unlock()
 		if !quiet[o.key] {
 			p.note(o.key, o.val, false)
+		}
+	}
+	if bp, ok := p.st.(store.OwnedBatchPutter); ok && len(puts) > 1 {
+		// A start writes every own key: a few requests per batch, not up
+		// to three per key (store.OwnedBatchPutter).
+		for rest := puts; len(rest) > 0; {
+			batch := rest[:min(len(rest), store.MaxBatch/2)]
+			rest = rest[len(batch):]
+			kvs := make([]store.KV, len(batch))
+			for i, o := range batch {
+				kvs[i] = store.KV{Key: o.key, Value: o.val}
+			}
+			cctx, cancel := context.WithTimeout(ctx, p.timeout)
+			n, err := bp.PutOwnedBatch(cctx, kvs)
+			cancel()
+			for _, o := range batch[:n] {
+				written(o)
+			}
+			if err != nil {
+				errs = append(errs, err)
+				break
+			}
+		}
+	} else {
+		for _, o := range puts {
+			cctx, cancel := context.WithTimeout(ctx, p.timeout)
+			err := p.st.Put(cctx, o.key, o.val, store.PutOptions{Owned: true})
+			cancel()
+			if err != nil {
+				errs = append(errs, err)
+				break // the store is likely down; back off rather than time out once per key
+			}
+			written(o)
 		}
 	}
 	for _, o := range dels {

@@ -231,3 +231,78 @@ func TestRestartJournalsOnlyChanges(t *testing.T) {
 func lookup(m map[string][]byte) func(string) ([]byte, bool) {
 	return func(k string) ([]byte, bool) { v, ok := m[k]; return v, ok }
 }
+
+// batching is a store that writes owned keys in batches
+// (store.OwnedBatchPutter); while failAfter >= 0, a batch writes that
+// many keys and fails.
+type batching struct {
+	*flaky
+	batches   atomic.Int64
+	failAfter atomic.Int64
+}
+
+func (b *batching) PutOwnedBatch(ctx context.Context, kvs []store.KV) (int, error) {
+	b.batches.Add(1)
+	if len(kvs) > store.MaxBatch/2 {
+		return 0, fmt.Errorf("batch of %d keys", len(kvs))
+	}
+	for i, kv := range kvs {
+		if n := b.failAfter.Load(); n >= 0 && int64(i) >= n {
+			return i, store.ErrUnavailable
+		}
+		if err := b.flaky.Store.Put(ctx, kv.Key, kv.Value, store.PutOptions{Owned: true}); err != nil {
+			return i, err
+		}
+	}
+	return len(kvs), nil
+}
+
+// TestPublisherWritesInBatches: with a store that writes owned keys in
+// batches, a start's 40 keys take two batches and no single Put; keys of
+// a batch that failed part-way count as published up to the failure
+// (journaled once), the rest is written at the retry.
+func TestPublisherWritesInBatches(t *testing.T) {
+	st := &batching{flaky: newStore(t)}
+	st.failAfter.Store(5)
+	p := New(st, time.Second, slog.New(slog.DiscardHandler))
+	var mu sync.Mutex
+	journaled := map[string]int{}
+	p.SetJournal("ip/", func(_ context.Context, cs []Change) error {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range cs {
+			journaled[c.Key]++
+		}
+		return nil
+	})
+	want := map[string][]byte{}
+	for i := range 40 {
+		want[fmt.Sprintf("ip/%02d", i)] = []byte("v")
+	}
+	p.Set("eps", want)
+	if err := p.pass(context.Background()); err == nil {
+		t.Fatal("a batch that failed after 5 keys reported no error")
+	}
+	if n := p.Pending(); n != 35 {
+		t.Fatalf("after a batch failed after 5 keys, %d keys pending, want 35", n)
+	}
+	st.failAfter.Store(-1)
+	st.batches.Store(0)
+	if err := p.pass(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := p.Pending(); n != 0 {
+		t.Fatalf("%d keys pending after the retry", n)
+	}
+	if b, puts := st.batches.Load(), st.puts.Load(); b != 2 || puts != 0 {
+		t.Errorf("35 keys written in %d batches and %d single puts, want 2 and 0", b, puts)
+	}
+	for k := range want {
+		if value(st, k) != "v" {
+			t.Fatalf("%s not in the store", k)
+		}
+		if journaled[k] != 1 {
+			t.Fatalf("%s journaled %d times, want once", k, journaled[k])
+		}
+	}
+}

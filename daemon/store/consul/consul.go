@@ -595,6 +595,75 @@ func (s *Store) acquire(ctx context.Context, sid, key string, value []byte) erro
 	return fmt.Errorf("put owned %s: lock not acquired (held by another session)", key)
 }
 
+// PutOwnedBatch implements store.OwnedBatchPutter: the holders of kvs are
+// read in one transaction, and the keys are written in another, each
+// locked with this host's session; a key still held by another session
+// (this host's previous run) is deleted (check-and-set on the index just
+// read) and locked in the same transaction, as acquire does one key at a
+// time. When the write is refused (a key changed hands between the read
+// and the write, or is inside a lock delay) every key goes through
+// acquire, which retries and says which key failed.
+func (s *Store) PutOwnedBatch(ctx context.Context, kvs []store.KV) (int, error) {
+	if err := s.checkClosed(); err != nil {
+		return 0, err
+	}
+	if len(kvs) > store.MaxBatch/2 {
+		return 0, fmt.Errorf("put %d owned keys in one transaction: at most %d", len(kvs), store.MaxBatch/2)
+	}
+	for _, kv := range kvs {
+		if err := checkSize(kv.Key, kv.Value); err != nil {
+			return 0, err
+		}
+	}
+	s.mu.Lock()
+	for _, kv := range kvs {
+		s.owned[kv.Key] = append([]byte(nil), kv.Value...)
+	}
+	s.mu.Unlock()
+	sid, err := s.waitSession(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("put %d owned keys: %w", len(kvs), err)
+	}
+	keys := make([]string, len(kvs))
+	for i, kv := range kvs {
+		keys[i] = kv.Key
+	}
+	held, _, err := s.GetMany(ctx, keys)
+	if err != nil {
+		return 0, err
+	}
+	holder := make(map[string]store.KV, len(held))
+	for _, kv := range held {
+		holder[kv.Key] = kv
+	}
+	ops := make(api.KVTxnOps, 0, 2*len(kvs))
+	for _, kv := range kvs {
+		full := s.full(kv.Key)
+		if cur, ok := holder[kv.Key]; ok && cur.Owner != "" && cur.Owner != sid {
+			ops = append(ops, &api.KVTxnOp{Verb: api.KVDeleteCAS, Key: full, Index: cur.ModifyIndex})
+		}
+		ops = append(ops, &api.KVTxnOp{Verb: api.KVLock, Key: full, Value: kv.Value, Session: sid})
+	}
+	ok, _, _, err := s.kv.Txn(ops, s.qopts(ctx, false))
+	if invalidSession(err) {
+		s.kickSession()
+		return 0, fmt.Errorf("put %d owned keys: session %s is gone: %w", len(kvs), sid, store.ErrUnavailable)
+	}
+	if err != nil {
+		return 0, s.noteErr(fmt.Sprintf("put %d owned keys", len(kvs)), err)
+	}
+	s.noteOK()
+	if ok {
+		return len(kvs), nil
+	}
+	for i, kv := range kvs {
+		if err := s.acquire(ctx, sid, kv.Key, kv.Value); err != nil {
+			return i, err
+		}
+	}
+	return len(kvs), nil
+}
+
 // CAS implements store.Store. An owned CAS checks and locks in one
 // transaction.
 func (s *Store) CAS(ctx context.Context, key string, value []byte, index uint64, opts store.PutOptions) (bool, error) {

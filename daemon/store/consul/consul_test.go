@@ -4,8 +4,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -414,5 +420,85 @@ func TestCASDeleteCASBatch(t *testing.T) {
 	}
 	if _, err := s.CASDeleteCASBatch(ctx, store.KV{Key: "log/horizon"}, make([]store.KV, store.MaxBatch)); err == nil {
 		t.Fatal("a transaction over the limit was sent")
+	}
+}
+
+// TestPutOwnedBatchTakesOver: a restarted host writes the 70 keys its
+// previous run's session still holds in two requests per 32 keys (a read
+// of the holders, one transaction), where Put takes three per key (an
+// acquire refused, a read of the holder, a take-over transaction); every
+// key ends with the new value under the new session.
+func TestPutOwnedBatchTakesOver(t *testing.T) {
+	a := consultest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var reqs atomic.Int64
+	target, err := url.Parse("http://" + a.HTTPAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp := httputil.NewSingleHostReverseProxy(target)
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/v1/kv/") || r.URL.Path == "/v1/txn" {
+			reqs.Add(1)
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	defer proxy.Close()
+	addr := strings.TrimPrefix(proxy.URL, "http://")
+
+	kvs := func(val string) []store.KV {
+		var out []store.KV
+		for i := range 70 {
+			out = append(out, store.KV{Key: fmt.Sprintf("own/%02d", i), Value: []byte(val)})
+		}
+		return out
+	}
+	putBatches := func(s *Store, all []store.KV) {
+		t.Helper()
+		for len(all) > 0 {
+			b := all[:min(len(all), store.MaxBatch/2)]
+			all = all[len(b):]
+			if n, err := s.PutOwnedBatch(ctx, b); err != nil || n != len(b) {
+				t.Fatalf("PutOwnedBatch = %d, %v; want %d written", n, err, len(b))
+			}
+		}
+	}
+	s1 := newTestStore(t, addr, "host-b", time.Second)
+	putBatches(s1, kvs("first"))
+	first := s1.Stop() // a restart: the session and its keys stay
+	s2 := newTestStore(t, addr, "host-b", time.Second)
+	if _, err := s2.waitSession(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before := reqs.Load()
+	putBatches(s2, kvs("second"))
+	batched := reqs.Load() - before
+	for _, kv := range kvs("second") {
+		got, err := s2.Get(ctx, kv.Key)
+		if err != nil || string(got.Value) != "second" || got.Owner != s2.Session() || got.Owner == first {
+			t.Fatalf("%s = %+v, %v; want value second held by %s", kv.Key, got, err, s2.Session())
+		}
+	}
+	s2.Stop()
+
+	// The same restart, one Put per key.
+	s3 := newTestStore(t, addr, "host-b", time.Second)
+	if _, err := s3.waitSession(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before = reqs.Load()
+	for _, kv := range kvs("third") {
+		if err := s3.Put(ctx, kv.Key, kv.Value, store.PutOptions{Owned: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	single := reqs.Load() - before
+	t.Logf("70 keys of the previous run taken over: %d requests in batches, %d with one Put per key", batched, single)
+	if batched > 6 {
+		t.Errorf("batched take-over of 70 keys cost %d requests, want at most 6 (a read and a transaction per 32 keys)", batched)
+	}
+	if single < 3*70 {
+		t.Errorf("one Put per key took over 70 held keys in %d requests; the comparison expects 3 per key", single)
 	}
 }
