@@ -38,6 +38,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -122,6 +123,13 @@ type Store struct {
 	// that a new session can take them all back.
 	owned       map[string][]byte
 	searchedOld bool // sessions of an earlier run were looked for (session loop only)
+	// previous is the session of this host's previous run while it may
+	// still hold keys (until destroyed after OldSessionGrace; "" when there
+	// was none, or more than one); heldBy is the session each owned key was
+	// last written under. A key written for the first time since the
+	// restart is taken from previous in one transaction.
+	previous string
+	heldBy   map[string]string
 	// sessionNode is the Consul node the session is bound to (the agent
 	// this backend talks to), and onServer whether that agent is a server.
 	sessionNode string
@@ -554,6 +562,9 @@ func (s *Store) waitSession(ctx context.Context) (string, error) {
 // another session (this host's previous run) is taken over atomically.
 func (s *Store) acquire(ctx context.Context, sid, key string, value []byte) error {
 	full := s.full(key)
+	if ok, err := s.takeFromPrevious(ctx, sid, key, value); ok || err != nil {
+		return err
+	}
 	for attempt := 0; attempt < 3; attempt++ {
 		ok, _, err := s.kv.Acquire(&api.KVPair{Key: full, Value: value, Session: sid}, s.wopts(ctx))
 		if invalidSession(err) {
@@ -565,6 +576,7 @@ func (s *Store) acquire(ctx context.Context, sid, key string, value []byte) erro
 		}
 		s.noteOK()
 		if ok {
+			s.noteHeld(key, sid)
 			return nil
 		}
 		// Held by another session, or inside a lock delay.
@@ -589,6 +601,7 @@ func (s *Store) acquire(ctx context.Context, sid, key string, value []byte) erro
 		}
 		if ok {
 			s.log.Debug("took over owned key from an old session", "key", key, "old_session", cur.Session)
+			s.noteHeld(key, sid)
 			return nil
 		}
 	}
@@ -654,6 +667,9 @@ func (s *Store) PutOwnedBatch(ctx context.Context, kvs []store.KV) (int, error) 
 	}
 	s.noteOK()
 	if ok {
+		for _, kv := range kvs {
+			s.noteHeld(kv.Key, sid)
+		}
 		return len(kvs), nil
 	}
 	for i, kv := range kvs {
@@ -662,6 +678,50 @@ func (s *Store) PutOwnedBatch(ctx context.Context, kvs []store.KV) (int, error) 
 		}
 	}
 	return len(kvs), nil
+}
+
+// takeFromPrevious moves key from the previous run's session to sid in one
+// transaction (check that the previous session holds it, delete, lock),
+// the first time the key is written after a restart: the acquire, the read
+// of the holder and the take-over were three requests per key. It reports
+// false, and nothing written, when there is no previous session, the key
+// was written in this session already, or the previous session does not
+// hold it (the caller then goes the usual way).
+func (s *Store) takeFromPrevious(ctx context.Context, sid, key string, value []byte) (bool, error) {
+	s.mu.Lock()
+	prev, mine := s.previous, s.heldBy[key] == sid
+	s.mu.Unlock()
+	if prev == "" || mine {
+		return false, nil
+	}
+	full := s.full(key)
+	ok, _, _, err := s.kv.Txn(api.KVTxnOps{
+		{Verb: api.KVCheckSession, Key: full, Session: prev},
+		{Verb: api.KVDelete, Key: full},
+		{Verb: api.KVLock, Key: full, Value: value, Session: sid},
+	}, s.qopts(ctx, false))
+	if invalidSession(err) {
+		s.kickSession()
+		return false, fmt.Errorf("put owned %s: session %s is gone: %w", key, sid, store.ErrUnavailable)
+	}
+	if err != nil {
+		return false, s.noteErr("take over "+key, err)
+	}
+	s.noteOK()
+	if ok {
+		s.noteHeld(key, sid)
+	}
+	return ok, nil
+}
+
+// noteHeld records that key was written under session sid.
+func (s *Store) noteHeld(key, sid string) {
+	s.mu.Lock()
+	if s.heldBy == nil {
+		s.heldBy = map[string]string{}
+	}
+	s.heldBy[key] = sid
+	s.mu.Unlock()
 }
 
 // CAS implements store.Store. An owned CAS checks and locks in one
@@ -703,6 +763,7 @@ func (s *Store) CAS(ctx context.Context, key string, value []byte, index uint64,
 		s.mu.Lock()
 		s.owned[key] = append([]byte(nil), value...)
 		s.mu.Unlock()
+		s.noteHeld(key, sid)
 	}
 	return ok, nil
 }
@@ -734,6 +795,7 @@ func (s *Store) CASPutOwned(ctx context.Context, casKey string, casValue []byte,
 			s.owned[ownedKey] = prev
 		} else {
 			delete(s.owned, ownedKey)
+			delete(s.heldBy, ownedKey)
 		}
 		s.mu.Unlock()
 	}
@@ -790,6 +852,7 @@ func (s *Store) Delete(ctx context.Context, key string) error {
 	}
 	s.mu.Lock()
 	delete(s.owned, key)
+	delete(s.heldBy, key)
 	s.mu.Unlock()
 	if _, err := s.kv.Delete(s.full(key), s.wopts(ctx)); err != nil {
 		return s.noteErr("delete "+key, err)
@@ -811,6 +874,7 @@ func (s *Store) DeleteCAS(ctx context.Context, key string, index uint64) (bool, 
 	if ok {
 		s.mu.Lock()
 		delete(s.owned, key)
+		delete(s.heldBy, key)
 		s.mu.Unlock()
 	}
 	return ok, nil
@@ -843,6 +907,7 @@ func (s *Store) deleteTxn(ctx context.Context, ops api.KVTxnOps, kvs []store.KV,
 		s.mu.Lock()
 		for _, kv := range kvs {
 			delete(s.owned, kv.Key)
+			delete(s.heldBy, kv.Key)
 		}
 		s.mu.Unlock()
 	}
@@ -1107,6 +1172,11 @@ func (s *Store) createSession(ctx context.Context) (string, error) {
 	if len(stale) > 0 {
 		s.log.Info("sessions of an earlier run found; destroying them after the grace period",
 			"sessions", stale, "grace", s.opts.OldSessionGrace)
+		if len(stale) == 1 {
+			s.mu.Lock()
+			s.previous = stale[0]
+			s.mu.Unlock()
+		}
 		go s.destroyLater(ctx, stale)
 	}
 	return sid, nil
@@ -1160,6 +1230,11 @@ func (s *Store) destroyLater(ctx context.Context, ids []string) {
 		return
 	case <-time.After(s.opts.OldSessionGrace):
 	}
+	s.mu.Lock()
+	if slices.Contains(ids, s.previous) {
+		s.previous = ""
+	}
+	s.mu.Unlock()
 	for _, id := range ids {
 		cctx, cancel := context.WithTimeout(ctx, s.opts.CallTimeout)
 		_, err := s.client.Session().Destroy(id, s.wopts(cctx))
