@@ -123,11 +123,12 @@ type Store struct {
 	// that a new session can take them all back.
 	owned       map[string][]byte
 	searchedOld bool // sessions of an earlier run were looked for (session loop only)
-	// previous is the session of this host's previous run while it may
-	// still hold keys (until destroyed after OldSessionGrace; "" when there
-	// was none, or more than one); heldBy is the session each owned key was
-	// last written under. A key written for the first time since the
-	// restart is taken from previous in one transaction.
+	// previous is the session of this host's previous run (the newest
+	// earlier one) while it may still hold keys: until it is destroyed
+	// after OldSessionGrace; "" when there was none. heldBy is the
+	// session each owned key was last written under. A key written for
+	// the first time since the restart is taken from previous in one
+	// transaction.
 	previous string
 	heldBy   map[string]string
 	// sessionNode is the Consul node the session is bound to (the agent
@@ -1164,19 +1165,23 @@ func (s *Store) createSession(ctx context.Context) (string, error) {
 	s.searchedOld = true
 	s.noteSessionNode(cctx, sid)
 	var stale []string
+	var newest *api.SessionEntry
 	for _, e := range old {
 		if e.Name == s.sessionName() && e.ID != sid {
 			stale = append(stale, e.ID)
+			if newest == nil || e.CreateIndex > newest.CreateIndex {
+				newest = e
+			}
 		}
 	}
 	if len(stale) > 0 {
 		s.log.Info("sessions of an earlier run found; destroying them after the grace period",
 			"sessions", stale, "grace", s.opts.OldSessionGrace)
-		if len(stale) == 1 {
-			s.mu.Lock()
-			s.previous = stale[0]
-			s.mu.Unlock()
-		}
+		// The newest holds what the last run wrote (it took the keys
+		// over from the ones before it).
+		s.mu.Lock()
+		s.previous = newest.ID
+		s.mu.Unlock()
 		go s.destroyLater(ctx, stale)
 	}
 	return sid, nil
