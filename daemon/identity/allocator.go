@@ -497,7 +497,9 @@ func (a *Allocator) casAndClaim(ctx context.Context, id ID, canon string, index 
 	if cw, yes := a.st.(claimWriter); yes {
 		ok, err := cw.CASPutOwned(ctx, key, []byte(canon), index, vkey, idBytes(id))
 		if err != nil {
-			return false, false, fmt.Errorf("write %s with claim: %w", key, err)
+			// ok: the id key was written, the claim was not (the backend's
+			// two-step fallback); the caller drops an id it created.
+			return ok, false, fmt.Errorf("write %s with claim: %w", key, err)
 		}
 		return ok, ok, nil
 	}

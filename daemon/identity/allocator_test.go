@@ -366,3 +366,39 @@ func TestReleaseRetriedAfterOutage(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// claimLost is a store whose check-and-set with claim creates the id key
+// and then loses the claim (Consul: the value key was held by the previous
+// run's session and the session died during the take-over): CASPutOwned
+// reports the CAS done and an error.
+type claimLost struct{ *fakeStore }
+
+func (c claimLost) CASPutOwned(ctx context.Context, casKey string, casValue []byte, casIndex uint64, ownedKey string, ownedValue []byte) (bool, error) {
+	ok, err := c.CAS(ctx, casKey, casValue, casIndex, store.PutOptions{})
+	if err != nil || !ok {
+		return ok, err
+	}
+	return true, fmt.Errorf("put owned %s: session is gone: %w", ownedKey, store.ErrUnavailable)
+}
+
+// TestCreatedIdentityWithoutClaimIsDropped: a new id whose key was written
+// but whose claim failed is deleted again, not left as a second id of the
+// label set (TestFleetFaults found one when a host restarted while its
+// session died: "value key ... names id 18271029, the id key of those
+// labels is 24795748").
+func TestCreatedIdentityWithoutClaimIsDropped(t *testing.T) {
+	st := claimLost{newFakeStore()}
+	a := newTestAllocator(t, st, "host-a", nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, _, err := a.Allocate(ctx, labelSet(1)); err == nil {
+		t.Fatal("allocation whose claim failed reported no error")
+	}
+	kvs, _, err := st.List(ctx, store.IdentityIDPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(kvs) != 0 {
+		t.Fatalf("id keys left after a claim that failed: %v", kvs)
+	}
+}
