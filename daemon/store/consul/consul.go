@@ -808,6 +808,9 @@ func (s *Store) casPutOwned(ctx context.Context, casKey string, casValue []byte,
 	if err != nil {
 		return false, fmt.Errorf("cas %s with owned %s: %w", casKey, ownedKey, err)
 	}
+	if ok, done, err := s.casTakeFromPrevious(ctx, sid, casKey, casValue, casIndex, ownedKey, ownedValue); done || err != nil {
+		return ok, err
+	}
 	ops := api.KVTxnOps{
 		{Verb: api.KVCAS, Key: s.full(casKey), Value: casValue, Index: casIndex},
 		{Verb: api.KVLock, Key: s.full(ownedKey), Value: ownedValue, Session: sid},
@@ -843,6 +846,51 @@ func (s *Store) casPutOwned(ctx context.Context, casKey string, casValue []byte,
 		return false, nil
 	}
 	return true, s.acquire(ctx, sid, ownedKey, ownedValue)
+}
+
+// casTakeFromPrevious is casPutOwned's first try after a restart, when
+// ownedKey is still held by the previous run's session (the identity
+// allocator's value keys): check-and-set casKey, check that the previous
+// session holds ownedKey, delete it and lock it under sid, in one
+// transaction. The two-op transaction would be refused and fall back to a
+// check-and-set and a take-over: three requests per key instead of one.
+// done is false, with nothing written, when there is no previous session,
+// the key was written in this session already, or the previous session
+// does not hold it: the caller then goes the usual way. done with ok false
+// says the check-and-set lost.
+func (s *Store) casTakeFromPrevious(ctx context.Context, sid, casKey string, casValue []byte, casIndex uint64, ownedKey string, ownedValue []byte) (ok, done bool, err error) {
+	s.mu.Lock()
+	prev, mine := s.previous, s.heldBy[ownedKey] == sid
+	s.mu.Unlock()
+	if prev == "" || mine {
+		return false, false, nil
+	}
+	full := s.full(ownedKey)
+	ok, resp, _, err := s.kv.Txn(api.KVTxnOps{
+		{Verb: api.KVCAS, Key: s.full(casKey), Value: casValue, Index: casIndex},
+		{Verb: api.KVCheckSession, Key: full, Session: prev},
+		{Verb: api.KVDelete, Key: full},
+		{Verb: api.KVLock, Key: full, Value: ownedValue, Session: sid},
+	}, s.qopts(ctx, false))
+	if invalidSession(err) {
+		s.kickSession()
+		return false, true, fmt.Errorf("cas %s with owned %s: session is gone: %w", casKey, ownedKey, store.ErrUnavailable)
+	}
+	if err != nil {
+		return false, true, s.noteErr("cas "+casKey+" with owned "+ownedKey, err)
+	}
+	s.noteOK()
+	if ok {
+		s.log.Debug("took over owned key from the previous session", "key", ownedKey, "old_session", prev)
+		s.noteHeld(ownedKey, sid)
+		return true, true, nil
+	}
+	for _, e := range resp.Errors {
+		if e.OpIndex == 0 {
+			return false, true, nil // the check-and-set lost
+		}
+	}
+	return false, false, nil
 }
 
 // Delete implements store.Store; an owned key is forgotten first so that
@@ -1143,10 +1191,13 @@ func (s *Store) createSession(ctx context.Context) (string, error) {
 	// Earlier sessions of this host (a previous run) keep their keys
 	// until the new session has written them again. Only a fresh start
 	// looks for them: after a session loss there is nothing left to find.
+	// One read of the agent serves both the session search (its node
+	// name) and the note of the node the session is bound to.
+	self, selfErr := s.agentSelf(cctx)
 	var old []*api.SessionEntry
 	if !s.searchedOld {
 		var err error
-		old, err = s.listOwnSessions(cctx)
+		old, err = s.listOwnSessions(cctx, self.name)
 		if err != nil {
 			return "", err
 		}
@@ -1163,7 +1214,9 @@ func (s *Store) createSession(ctx context.Context) (string, error) {
 		return "", err
 	}
 	s.searchedOld = true
-	s.noteSessionNode(cctx, sid)
+	if selfErr == nil {
+		s.noteSessionNode(sid, self)
+	}
 	var stale []string
 	var newest *api.SessionEntry
 	for _, e := range old {
@@ -1187,7 +1240,28 @@ func (s *Store) createSession(ctx context.Context) (string, error) {
 	return sid, nil
 }
 
-// noteSessionNode finds out which Consul node the session is bound to. A
+// agent is what /v1/agent/self says of the Consul agent this backend
+// talks to.
+type agent struct {
+	name   string // its node name
+	server bool
+}
+
+// agentSelf reads the Consul agent's node name and role. The read is
+// bounded by ctx (Agent().Self() takes none, and a hung agent must not stop
+// the session loop, which renews the session).
+func (s *Store) agentSelf(ctx context.Context) (agent, error) {
+	var self map[string]map[string]any
+	if _, err := s.client.Raw().Query("/v1/agent/self", &self, s.qopts(ctx, false)); err != nil {
+		return agent{}, err
+	}
+	cfg := self["Config"]
+	name, _ := cfg["NodeName"].(string)
+	server, _ := cfg["Server"].(bool)
+	return agent{name: name, server: server}, nil
+}
+
+// noteSessionNode records which Consul node the session is bound to. A
 // session lives and dies with its node whatever its checks: when that
 // node is deregistered (a server that died is reaped by autopilot about
 // 15 s later; a client agent that leaves), Consul invalidates the session
@@ -1195,32 +1269,23 @@ func (s *Store) createSession(ctx context.Context) (string, error) {
 // TestServerDeathTakesItsSessions). With a client agent on the host that
 // is the host's own fate; talking to a server directly ties this host's
 // records to that server's, so it is said loudly, once per session.
-//
-// The read is bounded by ctx (Agent().Self() takes none, and a hung agent
-// must not stop the session loop, which renews the session).
-func (s *Store) noteSessionNode(ctx context.Context, sid string) {
-	var self map[string]map[string]any
-	if _, err := s.client.Raw().Query("/v1/agent/self", &self, s.qopts(ctx, false)); err != nil {
-		return
-	}
-	cfg := self["Config"]
-	name, _ := cfg["NodeName"].(string)
-	server, _ := cfg["Server"].(bool)
+func (s *Store) noteSessionNode(sid string, a agent) {
 	s.mu.Lock()
-	s.sessionNode, s.onServer = name, server
+	s.sessionNode, s.onServer = a.name, a.server
 	s.mu.Unlock()
-	if server {
+	if a.server {
 		s.log.Warn("the store address is a Consul server, not a client agent on this host: this host's session is bound to that server's node, and if the server dies and is removed, Consul deletes this host's records with the session until this host reaches Consul again; run a Consul client agent on every host and point [store] address at it",
-			"session", sid, "consul_node", name, "address", s.opts.Address)
+			"session", sid, "consul_node", a.name, "address", s.opts.Address)
 	}
 }
 
 // listOwnSessions lists the sessions on the Consul node this backend talks
-// to (sessions are created there), so that a fleet with a client agent per
-// host never lists every session of the datacenter.
-func (s *Store) listOwnSessions(ctx context.Context) ([]*api.SessionEntry, error) {
-	if name, err := s.client.Agent().NodeName(); err == nil && name != "" {
-		ss, _, err := s.client.Session().Node(name, s.qopts(ctx, true))
+// to (node, where sessions are created), so that a fleet with a client
+// agent per host never lists every session of the datacenter. Without the
+// node's name (the agent could not say) it lists them all.
+func (s *Store) listOwnSessions(ctx context.Context, node string) ([]*api.SessionEntry, error) {
+	if node != "" {
+		ss, _, err := s.client.Session().Node(node, s.qopts(ctx, true))
 		return ss, err
 	}
 	ss, _, err := s.client.Session().List(s.qopts(ctx, true))

@@ -434,20 +434,7 @@ func TestPutOwnedBatchTakesOver(t *testing.T) {
 	a := consultest.Start(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	var reqs atomic.Int64
-	target, err := url.Parse("http://" + a.HTTPAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rp := httputil.NewSingleHostReverseProxy(target)
-	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if strings.HasPrefix(r.URL.Path, "/v1/kv/") || r.URL.Path == "/v1/txn" {
-			reqs.Add(1)
-		}
-		rp.ServeHTTP(w, r)
-	}))
-	defer proxy.Close()
-	addr := strings.TrimPrefix(proxy.URL, "http://")
+	addr, reqs := kvCounter(t, a.HTTPAddr)
 
 	kvs := func(val string) []store.KV {
 		var out []store.KV
@@ -518,5 +505,139 @@ func TestPutOwnedBatchTakesOver(t *testing.T) {
 	}
 	if single > 70 {
 		t.Errorf("one Put per key took over 70 keys in %d requests, want one each", single)
+	}
+}
+
+// kvCounter is a proxy in front of the Consul agent at target that counts
+// the KV and transaction requests through it; it returns the proxy's
+// address.
+func kvCounter(t *testing.T, target string) (string, *atomic.Int64) {
+	t.Helper()
+	return requestCounter(t, target, func(path string) bool {
+		return strings.HasPrefix(path, "/v1/kv/") || path == "/v1/txn"
+	})
+}
+
+// requestCounter is a proxy in front of the Consul agent at target that
+// counts the requests whose path counts says to; it returns the proxy's
+// address.
+func requestCounter(t *testing.T, target string, counts func(path string) bool) (string, *atomic.Int64) {
+	t.Helper()
+	u, err := url.Parse("http://" + target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reqs atomic.Int64
+	rp := httputil.NewSingleHostReverseProxy(u)
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if counts(r.URL.Path) {
+			reqs.Add(1)
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(proxy.Close)
+	return strings.TrimPrefix(proxy.URL, "http://"), &reqs
+}
+
+// TestCASPutOwnedTakesOver: after a restart, the identity allocator's
+// touch (check-and-set of the id key and the claim, still held by the
+// previous run's session) costs one transaction per key, where it cost
+// three (a refused transaction, a check-and-set, a take-over). A lost
+// check-and-set writes nothing and leaves the old claim where it was; a
+// claim the previous run did not hold still gets written.
+func TestCASPutOwnedTakesOver(t *testing.T) {
+	a := consultest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	addr, reqs := kvCounter(t, a.HTTPAddr)
+	started := func() *Store {
+		t.Helper()
+		s := newTestStore(t, addr, "host-c", time.Second)
+		if _, err := s.waitSession(ctx); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	const n = 20
+	idKey := func(i int) string { return fmt.Sprintf("id/%d", i) }
+	claim := func(i int) string { return fmt.Sprintf("value/l%d;/host-c", i) }
+	s1 := started()
+	for i := range n {
+		if ok, err := s1.CASPutOwned(ctx, idKey(i), []byte("l"), 0, claim(i), []byte("1")); err != nil || !ok {
+			t.Fatalf("create %s: %v, %v", idKey(i), ok, err)
+		}
+	}
+	s1.Stop() // a restart: the session and its claims stay
+
+	s2 := started()
+	index := make([]uint64, n)
+	for i := range n {
+		kv, err := s2.Get(ctx, idKey(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		index[i] = kv.ModifyIndex
+	}
+	// A stale index: the check-and-set loses, nothing changes hands.
+	if ok, err := s2.CASPutOwned(ctx, idKey(0), []byte("l"), index[0]-1, claim(0), []byte("2")); err != nil || ok {
+		t.Fatalf("CASPutOwned with a stale index = %v, %v; want false", ok, err)
+	}
+	if got, err := s2.Get(ctx, claim(0)); err != nil || got.Owner != s1.Session() || string(got.Value) != "1" {
+		t.Fatalf("after a lost check-and-set the claim is %+v, %v; want 1 held by the previous session %s", got, err, s1.Session())
+	}
+	before := reqs.Load()
+	for i := range n {
+		if ok, err := s2.CASPutOwned(ctx, idKey(i), []byte("l"), index[i], claim(i), []byte("2")); err != nil || !ok {
+			t.Fatalf("touch %s after the restart: %v, %v", idKey(i), ok, err)
+		}
+	}
+	touched := reqs.Load() - before
+	for i := range n {
+		got, err := s2.Get(ctx, claim(i))
+		if err != nil || got.Owner != s2.Session() || string(got.Value) != "2" {
+			t.Fatalf("%s = %+v, %v; want 2 held by %s", claim(i), got, err, s2.Session())
+		}
+	}
+	// A claim the previous run never held, and one written again.
+	for _, i := range []int{n, 0} {
+		kv, err := s2.Get(ctx, idKey(i))
+		idx := uint64(0)
+		if err == nil {
+			idx = kv.ModifyIndex
+		}
+		if ok, err := s2.CASPutOwned(ctx, idKey(i), []byte("l"), idx, claim(i), []byte("3")); err != nil || !ok {
+			t.Fatalf("CASPutOwned %s: %v, %v", idKey(i), ok, err)
+		}
+		if got, err := s2.Get(ctx, claim(i)); err != nil || got.Owner != s2.Session() || string(got.Value) != "3" {
+			t.Fatalf("%s = %+v, %v; want 3 held by %s", claim(i), got, err, s2.Session())
+		}
+	}
+	t.Logf("%d claims of the previous run taken over with their id keys touched: %d requests", n, touched)
+	if touched > n {
+		t.Errorf("touching %d ids whose claims the previous run held cost %d requests, want one each", n, touched)
+	}
+}
+
+// TestSessionStartReadsAgentOnce: a start reads /v1/agent/self once, for
+// both the search for the previous run's sessions and the note of the node
+// the new session is bound to (it was read twice per start).
+func TestSessionStartReadsAgentOnce(t *testing.T) {
+	a := consultest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	addr, reads := requestCounter(t, a.HTTPAddr, func(path string) bool { return path == "/v1/agent/self" })
+	for run := range 2 {
+		before := reads.Load()
+		s := newTestStore(t, addr, "host-s", time.Second)
+		if _, err := s.waitSession(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if d := s.Health().Detail; d["session_node"] != a.Name || d["session_node_role"] != "server" {
+			t.Fatalf("run %d: session_node %q role %q, want %q server", run, d["session_node"], d["session_node_role"], a.Name)
+		}
+		if n := reads.Load() - before; n != 1 {
+			t.Errorf("run %d: a start read agent/self %d times, want once", run, n)
+		}
+		s.Stop()
 	}
 }
