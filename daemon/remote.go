@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"runtime/debug"
@@ -287,19 +286,8 @@ func (r *remote) applyWholeLocked(kvs []store.KV) {
 // applyDeltaLocked writes a change of the checked set to the ipcache.
 // r.mu held.
 func (r *remote) applyDeltaLocked(d ipcache.Delta) {
-	var errs []error
-	for _, p := range d.Delete {
-		if err := r.ipc.Delete(ipcache.RemoteEndpoint, p); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	for p, e := range d.Upsert {
-		if err := r.ipc.Upsert(ipcache.RemoteEndpoint, p, e); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if len(errs) > 0 {
-		r.log.Warn("cannot write every remote endpoint to the ipcache; retrying", "failed", len(errs), "err", errors.Join(errs...))
+	if err := r.ipc.Apply(ipcache.RemoteEndpoint, d.Upsert, d.Delete); err != nil {
+		r.log.Warn("cannot write every remote endpoint to the ipcache; retrying", "err", err)
 	}
 	for k, reason := range d.Refused {
 		switch {

@@ -49,8 +49,32 @@ func normalize(p netip.Prefix) (netip.Prefix, error) {
 }
 
 // UpsertIPCache maps prefix to identity: a host address (/32, /128) goes to
-// the rw_ipcache hash, a shorter prefix to the rw_ipcache_lpm trie.
+// the rw_ipcache hash, a shorter prefix to the rw_ipcache_lpm trie. The
+// policy revision is bumped, so that established flows are checked again
+// with the new identity.
 func (d *Datapath) UpsertIPCache(prefix netip.Prefix, identity uint32, hostIP netip.Addr) error {
+	if err := d.UpsertIPCacheQuiet(prefix, identity, hostIP); err != nil {
+		return err
+	}
+	return d.bumpRev()
+}
+
+// DeleteIPCache removes prefix (a missing prefix is not an error) and
+// bumps the policy revision.
+func (d *Datapath) DeleteIPCache(prefix netip.Prefix) error {
+	if err := d.DeleteIPCacheQuiet(prefix); err != nil {
+		return err
+	}
+	return d.bumpRev()
+}
+
+// Settle bumps the policy revision after quiet ipcache writes
+// (ipcache.QuietWriter): established flows are checked again.
+func (d *Datapath) Settle() error { return d.bumpRev() }
+
+// UpsertIPCacheQuiet is UpsertIPCache without the revision bump: new flows
+// see the entry at once, established flows at the next Settle.
+func (d *Datapath) UpsertIPCacheQuiet(prefix netip.Prefix, identity uint32, hostIP netip.Addr) error {
 	p, err := normalize(prefix)
 	if err != nil {
 		return fmt.Errorf("upsert ipcache: %w", err)
@@ -64,11 +88,11 @@ func (d *Datapath) UpsertIPCache(prefix netip.Prefix, identity uint32, hostIP ne
 	if err != nil {
 		return fmt.Errorf("upsert ipcache %v: %w", p, err)
 	}
-	return d.bumpRev()
+	return nil
 }
 
-// DeleteIPCache removes prefix; a missing prefix is not an error.
-func (d *Datapath) DeleteIPCache(prefix netip.Prefix) error {
+// DeleteIPCacheQuiet is DeleteIPCache without the revision bump.
+func (d *Datapath) DeleteIPCacheQuiet(prefix netip.Prefix) error {
 	p, err := normalize(prefix)
 	if err != nil {
 		return fmt.Errorf("delete ipcache: %w", err)
@@ -81,7 +105,7 @@ func (d *Datapath) DeleteIPCache(prefix netip.Prefix) error {
 	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete ipcache %v: %w", p, err)
 	}
-	return d.bumpRev()
+	return nil
 }
 
 func (v ipcacheValue) entry(p netip.Prefix) IPCacheEntry {

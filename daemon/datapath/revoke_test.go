@@ -127,7 +127,8 @@ func startProbe(t *testing.T, ns, network string, dst netip.AddrPort) *flowProbe
 // TestRevocationCutsEstablishedFlows: an established TCP connection and a
 // UDP flow stop within a second of the allowing rule's removal, the revert
 // of an emergency allow-all, the end of audit mode, and a change of the
-// peer's identity; a flow that stays allowed keeps flowing (its replies
+// peer's identity (one by one, or in a bulk write and its Settle); a flow
+// that stays allowed keeps flowing (its replies
 // pass through CT) throughout. On the first release (c484b0a) established
 // flows passed every change.
 func TestRevocationCutsEstablishedFlows(t *testing.T) {
@@ -208,6 +209,15 @@ func TestRevocationCutsEstablishedFlows(t *testing.T) {
 				{"peer identity changed", func() { setB(allowed); setIdentity(tp.ipA, identA) },
 					func() error {
 						return d.UpsertIPCache(netip.PrefixFrom(tp.ipA, 32), identOther, netip.Addr{})
+					}},
+				// As the ipcache's bulk operations write: quietly, then
+				// one Settle for all of their entries.
+				{"peer identity changed in a bulk write", func() { setB(allowed); setIdentity(tp.ipA, identA) },
+					func() error {
+						if err := d.UpsertIPCacheQuiet(netip.PrefixFrom(tp.ipA, 32), identOther, netip.Addr{}); err != nil {
+							return err
+						}
+						return d.Settle()
 					}},
 			} {
 				t.Run(c.name, func(t *testing.T) {
