@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/rackwire/rackwire/daemon/iplog"
+	"github.com/rackwire/rackwire/daemon/restart"
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/internal/consultest"
 )
@@ -462,21 +463,22 @@ func peakMean(rs [][2]float64, col int) (peak, mean float64) {
 }
 
 // TestFleetRestart: every agent restarted at once through `rackwired
-// prestart`, with the gate off (jitter_window = "0s") and on (the window
-// scaled to the test with RACKWIRE_FLEET_WINDOW, default 120s, instead of
-// the minutes a real fleet of this size gets).
+// prestart`, with the gate off (jitter_window = "0s") and on: by default
+// with the window [restart] fleet_size gives a fleet of this size, as a
+// real one would have it (4m9s for 100 agents), or with jitter_window =
+// RACKWIRE_FLEET_WINDOW (shorter windows, to see where the machine's CPU
+// becomes the limit: docs/scale.md).
 func TestFleetRestart(t *testing.T) {
 	n := agentCount(t)
 	window := os.Getenv("RACKWIRE_FLEET_WINDOW")
-	if window == "" {
-		// Half of the 4m9s fleet_size = 100 gives: 100 starts cost about
-		// 130 CPU-seconds, more than two shared cores have in 60 s
-		// (docs/scale.md "Fleet-wide restart: anchors ...").
-		window = "120s"
-	}
-	w, err := time.ParseDuration(window)
-	if err != nil || w <= 0 {
-		t.Fatalf("RACKWIRE_FLEET_WINDOW=%q: write a duration such as 60s", window)
+	w := restart.WindowFor(n)
+	if window != "" {
+		var err error
+		if w, err = time.ParseDuration(window); err != nil || w <= 0 {
+			t.Fatalf("RACKWIRE_FLEET_WINDOW=%q: write a duration such as 120s", window)
+		}
+	} else {
+		window = fromFleetSize
 	}
 	f := newFleet(t, n)
 	f.seed(t)

@@ -3,6 +3,7 @@
 package fleet
 
 import (
+	"cmp"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -422,6 +423,10 @@ func tail(s string, n int) string {
 	return strings.Join(ls[max(0, len(ls)-n):], "\n")
 }
 
+// fromFleetSize, as an agent's jitter, leaves [restart] jitter_window out:
+// the gate's window is the one the fleet's size gives (restart.WindowFor).
+const fromFleetSize = "fleet_size"
+
 // agent is one simulated host with its rackwired.
 type agent struct {
 	f      *fleet
@@ -437,7 +442,8 @@ type agent struct {
 	pinDir string
 	cgroup string // the agent's [datapath] service_cgroup
 	logf   string
-	// jitter is [restart] jitter_window ("0s": gate off).
+	// jitter is [restart] jitter_window ("0s", the default: gate off;
+	// fromFleetSize: none written, the window fleet_size gives).
 	jitter string
 	// sync is [store] ipcache_sync ("" = the release's default); bin, if
 	// set, is the rackwired to run (an older release), which gets a
@@ -471,9 +477,12 @@ func (a *agent) writeConfig(t testing.TB) {
 	if err := os.MkdirAll(filepath.Join(a.dir, "policies.d"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	jitter := a.jitter
-	if jitter == "" {
-		jitter = "0s"
+	// The gate's window: jitter_window when set ("0s" by default: off), or
+	// the one [restart] fleet_size gives, as a fleet of this size would
+	// have it, for fromFleetSize.
+	jitter := fmt.Sprintf("jitter_window = %q\n", cmp.Or(a.jitter, "0s"))
+	if a.jitter == fromFleetSize {
+		jitter = ""
 	}
 	// Keys an older release does not know are left out of its config.
 	storeExtra, svcExtra := "", ""
@@ -516,8 +525,7 @@ policy_max_entries = 1024
 ipcache_max_entries = 131072
 [restart]
 fleet_size = %d
-jitter_window = %q
-backoff_min = "2s"
+%sbackoff_min = "2s"
 backoff_max = "20s"
 [metrics]
 listen = ""
