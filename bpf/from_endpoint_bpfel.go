@@ -31,6 +31,7 @@ const (
 	FromEndpointMapRwIpcache         = "rw_ipcache"
 	FromEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
 	FromEndpointMapRwMetrics         = "rw_metrics"
+	FromEndpointMapRwPktFlow         = "rw_pkt_flow"
 	FromEndpointMapRwPolicyMaps      = "rw_policy_maps"
 	FromEndpointMapRwSvcNat          = "rw_svc_nat"
 	FromEndpointMapRwVerdictRev      = "rw_verdict_rev"
@@ -112,6 +113,7 @@ type FromEndpointMapSpecs struct {
 	RwIpcache      *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm   *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.MapSpec `ebpf:"rw_metrics"`
+	RwPktFlow      *ebpf.MapSpec `ebpf:"rw_pkt_flow"`
 	RwPolicyMaps   *ebpf.MapSpec `ebpf:"rw_policy_maps"`
 	RwSvcNat       *ebpf.MapSpec `ebpf:"rw_svc_nat"`
 	RwVerdictRev   *ebpf.MapSpec `ebpf:"rw_verdict_rev"`
@@ -169,6 +171,7 @@ type FromEndpointMaps struct {
 	RwIpcache      *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm   *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.Map `ebpf:"rw_metrics"`
+	RwPktFlow      *ebpf.Map `ebpf:"rw_pkt_flow"`
 	RwPolicyMaps   *ebpf.Map `ebpf:"rw_policy_maps"`
 	RwSvcNat       *ebpf.Map `ebpf:"rw_svc_nat"`
 	RwVerdictRev   *ebpf.Map `ebpf:"rw_verdict_rev"`
@@ -191,6 +194,7 @@ func (m *FromEndpointMaps) Close() error {
 		m.RwIpcache,
 		m.RwIpcacheLpm,
 		m.RwMetrics,
+		m.RwPktFlow,
 		m.RwPolicyMaps,
 		m.RwSvcNat,
 		m.RwVerdictRev,

@@ -34,41 +34,47 @@ int rw_from_uplink(struct __sk_buff *skb)
 {
 	struct endpoint_info *dst;
 	struct ip_key k = {};
-	struct flow f = {};
+	__u32 zero = 0;
+	struct flow *f;
 	int ret;
 
 	if (skb->pkt_type != PACKET_HOST)
 		return RW_PASS;
-	ret = parse_packet(skb, &f);
-	if (ret != 0 || f.ndisc)
+	/* Never missing: a per-CPU array of one (datapath.h). */
+	f = bpf_map_lookup_elem(&rw_pkt_flow, &zero);
+	if (!f)
 		return RW_PASS;
-	ret = rw_ns_balance(skb, f.family | (__u32)f.proto << 8 | (__u32)f.tcp_flags << 16 |
-				    (__u32)f.frag << 24, (__u32)f.sport << 16 | f.dport);
+	__builtin_memset(f, 0, sizeof(*f));
+	ret = parse_packet(skb, f);
+	if (ret != 0 || f->ndisc)
+		return RW_PASS;
+	ret = rw_ns_balance(skb, f->family | (__u32)f->proto << 8 | (__u32)f->tcp_flags << 16 |
+				    (__u32)f->frag << 24, (__u32)f->sport << 16 | f->dport);
 	if (ret)
 		rw_ns_report(skb);
 	if (ret < 0)
 		return RW_DROP;
 	/* Translated: the packet is now for the backend. */
 	if (ret == 1) {
-		__builtin_memset(&f, 0, sizeof(f));
-		if (parse_packet(skb, &f) != 0)
+		__builtin_memset(f, 0, sizeof(*f));
+		if (parse_packet(skb, f) != 0)
 			return RW_DROP;
 	}
 	if (!rw_host_routing)
 		return RW_PASS;
-	__builtin_memcpy(k.addr, f.daddr, 16);
-	k.family = f.family;
+	__builtin_memcpy(k.addr, f->daddr, 16);
+	k.family = f->family;
 	dst = bpf_map_lookup_elem(&rw_endpoints, &k);
 	if (!dst) {
 		hostrt_count(RW_HR_STACK_NOT_LOCAL, skb->len);
 		return RW_PASS;
 	}
 	/* Fragments go the stack's way, where rw_to_endpoint reassembles the decision. */
-	if (f.frag != RW_FRAG_NONE) {
+	if (f->frag != RW_FRAG_NONE) {
 		hostrt_count(RW_HR_STACK_OTHER, skb->len);
 		return RW_PASS;
 	}
-	return rw_peer_deliver(skb, &f, dst, RW_HR_INGRESS_FWD);
+	return rw_peer_deliver(skb, f, dst, RW_HR_INGRESS_FWD);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -32,6 +32,7 @@ const (
 	FromUplinkMapRwIpcacheLpm      = "rw_ipcache_lpm"
 	FromUplinkMapRwMetrics         = "rw_metrics"
 	FromUplinkMapRwNsScratch       = "rw_ns_scratch"
+	FromUplinkMapRwPktFlow         = "rw_pkt_flow"
 	FromUplinkMapRwPolicyMaps      = "rw_policy_maps"
 	FromUplinkMapRwServices        = "rw_services"
 	FromUplinkMapRwSvcBackends     = "rw_svc_backends"
@@ -118,6 +119,7 @@ type FromUplinkMapSpecs struct {
 	RwIpcacheLpm   *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.MapSpec `ebpf:"rw_metrics"`
 	RwNsScratch    *ebpf.MapSpec `ebpf:"rw_ns_scratch"`
+	RwPktFlow      *ebpf.MapSpec `ebpf:"rw_pkt_flow"`
 	RwPolicyMaps   *ebpf.MapSpec `ebpf:"rw_policy_maps"`
 	RwServices     *ebpf.MapSpec `ebpf:"rw_services"`
 	RwSvcBackends  *ebpf.MapSpec `ebpf:"rw_svc_backends"`
@@ -180,6 +182,7 @@ type FromUplinkMaps struct {
 	RwIpcacheLpm   *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.Map `ebpf:"rw_metrics"`
 	RwNsScratch    *ebpf.Map `ebpf:"rw_ns_scratch"`
+	RwPktFlow      *ebpf.Map `ebpf:"rw_pkt_flow"`
 	RwPolicyMaps   *ebpf.Map `ebpf:"rw_policy_maps"`
 	RwServices     *ebpf.Map `ebpf:"rw_services"`
 	RwSvcBackends  *ebpf.Map `ebpf:"rw_svc_backends"`
@@ -207,6 +210,7 @@ func (m *FromUplinkMaps) Close() error {
 		m.RwIpcacheLpm,
 		m.RwMetrics,
 		m.RwNsScratch,
+		m.RwPktFlow,
 		m.RwPolicyMaps,
 		m.RwServices,
 		m.RwSvcBackends,

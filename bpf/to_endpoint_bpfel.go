@@ -31,6 +31,7 @@ const (
 	ToEndpointMapRwIpcache         = "rw_ipcache"
 	ToEndpointMapRwIpcacheLpm      = "rw_ipcache_lpm"
 	ToEndpointMapRwMetrics         = "rw_metrics"
+	ToEndpointMapRwPktFlow         = "rw_pkt_flow"
 	ToEndpointMapRwPolicyMaps      = "rw_policy_maps"
 	ToEndpointMapRwSvcNat          = "rw_svc_nat"
 	ToEndpointMapRwVerdictRev      = "rw_verdict_rev"
@@ -112,6 +113,7 @@ type ToEndpointMapSpecs struct {
 	RwIpcache      *ebpf.MapSpec `ebpf:"rw_ipcache"`
 	RwIpcacheLpm   *ebpf.MapSpec `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.MapSpec `ebpf:"rw_metrics"`
+	RwPktFlow      *ebpf.MapSpec `ebpf:"rw_pkt_flow"`
 	RwPolicyMaps   *ebpf.MapSpec `ebpf:"rw_policy_maps"`
 	RwSvcNat       *ebpf.MapSpec `ebpf:"rw_svc_nat"`
 	RwVerdictRev   *ebpf.MapSpec `ebpf:"rw_verdict_rev"`
@@ -169,6 +171,7 @@ type ToEndpointMaps struct {
 	RwIpcache      *ebpf.Map `ebpf:"rw_ipcache"`
 	RwIpcacheLpm   *ebpf.Map `ebpf:"rw_ipcache_lpm"`
 	RwMetrics      *ebpf.Map `ebpf:"rw_metrics"`
+	RwPktFlow      *ebpf.Map `ebpf:"rw_pkt_flow"`
 	RwPolicyMaps   *ebpf.Map `ebpf:"rw_policy_maps"`
 	RwSvcNat       *ebpf.Map `ebpf:"rw_svc_nat"`
 	RwVerdictRev   *ebpf.Map `ebpf:"rw_verdict_rev"`
@@ -191,6 +194,7 @@ func (m *ToEndpointMaps) Close() error {
 		m.RwIpcache,
 		m.RwIpcacheLpm,
 		m.RwMetrics,
+		m.RwPktFlow,
 		m.RwPolicyMaps,
 		m.RwSvcNat,
 		m.RwVerdictRev,
