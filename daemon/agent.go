@@ -51,6 +51,9 @@ type agent struct {
 	eps    *endpoint.Manager
 	pub    *publish.Publisher
 	remote *remote
+	// memRel returns the garbage of the ipcache watches' large deliveries
+	// to the kernel (remote.go).
+	memRel memRelease
 	audit  *auditSet
 	bgp    *bgp.Manager
 	mon    *monitor

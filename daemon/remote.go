@@ -59,6 +59,19 @@ type remote struct {
 	logStats    iplog.Stats
 	// checked holds the node view and every record's check.
 	checked ipcache.RemoteMemo
+	// worked counts the records checked and applied since takeWorked:
+	// what the garbage of a delivery scales with (records that only
+	// wait for the node list are not garbage yet).
+	worked int
+}
+
+// takeWorked returns the records checked and applied since the last call.
+func (r *remote) takeWorked() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := r.worked
+	r.worked = 0
+	return n
 }
 
 func newRemote(ipc *ipcache.Cache, pub *publish.Publisher, self ipcache.Self, hostID string, log *slog.Logger) *remote {
@@ -70,11 +83,10 @@ func newRemote(ipc *ipcache.Cache, pub *publish.Publisher, self ipcache.Self, ho
 // the change log ("log", daemon/iplog).
 func (a *agent) ipcacheWatch(ctx context.Context) {
 	prefix := store.IPPrefix + a.cfg.Node.Cluster + "/"
-	var rel memRelease
 	deliver := func(d iplog.Delivery) {
 		a.remote.deliverIPs(d)
 		a.pub.Seen(prefix, a.remote.ipValue, true)
-		rel.after(d.Size(), time.Now())
+		a.memRel.after(a.remote.takeWorked(), time.Now())
 	}
 	if a.cfg.Store.IPCacheSync != "log" {
 		a.watch(ctx, prefix, func(kvs []store.KV) { deliver(iplog.WholeDelivery(kvs)) })
@@ -105,14 +117,16 @@ func (r *remote) legacy() bool {
 
 // memRelease hands the garbage of the ipcache's large reads back to the
 // kernel. A list of the ipcache prefix decodes every entry of the fleet
-// (≈ 500 B of garbage per entry, 15 MB at 30,000), and every delivery
-// builds the checked set again; then the agent is idle, nothing else
-// allocates, and the Go runtime keeps the heap at twice the live data
-// (GOGC=100) for minutes: 75–95 MB of RSS at 30,000 entries with a live
-// heap of 18–24 MB (docs/scale.md). After a delivery of at least
-// releaseMin keys it runs a collection and returns the free pages (a few
-// ms of CPU at that size), at most once per releaseEvery: a delivery
-// within that time of the last release is released when it has passed.
+// (≈ 500 B of garbage per entry, 15 MB at 30,000), the log follower's
+// catch-up read after it and every delivery's check add more; then the
+// agent is idle, nothing else allocates, and the Go runtime keeps the heap
+// at twice the live data (GOGC=100) for minutes: 75–95 MB of RSS at 30,000
+// entries with a live heap of 18–24 MB (docs/scale.md). A delivery or a
+// node list that checked and applied at least releaseMin records (records
+// that only wait for the first node list do not count: their check, where
+// the garbage is, comes with it) schedules a collection that returns the
+// free pages (a few ms of CPU at that size) releaseSettle later, once the
+// reads that follow a list are done too; at most one per releaseEvery.
 type memRelease struct {
 	mu      sync.Mutex
 	last    time.Time
@@ -120,8 +134,9 @@ type memRelease struct {
 }
 
 const (
-	releaseMin   = 5000
-	releaseEvery = time.Minute
+	releaseMin    = 5000
+	releaseSettle = 5 * time.Second
+	releaseEvery  = time.Minute
 )
 
 func (m *memRelease) after(keys int, now time.Time) {
@@ -133,18 +148,13 @@ func (m *memRelease) after(keys int, now time.Time) {
 	if m.pending {
 		return
 	}
-	if wait := releaseEvery - now.Sub(m.last); wait > 0 {
-		m.pending = true
-		time.AfterFunc(wait, func() {
-			m.mu.Lock()
-			m.pending, m.last = false, time.Now()
-			m.mu.Unlock()
-			debug.FreeOSMemory()
-		})
-		return
-	}
-	m.last = now
-	debug.FreeOSMemory()
+	m.pending = true
+	time.AfterFunc(max(releaseSettle, releaseEvery-now.Sub(m.last)), func() {
+		m.mu.Lock()
+		m.pending, m.last = false, time.Now()
+		m.mu.Unlock()
+		debug.FreeOSMemory()
+	})
 }
 
 func (r *remote) setLogStats(s iplog.Stats) {
@@ -180,6 +190,8 @@ func (a *agent) nodeWatch(ctx context.Context) {
 	a.watchCoalesced(ctx, prefix, func(kvs []store.KV) {
 		a.remote.setNodes(kvs)
 		a.pub.Seen(prefix, lookupIn(kvs), false)
+		// The first node list applies the records that waited for it.
+		a.memRel.after(a.remote.takeWorked(), time.Now())
 	})
 }
 
@@ -257,6 +269,7 @@ func (r *remote) deliverIPs(d iplog.Delivery) {
 			r.ipsWaiting[kv.Key] = kv
 		}
 	case r.applied:
+		r.worked += len(d.Changed) + len(d.Removed)
 		r.applyDeltaLocked(r.checked.Update(d.Changed, d.Removed, r.self))
 	default: // before the node list: the records wait
 		if r.ipsWaiting == nil {
@@ -275,6 +288,7 @@ func (r *remote) deliverIPs(d iplog.Delivery) {
 // records and makes the ipcache's remote endpoints equal to what passes.
 // r.mu held.
 func (r *remote) applyWholeLocked(kvs []store.KV) {
+	r.worked += len(kvs)
 	set, rej := r.checked.Whole(kvs, r.self)
 	r.applied = true
 	r.noteRejected(store.IPPrefix, rej)

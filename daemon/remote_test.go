@@ -246,3 +246,31 @@ func BenchmarkRemoteChange(b *testing.B) {
 		})
 	}
 }
+
+// TestRemoteCountsCheckedRecords: the memory release after a large
+// delivery (memRelease) follows the records checked and applied, which is
+// where the garbage is: a list that arrives before the node list only
+// waits, and the node list that applies it counts it. Counted at the list,
+// the release came before the check's garbage and the next one only a
+// minute later (RSS 85.7 MB median right after a 30,000-entry cold start).
+func TestRemoteCountsCheckedRecords(t *testing.T) {
+	c := ipcache.New(&countingWriter{}, slog.New(slog.DiscardHandler))
+	r := newRemote(c, nil, remoteSelf, "self-host", slog.New(slog.DiscardHandler))
+	v := newFleetView(5, 4)
+	r.deliverIPs(iplog.WholeDelivery(kvsOf(v.ips)))
+	if n := r.takeWorked(); n != 0 {
+		t.Fatalf("a list waiting for the node list counted %d records", n)
+	}
+	r.setNodes(kvsOf(v.nodes))
+	if n := r.takeWorked(); n != len(v.ips) {
+		t.Fatalf("the node list that applied the waiting list counted %d records, want %d", n, len(v.ips))
+	}
+	r.deliverIPs(v.change(v.setEP(1, 9, uint32(identity.Make(3, 400)))))
+	if n := r.takeWorked(); n != 1 {
+		t.Fatalf("a change counted %d records, want 1", n)
+	}
+	r.deliverIPs(iplog.WholeDelivery(kvsOf(v.ips)))
+	if n := r.takeWorked(); n != len(v.ips) {
+		t.Fatalf("a list after the node list counted %d records, want %d", n, len(v.ips))
+	}
+}
