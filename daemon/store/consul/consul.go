@@ -106,6 +106,8 @@ type Store struct {
 	opts   Options
 	client *api.Client
 	kv     *api.KV
+	// http is the client's HTTP client (pinnedAuth), for listKV.
+	http   *http.Client
 	log    *slog.Logger
 	prefix string
 
@@ -186,13 +188,13 @@ func New(opts Options, log *slog.Logger) (*Store, error) {
 	if opts.Scheme == "" {
 		opts.Scheme = "http"
 	}
-	client, hasToken, err := newClient(opts)
+	client, hc, hasToken, err := newClient(opts)
 	if err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Store{
-		opts: opts, client: client, kv: client.KV(),
+		opts: opts, client: client, kv: client.KV(), http: hc,
 		log:       log.With("subsys", "store", "backend", "consul"),
 		prefix:    opts.Prefix,
 		kick:      make(chan struct{}, 1),
@@ -218,32 +220,33 @@ func New(opts Options, log *slog.Logger) (*Store, error) {
 // read is /dev/null; and every request goes through pinnedAuth, which
 // puts back the token from opts (or none) whatever the library set. It
 // reports whether a token is configured; the token itself is not
-// returned, logged or kept outside the HTTP client.
-func newClient(opts Options) (*api.Client, bool, error) {
+// returned, logged or kept outside the HTTP client, which is returned too
+// (for listKV).
+func newClient(opts Options) (*api.Client, *http.Client, bool, error) {
 	if opts.Scheme != "http" && opts.Scheme != "https" {
-		return nil, false, fmt.Errorf("consul scheme %q: write \"http\" or \"https\"", opts.Scheme)
+		return nil, nil, false, fmt.Errorf("consul scheme %q: write \"http\" or \"https\"", opts.Scheme)
 	}
 	if strings.Contains(opts.Address, "://") {
 		// api.NewClient would take a scheme (or a unix socket) from it.
-		return nil, false, fmt.Errorf("consul address %q: write host:port and set the scheme on its own", opts.Address)
+		return nil, nil, false, fmt.Errorf("consul address %q: write host:port and set the scheme on its own", opts.Address)
 	}
 	if opts.Scheme == "http" && (opts.TLSCAFile != "" || opts.TLSCertFile != "" || opts.TLSKeyFile != "") {
-		return nil, false, errors.New(`consul TLS files are set but scheme = "http" ignores them; set scheme = "https"`)
+		return nil, nil, false, errors.New(`consul TLS files are set but scheme = "http" ignores them; set scheme = "https"`)
 	}
 	token := ""
 	if opts.TokenFile != "" {
 		if err := config.CheckTokenFile(opts.TokenFile); err != nil {
-			return nil, false, fmt.Errorf("consul token file: %w", err)
+			return nil, nil, false, fmt.Errorf("consul token file: %w", err)
 		}
 		b, err := os.ReadFile(opts.TokenFile)
 		if err != nil {
-			return nil, false, fmt.Errorf("read consul token file %s: %w", opts.TokenFile, unwrapPath(err))
+			return nil, nil, false, fmt.Errorf("read consul token file %s: %w", opts.TokenFile, unwrapPath(err))
 		}
 		if token = strings.TrimSpace(string(b)); token == "" {
-			return nil, false, fmt.Errorf("consul token file %s is empty; write the ACL token in it, or remove token_file", opts.TokenFile)
+			return nil, nil, false, fmt.Errorf("consul token file %s is empty; write the ACL token in it, or remove token_file", opts.TokenFile)
 		}
 		if opts.Scheme == "http" && !opts.AllowInsecure && !config.LoopbackAddress(opts.Address) {
-			return nil, false, fmt.Errorf("consul at %s over plain http: the ACL token would cross the network in clear text; "+
+			return nil, nil, false, fmt.Errorf("consul at %s over plain http: the ACL token would cross the network in clear text; "+
 				"use scheme = \"https\", the local agent, or allow_insecure = true", opts.Address)
 		}
 	}
@@ -256,15 +259,16 @@ func newClient(opts Options) (*api.Client, bool, error) {
 		CertFile: opts.TLSCertFile, KeyFile: opts.TLSKeyFile,
 	})
 	if err != nil {
-		return nil, false, fmt.Errorf("consul TLS settings: %w", err)
+		return nil, nil, false, fmt.Errorf("consul TLS settings: %w", err)
 	}
 	tr.TLSClientConfig = tlsConf
+	hc := &http.Client{Transport: &pinnedAuth{base: tr, token: token}}
 	cfg := &api.Config{
 		Address:    opts.Address,
 		Scheme:     opts.Scheme,
 		Datacenter: opts.Datacenter,
 		Transport:  tr,
-		HttpClient: &http.Client{Transport: &pinnedAuth{base: tr, token: token}},
+		HttpClient: hc,
 		Token:      token,
 		// Set, so that NewClient reads this (empty) file instead of
 		// CONSUL_HTTP_TOKEN_FILE's, which could also fail the start.
@@ -272,9 +276,9 @@ func newClient(opts Options) (*api.Client, bool, error) {
 	}
 	client, err := api.NewClient(cfg)
 	if err != nil {
-		return nil, false, fmt.Errorf("build consul client for %s: %w", opts.Address, err)
+		return nil, nil, false, fmt.Errorf("build consul client for %s: %w", opts.Address, err)
 	}
-	return client, token != "", nil
+	return client, hc, token != "", nil
 }
 
 // NewAPIClient builds a Consul API client exactly as the store does (the
@@ -287,7 +291,7 @@ func NewAPIClient(opts Options) (*api.Client, error) {
 	if opts.Scheme == "" {
 		opts.Scheme = "http"
 	}
-	c, _, err := newClient(opts)
+	c, _, _, err := newClient(opts)
 	return c, err
 }
 
@@ -432,23 +436,23 @@ func (s *Store) List(ctx context.Context, prefix string) ([]store.KV, uint64, er
 	if err := s.checkClosed(); err != nil {
 		return nil, 0, err
 	}
-	ps, meta, err := s.kv.List(s.full(prefix), s.qopts(ctx, false))
+	kvs, meta, err := s.listKV(ctx, prefix, false, 0, 0)
 	if err != nil {
 		return nil, 0, s.noteErr("list "+prefix, err)
 	}
-	if err := s.checkFiltered("list "+prefix, meta); err != nil {
+	if err := s.checkFiltered("list "+prefix, meta.Filtered); err != nil {
 		return nil, 0, err
 	}
 	s.noteOK()
-	return s.toKVs(ps), nonZero(meta.LastIndex), nil
+	return kvs, nonZero(meta.LastIndex), nil
 }
 
 // checkFiltered refuses a list that Consul filtered by ACLs: with a token
 // that may not read some keys, Consul answers 200 with those keys left out,
 // which would read as "deleted" (a policy gone, an endpoint gone). The
 // store is marked degraded with what to do.
-func (s *Store) checkFiltered(step string, meta *api.QueryMeta) error {
-	if meta == nil || !meta.ResultsFilteredByACLs {
+func (s *Store) checkFiltered(step string, filtered bool) error {
+	if !filtered {
 		return nil
 	}
 	msg := "the ACL token may not read every key under " + s.opts.Prefix + "; grant it read (and write) on the whole prefix (docs/consul.md)"
@@ -460,15 +464,6 @@ func (s *Store) checkFiltered(step string, meta *api.QueryMeta) error {
 	s.lastErr = step + ": " + msg
 	s.mu.Unlock()
 	return fmt.Errorf("%s: %w: %s", step, store.ErrFiltered, msg)
-}
-
-func (s *Store) toKVs(ps api.KVPairs) []store.KV {
-	out := make([]store.KV, 0, len(ps))
-	for _, p := range ps {
-		out = append(out, s.toKV(p))
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
-	return out
 }
 
 // nonZero keeps an index usable for the next blocking query: Consul's
@@ -491,18 +486,15 @@ func (s *Store) Watch(ctx context.Context, prefix string, index uint64, wait tim
 	if wait > maxWait {
 		wait = maxWait
 	}
-	q := s.qopts(ctx, true)
-	q.WaitIndex = index
-	q.WaitTime = wait
-	ps, meta, err := s.kv.List(s.full(prefix), q)
+	kvs, meta, err := s.listKV(ctx, prefix, true, index, wait)
 	if err != nil {
 		return nil, 0, s.noteErr("watch "+prefix, err)
 	}
-	if err := s.checkFiltered("watch "+prefix, meta); err != nil {
+	if err := s.checkFiltered("watch "+prefix, meta.Filtered); err != nil {
 		return nil, 0, err
 	}
 	s.noteOK()
-	return s.toKVs(ps), nonZero(meta.LastIndex), nil
+	return kvs, nonZero(meta.LastIndex), nil
 }
 
 func checkSize(key string, value []byte) error {
@@ -1036,7 +1028,7 @@ func (s *Store) WatchKeys(ctx context.Context, prefix string, index uint64, wait
 	if err != nil {
 		return nil, 0, s.noteErr("watch keys "+prefix, err)
 	}
-	if err := s.checkFiltered("watch keys "+prefix, meta); err != nil {
+	if err := s.checkFiltered("watch keys "+prefix, meta != nil && meta.ResultsFilteredByACLs); err != nil {
 		return nil, 0, err
 	}
 	s.noteOK()

@@ -22,6 +22,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/consul/api"
+
 	"github.com/rackwire/rackwire/daemon/store"
 	"github.com/rackwire/rackwire/internal/consultest"
 )
@@ -307,3 +309,62 @@ func (s *syncBuffer) String() string {
 }
 
 var _ io.Writer = (*syncBuffer)(nil)
+
+// TestFilteredListRefused: a token that may list the prefix but not read
+// every key under it gets a list with those keys left out (HTTP 200, the
+// header X-Consul-Results-Filtered-By-ACLs); List and Watch refuse it with
+// store.ErrFiltered instead of reading the missing keys as deleted, and a
+// token that may read everything lists everything.
+func TestFilteredListRefused(t *testing.T) {
+	const mgmt = "5e2c4b9f-7a1b-4d63-8c8f-b2a1d3e5f7c9"
+	a := consultest.StartACL(t, mgmt)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cfg := api.DefaultNonPooledConfig()
+	cfg.Address, cfg.Token = a.HTTPAddr, mgmt
+	admin, err := api.NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pol, _, err := admin.ACL().PolicyCreate(&api.ACLPolicy{Name: "rw-partial",
+		Rules: `key_prefix "rwd-test/" { policy = "write" }
+key_prefix "rwd-test/hidden/" { policy = "deny" }
+session_prefix "" { policy = "write" }
+node_prefix "" { policy = "read" }
+agent_prefix "" { policy = "read" }`}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _, err := admin.ACL().TokenCreate(&api.ACLToken{Policies: []*api.ACLTokenPolicyLink{{ID: pol.ID}}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"rwd-test/seen/a", "rwd-test/hidden/b"} {
+		if _, err := admin.KV().Put(&api.KVPair{Key: k, Value: []byte("v")}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	open := func(token string) *Store {
+		s, err := New(Options{Address: a.HTTPAddr, Prefix: "rwd-test/", Node: "host-f", TokenFile: writeToken(t, token, 0o600),
+			BackoffMin: 100 * time.Millisecond, BackoffMax: time.Second}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	}
+	partial := open(tok.SecretID)
+	if _, _, err := partial.List(ctx, ""); !errors.Is(err, store.ErrFiltered) {
+		t.Errorf("List with keys hidden by ACLs = %v, want ErrFiltered", err)
+	}
+	if _, _, err := partial.Watch(ctx, "", 0, time.Second); !errors.Is(err, store.ErrFiltered) {
+		t.Errorf("Watch with keys hidden by ACLs = %v, want ErrFiltered", err)
+	}
+	if kvs, _, err := partial.List(ctx, "seen/"); err != nil || len(kvs) != 1 || kvs[0].Key != "seen/a" {
+		t.Errorf("List of a prefix it may read = %+v, %v", kvs, err)
+	}
+	all := open(mgmt)
+	if kvs, _, err := all.List(ctx, ""); err != nil || len(kvs) != 2 || kvs[0].Key != "hidden/b" || kvs[1].Key != "seen/a" {
+		t.Errorf("List with the management token = %+v, %v; want both keys, sorted", kvs, err)
+	}
+}
