@@ -51,7 +51,7 @@ test-unit:
 
 # The fuzz targets besides FuzzParse and FuzzLoad, as package:Target (go
 # test -fuzz takes one target of one package per run): store values, state
-# files, API bodies, BIRD replies and rendered configs (FuzzRenderBird runs
+# files, API bodies, Consul KV lists, BIRD replies and rendered configs (FuzzRenderBird runs
 # `bird -p` per input), monitor events, the store file, CNI network configs
 # and CNI_ARGS. `make fuzz` gives
 # each FUZZTIME_SHORT, `make fuzz-long` gives every target, FuzzParse and
@@ -67,7 +67,7 @@ FUZZ_TARGETS := \
 	./daemon:FuzzEndpointAdd ./daemon:FuzzTraceRequest ./daemon:FuzzPolicyImport \
 	./daemon/api:FuzzRawEntry ./daemon/api:FuzzDecodeBody \
 	./birdconf:FuzzReadReply ./birdconf:FuzzRenderBird \
-	./daemon/datapath:FuzzDecodeEvent ./daemon/store/local:FuzzStoreFile \
+	./daemon/datapath:FuzzDecodeEvent ./daemon/store/local:FuzzStoreFile ./daemon/store/consul:FuzzDecodeKVList \
 	./internal/cniplugin:FuzzParseConfig ./internal/cniplugin:FuzzParseArgs
 # A run that fails without writing a reproducer is the engine's own flake
 # at the -fuzztime boundary (golang/go#51484, #56238): it is run once more.
