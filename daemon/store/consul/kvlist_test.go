@@ -178,6 +178,3 @@ func BenchmarkDecodeKVList(b *testing.B) {
 	b.ReportMetric(tFast/float64(b.N)*1e3, "ms/list-onepass")
 	b.ReportMetric(tFast/tJSON, "onepass/json")
 }
-
-func testingNow() time.Time            { return time.Now() }
-func testingSince(t time.Time) float64 { return time.Since(t).Seconds() }
