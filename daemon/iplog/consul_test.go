@@ -165,11 +165,7 @@ func TestPruneOfBulkConsul(t *testing.T) {
 
 	m := &meter{Store: open("h2")}
 	snap, waitFor, _ := follow(t, m, 5*time.Second)
-	// It lists, then follows the log from the names it listed (no read of
-	// the log's entries: TestFollowerListReadsLogKeysOnlyConsul).
-	waitFor("the follower read the bulk", func(s iplog.Stats, n int) bool {
-		return s.Mode == "log" && s.Lists > 0 && s.KeyReads > 0 && n == entries*opsPer
-	})
+	waitFor("the follower read the bulk", func(s iplog.Stats, n int) bool { return s.Mode == "log" && s.LogReads > 0 && n == entries*opsPer })
 	time.Sleep(300 * time.Millisecond)
 	before, _ := snap()
 	m.reads.Store(0)
@@ -375,34 +371,5 @@ func TestFollowerReadsOnlyNewEntriesConsul(t *testing.T) {
 	}
 	if s, _ := snap(); s.EntryReads == 0 {
 		t.Errorf("no read of new entries only (stats %+v)", s)
-	}
-}
-
-// TestFollowerListReadsLogKeysOnlyConsul: the list a follower starts with
-// reads the change log's index from its key names, not its entries. Right
-// after a bulk write (a fleet's cold start) the log holds as much as the
-// ipcache, and every agent read it whole only for the index: twice the
-// bytes of the list itself.
-func TestFollowerListReadsLogKeysOnlyConsul(t *testing.T) {
-	srv := consultest.Start(t)
-	st := openConsul(t, srv, "h1")
-	w := &iplog.Writer{St: st, Cluster: "default", Node: "h1"}
-	const entries, opsPer = 300, 16
-	value := []byte(`{"identity":12345,"node":"h1","tunnel":"10.0.0.1","padding":"0123456789"}`)
-	kv := srv.Client(t).KV()
-	for e := range entries {
-		putEntry(t, kv, w, e, opsPer, value)
-	}
-	m := &meter{Store: openConsul(t, srv, "h2")}
-	_, waitFor, _ := follow(t, m, 5*time.Second)
-	waitFor("the follower holds the ipcache", func(s iplog.Stats, n int) bool {
-		return s.Mode == "log" && s.Lists > 0 && n == entries*opsPer
-	})
-	time.Sleep(300 * time.Millisecond)
-	ipBytes := int64(entries * opsPer * len(value))
-	vb := m.valueBytes.Load()
-	t.Logf("start of a follower with %d B of ipcache values and a log as large: %d B of values read in %d reads", ipBytes, vb, m.reads.Load())
-	if vb > ipBytes+ipBytes/5 {
-		t.Errorf("the start read %d B of values for %d B of ipcache values: it read the change log's entries", vb, ipBytes)
 	}
 }

@@ -151,23 +151,6 @@ func (f *Follower) Run(ctx context.Context, deliver func(Delivery)) {
 
 func (f *Follower) ipPrefix() string { return store.IPPrefix + f.Cluster + "/" }
 
-// logIndexNow reads the change log's index, with its key names where the
-// store can list them (store.KeyLister) and a key watcher reads the log
-// from them, not its entries, which right after a bulk write are as large
-// as the ipcache; keys is nil otherwise.
-func (f *Follower) logIndexNow(ctx context.Context) (keys []string, idx uint64, err error) {
-	kl, ok := f.St.(store.KeyLister)
-	if _, kw := f.St.(store.KeyWatcher); ok && kw {
-		keys, idx, err = kl.ListKeys(ctx, ClusterPrefix(f.Cluster))
-		if err == nil && keys == nil {
-			keys = []string{}
-		}
-		return keys, idx, err
-	}
-	_, idx, err = f.St.List(ctx, ClusterPrefix(f.Cluster))
-	return nil, idx, err
-}
-
 // step does one list or one log read and reports whether the keys changed.
 func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error) {
 	legacy := f.Legacy != nil && f.Legacy()
@@ -213,7 +196,7 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 		// it, a horizon just above the ipcache prefix's own index (the
 		// last key's entry, pruned) would send the follower back to
 		// listing forever.
-		logKeys, logIdx, err := f.logIndexNow(ctx)
+		_, logIdx, err := f.St.List(ctx, ClusterPrefix(f.Cluster))
 		if err != nil {
 			return false, err
 		}
@@ -223,21 +206,7 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 		}
 		f.setList(kvs, max(idx, logIdx))
 		f.fresh = true
-		if logKeys == nil {
-			f.logIndex = 0 // read the log at once: it may hold changes after idx
-			return true, nil
-		}
-		// The entries named at logIdx are in the list: the log is read
-		// from there, the new entries only (where it was read whole,
-		// values and all, right after the list).
-		ep := entryPrefix(f.Cluster)
-		f.seen = make(map[string]bool, len(logKeys))
-		for _, k := range logKeys {
-			if strings.HasPrefix(k, ep) {
-				f.seen[k] = true
-			}
-		}
-		f.logIndex = logIdx
+		f.logIndex = 0 // read the log at once: it may hold changes after idx
 		return true, nil
 	}
 	kvs, next, seen, err := f.readLog(ctx)

@@ -118,16 +118,6 @@ type KeyWatcher interface {
 	WatchKeys(ctx context.Context, prefix string, index uint64, wait time.Duration) ([]string, uint64, error)
 }
 
-// KeyLister is implemented by backends that can list a prefix's key names
-// without the values (Consul: ?keys), as consistently as List: the
-// index is List's for the same prefix. The log follower reads the change
-// log's index this way before each list of the ipcache: the log's values
-// are as large as the ipcache itself right after a bulk write (a fleet's
-// cold start), and were read only for the index.
-type KeyLister interface {
-	ListKeys(ctx context.Context, prefix string) ([]string, uint64, error)
-}
-
 // OwnedBatchPutter is implemented by backends that write several owned
 // keys (PutOptions{Owned: true}) in few requests (Consul: one read of the
 // keys' holders and one transaction per MaxBatch/2 keys, taking over the

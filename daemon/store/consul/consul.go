@@ -1016,27 +1016,6 @@ func (s *Store) GetMany(ctx context.Context, keys []string) ([]store.KV, uint64,
 	return out, nonZero(idx), nil
 }
 
-// ListKeys implements store.KeyLister: ?keys with List's consistency.
-func (s *Store) ListKeys(ctx context.Context, prefix string) ([]string, uint64, error) {
-	if err := s.checkClosed(); err != nil {
-		return nil, 0, err
-	}
-	ks, meta, err := s.kv.Keys(s.full(prefix), "", s.qopts(ctx, false))
-	if err != nil {
-		return nil, 0, s.noteErr("list keys "+prefix, err)
-	}
-	if err := s.checkFiltered("list keys "+prefix, meta != nil && meta.ResultsFilteredByACLs); err != nil {
-		return nil, 0, err
-	}
-	s.noteOK()
-	out := make([]string, 0, len(ks))
-	for _, k := range ks {
-		out = append(out, s.rel(k))
-	}
-	sort.Strings(out)
-	return out, nonZero(meta.LastIndex), nil
-}
-
 // WatchKeys implements store.KeyWatcher (a blocking ?keys query).
 func (s *Store) WatchKeys(ctx context.Context, prefix string, index uint64, wait time.Duration) ([]string, uint64, error) {
 	if err := s.checkClosed(); err != nil {
