@@ -681,30 +681,48 @@ func (s *Store) PutOwnedBatch(ctx context.Context, kvs []store.KV) (int, error) 
 // was written in this session already, or the previous session does not
 // hold it (the caller then goes the usual way).
 func (s *Store) takeFromPrevious(ctx context.Context, sid, key string, value []byte) (bool, error) {
+	ok, _, err := s.takeOver(ctx, sid, key, value, nil, "put owned "+key)
+	return ok, err
+}
+
+// takeOver runs pre, checks that the previous run's session holds key,
+// deletes key and locks it under sid with value, in one transaction. It
+// reports whether the transaction was applied and, if not, whether one of
+// pre's operations failed (else the previous session does not hold key,
+// or there is none, or key was written in this session already: nothing
+// is sent then).
+func (s *Store) takeOver(ctx context.Context, sid, key string, value []byte, pre api.KVTxnOps, what string) (ok, preFailed bool, err error) {
 	s.mu.Lock()
 	prev, mine := s.previous, s.heldBy[key] == sid
 	s.mu.Unlock()
 	if prev == "" || mine {
-		return false, nil
+		return false, false, nil
 	}
 	full := s.full(key)
-	ok, _, _, err := s.kv.Txn(api.KVTxnOps{
-		{Verb: api.KVCheckSession, Key: full, Session: prev},
-		{Verb: api.KVDelete, Key: full},
-		{Verb: api.KVLock, Key: full, Value: value, Session: sid},
-	}, s.qopts(ctx, false))
+	ops := append(append(api.KVTxnOps{}, pre...),
+		&api.KVTxnOp{Verb: api.KVCheckSession, Key: full, Session: prev},
+		&api.KVTxnOp{Verb: api.KVDelete, Key: full},
+		&api.KVTxnOp{Verb: api.KVLock, Key: full, Value: value, Session: sid})
+	ok, resp, _, err := s.kv.Txn(ops, s.qopts(ctx, false))
 	if invalidSession(err) {
 		s.kickSession()
-		return false, fmt.Errorf("put owned %s: session %s is gone: %w", key, sid, store.ErrUnavailable)
+		return false, false, fmt.Errorf("%s: session %s is gone: %w", what, sid, store.ErrUnavailable)
 	}
 	if err != nil {
-		return false, s.noteErr("take over "+key, err)
+		return false, false, s.noteErr(what, err)
 	}
 	s.noteOK()
 	if ok {
+		s.log.Debug("took over owned key from the previous session", "key", key, "old_session", prev)
 		s.noteHeld(key, sid)
+		return true, false, nil
 	}
-	return ok, nil
+	for _, e := range resp.Errors {
+		if e.OpIndex < len(pre) {
+			return false, true, nil
+		}
+	}
+	return false, false, nil
 }
 
 // noteHeld records that key was written under session sid.
@@ -817,6 +835,7 @@ func (s *Store) casPutOwned(ctx context.Context, casKey string, casValue []byte,
 	}
 	s.noteOK()
 	if ok {
+		s.noteHeld(ownedKey, sid)
 		return true, nil
 	}
 	lockFailed := false
@@ -842,47 +861,17 @@ func (s *Store) casPutOwned(ctx context.Context, casKey string, casValue []byte,
 
 // casTakeFromPrevious is casPutOwned's first try after a restart, when
 // ownedKey is still held by the previous run's session (the identity
-// allocator's value keys): check-and-set casKey, check that the previous
-// session holds ownedKey, delete it and lock it under sid, in one
-// transaction. The two-op transaction would be refused and fall back to a
-// check-and-set and a take-over: three requests per key instead of one.
-// done is false, with nothing written, when there is no previous session,
-// the key was written in this session already, or the previous session
-// does not hold it: the caller then goes the usual way. done with ok false
-// says the check-and-set lost.
+// allocator's value keys): check-and-set casKey and take ownedKey over
+// (takeOver), in one transaction. The two-op transaction would be refused
+// and fall back to a check-and-set and a take-over: three requests per key
+// instead of one. done is false, with nothing written, when ownedKey is
+// not the previous session's to take: the caller then goes the usual way.
+// done with ok false says the check-and-set lost.
 func (s *Store) casTakeFromPrevious(ctx context.Context, sid, casKey string, casValue []byte, casIndex uint64, ownedKey string, ownedValue []byte) (ok, done bool, err error) {
-	s.mu.Lock()
-	prev, mine := s.previous, s.heldBy[ownedKey] == sid
-	s.mu.Unlock()
-	if prev == "" || mine {
-		return false, false, nil
-	}
-	full := s.full(ownedKey)
-	ok, resp, _, err := s.kv.Txn(api.KVTxnOps{
-		{Verb: api.KVCAS, Key: s.full(casKey), Value: casValue, Index: casIndex},
-		{Verb: api.KVCheckSession, Key: full, Session: prev},
-		{Verb: api.KVDelete, Key: full},
-		{Verb: api.KVLock, Key: full, Value: ownedValue, Session: sid},
-	}, s.qopts(ctx, false))
-	if invalidSession(err) {
-		s.kickSession()
-		return false, true, fmt.Errorf("cas %s with owned %s: session is gone: %w", casKey, ownedKey, store.ErrUnavailable)
-	}
-	if err != nil {
-		return false, true, s.noteErr("cas "+casKey+" with owned "+ownedKey, err)
-	}
-	s.noteOK()
-	if ok {
-		s.log.Debug("took over owned key from the previous session", "key", ownedKey, "old_session", prev)
-		s.noteHeld(ownedKey, sid)
-		return true, true, nil
-	}
-	for _, e := range resp.Errors {
-		if e.OpIndex == 0 {
-			return false, true, nil // the check-and-set lost
-		}
-	}
-	return false, false, nil
+	ok, lost, err := s.takeOver(ctx, sid, ownedKey, ownedValue,
+		api.KVTxnOps{{Verb: api.KVCAS, Key: s.full(casKey), Value: casValue, Index: casIndex}},
+		"cas "+casKey+" with owned "+ownedKey)
+	return ok, ok || lost || err != nil, err
 }
 
 // Delete implements store.Store; an owned key is forgotten first so that

@@ -612,6 +612,19 @@ func TestCASPutOwnedTakesOver(t *testing.T) {
 			t.Fatalf("%s = %+v, %v; want 3 held by %s", claim(i), got, err, s2.Session())
 		}
 	}
+	// A claim first written in this session is known to be its own: its
+	// next touch is one request, not a refused take-over and the write.
+	kvN, err := s2.Get(ctx, idKey(n))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before = reqs.Load()
+	if ok, err := s2.CASPutOwned(ctx, idKey(n), []byte("l"), kvN.ModifyIndex, claim(n), []byte("4")); err != nil || !ok {
+		t.Fatalf("touch %s again: %v, %v", idKey(n), ok, err)
+	}
+	if again := reqs.Load() - before; again != 1 {
+		t.Errorf("touching again a claim this session wrote cost %d requests, want 1", again)
+	}
 	t.Logf("%d claims of the previous run taken over with their id keys touched: %d requests", n, touched)
 	if touched > n {
 		t.Errorf("touching %d ids whose claims the previous run held cost %d requests, want one each", n, touched)

@@ -125,26 +125,17 @@ func decodeKVList(b []byte, prefix string) ([]store.KV, error) {
 	d := kvDecoder{b: b, sessions: map[string]string{}}
 	d.ws()
 	if d.lit("null") {
-		d.ws()
-		if d.i != len(d.b) {
-			return nil, errUnexpected
-		}
-		return nil, nil
+		return nil, d.end()
 	}
 	if !d.byte('[') {
 		return nil, errUnexpected
 	}
-	var out []store.KV
 	d.ws()
 	if d.byte(']') {
-		d.ws()
-		if d.i != len(d.b) {
-			return nil, errUnexpected
-		}
-		return out, nil
+		return nil, d.end()
 	}
 	// About 200 bytes per entry: a first guess that saves the growth.
-	out = make([]store.KV, 0, len(b)/200+1)
+	out := make([]store.KV, 0, len(b)/200+1)
 	for {
 		kv, err := d.entry(prefix)
 		if err != nil {
@@ -159,9 +150,8 @@ func decodeKVList(b []byte, prefix string) ([]store.KV, error) {
 		if !d.byte(']') {
 			return nil, errUnexpected
 		}
-		d.ws()
-		if d.i != len(d.b) {
-			return nil, errUnexpected
+		if err := d.end(); err != nil {
+			return nil, err
 		}
 		return out, nil
 	}
@@ -171,6 +161,15 @@ type kvDecoder struct {
 	b        []byte
 	i        int
 	sessions map[string]string
+}
+
+// end accepts only white space up to the end of the document.
+func (d *kvDecoder) end() error {
+	d.ws()
+	if d.i != len(d.b) {
+		return errUnexpected
+	}
+	return nil
 }
 
 func (d *kvDecoder) ws() {
