@@ -222,6 +222,13 @@ func New(opts Options, log *slog.Logger) (*Store, error) {
 // reports whether a token is configured; the token itself is not
 // returned, logged or kept outside the HTTP client, which is returned too
 // (for listKV).
+// The connection pool: room for every request the store keeps open at
+// once, and an idle connection's lifetime.
+const (
+	maxIdleConns    = 16
+	idleConnTimeout = 30 * time.Second
+)
+
 func newClient(opts Options) (*api.Client, *http.Client, bool, error) {
 	if opts.Scheme != "http" && opts.Scheme != "https" {
 		return nil, nil, false, fmt.Errorf("consul scheme %q: write \"http\" or \"https\"", opts.Scheme)
@@ -250,10 +257,23 @@ func newClient(opts Options) (*api.Client, *http.Client, bool, error) {
 				"use scheme = \"https\", the local agent, or allow_insecure = true", opts.Address)
 		}
 	}
-	// The non-pooled transport the backend always used (a connection per
-	// request), without a proxy: HTTP(S)_PROXY are environment too.
-	tr := api.DefaultNonPooledConfig().Transport
+	// A pooled transport, without a proxy (HTTP(S)_PROXY are environment
+	// too). The store keeps a dozen requests open at once (the blocking
+	// watches, session renewal, writes); each goes back to the pool when
+	// answered, so an agent holds about as many connections as it has
+	// requests in flight. The transport the backend first used opened a
+	// connection per request: at a fleet's cold start that was 12% of an
+	// agent's CPU in connect and teardown (and a TLS handshake per
+	// request with https), and as much again on the Consul side
+	// (TestStoreReusesConnections, docs/scale.md). An idle connection is
+	// closed after idleConnTimeout, below the idle timeouts of the load
+	// balancers that sometimes stand in front of Consul; a request that
+	// finds its pooled connection closed by the agent is retried by the
+	// transport on a new one when nothing of it was sent.
+	tr := api.DefaultConfig().Transport
 	tr.Proxy = nil
+	tr.MaxIdleConnsPerHost = maxIdleConns
+	tr.IdleConnTimeout = idleConnTimeout
 	tlsConf, err := api.SetupTLSConfig(&api.TLSConfig{
 		Address: opts.TLSServerName, CAFile: opts.TLSCAFile,
 		CertFile: opts.TLSCertFile, KeyFile: opts.TLSKeyFile,

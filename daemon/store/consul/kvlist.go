@@ -2,14 +2,18 @@ package consul
 
 // A recursive KV read of the ipcache prefix is the largest thing an agent
 // decodes: at 30,000 entries, about 6 MB of JSON that the API client
-// scanned twice and decoded by reflection into api.KVPair, 0.44 s of an
-// agent's 1 s start (docs/scale.md). listKV reads the same endpoint with
-// the same HTTP client (token, TLS, the environment ignored: pinnedAuth)
-// and decodes the answer in one pass with decodeKVList, which knows the
-// shape Consul writes. Anything it does not expect (escapes in a field
-// name, a nested value, a malformed document) makes it give up, and the
-// body is decoded by encoding/json instead, so the result is the same
-// either way (TestDecodeKVListSameAsJSON, FuzzDecodeKVList).
+// read whole, scanned twice and decoded by reflection into api.KVPair,
+// 0.44 s of an agent's 1 s start (docs/scale.md). listKV reads the same
+// endpoint with the same HTTP client (token, TLS, the environment
+// ignored: pinnedAuth) and decodes the answer as it arrives, in one pass,
+// with a kvDecoder that knows the shape Consul writes and holds a window
+// of the body, never the whole of it: a body read whole cost its size
+// twice over in fresh memory (the buffer's doublings), and at a fleet's
+// cold start the page faults of those buffers were 15% of an agent's CPU.
+// Anything the decoder does not expect (escapes in a field name, a nested
+// value, a malformed document) makes it give up; the list is then read
+// again, without blocking, and decoded by encoding/json, so the result
+// is the same either way (TestDecodeKVListSameAsJSON, FuzzDecodeKVList).
 
 import (
 	"bytes"
@@ -42,6 +46,39 @@ type kvMeta struct {
 // wait when index is not 0, from any server when stale. Keys come back
 // relative to the store's prefix, sorted.
 func (s *Store) listKV(ctx context.Context, prefix string, stale bool, index uint64, wait time.Duration) ([]store.KV, kvMeta, error) {
+	resp, meta, err := s.getKV(ctx, prefix, stale, index, wait)
+	if err != nil || resp == nil {
+		return nil, meta, err
+	}
+	kvs, err := decodeKVListFrom(resp.Body, s.prefix)
+	resp.Body.Close()
+	if errors.Is(err, errUnexpected) {
+		// Read again, without blocking (the state the first answer came
+		// from or a later one: what a list or a watch may return), and
+		// decode it the API client's way.
+		if resp, meta, err = s.getKV(ctx, prefix, stale, 0, 0); err != nil || resp == nil {
+			return nil, meta, err
+		}
+		var b []byte
+		b, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err == nil {
+			kvs, err = decodeKVListJSON(b, s.prefix)
+		}
+	}
+	if err != nil {
+		return nil, kvMeta{}, fmt.Errorf("read the list of %s: %w", prefix, err)
+	}
+	if !slices.IsSortedFunc(kvs, func(a, b store.KV) int { return strings.Compare(a.Key, b.Key) }) {
+		slices.SortFunc(kvs, func(a, b store.KV) int { return strings.Compare(a.Key, b.Key) })
+	}
+	return kvs, meta, nil
+}
+
+// getKV sends listKV's request. It returns the answer with its body to
+// read and close when Consul answered 200, no answer (nil) for 404 (no
+// key under the prefix), an error otherwise.
+func (s *Store) getKV(ctx context.Context, prefix string, stale bool, index uint64, wait time.Duration) (*http.Response, kvMeta, error) {
 	q := url.Values{"recurse": {""}}
 	if s.opts.Datacenter != "" {
 		q.Set("dc", s.opts.Datacenter)
@@ -64,40 +101,26 @@ func (s *Store) listKV(ctx context.Context, prefix string, stale bool, index uin
 	if err != nil {
 		return nil, kvMeta{}, err
 	}
-	defer resp.Body.Close()
 	var meta kvMeta
 	if v := resp.Header.Get("X-Consul-Index"); v != "" {
 		if meta.LastIndex, err = strconv.ParseUint(v, 10, 64); err != nil {
+			resp.Body.Close()
 			return nil, kvMeta{}, fmt.Errorf("consul answered an X-Consul-Index of %q", v)
 		}
 	}
 	meta.Filtered = resp.Header.Get("X-Consul-Results-Filtered-By-ACLs") == "true"
 	switch resp.StatusCode {
 	case http.StatusOK:
+		return resp, meta, nil
 	case http.StatusNotFound:
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
+		resp.Body.Close()
 		return nil, meta, nil
 	default:
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
+		resp.Body.Close()
 		return nil, kvMeta{}, api.StatusError{Code: resp.StatusCode, Body: strings.TrimSpace(string(body))}
 	}
-	var buf bytes.Buffer
-	if resp.ContentLength > 0 {
-		buf.Grow(int(min(resp.ContentLength, 1<<30)))
-	}
-	if _, err := buf.ReadFrom(resp.Body); err != nil {
-		return nil, kvMeta{}, fmt.Errorf("read the list of %s: %w", prefix, err)
-	}
-	kvs, err := decodeKVList(buf.Bytes(), s.prefix)
-	if err != nil {
-		if kvs, err = decodeKVListJSON(buf.Bytes(), s.prefix); err != nil {
-			return nil, kvMeta{}, fmt.Errorf("decode the list of %s: %w", prefix, err)
-		}
-	}
-	if !slices.IsSortedFunc(kvs, func(a, b store.KV) int { return strings.Compare(a.Key, b.Key) }) {
-		slices.SortFunc(kvs, func(a, b store.KV) int { return strings.Compare(a.Key, b.Key) })
-	}
-	return kvs, meta, nil
 }
 
 // decodeKVListJSON decodes a KV list the API client's way.
@@ -116,13 +139,33 @@ func decodeKVListJSON(b []byte, prefix string) ([]store.KV, error) {
 
 var errUnexpected = errors.New("not the KV list shape this decoder knows")
 
-// decodeKVList decodes Consul's KV list (a JSON array of objects with
+// decodeKVList decodes a whole KV list in memory (decodeKVListFrom).
+func decodeKVList(b []byte, prefix string) ([]store.KV, error) {
+	return decodeKVListFrom(bytes.NewReader(b), prefix)
+}
+
+// decodeKVListFrom decodes Consul's KV list (a JSON array of objects with
 // LockIndex, Key, Flags, Value (base64 or null), Session, CreateIndex,
 // ModifyIndex, and on Consul Enterprise Namespace and Partition) in one
-// pass, or returns errUnexpected. Keys lose prefix; values are decoded
-// into slices of their own; the few distinct session ids are shared.
-func decodeKVList(b []byte, prefix string) ([]store.KV, error) {
-	d := kvDecoder{b: b, sessions: map[string]string{}}
+// pass as r delivers it, or returns errUnexpected (or r's error). Keys
+// lose prefix; values are decoded into slices of their own (nothing
+// points into the window, which is reused); the few distinct session ids
+// are shared.
+func decodeKVListFrom(r io.Reader, prefix string) ([]store.KV, error) {
+	d := kvDecoder{r: r, b: make([]byte, 0, kvWindow), sessions: map[string]string{}}
+	kvs, err := d.list(prefix)
+	if d.err != nil {
+		return nil, d.err
+	}
+	return kvs, err
+}
+
+// kvWindow is the decoder's window on the body: what a read brings in.
+// An entry larger than the window (a value up to store.MaxValueSize)
+// grows it; the bytes of entries decoded are dropped between entries.
+const kvWindow = 64 << 10
+
+func (d *kvDecoder) list(prefix string) ([]store.KV, error) {
 	d.ws()
 	if d.lit("null") {
 		return nil, d.end()
@@ -134,14 +177,14 @@ func decodeKVList(b []byte, prefix string) ([]store.KV, error) {
 	if d.byte(']') {
 		return nil, d.end()
 	}
-	// About 200 bytes per entry: a first guess that saves the growth.
-	out := make([]store.KV, 0, len(b)/200+1)
+	var out []store.KV
 	for {
 		kv, err := d.entry(prefix)
 		if err != nil {
 			return nil, err
 		}
 		out = append(out, kv)
+		d.drop()
 		d.ws()
 		if d.byte(',') {
 			d.ws()
@@ -157,23 +200,69 @@ func decodeKVList(b []byte, prefix string) ([]store.KV, error) {
 	}
 }
 
+// kvDecoder reads a KV list from r through the window b: b[i:] is what
+// is read and not decoded yet. Within an entry the window only grows
+// (more), so positions in it stay valid; drop moves the rest to the
+// front between entries.
 type kvDecoder struct {
+	r        io.Reader
 	b        []byte
 	i        int
+	eof      bool
+	err      error // r's error other than io.EOF
 	sessions map[string]string
+}
+
+// more reads from r into the window; false at the end of the body.
+func (d *kvDecoder) more() bool {
+	for !d.eof {
+		if len(d.b) == cap(d.b) {
+			d.b = slices.Grow(d.b, cap(d.b))
+		}
+		n, err := d.r.Read(d.b[len(d.b):cap(d.b)])
+		d.b = d.b[:len(d.b)+n]
+		if err != nil {
+			d.eof = true
+			if err != io.EOF {
+				d.err = err
+			}
+		}
+		if n > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// at reports whether the byte at d.i is in the window, reading if needed.
+func (d *kvDecoder) at() bool {
+	for d.i >= len(d.b) {
+		if !d.more() {
+			return false
+		}
+	}
+	return true
+}
+
+// drop forgets the decoded bytes once they are half the window.
+func (d *kvDecoder) drop() {
+	if d.i >= kvWindow/2 {
+		n := copy(d.b, d.b[d.i:])
+		d.b, d.i = d.b[:n], 0
+	}
 }
 
 // end accepts only white space up to the end of the document.
 func (d *kvDecoder) end() error {
 	d.ws()
-	if d.i != len(d.b) {
+	if d.at() {
 		return errUnexpected
 	}
 	return nil
 }
 
 func (d *kvDecoder) ws() {
-	for d.i < len(d.b) {
+	for d.at() {
 		switch d.b[d.i] {
 		case ' ', '\t', '\n', '\r':
 			d.i++
@@ -184,7 +273,7 @@ func (d *kvDecoder) ws() {
 }
 
 func (d *kvDecoder) byte(c byte) bool {
-	if d.i < len(d.b) && d.b[d.i] == c {
+	if d.at() && d.b[d.i] == c {
 		d.i++
 		return true
 	}
@@ -192,6 +281,8 @@ func (d *kvDecoder) byte(c byte) bool {
 }
 
 func (d *kvDecoder) lit(s string) bool {
+	for len(d.b)-d.i < len(s) && d.more() {
+	}
 	if bytes.HasPrefix(d.b[d.i:], []byte(s)) {
 		d.i += len(s)
 		return true
@@ -206,20 +297,23 @@ func (d *kvDecoder) raw() ([]byte, bool, error) {
 		return nil, false, errUnexpected
 	}
 	start, esc := d.i, false
-	for d.i < len(d.b) {
-		c := d.b[d.i]
-		switch {
-		case c == '"':
-			s := d.b[start:d.i]
-			d.i++
-			return s, esc, nil
-		case c == '\\':
-			esc = true
-			d.i += 2
-		case c < 0x20:
-			return nil, false, errUnexpected // a control character must be escaped
-		default:
-			d.i++
+	for d.at() {
+		// The window's bytes first, without a call per byte.
+		for d.i < len(d.b) {
+			c := d.b[d.i]
+			switch {
+			case c == '"':
+				s := d.b[start:d.i]
+				d.i++
+				return s, esc, nil
+			case c == '\\':
+				esc = true
+				d.i += 2
+			case c < 0x20:
+				return nil, false, errUnexpected // a control character must be escaped
+			default:
+				d.i++
+			}
 		}
 	}
 	return nil, false, errUnexpected
@@ -257,13 +351,13 @@ func isUTF8(b []byte) bool {
 // uint reads a non-negative integer that fits in 64 bits.
 func (d *kvDecoder) uint() (uint64, error) {
 	start := d.i
-	for d.i < len(d.b) && d.b[d.i] >= '0' && d.b[d.i] <= '9' {
+	for d.at() && d.b[d.i] >= '0' && d.b[d.i] <= '9' {
 		d.i++
 	}
 	if d.i == start || (d.b[start] == '0' && d.i-start > 1) {
 		return 0, errUnexpected
 	}
-	if d.i < len(d.b) && (d.b[d.i] == '.' || d.b[d.i] == 'e' || d.b[d.i] == 'E') {
+	if d.at() && (d.b[d.i] == '.' || d.b[d.i] == 'e' || d.b[d.i] == 'E') {
 		return 0, errUnexpected
 	}
 	return strconv.ParseUint(string(d.b[start:d.i]), 10, 64)
