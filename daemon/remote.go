@@ -179,6 +179,7 @@ func (r *remote) syncDetail() map[string]string {
 		"ipcache_log_entry_reads":   strconv.Itoa(r.logStats.EntryReads),
 		"ipcache_log_behind":        strconv.Itoa(r.logStats.Behind),
 		"ipcache_log_behind_list":   strconv.Itoa(r.logStats.BehindAfterList),
+		"ipcache_log_lag_reads":     strconv.Itoa(r.logStats.LagReads),
 		"ipcache_log_malformed":     strconv.Itoa(r.logStats.Malformed),
 	}
 }

@@ -52,9 +52,11 @@ type Follower struct {
 	// fresh: no log read since the last list.
 	fresh bool
 	// seen holds the entry keys of the last log read (nil: read whole).
-	seen   map[string]bool
-	legacy bool
-	stats  Stats
+	seen map[string]bool
+	// lagging counts consecutive reads that lagged their names.
+	lagging int
+	legacy  bool
+	stats   Stats
 	// whole: the keys were listed (list) since the last delivery; else
 	// changes holds the keys written or deleted since then.
 	whole   bool
@@ -103,7 +105,19 @@ type Stats struct {
 	// BehindAfterList counts the times it was behind right after a list
 	// (a list slower than the log's keep: it cannot catch up).
 	BehindAfterList int
+	// LagReads counts reads of new entries that came back without an
+	// entry the names listed, not pruned (the horizon is below it): the
+	// server that answered the read had not applied what the one that
+	// listed the names had. The read is done again (lagRetries times at
+	// most, then the follower lists).
+	LagReads int
 }
+
+// lagRetries bounds the reads of entries that lag their names before the
+// follower gives up on the log and lists the ipcache (a name that never
+// becomes readable is not an entry the pruner took: something else
+// deleted it).
+const lagRetries = 50
 
 // Run follows the ipcache until ctx ends; deliver gets every change: the
 // whole set after a list, the keys changed since the last delivery
@@ -209,7 +223,7 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 		f.logIndex = 0 // read the log at once: it may hold changes after idx
 		return true, nil
 	}
-	kvs, next, seen, err := f.readLog(ctx)
+	kvs, next, seen, missing, err := f.readLog(ctx)
 	if err != nil {
 		return false, err
 	}
@@ -245,6 +259,24 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 		f.behind(p.horizon)
 		return false, nil
 	}
+	if missing > 0 {
+		// Named but not read, and not pruned (an entry new since base
+		// that the pruner took would have raised the horizon above base):
+		// the read came from a server behind the one that listed the
+		// names (a stale read through a client agent, or a leader whose
+		// state machine trails a follower's). Taking next as applied
+		// would skip the entry for good; the read is done again, from
+		// the same index, after the pace.
+		f.stats.LagReads++
+		f.lagging++
+		if f.lagging >= lagRetries {
+			f.Log.Warn("ipcache change log entries are listed but cannot be read; listing the ipcache", "missing", missing, "reads", f.lagging)
+			f.lagging = 0
+			f.ips = nil
+		}
+		return false, nil
+	}
+	f.lagging = 0
 	f.fresh = false
 	if seen != nil {
 		f.seen = seen
@@ -299,7 +331,7 @@ func (f *Follower) step(ctx context.Context, resync time.Duration) (bool, error)
 // so a change costs a follower that change, not the log's window of
 // recent changes; seen is then the entry names the log held at next.
 // Without a key watcher it reads the log whole.
-func (f *Follower) readLog(ctx context.Context) (kvs []store.KV, next uint64, seen map[string]bool, err error) {
+func (f *Follower) readLog(ctx context.Context) (kvs []store.KV, next uint64, seen map[string]bool, missing int, err error) {
 	kw, ok := f.St.(store.KeyWatcher)
 	if !ok || f.logIndex == 0 || f.seen == nil {
 		kvs, next, err := f.St.Watch(ctx, ClusterPrefix(f.Cluster), f.logIndex, f.Wait)
@@ -309,15 +341,15 @@ func (f *Follower) readLog(ctx context.Context) (kvs []store.KV, next uint64, se
 				kvs = []store.KV{}
 			}
 		}
-		return kvs, next, nil, err
+		return kvs, next, nil, 0, err
 	}
 	keys, next, err := kw.WatchKeys(ctx, ClusterPrefix(f.Cluster), f.logIndex, f.Wait)
 	if err != nil {
-		return nil, 0, nil, err
+		return nil, 0, nil, 0, err
 	}
 	f.stats.KeyReads++
 	if next <= f.logIndex {
-		return nil, next, nil, nil
+		return nil, next, nil, 0, nil
 	}
 	ep := entryPrefix(f.Cluster)
 	var fresh []string
@@ -335,20 +367,35 @@ func (f *Follower) readLog(ctx context.Context) (kvs []store.KV, next uint64, se
 			}
 		}
 		f.seen = seen
-		return nil, next, nil, nil
+		return nil, next, nil, 0, nil
 	}
 	if _, ok := f.St.(store.MultiGetter); ok {
 		return f.readNew(ctx, keys, fresh, next)
 	}
 	kvs, idx, err := f.St.List(ctx, ClusterPrefix(f.Cluster))
 	if err != nil {
-		return nil, 0, nil, err
+		return nil, 0, nil, 0, err
 	}
 	f.stats.LogReads++
 	if kvs == nil {
 		kvs = []store.KV{}
 	}
-	return kvs, max(idx, next), nil, nil
+	return kvs, max(idx, next), nil, unread(fresh, kvs), nil
+}
+
+// unread counts the names of fresh that kvs does not hold.
+func unread(fresh []string, kvs []store.KV) int {
+	got := make(map[string]bool, len(kvs))
+	for _, kv := range kvs {
+		got[kv.Key] = true
+	}
+	n := 0
+	for _, k := range fresh {
+		if !got[k] {
+			n++
+		}
+	}
+	return n
 }
 
 // readNew reads the entries named in fresh and the horizon, in
@@ -356,13 +403,14 @@ func (f *Follower) readLog(ctx context.Context) (kvs []store.KV, next uint64, se
 // it is read after the entries). The index it reports is the names'
 // (next), not the reads': an entry written after the names were listed
 // is read at the next wake, and one that came and went meanwhile is
-// caught by the horizon. An entry of fresh that is gone was pruned; the
-// horizon read after it says so.
-func (f *Follower) readNew(ctx context.Context, keys, fresh []string, next uint64) ([]store.KV, uint64, map[string]bool, error) {
+// caught by the horizon. An entry of fresh that is not read was pruned
+// (the horizon read after it says so) or is not applied yet where the
+// read was answered (missing counts them; step reads again).
+func (f *Follower) readNew(ctx context.Context, keys, fresh []string, next uint64) ([]store.KV, uint64, map[string]bool, int, error) {
 	kvs, reads, err := store.ReadKeys(ctx, f.St, append(fresh, HorizonKey(f.Cluster)))
 	f.stats.EntryReads += reads
 	if err != nil {
-		return nil, 0, nil, err
+		return nil, 0, nil, 0, err
 	}
 	ep := entryPrefix(f.Cluster)
 	seen := make(map[string]bool, len(keys))
@@ -371,7 +419,7 @@ func (f *Follower) readNew(ctx context.Context, keys, fresh []string, next uint6
 			seen[k] = true
 		}
 	}
-	return kvs, next, seen, nil
+	return kvs, next, seen, unread(fresh, kvs), nil
 }
 
 // horizon reads the log's horizon (0 when there is none).
