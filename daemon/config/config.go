@@ -94,6 +94,12 @@ type Store struct {
 	// AllowInsecure allows the ACL token over plain http to a Consul
 	// agent that is not on loopback (a trusted network only).
 	AllowInsecure bool `toml:"allow_insecure" json:"allow_insecure"`
+	// Gzip asks Consul to compress its answers. Off by default: the
+	// local Consul agent is on loopback, where compressing costs CPU on
+	// both ends and saves nothing (at a fleet's cold start, gzip was a
+	// third of the Consul servers' CPU); on for an agent that reaches
+	// Consul over a slow link.
+	Gzip bool `toml:"gzip" json:"gzip"`
 }
 
 // Datapath configures the eBPF datapath.

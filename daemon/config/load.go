@@ -199,7 +199,7 @@ func known() []string {
 		"store.backend", "store.path", "store.address", "store.scheme", "store.datacenter",
 		"store.token_file", "store.tls_ca_file", "store.tls_cert_file", "store.tls_key_file",
 		"store.tls_server_name", "store.prefix", "store.session_ttl", "store.list_timeout", "store.ipcache_sync", "store.ipcache_log_keep",
-		"store.allow_insecure",
+		"store.allow_insecure", "store.gzip",
 		"datapath.pin_dir", "datapath.attach", "datapath.policy_audit_mode", "datapath.identity_labels",
 		"datapath.ct_max_entries", "datapath.ct_other_max_entries",
 		"datapath.ct_timeout_tcp", "datapath.ct_timeout_tcp_syn", "datapath.ct_timeout_tcp_close", "datapath.ct_timeout_other",

@@ -744,3 +744,64 @@ func TestStoreReusesConnections(t *testing.T) {
 		t.Fatalf("Get after the agent restarted = %+v, %v", kv, err)
 	}
 }
+
+// TestStoreGzipOnlyWhenAsked: the store does not ask Consul to compress
+// its answers (Go's transport would, and Consul compresses every answer),
+// unless [store] gzip says so; with it, the answers come compressed and
+// read the same.
+func TestStoreGzipOnlyWhenAsked(t *testing.T) {
+	a := consultest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	u, err := url.Parse("http://" + a.HTTPAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var asked, compressed int
+	rp := httputil.NewSingleHostReverseProxy(u)
+	rp.Transport = &http.Transport{DisableCompression: true} // pass the agent's Accept-Encoding as it is
+	rp.ModifyResponse = func(r *http.Response) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if strings.Contains(r.Request.Header.Get("Accept-Encoding"), "gzip") {
+			asked++
+		}
+		if r.Header.Get("Content-Encoding") == "gzip" {
+			compressed++
+		}
+		return nil
+	}
+	proxy := httptest.NewServer(rp)
+	defer proxy.Close()
+	addr := strings.TrimPrefix(proxy.URL, "http://")
+	for _, gz := range []bool{false, true} {
+		mu.Lock()
+		asked, compressed = 0, 0
+		mu.Unlock()
+		s, err := New(Options{Address: addr, Prefix: "rwd-test/", Node: "host-z", SessionTTL: 30 * time.Second,
+			Gzip: gz, BackoffMin: 100 * time.Millisecond, BackoffMax: time.Second}, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range 20 {
+			if err := s.Put(ctx, fmt.Sprintf("z/%d", i), bytes.Repeat([]byte("v"), 2000), store.PutOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		kvs, _, err := s.List(ctx, "z/")
+		if err != nil || len(kvs) != 20 || len(kvs[19].Value) != 2000 {
+			t.Fatalf("gzip %v: List = %d keys, %v", gz, len(kvs), err)
+		}
+		s.Stop()
+		mu.Lock()
+		t.Logf("gzip %v: %d requests asked for gzip, %d answers compressed", gz, asked, compressed)
+		if !gz && (asked > 0 || compressed > 0) {
+			t.Errorf("gzip off: %d requests asked for gzip, %d answers compressed; want none", asked, compressed)
+		}
+		if gz && compressed == 0 {
+			t.Errorf("gzip on: no answer compressed")
+		}
+		mu.Unlock()
+	}
+}
