@@ -7,12 +7,16 @@ import (
 	"github.com/rackwire/rackwire/daemon/datapath"
 	"github.com/rackwire/rackwire/daemon/endpoint"
 	"github.com/rackwire/rackwire/daemon/identity"
+	"github.com/rackwire/rackwire/daemon/ipcache"
 	"github.com/rackwire/rackwire/daemon/policy"
 	"github.com/rackwire/rackwire/daemon/policysync"
 )
 
 // The adapters below let the pure packages (endpoint, policysync, ipcache)
 // drive the concrete datapath and allocator without importing them.
+
+// The ipcache writes bulk lists in batches through the datapath itself.
+var _ ipcache.BatchWriter = (*datapath.Datapath)(nil)
 
 // endpointDatapath adapts the eBPF datapath to endpoint.Datapath.
 type endpointDatapath struct{ d *datapath.Datapath }

@@ -439,8 +439,10 @@ func BenchmarkUplinkPass(b *testing.B) {
 
 // BenchmarkIPCacheBulkWrite: 30,000 ipcache entries written one by one
 // (each bumps the policy revision: three syscalls) against quietly and one
-// Settle at the end (ipcache.QuietWriter: one syscall per entry), in
-// alternating rounds of one run; the ratio is quiet/loud.
+// Settle at the end (ipcache.QuietWriter: one syscall per entry), and in
+// batches of 1,024 (ipcache.BatchWriter: one syscall per batch), in
+// alternating rounds of one run; the ratios are quiet/loud and
+// batch/quiet.
 func BenchmarkIPCacheBulkWrite(b *testing.B) {
 	testenv.RequireRoot(b)
 	const n = 30000
@@ -460,12 +462,33 @@ func BenchmarkIPCacheBulkWrite(b *testing.B) {
 		}
 		return time.Since(start)
 	}
+	batch := func(id uint32) time.Duration {
+		hosts, ids, hostIPs := make([]netip.Addr, 0, 1024), make([]uint32, 0, 1024), make([]netip.Addr, 1024)
+		start := time.Now()
+		for i := range n {
+			hosts, ids = append(hosts, scaleExactAddr(i)), append(ids, id+uint32(i%scaleIdentities))
+			if len(hosts) == 1024 || i == n-1 {
+				if _, err := d.UpsertIPCacheBatchQuiet(hosts, ids, hostIPs[:len(hosts)]); err != nil {
+					b.Fatal(err)
+				}
+				hosts, ids = hosts[:0], ids[:0]
+			}
+		}
+		if err := d.Settle(); err != nil {
+			b.Fatal(err)
+		}
+		return time.Since(start)
+	}
+	var batched time.Duration
 	for i := range b.N {
 		id := uint32(scaleIdentityBase + (i%2)*scaleIdentities)
 		loud += round(id, func(p netip.Prefix, id uint32) error { return d.UpsertIPCache(p, id, netip.Addr{}) }, false)
 		quiet += round(id+7, func(p netip.Prefix, id uint32) error { return d.UpsertIPCacheQuiet(p, id, netip.Addr{}) }, true)
+		batched += batch(id + 11)
 	}
 	b.ReportMetric(float64(loud.Nanoseconds())/float64(b.N*n), "ns/entry-loud")
 	b.ReportMetric(float64(quiet.Nanoseconds())/float64(b.N*n), "ns/entry-quiet")
+	b.ReportMetric(float64(batched.Nanoseconds())/float64(b.N*n), "ns/entry-batch")
 	b.ReportMetric(float64(quiet)/float64(loud), "quiet/loud")
+	b.ReportMetric(float64(batched)/float64(quiet), "batch/quiet")
 }

@@ -91,6 +91,54 @@ func (d *Datapath) UpsertIPCacheQuiet(prefix netip.Prefix, identity uint32, host
 	return nil
 }
 
+// UpsertIPCacheBatchQuiet writes host entries (ipcache.BatchWriter) to
+// the rw_ipcache hash in one BPF_MAP_UPDATE_BATCH, without the revision
+// bump; it returns how many of them, in order, it wrote. A kernel without
+// batch operations on hash maps gets them one by one.
+func (d *Datapath) UpsertIPCacheBatchQuiet(hosts []netip.Addr, identities []uint32, hostIPs []netip.Addr) (int, error) {
+	if len(identities) != len(hosts) || len(hostIPs) != len(hosts) {
+		return 0, fmt.Errorf("upsert ipcache batch: %d hosts, %d identities, %d host IPs: %w", len(hosts), len(identities), len(hostIPs), ErrInvalidEntry)
+	}
+	keys := make([]ipKey, 0, len(hosts))
+	vals := make([]ipcacheValue, 0, len(hosts))
+	var bad error
+	for i, a := range hosts {
+		if !a.IsValid() {
+			// What comes before it is written; the caller learns where
+			// the batch stopped.
+			bad = fmt.Errorf("upsert ipcache batch: entry %d: %w", i, ErrInvalidEntry)
+			break
+		}
+		keys, vals = append(keys, newIPKey(a)), append(vals, ipcacheVal(identities[i], hostIPs[i]))
+	}
+	if len(keys) == 0 {
+		return 0, bad
+	}
+	n, err := d.batchUpsertIPCache(keys, vals, hosts)
+	if err == nil {
+		err = bad
+	}
+	return n, err
+}
+
+// batchUpsertIPCache writes keys and vals to rw_ipcache in one batch.
+func (d *Datapath) batchUpsertIPCache(keys []ipKey, vals []ipcacheValue, hosts []netip.Addr) (int, error) {
+	m := d.maps["rw_ipcache"]
+	n, err := m.BatchUpdate(keys, vals, nil)
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		for i := range keys {
+			if err := m.Put(keys[i], vals[i]); err != nil {
+				return i, fmt.Errorf("upsert ipcache %v: %w", hosts[i], err)
+			}
+		}
+		return len(keys), nil
+	}
+	if err != nil {
+		return n, fmt.Errorf("upsert ipcache batch of %d (%d written): %w", len(keys), n, err)
+	}
+	return n, nil
+}
+
 // DeleteIPCacheQuiet is DeleteIPCache without the revision bump.
 func (d *Datapath) DeleteIPCacheQuiet(prefix netip.Prefix) error {
 	p, err := normalize(prefix)

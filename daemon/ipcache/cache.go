@@ -86,6 +86,23 @@ type QuietWriter interface {
 	Settle() error
 }
 
+// BatchWriter is a QuietWriter that also writes many host entries (full
+// length prefixes: /32, /128) in one call (datapath.Datapath: one
+// BPF_MAP_UPDATE_BATCH per call, where a write is a syscall each). It
+// returns how many of them, in order, it wrote before an error. The Cache
+// queues the host upserts of a bulk operation and writes them in batches
+// of batchSize, before any other write of the operation (a deletion or
+// a shorter prefix: writes for one prefix reach the map in order) and at
+// its end; what a failed batch did not write is written one by one, so
+// that each failure is the prefix's own (BenchmarkIPCacheBulkWrite).
+type BatchWriter interface {
+	QuietWriter
+	UpsertIPCacheBatchQuiet(hosts []netip.Addr, identities []uint32, hostIPs []netip.Addr) (int, error)
+}
+
+// batchSize bounds one batch write (and the Cache's queue).
+const batchSize = 1024
+
 // ErrNotReported is returned by Prune while a source has not reported yet.
 var ErrNotReported = errors.New("not every ipcache source has reported yet")
 
@@ -101,8 +118,10 @@ var ErrNotReported = errors.New("not every ipcache source has reported yet")
 type Cache struct {
 	w   Writer
 	log *slog.Logger
-	// quiet is w when it is a QuietWriter, else nil.
+	// quiet is w when it is a QuietWriter, else nil; batch when it is a
+	// BatchWriter.
 	quiet QuietWriter
+	batch BatchWriter
 
 	// mu guards every field below, and is held during map writes: writes
 	// for one prefix must reach the map in the order the wishes changed,
@@ -136,6 +155,14 @@ type Cache struct {
 	// bulk: a bulk operation is running (writes are quiet); unsettled:
 	// a quiet write happened that Settle has not followed yet.
 	bulk, unsettled bool
+	// pend: host upserts of the bulk operation not written yet (batch).
+	pend []pending
+}
+
+// pending is a queued host upsert.
+type pending struct {
+	k pkey
+	e Entry
 }
 
 // slot is the state of one prefix: the wish in force and who wants it.
@@ -156,8 +183,9 @@ func New(w Writer, log *slog.Logger) *Cache {
 		log = slog.New(slog.DiscardHandler)
 	}
 	q, _ := w.(QuietWriter)
+	b, _ := w.(BatchWriter)
 	return &Cache{
-		w: w, log: log, quiet: q,
+		w: w, log: log, quiet: q, batch: b,
 		slots:   map[pkey]slot{},
 		multi:   map[pkey]*[numSources]wish{},
 		hosts:   newHostTable(),
@@ -171,15 +199,46 @@ func (c *Cache) beginBulk() { c.bulk = c.quiet != nil }
 
 // endBulk settles the quiet writes of the bulk operation. c.mu is held.
 func (c *Cache) endBulk() error {
+	ferr := c.flush()
 	c.bulk = false
 	if !c.unsettled {
-		return nil
+		return ferr
 	}
 	if err := c.quiet.Settle(); err != nil {
-		return fmt.Errorf("ipcache: make the new entries take effect for established flows (retried): %w", err)
+		return errors.Join(ferr, fmt.Errorf("ipcache: make the new entries take effect for established flows (retried): %w", err))
 	}
 	c.unsettled = false
-	return nil
+	return ferr
+}
+
+// flush writes the queued host upserts: in one batch, and what the batch
+// did not write one by one. c.mu is held.
+func (c *Cache) flush() error {
+	if len(c.pend) == 0 {
+		return nil
+	}
+	hosts := make([]netip.Addr, len(c.pend))
+	ids := make([]uint32, len(c.pend))
+	hostIPs := make([]netip.Addr, len(c.pend))
+	for i, p := range c.pend {
+		hosts[i], ids[i], hostIPs[i] = p.k.prefix().Addr(), p.e.Identity, p.e.HostIP
+	}
+	done, err := c.batch.UpsertIPCacheBatchQuiet(hosts, ids, hostIPs)
+	done = max(0, min(done, len(c.pend)))
+	if done > 0 {
+		c.unsettled = true
+	}
+	for _, p := range c.pend[:done] {
+		delete(c.failing, p.k)
+	}
+	var errs errList
+	if err != nil {
+		for _, p := range c.pend[done:] {
+			errs.add(c.writeNow(p.k, p.e, true))
+		}
+	}
+	c.pend = c.pend[:0]
+	return errs.err()
 }
 
 // Upsert records src's wish for p and writes it if it is now in force.
@@ -565,6 +624,24 @@ func (c *Cache) remove(src Source, k pkey) error {
 // write puts e at k (or deletes k when !ok) and tracks the failure. c.mu
 // is held.
 func (c *Cache) write(k pkey, e Entry, ok bool) error {
+	if c.bulk && c.batch != nil {
+		if ok && k.prefix().Bits() == k.prefix().Addr().BitLen() {
+			c.pend = append(c.pend, pending{k, e})
+			if len(c.pend) >= batchSize {
+				return c.flush()
+			}
+			return nil
+		}
+		// Any other write of the operation goes after the queued ones.
+		if err := c.flush(); err != nil {
+			return errors.Join(err, c.writeNow(k, e, ok))
+		}
+	}
+	return c.writeNow(k, e, ok)
+}
+
+// writeNow is write without the queue.
+func (c *Cache) writeNow(k pkey, e Entry, ok bool) error {
 	p := k.prefix()
 	var err error
 	switch {
