@@ -453,16 +453,12 @@ func (k *keyed) GetMany(ctx context.Context, keys []string) ([]store.KV, uint64,
 	return out, idx, err
 }
 
-// TestFollowerReadsNewEntriesOnly: with a store that reads many keys at
-// once, a follower reads only the entries it has not seen; an entry
-// written between the names and that read is applied at the next wake
-// (the read's own, later index is not taken as applied), and one pruned
-// before the read is caught by the horizon.
-func TestFollowerReadsNewEntriesOnly(t *testing.T) {
-	c := newStore(t)
-	st := &keyed{Store: c}
+// followingNames writes n keys with h1's writer to c and starts a follower
+// on st, returning once it holds them and watches the log's key names.
+func followingNames(t *testing.T, c *counting, st store.Store, n int) (*Writer, *follower) {
+	t.Helper()
 	w := &Writer{St: c, Cluster: "default", Node: "h1"}
-	for i := range 20 {
+	for i := range n {
 		write(t, c, w, i, fmt.Sprintf("v%d", i))
 	}
 	fl := follow(t, st, nil)
@@ -472,6 +468,18 @@ func TestFollowerReadsNewEntriesOnly(t *testing.T) {
 			t.Fatalf("the follower does not watch key names: %+v", fl.stats())
 		}
 	}
+	return w, fl
+}
+
+// TestFollowerReadsNewEntriesOnly: with a store that reads many keys at
+// once, a follower reads only the entries it has not seen; an entry
+// written between the names and that read is applied at the next wake
+// (the read's own, later index is not taken as applied), and one pruned
+// before the read is caught by the horizon.
+func TestFollowerReadsNewEntriesOnly(t *testing.T) {
+	c := newStore(t)
+	st := &keyed{Store: c}
+	w, fl := followingNames(t, c, st, 20)
 	// The write that lands in the middle of the follower's next read.
 	st.inject = func() { write(t, c, w, 101, "mid") }
 	write(t, c, w, 100, "a")
@@ -614,17 +622,7 @@ func (l *lagging) GetMany(ctx context.Context, keys []string) ([]store.KV, uint6
 func TestFollowerReadsLaggingEntriesAgain(t *testing.T) {
 	c := newStore(t)
 	st := &lagging{keyed: keyed{Store: c}}
-	w := &Writer{St: c, Cluster: "default", Node: "h1"}
-	for i := range 5 {
-		write(t, c, w, i, fmt.Sprintf("v%d", i))
-	}
-	fl := follow(t, st, nil)
-	fl.want(t, c)
-	for deadline := time.Now().Add(10 * time.Second); fl.stats().KeyReads == 0; time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the follower does not watch key names: %+v", fl.stats())
-		}
-	}
+	_, fl := followingNames(t, c, st, 5)
 	// h2's entries are missing from the next 3 reads that name them.
 	st.mu.Lock()
 	st.hide = func(key string) bool { return strings.HasPrefix(key, entryPrefix("default")+"h2/") }

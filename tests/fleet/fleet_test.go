@@ -5,6 +5,7 @@ package fleet
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"os"
@@ -285,6 +286,7 @@ func TestFleetStore(t *testing.T) {
 		n, len(eps)+f.sim, len(eps), f.sim, cold.Truncate(time.Millisecond), booted.Truncate(time.Millisecond))
 	med := f.resources(t, "after cold convergence")
 	t.Logf("BENCH cold convergence ratios: %.2f of the 60 s goal, median RSS %.2f of the 60 MB goal", cold.Seconds()/60, med/60)
+	f.syncTotals(t, "after cold convergence")
 	f.verify(t)
 	f.noDuplicateIdentity(t)
 
@@ -678,4 +680,30 @@ func TestFleetMixedVersion(t *testing.T) {
 	f.noDuplicateIdentity(t)
 	f.verify(t)
 	uptime(t, "after")
+}
+
+// syncTotals logs the fleet's totals of the agents' ipcache follower
+// counters (rackwire status, store detail ipcache_*): lists, log reads,
+// the times an agent fell behind the log or read an entry again because
+// the server that answered had not applied it yet.
+func (f *fleet) syncTotals(t *testing.T, when string) {
+	t.Helper()
+	sums := map[string]int{}
+	for _, a := range f.agents {
+		st, err := a.status()
+		if err != nil {
+			continue
+		}
+		for k, v := range st.Store.Detail {
+			if n, err := strconv.Atoi(v); err == nil && strings.HasPrefix(k, "ipcache_") {
+				sums[k] += n
+			}
+		}
+	}
+	keys := slices.Sorted(maps.Keys(sums))
+	var b strings.Builder
+	for _, k := range keys {
+		fmt.Fprintf(&b, " %s=%d", k, sums[k])
+	}
+	t.Logf("BENCH ipcache follower totals %s (%d agents):%s", when, len(f.agents), b.String())
 }

@@ -252,17 +252,24 @@ func FuzzDecodeKVList(f *testing.F) {
 	})
 }
 
-// BenchmarkDecodeKVList: a 30,000-entry list of the ipcache prefix (the
-// largest read of an agent), decoded by the API client's way and in one
-// pass; ratio = one-pass / encoding/json, in the same run.
-func BenchmarkDecodeKVList(b *testing.B) {
-	ps := make(api.KVPairs, 0, 30000)
-	for i := range 30000 {
+// ipcacheList is Consul's answer to a list of an ipcache prefix of n
+// entries, as 100 hosts publish them.
+func ipcacheList(n int) []byte {
+	ps := make(api.KVPairs, 0, n)
+	for i := range n {
 		ps = append(ps, &api.KVPair{Key: fmt.Sprintf("rackwire/state/ip/v1/prod/10.%d.%d.%d", i>>16, i>>8&255, i&255),
 			Value:       []byte(fmt.Sprintf(`{"ip":"10.%d.%d.%d","identity":16777516,"host_ip":"172.16.%d.1","node":"n%03d"}`, i>>16, i>>8&255, i&255, i%100, i%100)),
 			CreateIndex: uint64(1000 + i), ModifyIndex: uint64(2000 + i), Session: fmt.Sprintf("%08d-ba58-f47f-83e5-1ff2778b5edc", i%100)})
 	}
 	doc, _ := json.Marshal(ps)
+	return doc
+}
+
+// BenchmarkDecodeKVList: a 30,000-entry list of the ipcache prefix (the
+// largest read of an agent), decoded by the API client's way and in one
+// pass; ratio = one-pass / encoding/json, in the same run.
+func BenchmarkDecodeKVList(b *testing.B) {
+	doc := ipcacheList(30000)
 	var tJSON, tFast float64
 	for b.Loop() {
 		for _, fast := range []bool{false, true} {
@@ -294,13 +301,7 @@ func BenchmarkDecodeKVList(b *testing.B) {
 // do: the body read whole (the way before) and decoded through the
 // window; ratio = window / whole, with the page faults of each.
 func BenchmarkListKVFresh(b *testing.B) {
-	ps := make(api.KVPairs, 0, 30000)
-	for i := range 30000 {
-		ps = append(ps, &api.KVPair{Key: fmt.Sprintf("rackwire/state/ip/v1/prod/10.%d.%d.%d", i>>16, i>>8&255, i&255),
-			Value:       []byte(fmt.Sprintf(`{"ip":"10.%d.%d.%d","identity":16777516,"host_ip":"172.16.%d.1","node":"n%03d"}`, i>>16, i>>8&255, i&255, i%100, i%100)),
-			CreateIndex: uint64(1000 + i), ModifyIndex: uint64(2000 + i), Session: fmt.Sprintf("%08d-ba58-f47f-83e5-1ff2778b5edc", i%100)})
-	}
-	doc, _ := json.Marshal(ps)
+	doc := ipcacheList(30000)
 	var gz bytes.Buffer
 	zw := gzip.NewWriter(&gz)
 	_, _ = zw.Write(doc)
