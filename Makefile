@@ -61,7 +61,7 @@ FUZZTIME_SHORT ?= 4s
 FUZZTIME_LONG ?= 5m
 FUZZMINIMIZETIME ?= 2s
 FUZZ_TARGETS := \
-	./daemon/ipcache:FuzzNodes ./daemon/ipcache:FuzzRemote \
+	./daemon/ipcache:FuzzNodes ./daemon/ipcache:FuzzRemote ./daemon/ipcache:FuzzDecodeIPRecord \
 	./daemon/identity:FuzzIdentityIDKeys ./daemon/identity:FuzzIdentityClaims \
 	./daemon/policy:FuzzDecodeStoreValue ./daemon/endpoint:FuzzStateFile ./daemon/restart:FuzzStateFile \
 	./daemon:FuzzEndpointAdd ./daemon:FuzzTraceRequest ./daemon:FuzzPolicyImport \

@@ -417,9 +417,12 @@ func checkIP(kv store.KV, nodes map[string]Node, self Self, prefix string, buf [
 	if len(kv.Value) > MaxIPValue {
 		return checkResult{reason: ReasonTooLarge}, buf
 	}
-	var r store.IPEntry
-	if err := json.Unmarshal(kv.Value, &r); err != nil {
-		return checkResult{reason: ReasonMalformed}, buf
+	r, ok := decodeIPRecord(kv.Value)
+	if !ok {
+		r = store.IPEntry{} // what the one pass read before it gave up
+		if err := json.Unmarshal(kv.Value, &r); err != nil {
+			return checkResult{reason: ReasonMalformed}, buf
+		}
 	}
 	node := r.Node
 	ip, err := netip.ParseAddr(r.IP)
