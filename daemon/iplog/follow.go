@@ -53,7 +53,8 @@ type Follower struct {
 	fresh bool
 	// seen holds the entry keys of the last log read (nil: read whole).
 	seen map[string]bool
-	// lagging counts consecutive reads that lagged their names.
+	// lagging counts consecutive reads that lagged their names; while
+	// it is not 0 the next read comes after the short pace, not Quiet.
 	lagging int
 	legacy  bool
 	stats   Stats
@@ -156,7 +157,7 @@ func (f *Follower) Run(ctx context.Context, deliver func(Delivery)) {
 		// Bound the rate of a busy fleet, and of a store that answers a
 		// blocking query at once.
 		pause := 100 * time.Millisecond
-		if !changed && f.Quiet != nil && f.ips != nil {
+		if !changed && f.Quiet != nil && f.ips != nil && f.lagging == 0 {
 			pause = f.Quiet()
 		}
 		backoff.Sleep(ctx, pause)

@@ -455,13 +455,13 @@ func (k *keyed) GetMany(ctx context.Context, keys []string) ([]store.KV, uint64,
 
 // followingNames writes n keys with h1's writer to c and starts a follower
 // on st, returning once it holds them and watches the log's key names.
-func followingNames(t *testing.T, c *counting, st store.Store, n int) (*Writer, *follower) {
+func followingNames(t *testing.T, c *counting, st store.Store, n int, opts ...func(*Follower)) (*Writer, *follower) {
 	t.Helper()
 	w := &Writer{St: c, Cluster: "default", Node: "h1"}
 	for i := range n {
 		write(t, c, w, i, fmt.Sprintf("v%d", i))
 	}
-	fl := follow(t, st, nil)
+	fl := follow(t, st, nil, opts...)
 	fl.want(t, c)
 	for deadline := time.Now().Add(10 * time.Second); fl.stats().KeyReads == 0; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -622,14 +622,25 @@ func (l *lagging) GetMany(ctx context.Context, keys []string) ([]store.KV, uint6
 func TestFollowerReadsLaggingEntriesAgain(t *testing.T) {
 	c := newStore(t)
 	st := &lagging{keyed: keyed{Store: c}}
-	_, fl := followingNames(t, c, st, 5)
+	// The daemon's pause after a read that changed nothing (1–2 s) must
+	// not come between a lagging read and the next one.
+	_, fl := followingNames(t, c, st, 5, func(f *Follower) { f.Quiet = func() time.Duration { return 3 * time.Second } })
 	// h2's entries are missing from the next 3 reads that name them.
 	st.mu.Lock()
 	st.hide = func(key string) bool { return strings.HasPrefix(key, entryPrefix("default")+"h2/") }
 	st.lag = 3
 	st.mu.Unlock()
 	write(t, c, &Writer{St: c, Cluster: "default", Node: "h2"}, 100, "late")
+	for deadline := time.Now().Add(10 * time.Second); fl.stats().LagReads == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no lagging read: %+v", fl.stats())
+		}
+	}
+	lagged := time.Now()
 	fl.want(t, c)
+	if d := time.Since(lagged); d > 2*time.Second {
+		t.Fatalf("the entry was applied %v after the first lagging read; want the reads again at the short pace, not the quiet pause", d)
+	}
 	s := fl.stats()
 	if s.LagReads != 3 || s.Lists != 1 || s.Behind != 0 {
 		t.Fatalf("stats %+v: want 3 reads again after lagging reads, no list", s)
