@@ -214,6 +214,13 @@ func New(opts Options, log *slog.Logger) (*Store, error) {
 	return s, nil
 }
 
+// The connection pool: room for every request the store keeps open at
+// once, and an idle connection's lifetime.
+const (
+	maxIdleConns    = 16
+	idleConnTimeout = 30 * time.Second
+)
+
 // newClient builds the Consul API client from opts alone. api.NewClient
 // reads the environment (CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE,
 // CONSUL_HTTP_SSL_VERIFY, CONSUL_CACERT, CONSUL_NAMESPACE, ...) and fills
@@ -224,13 +231,6 @@ func New(opts Options, log *slog.Logger) (*Store, error) {
 // reports whether a token is configured; the token itself is not
 // returned, logged or kept outside the HTTP client, which is returned too
 // (for listKV).
-// The connection pool: room for every request the store keeps open at
-// once, and an idle connection's lifetime.
-const (
-	maxIdleConns    = 16
-	idleConnTimeout = 30 * time.Second
-)
-
 func newClient(opts Options) (*api.Client, *http.Client, bool, error) {
 	if opts.Scheme != "http" && opts.Scheme != "https" {
 		return nil, nil, false, fmt.Errorf("consul scheme %q: write \"http\" or \"https\"", opts.Scheme)

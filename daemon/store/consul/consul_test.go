@@ -525,20 +525,35 @@ func kvCounter(t *testing.T, target string) (string, *atomic.Int64) {
 // address.
 func requestCounter(t *testing.T, target string, counts func(path string) bool) (string, *atomic.Int64) {
 	t.Helper()
+	addr, reqs, _ := countingProxy(t, target, counts)
+	return addr, reqs
+}
+
+// countingProxy is a proxy in front of the Consul agent at target that
+// counts the requests whose path counts says to (none when counts is nil)
+// and the connections made to it; it returns the proxy's address.
+func countingProxy(t *testing.T, target string, counts func(path string) bool) (string, *atomic.Int64, *atomic.Int64) {
+	t.Helper()
 	u, err := url.Parse("http://" + target)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var reqs atomic.Int64
+	var reqs, conns atomic.Int64
 	rp := httputil.NewSingleHostReverseProxy(u)
-	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if counts(r.URL.Path) {
+	proxy := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if counts != nil && counts(r.URL.Path) {
 			reqs.Add(1)
 		}
 		rp.ServeHTTP(w, r)
 	}))
+	proxy.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	proxy.Start()
 	t.Cleanup(proxy.Close)
-	return strings.TrimPrefix(proxy.URL, "http://"), &reqs
+	return strings.TrimPrefix(proxy.URL, "http://"), &reqs, &conns
 }
 
 // TestCASPutOwnedTakesOver: after a restart, the identity allocator's
@@ -657,26 +672,6 @@ func TestSessionStartReadsAgentOnce(t *testing.T) {
 	}
 }
 
-// connCounter is a proxy in front of the Consul agent at target that
-// counts the connections made to it; it returns the proxy's address.
-func connCounter(t *testing.T, target string) (string, *atomic.Int64) {
-	t.Helper()
-	u, err := url.Parse("http://" + target)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var conns atomic.Int64
-	proxy := httptest.NewUnstartedServer(httputil.NewSingleHostReverseProxy(u))
-	proxy.Config.ConnState = func(_ net.Conn, st http.ConnState) {
-		if st == http.StateNew {
-			conns.Add(1)
-		}
-	}
-	proxy.Start()
-	t.Cleanup(proxy.Close)
-	return strings.TrimPrefix(proxy.URL, "http://"), &conns
-}
-
 // TestStoreReusesConnections: the store's requests share a pool of
 // connections, so a hundred requests with watches blocking beside them
 // open about as many connections as there are requests at once, not one
@@ -687,7 +682,7 @@ func TestStoreReusesConnections(t *testing.T) {
 	a := consultest.Start(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	addr, conns := connCounter(t, a.HTTPAddr)
+	addr, _, conns := countingProxy(t, a.HTTPAddr, nil)
 	s := newTestStore(t, addr, "host-p", time.Second)
 	if _, err := s.waitSession(ctx); err != nil {
 		t.Fatal(err)

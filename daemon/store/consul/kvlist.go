@@ -139,11 +139,6 @@ func decodeKVListJSON(b []byte, prefix string) ([]store.KV, error) {
 
 var errUnexpected = errors.New("not the KV list shape this decoder knows")
 
-// decodeKVList decodes a whole KV list in memory (decodeKVListFrom).
-func decodeKVList(b []byte, prefix string) ([]store.KV, error) {
-	return decodeKVListFrom(bytes.NewReader(b), prefix)
-}
-
 // decodeKVListFrom decodes Consul's KV list (a JSON array of objects with
 // LockIndex, Key, Flags, Value (base64 or null), Session, CreateIndex,
 // ModifyIndex, and on Consul Enterprise Namespace and Partition) in one

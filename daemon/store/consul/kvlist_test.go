@@ -24,6 +24,11 @@ import (
 	"github.com/rackwire/rackwire/daemon/store"
 )
 
+// decodeKVList decodes a whole KV list in memory (decodeKVListFrom).
+func decodeKVList(b []byte, prefix string) ([]store.KV, error) {
+	return decodeKVListFrom(bytes.NewReader(b), prefix)
+}
+
 // randomKVs is a KV list as Consul writes it: keys with characters JSON
 // escapes (quotes, backslashes, <>&, control characters, non-ASCII),
 // values null, empty, binary and JSON, sessions on some.
