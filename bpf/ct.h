@@ -30,7 +30,25 @@ volatile const __u64 rw_ct_timeout_tcp_syn = 0; /* TCP that saw only SYNs, defau
 volatile const __u64 rw_ct_timeout_close = 0;   /* TCP after FIN both ways or RST, default 10s */
 volatile const __u64 rw_ct_timeout_other = 0;   /* UDP, ICMP, others, default 60s */
 
+/*
+ * Per-load setting: 1 where the kernel has bpf_ktime_get_coarse_ns (5.11).
+ * Lifetimes are seconds long, so connection tracking reads the coarse
+ * CLOCK_MONOTONIC (a tick behind at most: 1-10 ms): the same clock as
+ * bpf_ktime_get_ns and the agent's, without reading the TSC on every
+ * packet. Without the helper the verifier never reaches its call (the
+ * setting is a constant it knows).
+ */
+volatile const __u8 rw_coarse_clock = 0;
+
 #define RW_NSEC 1000000000ULL
+
+/* ct_now is connection tracking's clock: CLOCK_MONOTONIC in ns, coarse where it can. */
+static __always_inline __u64 ct_now(void)
+{
+	if (rw_coarse_clock)
+		return bpf_ktime_get_coarse_ns();
+	return bpf_ktime_get_ns();
+}
 
 #define RW_CT_NEW         0
 #define RW_CT_ESTABLISHED 1
@@ -96,7 +114,11 @@ static __always_inline void __ct_touch(struct ct_entry *e, struct flow *f, __u32
  */
 static __always_inline int __ct_expired(struct ct_entry *e, __u8 proto, __u64 now)
 {
-	__u64 timeout, idle = now - e->last_seen_ns;
+	/*
+	 * A time ahead of now (written from the fine clock: an entry of an
+	 * older build, or by another CPU a tick ago) is no idle time at all.
+	 */
+	__u64 timeout, idle = now > e->last_seen_ns ? now - e->last_seen_ns : 0;
 
 	if (proto != IPPROTO_TCP)
 		timeout = rw_ct_timeout_other ? rw_ct_timeout_other : 60 * RW_NSEC;
@@ -197,7 +219,7 @@ static __always_inline int __ct_lookup_in(void *map, void *fwd, void *rev, struc
 static __always_inline int ct_lookup(struct flow *f, __u8 dir, __u16 ep, __u32 len,
 				     union ct_key *key, struct ct_entry **entry)
 {
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = ct_now();
 
 	if (f->family == 4) {
 		struct ct4_key r = {};
@@ -289,7 +311,7 @@ static __always_inline void __ct_new(struct ct_entry *e, struct flow *f, __u32 l
 static __always_inline int __ct_allow_in(void *map, void *key, struct flow *f, __u32 len,
 					 __u32 remote_identity, __u8 audit, __u32 rev)
 {
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = ct_now();
 	struct ct_entry *e = bpf_map_lookup_elem(map, key);
 	struct ct_entry n = {};
 

@@ -205,6 +205,10 @@ static __always_inline int rw_enforce(struct __sk_buff *skb, struct flow *f, __u
 	return RW_PASS;
 }
 
+/* The smallest MTU of a device that carries the family (see rw_peer_deliver). */
+#define RW_MIN_MTU4 68
+#define RW_MIN_MTU6 1280
+
 static __always_inline int __mac_zero(const __u8 *m)
 {
 	return !(m[0] | m[1] | m[2] | m[3] | m[4] | m[5]);
@@ -253,9 +257,15 @@ static __always_inline int rw_peer_deliver(struct __sk_buff *skb, struct flow *f
 	}
 	/*
 	 * Too big for the receiver's veth: the redirect would drop it silently,
-	 * the stack sends "fragmentation needed" / "packet too big".
+	 * the stack sends "fragmentation needed" / "packet too big". A frame
+	 * within the smallest MTU the family can have on the veth fits
+	 * whatever its MTU, without the helper's device lookup: 68 for IPv4
+	 * (a veth's minimum), 1280 for IPv6 (below it the kernel takes IPv6
+	 * off the device, and the endpoint could receive none anyway). Every
+	 * packet of request/response traffic is such a frame.
 	 */
-	if (bpf_check_mtu(skb, ifindex, &mtu_len, 0, 0) != 0) {
+	if (skb->len > ETH_HLEN + (f->family == 4 ? RW_MIN_MTU4 : RW_MIN_MTU6) &&
+	    bpf_check_mtu(skb, ifindex, &mtu_len, 0, 0) != 0) {
 		if (slot < RW_HR_SLOTS)
 			hostrt_count(RW_HR_STACK_MTU, skb->len);
 		return RW_PASS;

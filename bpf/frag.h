@@ -17,10 +17,10 @@
  * rest of RFC 1858: a first fragment too short for the L4 fields, a later
  * TCP fragment at offset 8.
  *
- * frag_remember runs after the decision and finds a first fragment in the
- * packet again, rather than keeping a mark in struct flow alive across
- * rw_enforce: a mark that differs between packets doubles the states the
- * verifier walks through the policy lookup.
+ * frag_remember runs after the decision: it reads the parser's mark in
+ * struct flow, which lives in a map value (rw_pkt_flow), so the verifier
+ * does not carry it through the policy lookup as a state of its own, and
+ * reads the first fragment's id and protocol from the packet again.
  */
 #pragma once
 
@@ -86,7 +86,12 @@ static __always_inline void frag_remember(struct __sk_buff *skb, struct flow *f)
 	__u32 id;
 	__u8 proto;
 
-	if (!__frag_head(skb, f->family, &id, &proto))
+	/*
+	 * The parser's mark first: it saves the load of every packet that is
+	 * no first fragment (f is a map value, so the mark costs the verifier
+	 * no extra states); the packet is read again for id and protocol.
+	 */
+	if (f->frag != RW_FRAG_HEAD || !__frag_head(skb, f->family, &id, &proto))
 		return;
 	__frag_key(&k, f, id, proto);
 	v.created_ns = bpf_ktime_get_ns();

@@ -37,6 +37,7 @@ const (
 	FromEndpointMapRwVerdictRev      = "rw_verdict_rev"
 	FromEndpointProgRwFromEndpoint   = "rw_from_endpoint"
 	FromEndpointVarRwAuditMode       = "rw_audit_mode"
+	FromEndpointVarRwCoarseClock     = "rw_coarse_clock"
 	FromEndpointVarRwCtTimeoutClose  = "rw_ct_timeout_close"
 	FromEndpointVarRwCtTimeoutOther  = "rw_ct_timeout_other"
 	FromEndpointVarRwCtTimeoutTcp    = "rw_ct_timeout_tcp"
@@ -124,6 +125,7 @@ type FromEndpointMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type FromEndpointVariableSpecs struct {
 	RwAuditMode       *ebpf.VariableSpec `ebpf:"rw_audit_mode"`
+	RwCoarseClock     *ebpf.VariableSpec `ebpf:"rw_coarse_clock"`
 	RwCtTimeoutClose  *ebpf.VariableSpec `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther  *ebpf.VariableSpec `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp    *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp"`
@@ -206,6 +208,7 @@ func (m *FromEndpointMaps) Close() error {
 // It can be passed to LoadFromEndpointObjects or ebpf.CollectionSpec.LoadAndAssign.
 type FromEndpointVariables struct {
 	RwAuditMode       *ebpf.Variable `ebpf:"rw_audit_mode"`
+	RwCoarseClock     *ebpf.Variable `ebpf:"rw_coarse_clock"`
 	RwCtTimeoutClose  *ebpf.Variable `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther  *ebpf.Variable `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp    *ebpf.Variable `ebpf:"rw_ct_timeout_tcp"`

@@ -48,27 +48,45 @@ int rw_from_uplink(struct __sk_buff *skb)
 	ret = parse_packet(skb, f);
 	if (ret != 0 || f->ndisc)
 		return RW_PASS;
-	ret = rw_ns_balance(skb, f->family | (__u32)f->proto << 8 | (__u32)f->tcp_flags << 16 |
-				    (__u32)f->frag << 24, (__u32)f->sport << 16 | f->dport);
-	if (ret)
-		rw_ns_report(skb);
-	if (ret < 0)
-		return RW_DROP;
-	/* Translated: the packet is now for the backend. */
-	if (ret == 1) {
-		__builtin_memset(f, 0, sizeof(*f));
-		if (parse_packet(skb, f) != 0)
-			return RW_DROP;
-	}
-	if (!rw_host_routing)
-		return RW_PASS;
+	/*
+	 * A local endpoint's address is never a frontend (a VIP inside the
+	 * workload CIDRs, where every endpoint's address lies, is refused:
+	 * service/spec.go), so a packet for one is delivered without asking
+	 * rw_services: most packets on an uplink of a host with host routing
+	 * "bpf" skip the balancer's scratch, loads and lookup.
+	 */
 	__builtin_memcpy(k.addr, f->daddr, 16);
 	k.family = f->family;
 	dst = bpf_map_lookup_elem(&rw_endpoints, &k);
 	if (!dst) {
-		hostrt_count(RW_HR_STACK_NOT_LOCAL, skb->len);
-		return RW_PASS;
+		ret = rw_ns_balance(skb, f->family | (__u32)f->proto << 8 |
+						 (__u32)f->tcp_flags << 16 | (__u32)f->frag << 24,
+				    (__u32)f->sport << 16 | f->dport);
+		if (ret)
+			rw_ns_report(skb);
+		if (ret < 0)
+			return RW_DROP;
+		if (ret == 0) {
+			if (rw_host_routing)
+				hostrt_count(RW_HR_STACK_NOT_LOCAL, skb->len);
+			return RW_PASS;
+		}
+		/* Translated: the packet is now for the backend. */
+		__builtin_memset(f, 0, sizeof(*f));
+		if (parse_packet(skb, f) != 0)
+			return RW_DROP;
+		if (!rw_host_routing)
+			return RW_PASS;
+		__builtin_memcpy(k.addr, f->daddr, 16);
+		k.family = f->family;
+		dst = bpf_map_lookup_elem(&rw_endpoints, &k);
+		if (!dst) {
+			hostrt_count(RW_HR_STACK_NOT_LOCAL, skb->len);
+			return RW_PASS;
+		}
 	}
+	if (!rw_host_routing)
+		return RW_PASS;
 	/* Fragments go the stack's way, where rw_to_endpoint reassembles the decision. */
 	if (f->frag != RW_FRAG_NONE) {
 		hostrt_count(RW_HR_STACK_OTHER, skb->len);

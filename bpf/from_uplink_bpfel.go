@@ -42,6 +42,7 @@ const (
 	FromUplinkMapRwVerdictRev      = "rw_verdict_rev"
 	FromUplinkProgRwFromUplink     = "rw_from_uplink"
 	FromUplinkVarRwAuditMode       = "rw_audit_mode"
+	FromUplinkVarRwCoarseClock     = "rw_coarse_clock"
 	FromUplinkVarRwCtTimeoutClose  = "rw_ct_timeout_close"
 	FromUplinkVarRwCtTimeoutOther  = "rw_ct_timeout_other"
 	FromUplinkVarRwCtTimeoutTcp    = "rw_ct_timeout_tcp"
@@ -134,6 +135,7 @@ type FromUplinkMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type FromUplinkVariableSpecs struct {
 	RwAuditMode       *ebpf.VariableSpec `ebpf:"rw_audit_mode"`
+	RwCoarseClock     *ebpf.VariableSpec `ebpf:"rw_coarse_clock"`
 	RwCtTimeoutClose  *ebpf.VariableSpec `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther  *ebpf.VariableSpec `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp    *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp"`
@@ -226,6 +228,7 @@ func (m *FromUplinkMaps) Close() error {
 // It can be passed to LoadFromUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type FromUplinkVariables struct {
 	RwAuditMode       *ebpf.Variable `ebpf:"rw_audit_mode"`
+	RwCoarseClock     *ebpf.Variable `ebpf:"rw_coarse_clock"`
 	RwCtTimeoutClose  *ebpf.Variable `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther  *ebpf.Variable `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp    *ebpf.Variable `ebpf:"rw_ct_timeout_tcp"`

@@ -37,6 +37,7 @@ const (
 	ToEndpointMapRwVerdictRev      = "rw_verdict_rev"
 	ToEndpointProgRwToEndpoint     = "rw_to_endpoint"
 	ToEndpointVarRwAuditMode       = "rw_audit_mode"
+	ToEndpointVarRwCoarseClock     = "rw_coarse_clock"
 	ToEndpointVarRwCtTimeoutClose  = "rw_ct_timeout_close"
 	ToEndpointVarRwCtTimeoutOther  = "rw_ct_timeout_other"
 	ToEndpointVarRwCtTimeoutTcp    = "rw_ct_timeout_tcp"
@@ -124,6 +125,7 @@ type ToEndpointMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type ToEndpointVariableSpecs struct {
 	RwAuditMode       *ebpf.VariableSpec `ebpf:"rw_audit_mode"`
+	RwCoarseClock     *ebpf.VariableSpec `ebpf:"rw_coarse_clock"`
 	RwCtTimeoutClose  *ebpf.VariableSpec `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther  *ebpf.VariableSpec `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp    *ebpf.VariableSpec `ebpf:"rw_ct_timeout_tcp"`
@@ -206,6 +208,7 @@ func (m *ToEndpointMaps) Close() error {
 // It can be passed to LoadToEndpointObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ToEndpointVariables struct {
 	RwAuditMode       *ebpf.Variable `ebpf:"rw_audit_mode"`
+	RwCoarseClock     *ebpf.Variable `ebpf:"rw_coarse_clock"`
 	RwCtTimeoutClose  *ebpf.Variable `ebpf:"rw_ct_timeout_close"`
 	RwCtTimeoutOther  *ebpf.Variable `ebpf:"rw_ct_timeout_other"`
 	RwCtTimeoutTcp    *ebpf.Variable `ebpf:"rw_ct_timeout_tcp"`

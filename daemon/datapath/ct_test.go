@@ -138,6 +138,48 @@ func TestCTTCPLifetimes(t *testing.T) {
 	}
 }
 
+// TestCTTimeAheadIsNotIdle: connection tracking reads the coarse clock
+// where the kernel has it, which trails the fine one (an entry written by
+// an older build, or on another CPU) by up to a tick. An entry whose last
+// packet lies ahead of the program's now has been idle for no time; read
+// as an unsigned difference it would be idle for centuries, expire, and
+// the flow's next reply would meet policy as a new flow and be dropped.
+func TestCTTimeAheadIsNotIdle(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := openTest(t, Options{})
+	if !d.features.coarseClock {
+		testenv.Missing(t, "bpf_ktime_get_coarse_ns (kernel 5.11)")
+	}
+	setupEndpoint(t, d, false)
+	if err := d.SetPolicy(epID, []Entry{{Identity: peerID, Direction: Egress, Proto: protoTCP, Port: 80}}); err != nil {
+		t.Fatal(err)
+	}
+	syn := out(peerV4, protoTCP, 80)
+	if got := run(t, d.from, syn); got != passRet {
+		t.Fatalf("SYN = %#x, want pass", got)
+	}
+	m := d.maps["rw_ct4_tcp"]
+	var (
+		k     ct4Key
+		v     ctEntry
+		ahead int
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		v.LastSeenNS = monoNow() + uint64(2*time.Second)
+		if err := m.Update(&k, &v, ebpf.UpdateExist); err != nil {
+			t.Fatal(err)
+		}
+		ahead++
+	}
+	if err := it.Err(); err != nil || ahead != 1 {
+		t.Fatalf("CT entries moved ahead: %d (%v), want the SYN's one", ahead, err)
+	}
+	if got := run(t, d.to, syn.reply()); got != passRet {
+		t.Errorf("SYN-ACK to an entry last seen ahead of now = %#x, want pass (a reply)", got)
+	}
+}
+
 // TestCTUDPChurnKeepsTCP: with TCP and other protocols in separate maps, a
 // UDP flood larger than the non-TCP map never evicts TCP entries.
 func TestCTUDPChurnKeepsTCP(t *testing.T) {

@@ -324,6 +324,9 @@ func (d *Datapath) setVariables(s *ebpf.CollectionSpec) error {
 			return fmt.Errorf("set host routing: %w", err)
 		}
 	}
+	if err := s.Variables["rw_coarse_clock"].Set(boolByte(d.features.coarseClock)); err != nil {
+		return fmt.Errorf("set coarse clock: %w", err)
+	}
 	for name, v := range map[string]time.Duration{
 		"rw_ct_timeout_tcp":     d.opts.CTTimeoutTCP,
 		"rw_ct_timeout_tcp_syn": d.opts.CTTimeoutTCPSYN,

@@ -32,6 +32,9 @@ type Features struct {
 	HostRoutingWhy  string `json:"host_routing_why"`
 	// fibLookup, checkMTU: the single probes, for the reason in HostRoutingWhy.
 	fibLookup, checkMTU, redirectPeer bool
+	// coarseClock: bpf_ktime_get_coarse_ns (5.11), connection tracking's
+	// clock where the kernel has it (bpf/ct.h rw_coarse_clock).
+	coarseClock bool
 	// Events is the event transport Open chose ("ringbuf" or "perf") and
 	// EventsWhy the reason ([datapath] events, or what the kernel has).
 	Events    string   `json:"events"`
@@ -52,6 +55,7 @@ func probeFeatures() Features {
 	f.redirectPeer = features.HaveProgramHelper(ebpf.SchedCLS, asm.FnRedirectPeer) == nil
 	f.checkMTU = features.HaveProgramHelper(ebpf.SchedCLS, asm.FnCheckMtu) == nil
 	f.fibLookup = features.HaveProgramHelper(ebpf.SchedCLS, asm.FnFibLookup) == nil
+	f.coarseClock = features.HaveProgramHelper(ebpf.SchedCLS, asm.FnKtimeGetCoarseNs) == nil
 	f.RedirectPeer = f.redirectPeer && f.checkMTU
 	f.HostRouting = f.RedirectPeer && f.fibLookup
 	_, err = os.Stat("/sys/kernel/btf/vmlinux")
