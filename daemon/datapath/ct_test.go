@@ -180,6 +180,51 @@ func TestCTTimeAheadIsNotIdle(t *testing.T) {
 	}
 }
 
+// TestCTLookupOrderKeepsVerdicts: whatever the ports, a flow's replies
+// pass as replies and its own packets are established on its entry, so a
+// revoked rule cuts them: here also a flow whose initiator has the lower
+// port, the case a lookup order guessed from the ports (tried: reversed
+// key first when the sender's port is the lower; docs/datapath.md) gets
+// wrong both ways.
+func TestCTLookupOrderKeepsVerdicts(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := openTest(t, Options{})
+	setupEndpoint(t, d, false)
+	if err := d.SetPolicy(epID, []Entry{{Identity: peerID, Direction: Egress, Proto: protoTCP, Port: 8080}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, sport := range []uint16{80, 40001} {
+		syn := out(peerV4, protoTCP, 8080)
+		syn.sport = sport
+		ack := syn
+		ack.tcpFlags = tcpACK
+		reply := syn.reply()
+		reply.tcpFlags = tcpSYN | tcpACK
+		if got := run(t, d.from, syn); got != passRet {
+			t.Fatalf("port %d: SYN = %#x, want pass", sport, got)
+		}
+		if got := run(t, d.to, reply); got != passRet {
+			t.Errorf("port %d: SYN-ACK = %#x, want pass (a reply; no ingress rule)", sport, got)
+		}
+		if got := run(t, d.from, ack); got != passRet {
+			t.Errorf("port %d: ACK = %#x, want pass (established)", sport, got)
+		}
+		if e, ok := ctState(t, d, syn, Egress); !ok || e.State != CTStateEstablished || e.Packets != 3 {
+			t.Errorf("port %d: entry %+v (found %v), want established with 3 packets", sport, e, ok)
+		}
+	}
+	if err := d.SetPolicy(epID, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, sport := range []uint16{80, 40001} {
+		ack := out(peerV4, protoTCP, 8080)
+		ack.sport, ack.tcpFlags = sport, tcpACK
+		if got := run(t, d.from, ack); got != dropRet {
+			t.Errorf("port %d: ACK after the rule's removal = %#x, want drop (established flows are checked again)", sport, got)
+		}
+	}
+}
+
 // TestCTUDPChurnKeepsTCP: with TCP and other protocols in separate maps, a
 // UDP flood larger than the non-TCP map never evicts TCP entries.
 func TestCTUDPChurnKeepsTCP(t *testing.T) {
