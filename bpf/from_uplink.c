@@ -6,10 +6,10 @@
  * uplinks), attached with host_routing "bpf" and wherever north-south
  * balancing is on ([bgp] announce_service_vips).
  *
- * A packet for a service VIP:port (a frontend in rw_services) is first
- * balanced to one of the service's backends on this host and translated
- * to it (rw_ns_balance, northsouth_lb.h); from there on it is a packet for
- * that local endpoint. A frontend without an active local backend drops.
+ * A packet for a service VIP:port (a frontend in rw_services; only a
+ * destination that is no local endpoint can be one) is balanced to one of
+ * the service's backends on this host and translated to it (rw_ns_balance,
+ * northsouth_lb.h); from there on it is a packet for that local endpoint. A frontend without an active local backend drops.
  *
  * With host routing "bpf", a packet from another host (or a translated
  * one) for a local endpoint is decided by that endpoint's ingress policy
