@@ -35,6 +35,17 @@ func ctState(t *testing.T, d *Datapath, p pkt, dir Direction) (CTEntry, bool) {
 	return CTEntry{}, false
 }
 
+// egressTCP sets up the test endpoint with one rule, egress TCP to port
+// of the peer, and returns the endpoint's SYN to it.
+func egressTCP(t *testing.T, d *Datapath, port uint16) pkt {
+	t.Helper()
+	setupEndpoint(t, d, false)
+	if err := d.SetPolicy(epID, []Entry{{Identity: peerID, Direction: Egress, Proto: protoTCP, Port: port}}); err != nil {
+		t.Fatal(err)
+	}
+	return out(peerV4, protoTCP, port)
+}
+
 // TestCTTCPLifetimes: an entry that saw only a SYN lives the SYN lifetime;
 // one FIN (half-close) keeps the established lifetime; FIN both ways or an
 // RST starts the close lifetime; a SYN on a closing entry re-opens it
@@ -42,11 +53,7 @@ func ctState(t *testing.T, d *Datapath, p pkt, dir Direction) (CTEntry, bool) {
 func TestCTTCPLifetimes(t *testing.T) {
 	testenv.RequireRoot(t)
 	d := openTest(t, Options{CTTimeoutTCPSYN: 300 * time.Millisecond, CTTimeoutClose: 300 * time.Millisecond})
-	setupEndpoint(t, d, false)
-	if err := d.SetPolicy(epID, []Entry{{Identity: peerID, Direction: Egress, Proto: protoTCP, Port: 80}}); err != nil {
-		t.Fatal(err)
-	}
-	syn := out(peerV4, protoTCP, 80)
+	syn := egressTCP(t, d, 80)
 
 	// SYN only: expires after the SYN lifetime; the SYN-ACK then is no reply.
 	if got := run(t, d.from, syn); got != passRet {
@@ -150,11 +157,7 @@ func TestCTTimeAheadIsNotIdle(t *testing.T) {
 	if !d.features.coarseClock {
 		testenv.Missing(t, "bpf_ktime_get_coarse_ns (kernel 5.11)")
 	}
-	setupEndpoint(t, d, false)
-	if err := d.SetPolicy(epID, []Entry{{Identity: peerID, Direction: Egress, Proto: protoTCP, Port: 80}}); err != nil {
-		t.Fatal(err)
-	}
-	syn := out(peerV4, protoTCP, 80)
+	syn := egressTCP(t, d, 80)
 	if got := run(t, d.from, syn); got != passRet {
 		t.Fatalf("SYN = %#x, want pass", got)
 	}
@@ -189,12 +192,9 @@ func TestCTTimeAheadIsNotIdle(t *testing.T) {
 func TestCTLookupOrderKeepsVerdicts(t *testing.T) {
 	testenv.RequireRoot(t)
 	d := openTest(t, Options{})
-	setupEndpoint(t, d, false)
-	if err := d.SetPolicy(epID, []Entry{{Identity: peerID, Direction: Egress, Proto: protoTCP, Port: 8080}}); err != nil {
-		t.Fatal(err)
-	}
+	first := egressTCP(t, d, 8080)
 	for _, sport := range []uint16{80, 40001} {
-		syn := out(peerV4, protoTCP, 8080)
+		syn := first
 		syn.sport = sport
 		ack := syn
 		ack.tcpFlags = tcpACK
