@@ -427,3 +427,40 @@ func testNorthSouth(t *testing.T, mode string) {
 		}
 	}
 }
+
+// TestUplinkEndpointBeforeFrontend: rw_from_uplink looks the destination up
+// among the local endpoints before it asks the balancer, so a packet for an
+// endpoint never pays the rw_services lookup. The agent refuses a VIP
+// inside the workload CIDRs, where every endpoint's address lies; written
+// into the datapath directly, a frontend on an endpoint's own address and
+// port must not take that endpoint's traffic: it still reaches the
+// endpoint, untranslated.
+func TestUplinkEndpointBeforeFrontend(t *testing.T) {
+	if !probeFeatures().HostRouting {
+		testenv.Missing(t, "a kernel with bpf_fib_lookup, bpf_redirect_peer and bpf_check_mtu (5.12+)")
+	}
+	tp := newNSTopo(t, HostRoutingBPF)
+	tp.serve(t)
+	tb := tp.table(false)
+	b0 := netip.AddrPortFrom(tp.beIPs[0], 8080)
+	tb.Services = append(tb.Services, service.Service{
+		Name:     "shadow",
+		Frontend: service.Frontend{VIP: b0.Addr(), Port: b0.Port(), Proto: service.TCP},
+		Source:   service.SourceConfig,
+		Backends: []service.Backend{{Addr: tp.beIPs[1], Port: 8080, State: service.StateActive, Local: true, Source: service.SourceConfig}},
+	})
+	if err := tp.d.SyncServices(tb); err != nil {
+		t.Fatal(err)
+	}
+	for n := range 5 {
+		c, err := tp.dial(t, b0, 2*time.Second)
+		if err != nil {
+			t.Fatalf("connection %d to b0 at %s: %v", n, b0, err)
+		}
+		i, _, err := greeting(c)
+		c.Close()
+		if err != nil || i != 0 {
+			t.Errorf("connection %d to b0 at %s: answered by backend %d (%v), want b0 itself, untranslated", n, b0, i, err)
+		}
+	}
+}
