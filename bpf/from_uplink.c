@@ -9,7 +9,8 @@
  * A packet for a service VIP:port (a frontend in rw_services; only a
  * destination that is no local endpoint can be one) is balanced to one of
  * the service's backends on this host and translated to it (rw_ns_balance,
- * northsouth_lb.h); from there on it is a packet for that local endpoint. A frontend without an active local backend drops.
+ * northsouth_lb.h); from there on it is a packet for that local endpoint.
+ * A frontend without an active local backend drops.
  *
  * With host routing "bpf", a packet from another host (or a translated
  * one) for a local endpoint is decided by that endpoint's ingress policy
