@@ -191,7 +191,8 @@ static __always_inline int __ct_hit(void *map, void *key, struct ct_entry *e, st
 
 /*
  * __ct_lookup_in looks the packet up in one map: fwd and rev are its forward
- * and reversed keys. On RW_CT_ESTABLISHED *ep points at the entry.
+ * and reversed keys. On RW_CT_ESTABLISHED and RW_CT_REPLY *ep points at
+ * the entry.
  */
 static __always_inline int __ct_lookup_in(void *map, void *fwd, void *rev, struct flow *f,
 					  __u32 len, __u64 now, struct ct_entry **ep)
@@ -207,14 +208,18 @@ static __always_inline int __ct_lookup_in(void *map, void *fwd, void *rev, struc
 		}
 	}
 	e = bpf_map_lookup_elem(map, rev);
-	if (e)
-		return __ct_hit(map, rev, e, f, len, now, 1);
-	return RW_CT_NEW;
+	if (!e)
+		return RW_CT_NEW;
+	ret = __ct_hit(map, rev, e, f, len, now, 1);
+	if (ret == RW_CT_REPLY)
+		*ep = e;
+	return ret;
 }
 
 /*
  * ct_lookup returns RW_CT_NEW, RW_CT_ESTABLISHED or RW_CT_REPLY; key gets
- * the packet's forward key, and on RW_CT_ESTABLISHED *ep the entry.
+ * the packet's forward key, and on RW_CT_ESTABLISHED and RW_CT_REPLY *ep
+ * the entry.
  */
 static __always_inline int ct_lookup(struct flow *f, __u8 dir, __u16 ep, __u32 len,
 				     union ct_key *key, struct ct_entry **entry)

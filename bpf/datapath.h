@@ -117,7 +117,8 @@ __attribute__((noinline)) int rw_policy_verdict(struct __sk_buff *skb, __u32 ep,
  * rw_enforce decides a parsed packet for the local endpoint epi in dir:
  * connection tracking, ICMP errors, identity, policy, audit, CT entry,
  * counters and events. ifindex is epi's host-side veth, for the events.
- * Returns RW_PASS or RW_DROP.
+ * Returns RW_PASS or RW_DROP; *entry gets the flow's CT entry when the
+ * packet passed as established or as a reply (else it is left alone).
  *
  * Replies and related ICMP errors pass on connection tracking alone. Every
  * other packet is decided by the current policy: an established packet
@@ -128,7 +129,8 @@ __attribute__((noinline)) int rw_policy_verdict(struct __sk_buff *skb, __u32 ep,
  * keeps the entry).
  */
 static __always_inline int rw_enforce(struct __sk_buff *skb, struct flow *f, __u8 dir,
-				      struct endpoint_info *epi, __u32 ifindex)
+				      struct endpoint_info *epi, __u32 ifindex,
+				      struct ct_entry **entry)
 {
 	__u32 remote_id, src_id, dst_id, rev;
 	__u16 ep = epi->endpoint;
@@ -141,6 +143,7 @@ static __always_inline int rw_enforce(struct __sk_buff *skb, struct flow *f, __u
 	if (ret == RW_CT_REPLY) {
 		f->reply = 1;
 		metrics_count(RW_REASON_FORWARDED, dir, skb->len);
+		*entry = e;
 		return RW_PASS;
 	}
 	/* Read before the policy lookup: a change after it bumps it again. */
@@ -148,6 +151,7 @@ static __always_inline int rw_enforce(struct __sk_buff *skb, struct flow *f, __u
 	if (ret == RW_CT_ESTABLISHED) {
 		if (e && e->rev == rev) {
 			metrics_count(RW_REASON_FORWARDED, dir, skb->len);
+			*entry = e;
 			return RW_PASS;
 		}
 	} else if (f->inner_off) {
@@ -237,6 +241,7 @@ static __always_inline int rw_peer_deliver(struct __sk_buff *skb, struct flow *f
 {
 	__u8 l2[12], hb[4];
 	__u32 ifindex, hop_off, mtu_len = 0;
+	struct ct_entry *e = 0;
 	int ret;
 
 	ifindex = dst->ifindex;
@@ -271,7 +276,7 @@ static __always_inline int rw_peer_deliver(struct __sk_buff *skb, struct flow *f
 		return RW_PASS;
 	}
 
-	ret = rw_enforce(skb, f, RW_DIR_INGRESS, dst, ifindex);
+	ret = rw_enforce(skb, f, RW_DIR_INGRESS, dst, ifindex, &e);
 	if (ret != RW_PASS)
 		return ret;
 
@@ -312,10 +317,11 @@ static __always_inline int rw_local_deliver(struct __sk_buff *skb, struct flow *
 /*
  * rw_forward sends a packet the sender's egress policy let through on a
  * fast path: to a local endpoint (rw_local_deliver, with rw_redirect_peer)
- * or to any other destination (rw_fib_forward, with rw_host_routing).
+ * or to any other destination (rw_fib_forward, with rw_host_routing, which
+ * keeps the next hop in the flow's CT entry e when there is one).
  */
 static __always_inline int rw_forward(struct __sk_buff *skb, struct flow *f,
-				      struct endpoint_info *src)
+				      struct endpoint_info *src, struct ct_entry *e)
 {
 	struct endpoint_info *dst;
 	struct ip_key k = {};
@@ -330,7 +336,7 @@ static __always_inline int rw_forward(struct __sk_buff *skb, struct flow *f,
 	}
 	if (rw_host_routing)
 		return rw_fib_forward(skb, f->family,
-				      (__u32)f->sport << 16 | f->dport);
+				      (__u32)f->sport << 16 | f->dport, e);
 	return RW_PASS;
 }
 
@@ -338,6 +344,7 @@ static __always_inline int rw_forward(struct __sk_buff *skb, struct flow *f,
 static __always_inline int rw_handle(struct __sk_buff *skb, __u8 dir)
 {
 	struct endpoint_info *epi;
+	struct ct_entry *e = 0;
 	struct ip_key lk = {};
 	__u32 zero = 0;
 	struct flow *f;
@@ -373,7 +380,7 @@ static __always_inline int rw_handle(struct __sk_buff *skb, __u8 dir)
 		return __rw_drop(skb, f, dir, epi->endpoint, 0, 0, RW_DROP_FRAG_NO_HEAD,
 				 skb->ifindex);
 
-	ret = rw_enforce(skb, f, dir, epi, skb->ifindex);
+	ret = rw_enforce(skb, f, dir, epi, skb->ifindex, &e);
 	if (ret == RW_PASS)
 		frag_remember(skb, f);
 	/*
@@ -388,6 +395,6 @@ static __always_inline int rw_handle(struct __sk_buff *skb, __u8 dir)
 		return __rw_drop(skb, f, dir, epi->endpoint, 0, 0, RW_DROP_INVALID_PACKET,
 				 skb->ifindex);
 	if (dir == RW_DIR_EGRESS && (rw_redirect_peer || rw_host_routing) && ret == RW_PASS)
-		return rw_forward(skb, f, epi);
+		return rw_forward(skb, f, epi, e);
 	return ret;
 }

@@ -74,7 +74,8 @@ enum rw_hostrt_slot {
 	RW_HR_SVC_NEW_FLOW    = 8, /* uplink: a flow to a service VIP got a local backend (north-south) */
 	RW_HR_SVC_TRANSLATED  = 9, /* uplink: a packet to a service VIP sent to its flow's local backend */
 	RW_HR_SVC_REPLY       = 10, /* endpoint: a backend's reply given the VIP back as its source */
-	RW_HR_SLOTS           = 11,
+	RW_HR_EGRESS_CACHED   = 11, /* of RW_HR_EGRESS_FWD: sent to the flow's next hop kept in its CT entry */
+	RW_HR_SLOTS           = 12,
 };
 
 /* IP address as a map key (rw_endpoints, rw_ipcache): IPv4 in the first 4 bytes. */
@@ -161,8 +162,13 @@ struct ct6_key {
 #define RW_CT_F_RST          0x10 /* TCP: RST seen */
 
 /*
- * rw_ct{4,6}_{tcp,other} value, 48 bytes (layout version 2; version 1 had
- * 40 bytes without rev in the single maps rw_ct4 / rw_ct6).
+ * rw_ct{4,6}_{tcp,other} value, 64 bytes (layout version 3; version 2 had
+ * 48 bytes without the next hop, version 1 40 bytes without rev in the
+ * single maps rw_ct4 / rw_ct6).
+ *
+ * nh_*: the next hop of the flow's packets that the endpoint sends to
+ * another host (host routing "bpf", hostrt.h), as bpf_fib_lookup last
+ * answered for them; nh_ifindex 0 = none yet.
  */
 struct ct_entry {
 	__u64 created_ns;   /* CLOCK_MONOTONIC */
@@ -173,8 +179,11 @@ struct ct_entry {
 	__u32 rev;          /* rw_verdict_rev when policy last allowed (or audited) the flow */
 	__u8 tcp_flags;     /* union of flags seen */
 	__u8 flags;         /* RW_CT_F_* */
-	__u16 pad1;
-	__u32 pad2;
+	__u16 nh_mtu;       /* the next hop device's MTU */
+	__u32 nh_checked;   /* when the FIB answered: connection tracking's clock >> 20 (~1 ms) */
+	__u32 nh_ifindex;   /* the next hop's device; 0 = none */
+	__u8 nh_dmac[6];    /* the next hop's MAC */
+	__u8 nh_smac[6];    /* the device's MAC */
 };
 
 /* rw_frag key: one fragmented datagram. */

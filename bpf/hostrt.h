@@ -94,23 +94,38 @@ static __always_inline int __hop_decrement(struct __sk_buff *skb, __u32 family, 
 }
 
 /*
+ * How long a flow keeps the next hop the FIB gave it, in units of 2^20 ns
+ * of connection tracking's clock (ct_entry.last_seen_ns, which the packet
+ * just set): 16 = 16.8 ms (plus a clock tick). A
+ * route or neighbour change reaches the packets of established flows at
+ * most that late; new flows always ask the FIB.
+ */
+#define RW_NH_RECHECK 16
+
+/*
  * rw_fib_forward forwards an allowed packet of family (4 or 6) to its next
  * hop, or leaves it to the stack (returns TC_ACT_UNSPEC). ports packs the
  * L4 source (bits 16-31) and destination port (0-15), network order each,
- * for the multipath hash. Returns the bpf_redirect verdict, TC_ACT_UNSPEC,
- * or TC_ACT_SHOT when the packet was half rewritten (no memory).
+ * for the multipath hash. e is the flow's CT entry (NULL for a flow's
+ * first packet, whose entry is being created): the next hop the FIB gave
+ * the flow within RW_NH_RECHECK is used again without asking, and a fresh
+ * answer is kept there. Per flow, so multipath routes keep spreading flows
+ * exactly as the FIB's hash does. Returns the bpf_redirect verdict,
+ * TC_ACT_UNSPEC, or TC_ACT_SHOT when the packet was half rewritten (no
+ * memory).
  *
  * A global function: verified once, with its own stack frame, so the fast
  * path costs rw_from_endpoint's frame nothing. Global functions need 5.6;
  * bpf_check_mtu (5.12) is only reached with rw_host_routing set, which the
  * agent sets only where the kernel has it (the verifier prunes the rest).
  */
-__attribute__((noinline)) int rw_fib_forward(struct __sk_buff *skb, __u32 family, __u32 ports)
+__attribute__((noinline)) int rw_fib_forward(struct __sk_buff *skb, __u32 family, __u32 ports,
+					     struct ct_entry *e)
 {
 	struct bpf_fib_lookup *p;
-	__u32 zero = 0, hop_off, mtu_len = 0, slot = RW_HR_STACK_OTHER;
-	/* The IPv4 header, or the first 8 bytes of the IPv6 header; then the MACs. */
-	__u8 h[20], *hb;
+	__u32 zero = 0, hop_off, ifindex, mtu_len = 0, slot = RW_HR_STACK_OTHER, now;
+	/* The IPv4 header, or the first 8 bytes of the IPv6 header. */
+	__u8 h[20], l2[12], *hb;
 	int rc;
 
 	if (!skb || !rw_host_routing)
@@ -118,15 +133,46 @@ __attribute__((noinline)) int rw_fib_forward(struct __sk_buff *skb, __u32 family
 	/* Only what the stack would route: a unicast frame to the host's MAC. */
 	if (skb->pkt_type != PACKET_HOST)
 		goto stack;
-	p = bpf_map_lookup_elem(&rw_fib_scratch, &zero);
-	if (!p)
-		goto stack;
-	__builtin_memset(p, 0, sizeof(*p));
 	/* One load per header (parse_packet checked the lengths before). */
 	if (family == 4) {
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, h, 20) < 0)
 			goto stack;
 		hop_off = ETH_HLEN + 8;
+	} else {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, h, 8) < 0)
+			goto stack;
+		hop_off = ETH_HLEN + 7;
+	}
+	/* The TTL / hop limit, then (IPv4) protocol and header checksum. */
+	hb = family == 4 ? &h[8] : &h[7];
+	if (hb[0] <= 1) {
+		slot = RW_HR_STACK_TTL;
+		goto stack;
+	}
+
+	/*
+	 * The packet's own time: connection tracking just wrote it (one clock
+	 * read per packet instead of two).
+	 */
+	now = e ? (__u32)(e->last_seen_ns >> 20) : 0;
+	if (e && e->nh_ifindex && now - e->nh_checked < RW_NH_RECHECK) {
+		/* As below: too big for the next device goes to the stack. */
+		if (skb->len > (__u32)e->nh_mtu + ETH_HLEN && !skb->gso_size) {
+			slot = RW_HR_STACK_MTU;
+			goto stack;
+		}
+		ifindex = e->nh_ifindex;
+		__builtin_memcpy(&l2[0], e->nh_dmac, 6);
+		__builtin_memcpy(&l2[6], e->nh_smac, 6);
+		hostrt_count(RW_HR_EGRESS_CACHED, skb->len);
+		goto xmit;
+	}
+
+	p = bpf_map_lookup_elem(&rw_fib_scratch, &zero);
+	if (!p)
+		goto stack;
+	__builtin_memset(p, 0, sizeof(*p));
+	if (family == 4) {
 		p->family = AF_INET;
 		p->tos = h[1];
 		p->l4_protocol = h[9];
@@ -135,21 +181,13 @@ __attribute__((noinline)) int rw_fib_forward(struct __sk_buff *skb, __u32 family
 	} else {
 		__be32 fi;
 
-		/* Source and destination lie back to back in both. */
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, h, 8) < 0 ||
-		    bpf_skb_load_bytes(skb, ETH_HLEN + 8, p->ipv6_src, 32) < 0)
+		/* Source and destination lie back to back. */
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 8, p->ipv6_src, 32) < 0)
 			goto stack;
-		hop_off = ETH_HLEN + 7;
 		p->family = AF_INET6;
 		p->l4_protocol = h[6];
 		__builtin_memcpy(&fi, h, 4);
 		p->flowinfo = fi & bpf_htonl(0x0fffffff);
-	}
-	/* The TTL / hop limit, then (IPv4) protocol and header checksum. */
-	hb = family == 4 ? &h[8] : &h[7];
-	if (hb[0] <= 1) {
-		slot = RW_HR_STACK_TTL;
-		goto stack;
 	}
 	p->sport = ports >> 16;
 	p->dport = ports & 0xffff;
@@ -177,7 +215,7 @@ __attribute__((noinline)) int rw_fib_forward(struct __sk_buff *skb, __u32 family
 	 * segments those, as bpf_check_mtu lets them pass) is left to the
 	 * stack: the same answer as bpf_check_mtu for an Ethernet device,
 	 * without a second helper call and device lookup. A kernel that left
-	 * mtu_result at 0 gets bpf_check_mtu.
+	 * mtu_result at 0 gets bpf_check_mtu, and the flow keeps no next hop.
 	 */
 	if (!p->mtu_result) {
 		if (bpf_check_mtu(skb, p->ifindex, &mtu_len, 0, 0) != 0) {
@@ -187,16 +225,23 @@ __attribute__((noinline)) int rw_fib_forward(struct __sk_buff *skb, __u32 family
 	} else if (skb->len > (__u32)p->mtu_result + ETH_HLEN && !skb->gso_size) {
 		slot = RW_HR_STACK_MTU;
 		goto stack;
+	} else if (e) {
+		e->nh_mtu = p->mtu_result;
+		e->nh_checked = now;
+		__builtin_memcpy(e->nh_dmac, p->dmac, 6);
+		__builtin_memcpy(e->nh_smac, p->smac, 6);
+		e->nh_ifindex = p->ifindex;
 	}
-	if (__hop_decrement(skb, family, hop_off, hb) < 0)
-		goto fail;
-	/* Both MACs in one store (the header bytes in h are written). */
-	__builtin_memcpy(&h[0], p->dmac, 6);
-	__builtin_memcpy(&h[6], p->smac, 6);
-	if (bpf_skb_store_bytes(skb, 0, h, 12, 0) < 0)
+	ifindex = p->ifindex;
+	__builtin_memcpy(&l2[0], p->dmac, 6);
+	__builtin_memcpy(&l2[6], p->smac, 6);
+xmit:
+	/* The TTL / hop limit (and IPv4 checksum), then both MACs in one store. */
+	if (__hop_decrement(skb, family, hop_off, hb) < 0 ||
+	    bpf_skb_store_bytes(skb, 0, l2, 12, 0) < 0)
 		goto fail;
 	hostrt_count(RW_HR_EGRESS_FWD, skb->len);
-	return bpf_redirect(p->ifindex, 0);
+	return bpf_redirect(ifindex, 0);
 fail:
 	metrics_count(RW_DROP_INVALID_PACKET, RW_DIR_EGRESS, skb->len);
 	return TC_ACT_SHOT;

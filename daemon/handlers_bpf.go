@@ -116,6 +116,7 @@ func toAPICT(e datapath.CTEntry) api.CTEntry {
 		Endpoint: e.Endpoint, RemoteIdentity: e.RemoteIdentity, Packets: e.Packets, Bytes: e.Bytes,
 		TCPFlags: e.TCPFlags, Audit: e.Audit, State: e.State, FINOrig: e.FINOrig, FINReply: e.FINReply, RST: e.RST,
 		Revision: e.Revision, Created: e.Created, LastSeen: e.LastSeen, ExpiresIn: e.ExpiresIn,
+		NextHop: (*api.CTNextHop)(e.NextHop),
 	}
 }
 

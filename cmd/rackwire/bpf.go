@@ -195,11 +195,11 @@ func init() {
 					if e.json {
 						return printJSON(e.stdout, es)
 					}
-					rows := [][]string{{"ENDPOINT", "DIRECTION", "PROTO", "SRC", "DST", "REMOTE-ID", "STATE", "FLAGS", "EXPIRES-IN", "PACKETS", "BYTES", "LAST-SEEN"}}
+					rows := [][]string{{"ENDPOINT", "DIRECTION", "PROTO", "SRC", "DST", "REMOTE-ID", "STATE", "FLAGS", "EXPIRES-IN", "PACKETS", "BYTES", "LAST-SEEN", "NEXT-HOP"}}
 					for _, x := range es {
 						rows = append(rows, []string{strconv.Itoa(int(x.Endpoint)), x.Direction, api.ProtoName(x.Proto), x.Src, x.Dst,
 							strconv.FormatUint(uint64(x.RemoteIdentity), 10), dash(x.State), dash(ctFlagText(x)), x.ExpiresIn.Round(time.Second).String(),
-							strconv.FormatUint(x.Packets, 10), strconv.FormatUint(x.Bytes, 10), x.LastSeen.Format(time.RFC3339Nano)})
+							strconv.FormatUint(x.Packets, 10), strconv.FormatUint(x.Bytes, 10), x.LastSeen.Format(time.RFC3339Nano), nextHopText(x.NextHop)})
 					}
 					table(e.stdout, rows)
 					return nil
@@ -266,4 +266,12 @@ func ctFlagText(x api.CTEntry) string {
 		}
 	}
 	return strings.Join(fs, ",")
+}
+
+// nextHopText shows a CT entry's kept next hop: "ifindex 3 via 02:00:00:21:0a:f1", or "-".
+func nextHopText(nh *api.CTNextHop) string {
+	if nh == nil {
+		return "-"
+	}
+	return fmt.Sprintf("ifindex %d via %s", nh.Ifindex, nh.MAC)
 }

@@ -43,6 +43,7 @@ var (
 		Src: "10.1.0.5:40000", Dst: "10.1.0.7:80", Proto: 6, Direction: "egress", Endpoint: 5, RemoteIdentity: 257,
 		Packets: 1<<53 + 1, Bytes: 12345, TCPFlags: 2, Created: t0, LastSeen: t0.Add(time.Second),
 		State: "established", FINOrig: true, Revision: 7, ExpiresIn: 6 * time.Hour,
+		NextHop: &api.CTNextHop{Ifindex: 3, MAC: "02:00:00:21:0a:f1", MTU: 1500, Age: 5 * time.Millisecond},
 	}}
 	fakeCTFlushed = api.CTFlushed{Endpoint: "web", Deleted: 3}
 	fakeMetrics   = []api.Metric{{Reason: "policy denied", Direction: "ingress", Packets: 3, Bytes: 180}}

@@ -26,6 +26,18 @@ type CTEntry struct {
 	LastSeen time.Time `json:"last_seen"`
 	// ExpiresIn is the lifetime left without traffic, in nanoseconds.
 	ExpiresIn time.Duration `json:"expires_in"`
+	// NextHop: where host routing "bpf" sends the endpoint's packets of
+	// the flow to another host; absent until one was kept.
+	NextHop *CTNextHop `json:"next_hop,omitempty"`
+}
+
+// CTNextHop is the FIB's last answer for a flow's packets to another host,
+// kept in its CT entry and asked again once older than 16.8 ms.
+type CTNextHop struct {
+	Ifindex int           `json:"ifindex"` // the device the packets leave by
+	MAC     string        `json:"mac"`     // the next hop's
+	MTU     int           `json:"mtu"`     // the device's
+	Age     time.Duration `json:"age"`     // since the FIB answered, in nanoseconds (about 1 ms resolution)
 }
 
 // CTFlushed is the reply of POST /v1/bpf/ct/flush.

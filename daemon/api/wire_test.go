@@ -40,8 +40,9 @@ var wireGolden = map[string][]string{
 		"protocols", "protocols[].bgp_state", "protocols[].channels", "protocols[].channels.k", "protocols[].info", "protocols[].last_error", "protocols[].name", "protocols[].neighbor_address", "protocols[].neighbor_as", "protocols[].proto", "protocols[].reason", "protocols[].routes_exported", "protocols[].routes_filtered", "protocols[].routes_imported", "protocols[].since", "protocols[].since_text", "protocols[].state", "protocols[].table", "protocols[].uptime_seconds",
 		"vips", "vips[].announced", "vips[].checked", "vips[].consecutive_fail", "vips[].consecutive_ok", "vips[].healthy", "vips[].last_check", "vips[].last_error", "vips[].target", "vips[].type", "vips[].vip"},
 	"BGPUndrain": {"drained"},
-	"CTEntry":    {"audit", "bytes", "created", "direction", "dst", "endpoint", "expires_in", "fin_orig", "fin_reply", "last_seen", "packets", "proto", "remote_identity", "revision", "rst", "src", "state", "tcp_flags"},
+	"CTEntry":    {"audit", "bytes", "created", "direction", "dst", "endpoint", "expires_in", "fin_orig", "fin_reply", "last_seen", "next_hop", "next_hop.age", "next_hop.ifindex", "next_hop.mac", "next_hop.mtu", "packets", "proto", "remote_identity", "revision", "rst", "src", "state", "tcp_flags"},
 	"CTFlushed":  {"deleted", "endpoint"},
+	"CTNextHop":  {"age", "ifindex", "mac", "mtu"},
 	"Component":  {"detail", "detail.k", "message", "since", "state"},
 	"Deleted":    {"deleted"},
 	"Endpoint": {"audit", "container_id", "created", "gateway_ipv4", "gateway_ipv6", "host_ifindex", "host_ifname", "host_mac", "id", "identity", "identity_labels",
@@ -94,7 +95,7 @@ var wireGolden = map[string][]string{
 // wireTypes are the values the test encodes, one per wire type.
 var wireTypes = []any{
 	api.AgentStatus{}, api.AllowAll{}, api.BFDSession{}, api.BGPApply{}, api.BGPDrain{}, api.BGPProtocol{},
-	api.BGPRender{}, api.BGPStatus{}, api.BGPUndrain{}, api.CTEntry{}, api.CTFlushed{}, api.Component{}, api.Deleted{},
+	api.BGPRender{}, api.BGPStatus{}, api.BGPUndrain{}, api.CTEntry{}, api.CTFlushed{}, api.CTNextHop{}, api.Component{}, api.Deleted{},
 	api.Endpoint{}, api.EndpointAdd{}, api.EndpointAudit{}, api.ErrorBody{}, api.Event{}, api.IPCacheEntry{},
 	api.Identity{}, api.KernelFeature{}, api.Metric{}, api.Node{}, api.PolicyDocument{}, api.PolicyEntry{},
 	api.PolicyImport{}, api.PolicySummary{}, api.RawEntry{}, api.Status{}, api.TraceRequest{},

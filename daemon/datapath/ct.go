@@ -3,6 +3,7 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"time"
 
@@ -44,6 +45,19 @@ type CTEntry struct {
 	// ExpiresIn is the lifetime left if no packet comes; 0 = expired (the
 	// next packet is a new flow, or the LRU reuses the slot).
 	ExpiresIn time.Duration `json:"expires_in"`
+	// NextHop is where host routing "bpf" sends the endpoint's packets of
+	// the flow to another host; nil until one was kept.
+	NextHop *CTNextHop `json:"next_hop,omitempty"`
+}
+
+// CTNextHop is the FIB's last answer for a flow's packets to another host
+// (bpf/hostrt.h): kept in the CT entry, asked again once older than
+// RW_NH_RECHECK (16.8 ms).
+type CTNextHop struct {
+	Ifindex int           `json:"ifindex"`
+	MAC     string        `json:"mac"`
+	MTU     int           `json:"mtu"`
+	Age     time.Duration `json:"age"` // since the FIB answered (about 1 ms resolution)
 }
 
 // bootTime converts CLOCK_MONOTONIC nanoseconds to wall-clock time.
@@ -94,6 +108,15 @@ func (d *Datapath) fillCT(e *CTEntry, v ctEntry, wall func(uint64) time.Time, no
 		e.ExpiresIn = life - idle
 	} else if now <= v.LastSeenNS {
 		e.ExpiresIn = life
+	}
+	if v.NhIfindex != 0 {
+		// nh_checked is the clock >> 20, 32 bits: the age wraps after 52 days.
+		age := uint32(now>>20) - v.NhChecked
+		if age > 1<<31 { // the coarse clock a tick behind ours
+			age = 0
+		}
+		e.NextHop = &CTNextHop{Ifindex: int(v.NhIfindex), MAC: net.HardwareAddr(v.NhDMAC[:]).String(),
+			MTU: int(v.NhMTU), Age: time.Duration(age) << 20}
 	}
 }
 

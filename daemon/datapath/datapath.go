@@ -448,8 +448,9 @@ func (d *Datapath) load() error {
 
 // openPinned re-uses the map pinned under name or creates and pins it. A
 // pinned map this build cannot use as it is but whose contents it can
-// carry over (same type and key/value sizes, another fixed size; or a ring
-// buffer, which holds nothing to keep) is re-created: the new map is
+// carry over (same type and key/value sizes, another fixed size; values
+// grown at their end, grownValue; or a ring buffer, which holds nothing to
+// keep) is re-created: the new map is
 // returned unpinned, with the pinned one as old, and layout.go copies the
 // contents and moves the pin once the programs use the new map. Anything
 // else incompatible is refused with ErrIncompatibleMap.
@@ -468,7 +469,8 @@ func (d *Datapath) openPinned(name string, ms *ebpf.MapSpec, configuredSize bool
 			return pinned, nil, nil
 		}
 		contentless := ms.Type == ebpf.RingBuf || ms.Type == ebpf.PerfEventArray
-		if !(sameLayout && ms.Type != ebpf.HashOfMaps && ms.Type != ebpf.ArrayOfMaps) && !contentless {
+		grown := pinned.Type() == ms.Type && pinned.KeySize() == ms.KeySize && grownValue(name, pinned.ValueSize(), ms.ValueSize)
+		if !(sameLayout && ms.Type != ebpf.HashOfMaps && ms.Type != ebpf.ArrayOfMaps) && !contentless && !grown {
 			pinned.Close()
 			return nil, nil, fmt.Errorf("map %s: %v %d/%d pinned, %v %d/%d wanted: %w", path,
 				pinned.Type(), pinned.KeySize(), pinned.ValueSize(), ms.Type, ms.KeySize, ms.ValueSize, ErrIncompatibleMap)

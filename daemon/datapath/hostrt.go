@@ -282,16 +282,20 @@ const (
 	// North-south service balancing (bpf/northsouth.h): flows from an
 	// uplink to a VIP that got a local backend, packets translated to it,
 	// and replies given the VIP back.
-	HRSvcNewFlow     HostRoutingSlot = 8
-	HRSvcTranslated  HostRoutingSlot = 9
-	HRSvcReply       HostRoutingSlot = 10
-	hostRoutingSlots                 = 11
+	HRSvcNewFlow    HostRoutingSlot = 8
+	HRSvcTranslated HostRoutingSlot = 9
+	HRSvcReply      HostRoutingSlot = 10
+	// Of HREgressForwarded: packets sent to the next hop their flow's CT
+	// entry kept from an earlier FIB answer (bpf/hostrt.h, RW_NH_RECHECK).
+	HREgressCached   HostRoutingSlot = 11
+	hostRoutingSlots HostRoutingSlot = 12
 )
 
 var hostRoutingSlotNames = [hostRoutingSlots]string{
 	"egress_forwarded", "ingress_forwarded", "stack_ttl", "stack_mtu",
 	"stack_no_neighbour", "stack_fib", "stack_other", "stack_not_local",
 	"service_new_flow", "service_translated", "service_reply",
+	"egress_cached_next_hop",
 }
 
 func (s HostRoutingSlot) String() string {

@@ -682,3 +682,103 @@ func TestUplinkSurvivesRestart(t *testing.T) {
 		})
 	}
 }
+
+// TestHostRoutingNextHopFollowsChange: the fast path keeps a flow's next
+// hop in its CT entry (no FIB lookup for its later packets), and asks the
+// FIB again within RW_NH_RECHECK (16.8 ms): after h1's router moves to
+// another MAC (the router's link gets a new address, h1's neighbour
+// entries follow), the same flows' next datagrams reach e2 through the new
+// MAC. A kept next hop that were never checked again would send them on to
+// the old MAC, which the router no longer answers to: they would be lost.
+func TestHostRoutingNextHopFollowsChange(t *testing.T) {
+	ch := newCrossHost(t, AttachTCX, HostRoutingBPF)
+	ch.blockForwarding(t) // only the fast path delivers from e1 and e2
+	const newMAC = "02:00:00:21:0a:f1"
+	type flow struct {
+		dst  *net.UDPAddr
+		gw   string
+		c    *net.UDPConn // one socket: every datagram is one flow, one CT entry
+		echo func() bool
+	}
+	var flows []*flow
+	for i, x := range []struct{ dst, gw netip.Addr }{
+		{ch.e2v4, netip.MustParseAddr("10.210.1.254")},
+		{ch.e2v6, netip.MustParseAddr("fd21:a::fe")},
+	} {
+		port := 5300 + i
+		echoServers(t, ch.e2, x.dst, nil, port)
+		f := &flow{dst: net.UDPAddrFromAddrPort(netip.AddrPortFrom(x.dst, uint16(port))), gw: x.gw.String()}
+		inNS(t, ch.e1, func() {
+			var err error
+			if f.c, err = net.ListenUDP("udp", nil); err != nil {
+				t.Fatal(err)
+			}
+		})
+		defer f.c.Close()
+		f.echo = func() bool {
+			buf := make([]byte, 16)
+			for range 3 { // a lost datagram is sent again, bounded
+				if _, err := f.c.WriteToUDP([]byte("nh"), f.dst); err != nil {
+					t.Fatal(err)
+				}
+				f.c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+				if n, _, err := f.c.ReadFromUDP(buf); err == nil && string(buf[:n]) == "nh" {
+					return true
+				}
+			}
+			return false
+		}
+		flows = append(flows, f)
+	}
+
+	before := ch.counters(t, ch.d1)
+	for _, f := range flows {
+		for range 4 {
+			if !f.echo() {
+				t.Fatalf("UDP e1->%v through the fast path: no echo", f.dst)
+			}
+		}
+	}
+	mid := ch.counters(t, ch.d1)
+	if got := mid[HREgressCached] - before[HREgressCached]; got < 4 {
+		t.Errorf("%v moved by %d over 4 datagrams of each of 2 flows, want >= 4 (a flow's later packets skip the FIB)", HREgressCached, got)
+	}
+	if got := mid[HREgressForwarded] - before[HREgressForwarded]; got < 8 {
+		t.Errorf("%v moved by %d, want >= 8", HREgressForwarded, got)
+	}
+
+	sh(t, "ip", "-n", ch.r, "link", "set", "h1", "address", newMAC)
+	for _, f := range flows {
+		sh(t, "ip", "-n", ch.h1, "neigh", "replace", f.gw, "lladdr", newMAC, "dev", "rwhup", "nud", "reachable")
+	}
+	time.Sleep(100 * time.Millisecond) // > RW_NH_RECHECK and a clock tick
+	for _, f := range flows {
+		if !f.echo() {
+			t.Errorf("UDP e1->%v after h1's router changed its MAC: no echo (the flow kept its old next hop)", f.dst)
+		}
+	}
+	if after := ch.counters(t, ch.d1); after[HREgressForwarded] < mid[HREgressForwarded]+2 {
+		t.Errorf("the datagrams after the change did not take the fast path (%v %d -> %d)",
+			HREgressForwarded, mid[HREgressForwarded], after[HREgressForwarded])
+	}
+	es, err := ch.d1.CT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := ifIndexIn(t, ch.h1, "rwhup")
+	for _, f := range flows {
+		var got []CTEntry
+		for _, e := range es {
+			if e.Dst == f.dst.AddrPort() {
+				got = append(got, e)
+			}
+		}
+		if len(got) != 1 {
+			t.Errorf("%v: %d CT entries for the flow on h1, want 1 (the same flow throughout): %+v", f.dst, len(got), got)
+			continue
+		}
+		if nh := got[0].NextHop; nh == nil || nh.MAC != newMAC || nh.Ifindex != up {
+			t.Errorf("%v: the flow's next hop on h1 is %+v, want ifindex %d (rwhup) and %s", f.dst, nh, up, newMAC)
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -19,8 +20,11 @@ import (
 //
 //	1  the first release (commit c484b0a): no rw_layout; rw_ct4 / rw_ct6
 //	   shared by all protocols, 40-byte ct_entry without a policy revision
-//	2  this release: rw_ct{4,6}_{tcp,other} with the 48-byte ct_entry,
-//	   rw_verdict_rev, rw_layout
+//	2  rw_ct{4,6}_{tcp,other} with the 48-byte ct_entry, rw_verdict_rev,
+//	   rw_layout (commit 8ed9d80 and before)
+//	3  this release: the 64-byte ct_entry, which keeps the next hop of a
+//	   flow forwarded by host routing "bpf" (nh_*; zero in entries carried
+//	   from version 2: the flow's next packet asks the FIB)
 //
 // A pin directory without rw_layout but with rackwire maps is version 1;
 // an empty one gets the current version. A newer version than this build
@@ -32,23 +36,25 @@ import (
 //     created when new (maps added by any change are simply created), or
 //     re-created unpinned when its pinned spec differs but its contents
 //     can be carried (same key/value layout, e.g. rw_metrics grown by a new
-//     drop reason; or a ring buffer, which holds nothing);
-//  2. contents are copied into re-created maps, and the retired CT maps'
-//     entries are converted into the split CT maps with revision 0, so the
-//     next non-reply packet of each flow is decided by policy again;
+//     drop reason; a CT map whose values grew at their end, grownValue; or
+//     a ring buffer, which holds nothing);
+//  2. contents are copied into re-created maps (grown values zero at
+//     their end), and the retired CT maps' entries are converted into the
+//     split CT maps with revision 0, so the next non-reply packet of each
+//     flow is decided by policy again;
 //  3. the programs are loaded on the new maps and replace the old ones on
 //     every endpoint in rw_endpoints, atomically per hook (tcx link update,
 //     tc filter replace), so every packet is decided by old or new, never
 //     by neither;
 //  4. CT entries the old programs created in the window between 2 and 3
-//     are converted too (without overwriting what the new programs wrote),
-//     and counters the old programs added are carried;
+//     are converted or copied too (without overwriting what the new
+//     programs wrote), and counters the old programs added are carried;
 //  5. the pins of re-created maps are moved to the new maps (rename over
 //     the old pin), the retired maps are unpinned, and rw_layout is written.
 //
 // Every step can run again: an agent that dies halfway leaves the old
 // version recorded, and the next start repeats what is missing.
-const layoutVersion = 2
+const layoutVersion = 3
 
 // ErrLayoutTooNew: the pin directory holds maps of a newer release.
 var ErrLayoutTooNew = errors.New("pinned maps have a newer layout than this release knows")
@@ -197,9 +203,11 @@ func (d *Datapath) migrateBefore(mg *migration) error {
 		if isCounterMap(r.new) {
 			continue // summed after the swap
 		}
-		if err := copyMap(r.old, r.new); err != nil {
+		n, err := copyMap(r.old, r.new, ebpf.UpdateAny)
+		if err != nil {
 			return fmt.Errorf("copy %s into its re-created map: %w", r.name, err)
 		}
+		d.log.Info("copied entries into a re-created map", "map", r.name, "entries", n)
 	}
 	for _, r := range mg.retired {
 		n, err := retiredMaps[r.name](d, r.m, true)
@@ -234,6 +242,14 @@ func (d *Datapath) migrateAfter(mg *migration) error {
 				return fmt.Errorf("carry counters of %s: %w", r.name, err)
 			}
 		}
+		if r.old.ValueSize() < r.new.ValueSize() {
+			// A CT map: flows the old programs started during the swap.
+			n, err := copyMap(r.old, r.new, ebpf.UpdateNoExist)
+			if err != nil {
+				return fmt.Errorf("copy entries created during the swap into %s: %w", r.name, err)
+			}
+			d.log.Info("copied entries created during the swap", "map", r.name, "entries", n)
+		}
 		if err := d.movePin(r.name, r.new); err != nil {
 			return err
 		}
@@ -267,19 +283,39 @@ func (d *Datapath) movePin(name string, m *ebpf.Map) error {
 
 func isCounterMap(m *ebpf.Map) bool { return m.Type() == ebpf.PerCPUArray }
 
-// copyMap copies every entry of old into m (sizes permitting).
-func copyMap(old, m *ebpf.Map) error {
+// grownValue reports whether a map pinned with values of old bytes may be
+// re-created with values of want bytes, its entries carried with the new
+// bytes zero: the CT maps from layout 2 (48-byte ct_entry) to 3 (the next
+// hop appended, zero = none).
+func grownValue(name string, old, want uint32) bool {
+	return strings.HasPrefix(name, "rw_ct") && old == ctEntryV2Size && want == uint32(binary.Size(ctEntry{}))
+}
+
+// copyMap copies every entry of old into m (sizes permitting; a value
+// shorter than m's is zero-extended) with flag; with UpdateNoExist an
+// entry m holds already stays. It returns how many it wrote.
+func copyMap(old, m *ebpf.Map, flag ebpf.MapUpdateFlags) (int, error) {
 	if old.Type() == ebpf.RingBuf || old.Type() == ebpf.PerfEventArray {
-		return nil
+		return 0, nil
 	}
+	pad := int(m.ValueSize()) - int(old.ValueSize())
 	var k, v []byte
+	n := 0
 	it := old.Iterate()
 	for it.Next(&k, &v) {
-		if err := m.Put(k, v); err != nil {
-			return err
+		if pad > 0 {
+			v = append(v, make([]byte, pad)...)
 		}
+		err := m.Update(k, v, flag)
+		if errors.Is(err, ebpf.ErrKeyExist) {
+			continue
+		}
+		if err != nil {
+			return n, err
+		}
+		n++
 	}
-	return it.Err()
+	return n, it.Err()
 }
 
 // addCounters adds old's per-CPU counters (struct metrics_value) to m's.

@@ -198,7 +198,7 @@ type ct6Key struct {
 	Endpoint  uint16
 }
 
-// ctEntry mirrors struct ct_entry (layout version 2).
+// ctEntry mirrors struct ct_entry (layout version 3).
 type ctEntry struct {
 	CreatedNS      uint64
 	LastSeenNS     uint64
@@ -208,9 +208,17 @@ type ctEntry struct {
 	Rev            uint32
 	TCPFlags       uint8
 	Flags          uint8
-	Pad1           uint16
-	Pad2           uint32
+	NhMTU          uint16
+	NhChecked      uint32
+	NhIfindex      uint32
+	NhDMAC         [6]byte
+	NhSMAC         [6]byte
 }
+
+// ctEntryV2Size is the size of struct ct_entry in layout version 2: the
+// current one without the next hop (nh_ifindex on), which a migration
+// leaves zero (none yet).
+const ctEntryV2Size = 48
 
 // ctEntryV1 is struct ct_entry of layout version 1 (rw_ct4 / rw_ct6), read
 // only by the migration.

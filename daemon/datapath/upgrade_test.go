@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -12,12 +13,21 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/rackwire/rackwire/internal/testenv"
 )
 
-// previousRelease is the commit of the release before the layout change
-// (layout version 1).
-const previousRelease = "c484b0a"
+// previousReleases are the commits of earlier map layouts, with what each
+// pinned that this release retires.
+var previousReleases = []struct {
+	commit  string
+	layout  int
+	retired []string // maps it pinned that this release removes
+}{
+	{"c484b0a", 1, []string{"rw_ct4", "rw_ct6"}}, // the first release: one CT map per family
+	{"8ed9d80", 2, nil},                          // 48-byte ct_entry, without the next hop
+}
 
 // oldHelper is a program built from the previous release's tree that opens
 // its datapath over a pin directory, attaches endpoints A and B of a topo,
@@ -60,8 +70,8 @@ func main() {
 }
 `
 
-// buildOldHelper extracts the previous release and builds oldHelper in it.
-func buildOldHelper(t *testing.T) string {
+// buildOldHelper extracts commit and builds oldHelper in it.
+func buildOldHelper(t *testing.T, commit string) string {
 	t.Helper()
 	testenv.RequireCommand(t, "git")
 	top, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
@@ -69,9 +79,9 @@ func buildOldHelper(t *testing.T) string {
 		t.Fatalf("find the repository: %v", err)
 	}
 	src := t.TempDir()
-	cmd := exec.Command("sh", "-c", fmt.Sprintf("git -C %s archive %s | tar -x -C %s", strings.TrimSpace(string(top)), previousRelease, src))
+	cmd := exec.Command("sh", "-c", fmt.Sprintf("git -C %s archive %s | tar -x -C %s", strings.TrimSpace(string(top)), commit, src))
 	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("extract %s (a CI clone needs full history): %v\n%s", previousRelease, err, out)
+		t.Fatalf("extract %s (a CI clone needs full history): %v\n%s", commit, err, out)
 	}
 	dir := filepath.Join(src, "cmd", "rwctold")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -89,25 +99,37 @@ func buildOldHelper(t *testing.T) string {
 	return bin
 }
 
-// TestUpgradeFromPreviousRelease: the previous release's datapath enforces
+// TestUpgradeFromPreviousRelease: an earlier release's datapath enforces
 // two endpoints with a UDP stream running; this release opens the same
-// pins, migrates them (split CT maps filled from rw_ct4, programs swapped
-// in place) without losing one packet of the stream, keeps enforcing the
-// policy, removes the old maps and records layout version 2.
+// pins, migrates them (layout 1: split CT maps filled from rw_ct4; layout
+// 2: CT maps re-created with the longer entry, filled from the old ones;
+// programs swapped in place) without losing one packet of the stream,
+// keeps enforcing the policy, removes the old maps and records the
+// current layout version.
 func TestUpgradeFromPreviousRelease(t *testing.T) {
 	testenv.RequireRoot(t)
 	testenv.RequireBPFFS(t)
-	bin := buildOldHelper(t)
-	tp := newTopoPrefix(t, "rwct", "u")
-	dir := testPinDir(t)
 	// nsenter, not "ip netns exec": that one remounts /sys, and the pins
 	// would land on a private bpffs.
 	testenv.RequireCommand(t, "nsenter")
-	sh(t, "nsenter", "--net=/run/netns/"+tp.host, bin, dir, fmt.Sprint(tp.ifA), fmt.Sprint(tp.ifB))
-	if v, err := ReadLayout(dir); err != nil || v != 1 {
-		t.Fatalf("ReadLayout(previous release's pins) = %d, %v; want 1", v, err)
+	for i, rel := range previousReleases {
+		t.Run(fmt.Sprintf("layout%d", rel.layout), func(t *testing.T) {
+			upgradeFrom(t, buildOldHelper(t, rel.commit), fmt.Sprint(i), rel.layout, rel.retired)
+		})
 	}
-	for _, old := range []string{"rw_ct4", "rw_ct6"} {
+}
+
+// upgradeFrom is TestUpgradeFromPreviousRelease from the release whose
+// helper is bin, layout its map layout, retired the maps it pinned that
+// this release removes; tag tells the topologies apart.
+func upgradeFrom(t *testing.T, bin, tag string, layout int, retired []string) {
+	tp := newTopoPrefix(t, "rwct", "u"+tag)
+	dir := testPinDir(t)
+	sh(t, "nsenter", "--net=/run/netns/"+tp.host, bin, dir, fmt.Sprint(tp.ifA), fmt.Sprint(tp.ifB))
+	if v, err := ReadLayout(dir); err != nil || v != layout {
+		t.Fatalf("ReadLayout(previous release's pins) = %d, %v; want %d", v, err, layout)
+	}
+	for _, old := range retired {
 		if _, err := os.Stat(filepath.Join(dir, old)); err != nil {
 			t.Fatalf("the previous release pinned no %s: %v", old, err)
 		}
@@ -182,10 +204,21 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	if v, err := ReadLayout(dir); err != nil || v != layoutVersion {
 		t.Errorf("ReadLayout after the upgrade = %d, %v; want %d", v, err, layoutVersion)
 	}
-	for _, old := range []string{"rw_ct4", "rw_ct6"} {
+	for _, old := range retired {
 		if _, err := os.Stat(filepath.Join(dir, old)); err == nil {
 			t.Errorf("%s still pinned after the upgrade", old)
 		}
+	}
+	for _, name := range []string{"rw_ct4_tcp", "rw_ct4_other", "rw_ct6_tcp", "rw_ct6_other"} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if err != nil {
+			t.Errorf("%s after the upgrade: %v", name, err)
+			continue
+		}
+		if got, want := m.ValueSize(), uint32(binary.Size(ctEntry{})); got != want {
+			t.Errorf("%s pinned with %d-byte values after the upgrade, want %d", name, got, want)
+		}
+		m.Close()
 	}
 	es, err := d.CT()
 	if err != nil {
