@@ -111,7 +111,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (err e
 		t.cross.client.ep.IPv4, t.cross.server.ep.IPv4)
 	fmt.Fprintf(stdout, "  a: no program; c: rackwire with the same policy, host stack (host_routing = legacy)\n")
 	if t.fast {
-		fmt.Fprintf(stdout, "  f: rackwire with the same policy, eBPF host routing (bpf_fib_lookup + bpf_redirect out, rw_from_uplink + bpf_redirect_peer in)\n\n")
+		fmt.Fprintf(stdout, "  f: rackwire with the same policy, eBPF host routing (bpf_fib_lookup, kept per flow, + bpf_redirect out; rw_from_uplink + bpf_redirect_peer in)\n\n")
 	} else {
 		fmt.Fprintf(stdout, "  f: not measured: the kernel lacks eBPF host routing (5.12+)\n\n")
 	}
