@@ -96,9 +96,12 @@ static __always_inline int __hop_decrement(struct __sk_buff *skb, __u32 family, 
 /*
  * How long a flow keeps the next hop the FIB gave it, in units of 2^20 ns
  * of connection tracking's clock (ct_entry.last_seen_ns, which the packet
- * just set): 16 = 16.8 ms (plus a clock tick). A
- * route or neighbour change reaches the packets of established flows at
- * most that late; new flows always ask the FIB.
+ * just set): 16 = 16.8 ms (plus a clock tick). A route, neighbour or MTU
+ * change reaches the packets of established flows at most that late; new
+ * flows always ask the FIB. The next hop is written field by field, the
+ * device last: a packet of the same flow on another CPU at that instant
+ * may read a mix of the old and the new answer (and be lost if the MAC
+ * changed), as a packet in flight during a route change may be.
  */
 #define RW_NH_RECHECK 16
 

@@ -187,6 +187,10 @@ type Datapath struct {
 	// uplinkErr is why rw_from_uplink is not loaded (host routing "legacy" only).
 	uplinkErr error
 	inner     *ebpf.MapSpec // template of rw_policy_NNNNN
+	// mig is a migration of the pin directory's layout (layout.go), kept
+	// from load until the uplinks carry this release's rw_from_uplink
+	// (migrateUplinks); nil when there was none or it is done.
+	mig *migration
 
 	// mu guards policy, the open per-endpoint policy maps, and serialises
 	// read-modify-write of their meta entries.
@@ -249,6 +253,10 @@ func Open(opts Options, log *slog.Logger) (*Datapath, error) {
 		}
 		d.uplinkErr = err
 		log.Warn("rw_from_uplink does not load; north-south service balancing is off", "err", err)
+	}
+	if err := d.migrateUplinks(); err != nil {
+		d.Close()
+		return nil, err
 	}
 	log.Info("datapath ready", "pin_dir", opts.PinDir, "attach", d.mode, "events", d.events, "events_why", d.eventsWhy,
 		"host_routing", d.hostRouting, "host_routing_why", d.hostRoutingWhy)
@@ -414,7 +422,11 @@ func (d *Datapath) load() error {
 			s.Maps[name].Flags = m.Flags()
 		}
 	}
-	defer mig.close()
+	defer func() {
+		if d.mig != mig {
+			mig.close()
+		}
+	}()
 	if err := d.openRetired(mig); err != nil {
 		return err
 	}
@@ -439,6 +451,9 @@ func (d *Datapath) load() error {
 	}
 	if err := d.writeLayout(); err != nil {
 		return err
+	}
+	if mig.needed() {
+		d.mig = mig // the uplinks' part: migrateUplinks
 	}
 	// Programs loaded now may decide otherwise (audit mode, a new
 	// release): every flow is checked again on its next packet.
@@ -543,6 +558,10 @@ func (d *Datapath) PinDir() string { return d.opts.PinDir }
 func (d *Datapath) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.mig != nil {
+		d.mig.close()
+		d.mig = nil
+	}
 	for _, m := range d.policy {
 		m.Close()
 	}

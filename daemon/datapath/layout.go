@@ -49,6 +49,9 @@ import (
 //  4. CT entries the old programs created in the window between 2 and 3
 //     are converted or copied too (without overwriting what the new
 //     programs wrote), and counters the old programs added are carried;
+//     once rw_from_uplink is loaded, it replaces the old one on every
+//     uplink a previous agent attached it to, and the CT entries are
+//     carried once more (migrateUplinks);
 //  5. the pins of re-created maps are moved to the new maps (rename over
 //     the old pin), the retired maps are unpinned, and rw_layout is written.
 //
@@ -229,26 +232,14 @@ func (d *Datapath) migrateAfter(mg *migration) error {
 		return err
 	}
 	d.log.Info("programs replaced on attached endpoints", "hooks", n)
-	for _, r := range mg.retired {
-		n, err := retiredMaps[r.name](d, r.m, false)
-		if err != nil {
-			return err
-		}
-		d.log.Info("converted entries created during the swap", "map", r.name, "entries", n)
+	if err := d.carryWindow(mg); err != nil {
+		return err
 	}
 	for _, r := range mg.recreated {
 		if isCounterMap(r.new) {
 			if err := addCounters(r.old, r.new); err != nil {
 				return fmt.Errorf("carry counters of %s: %w", r.name, err)
 			}
-		}
-		if r.old.ValueSize() < r.new.ValueSize() {
-			// A CT map: flows the old programs started during the swap.
-			n, err := copyMap(r.old, r.new, ebpf.UpdateNoExist)
-			if err != nil {
-				return fmt.Errorf("copy entries created during the swap into %s: %w", r.name, err)
-			}
-			d.log.Info("copied entries created during the swap", "map", r.name, "entries", n)
 		}
 		if err := d.movePin(r.name, r.new); err != nil {
 			return err
@@ -262,6 +253,58 @@ func (d *Datapath) migrateAfter(mg *migration) error {
 	d.log.Warn("pinned maps migrated", "pin_dir", d.opts.PinDir, "from_layout", mg.from, "to_layout", layoutVersion,
 		"recreated", len(mg.recreated), "retired", len(mg.retired))
 	return nil
+}
+
+// carryWindow carries the CT entries old programs created while this
+// release's were being put in place: converted from a retired map, or
+// copied from a CT map re-created with longer entries; what the new
+// programs wrote stays.
+func (d *Datapath) carryWindow(mg *migration) error {
+	for _, r := range mg.retired {
+		n, err := retiredMaps[r.name](d, r.m, false)
+		if err != nil {
+			return err
+		}
+		d.log.Info("converted entries created during the swap", "map", r.name, "entries", n)
+	}
+	for _, r := range mg.recreated {
+		if r.old.ValueSize() >= r.new.ValueSize() {
+			continue
+		}
+		n, err := copyMap(r.old, r.new, ebpf.UpdateNoExist)
+		if err != nil {
+			return fmt.Errorf("copy entries created during the swap into %s: %w", r.name, err)
+		}
+		d.log.Info("copied entries created during the swap", "map", r.name, "entries", n)
+	}
+	return nil
+}
+
+// migrateUplinks finishes a migration on the uplinks: this release's
+// rw_from_uplink replaces the old one wherever a previous agent attached
+// it (the pins under links/), at once rather than when the agent next sets
+// its uplinks, seconds later (after the store and the endpoints). Until
+// then the old program decides with the old CT maps, where the replies to
+// flows the new endpoint programs start find no entry. Then the entries
+// the old program created meanwhile are carried (carryWindow).
+func (d *Datapath) migrateUplinks() error {
+	mg := d.mig
+	d.mig = nil
+	if mg == nil {
+		return nil
+	}
+	defer mg.close()
+	if d.uplink != nil {
+		d.mu.Lock()
+		for _, name := range d.attachedUplinks() {
+			if err := d.attachUplinkLocked(name); err != nil {
+				d.log.Warn("cannot put this release's rw_from_uplink on an uplink yet; it is replaced when the agent sets its uplinks",
+					"uplink", name, "err", err)
+			}
+		}
+		d.mu.Unlock()
+	}
+	return d.carryWindow(mg)
 }
 
 // movePin makes the pin name point at m: pinned under name_new, renamed over.

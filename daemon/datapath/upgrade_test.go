@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/rackwire/rackwire/internal/testenv"
 )
@@ -24,14 +25,20 @@ var previousReleases = []struct {
 	commit  string
 	layout  int
 	retired []string // maps it pinned that this release removes
+	uplink  bool     // it has host routing: the helper attaches rw_from_uplink to upgradeUplink
 }{
-	{"c484b0a", 1, []string{"rw_ct4", "rw_ct6"}}, // the first release: one CT map per family
-	{"8ed9d80", 2, nil},                          // 48-byte ct_entry, without the next hop
+	{"c484b0a", 1, []string{"rw_ct4", "rw_ct6"}, false}, // the first release: one CT map per family
+	{"8ed9d80", 2, nil, true},                           // 48-byte ct_entry, without the next hop
 }
+
+// upgradeUplink is the device of the upgrade topology (a veth, its peer
+// left alone) that a release with host routing puts rw_from_uplink on.
+const upgradeUplink = "rwupl"
 
 // oldHelper is a program built from the previous release's tree that opens
 // its datapath over a pin directory, attaches endpoints A and B of a topo,
-// writes their identities and policies, and exits: the old agent.
+// writes their identities and policies, with a fourth argument attaches
+// rw_from_uplink to that device, and exits: the old agent.
 const oldHelper = `package main
 
 import (
@@ -47,7 +54,7 @@ import (
 func main() {
 	ifA, _ := strconv.Atoi(os.Args[2])
 	ifB, _ := strconv.Atoi(os.Args[3])
-	d, err := datapath.Open(datapath.Options{PinDir: os.Args[1], NoRedirectPeer: true, CTMaxEntries: 4096, IPCacheMaxEntries: 4096, PolicyMaxEntries: 1024}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	d, err := datapath.Open(datapath.Options{PinDir: os.Args[1], NoRedirectPeer: true, CTMaxEntries: 4096, IPCacheMaxEntries: 4096, PolicyMaxEntries: 1024HOSTROUTING}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		panic(err)
 	}
@@ -66,12 +73,15 @@ func main() {
 		{Identity: 70401, Direction: datapath.Ingress, Proto: 17, Port: 5353},
 		{Identity: 70401, Direction: datapath.Ingress, Proto: 6, Port: 8080},
 	}))
+	UPLINKS
 	d.Close()
 }
 `
 
-// buildOldHelper extracts commit and builds oldHelper in it.
-func buildOldHelper(t *testing.T, commit string) string {
+// buildOldHelper extracts commit and builds oldHelper in it; with uplink
+// the helper opens its datapath with host routing "bpf" and attaches
+// rw_from_uplink to the device its fourth argument names.
+func buildOldHelper(t *testing.T, commit string, uplink bool) string {
 	t.Helper()
 	testenv.RequireCommand(t, "git")
 	top, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
@@ -87,7 +97,12 @@ func buildOldHelper(t *testing.T, commit string) string {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(oldHelper), 0o644); err != nil {
+	src2, uplinks := strings.Replace(oldHelper, "HOSTROUTING", "", 1), ""
+	if uplink {
+		src2 = strings.Replace(oldHelper, "HOSTROUTING", ", HostRouting: datapath.HostRoutingBPF", 1)
+		uplinks = "must(d.SetUplinks(os.Args[4:]))"
+	}
+	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(strings.Replace(src2, "UPLINKS", uplinks, 1)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	bin := filepath.Join(t.TempDir(), "rwctold")
@@ -114,18 +129,43 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	testenv.RequireCommand(t, "nsenter")
 	for i, rel := range previousReleases {
 		t.Run(fmt.Sprintf("layout%d", rel.layout), func(t *testing.T) {
-			upgradeFrom(t, buildOldHelper(t, rel.commit), fmt.Sprint(i), rel.layout, rel.retired)
+			upgradeFrom(t, buildOldHelper(t, rel.commit, rel.uplink), fmt.Sprint(i), rel.layout, rel.retired, rel.uplink)
 		})
 	}
 }
 
 // upgradeFrom is TestUpgradeFromPreviousRelease from the release whose
 // helper is bin, layout its map layout, retired the maps it pinned that
-// this release removes; tag tells the topologies apart.
-func upgradeFrom(t *testing.T, bin, tag string, layout int, retired []string) {
+// this release removes; tag tells the topologies apart. With uplink the
+// old agent put its rw_from_uplink on a device, which must carry
+// this release's as soon as the new datapath is open, before the agent
+// sets its uplinks.
+func upgradeFrom(t *testing.T, bin, tag string, layout int, retired []string, uplink bool) {
 	tp := newTopoPrefix(t, "rwct", "u"+tag)
 	dir := testPinDir(t)
-	sh(t, "nsenter", "--net=/run/netns/"+tp.host, bin, dir, fmt.Sprint(tp.ifA), fmt.Sprint(tp.ifB))
+	args := []string{"nsenter", "--net=/run/netns/" + tp.host, bin, dir, fmt.Sprint(tp.ifA), fmt.Sprint(tp.ifB)}
+	if uplink {
+		sh(t, "ip", "-n", tp.host, "link", "add", upgradeUplink, "type", "veth", "peer", "name", upgradeUplink+"p")
+		sh(t, "ip", "-n", tp.host, "link", "set", upgradeUplink, "up")
+		args = append(args, upgradeUplink)
+	}
+	sh(t, args...)
+	uplinkProg := func() ebpf.ProgramID {
+		l, err := link.LoadPinnedLink(filepath.Join(dir, "links", "rw_uplink_"+upgradeUplink), nil)
+		if err != nil {
+			t.Fatalf("the pinned rw_from_uplink link on %s: %v", upgradeUplink, err)
+		}
+		defer l.Close()
+		info, err := l.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info.Program
+	}
+	var oldUplink ebpf.ProgramID
+	if uplink {
+		oldUplink = uplinkProg()
+	}
 	if v, err := ReadLayout(dir); err != nil || v != layout {
 		t.Fatalf("ReadLayout(previous release's pins) = %d, %v; want %d", v, err, layout)
 	}
@@ -190,6 +230,16 @@ func upgradeFrom(t *testing.T, bin, tag string, layout int, retired []string) {
 
 	var d *Datapath
 	inNS(t, tp.host, func() { d = openTest(t, Options{PinDir: dir, NoRedirectPeer: true}) })
+	if uplink {
+		info, err := d.uplink.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := info.ID()
+		if got := uplinkProg(); got != id || got == oldUplink {
+			t.Errorf("after Open, %s runs program %d (the old agent's was %d), want this release's rw_from_uplink %d", upgradeUplink, got, oldUplink, id)
+		}
+	}
 	time.Sleep(500 * time.Millisecond)
 	close(stop)
 	<-sendDone
