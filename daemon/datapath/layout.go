@@ -258,7 +258,10 @@ func (d *Datapath) migrateAfter(mg *migration) error {
 // carryWindow carries the CT entries old programs created while this
 // release's were being put in place: converted from a retired map, or
 // copied from a CT map re-created with longer entries; what the new
-// programs wrote stays.
+// programs wrote stays. It runs after the endpoints' programs are swapped
+// (migrateAfter) and again after the uplinks' (migrateUplinks): a flow the
+// old programs started misses its entry only until the next pass, and the
+// second pass writes only what the first had not seen.
 func (d *Datapath) carryWindow(mg *migration) error {
 	for _, r := range mg.retired {
 		n, err := retiredMaps[r.name](d, r.m, false)

@@ -416,6 +416,13 @@ func TestRealTraffic(t *testing.T) {
 
 func pinnedLinkID(t *testing.T, path string) link.ID {
 	t.Helper()
+	return pinnedLinkInfo(t, path).ID
+}
+
+// pinnedLinkInfo returns the info of the link pinned at path: its id and
+// the program it runs.
+func pinnedLinkInfo(t *testing.T, path string) *link.Info {
+	t.Helper()
 	l, err := link.LoadPinnedLink(path, nil)
 	if err != nil {
 		t.Fatalf("load pinned link %s: %v", path, err)
@@ -425,7 +432,7 @@ func pinnedLinkID(t *testing.T, path string) link.ID {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return info.ID
+	return info
 }
 
 // TestRestartKeepsEnforcing closes the datapath (the agent exits): the

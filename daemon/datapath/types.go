@@ -216,8 +216,8 @@ type ctEntry struct {
 }
 
 // ctEntryV2Size is the size of struct ct_entry in layout version 2: the
-// current one without the next hop (nh_ifindex on), which a migration
-// leaves zero (none yet).
+// current one without nh_ifindex, nh_dmac and nh_smac (nh_mtu and
+// nh_checked were its padding, zero), so a migrated entry has no next hop.
 const ctEntryV2Size = 48
 
 // ctEntryV1 is struct ct_entry of layout version 1 (rw_ct4 / rw_ct6), read

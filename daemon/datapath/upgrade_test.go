@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 
 	"github.com/rackwire/rackwire/internal/testenv"
 )
@@ -151,16 +150,7 @@ func upgradeFrom(t *testing.T, bin, tag string, layout int, retired []string, up
 	}
 	sh(t, args...)
 	uplinkProg := func() ebpf.ProgramID {
-		l, err := link.LoadPinnedLink(filepath.Join(dir, "links", "rw_uplink_"+upgradeUplink), nil)
-		if err != nil {
-			t.Fatalf("the pinned rw_from_uplink link on %s: %v", upgradeUplink, err)
-		}
-		defer l.Close()
-		info, err := l.Info()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return info.Program
+		return pinnedLinkInfo(t, filepath.Join(dir, "links", "rw_uplink_"+upgradeUplink)).Program
 	}
 	var oldUplink ebpf.ProgramID
 	if uplink {
